@@ -1,0 +1,154 @@
+//! One parsed certificate: what the policy, the outputs, `check` and the logs
+//! need to know about it, computed once.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use x509_parser::prelude::{FromDer, X509Certificate, X509Version};
+
+use super::subject_hash::subject_hash;
+use crate::source::CertBlock;
+
+/// A certificate read from a source, with the facts derived from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Anchor {
+    /// The certificate's DER (for `TRUSTED CERTIFICATE`, without the aux data).
+    pub der: Vec<u8>,
+    pub sha256: [u8; 32],
+    /// RFC 4514-style, as x509-parser renders it.
+    pub subject: String,
+    pub issuer: String,
+    /// Big-endian magnitude, lowercase hex, as `openssl x509 -serial` (lowercased).
+    pub serial: String,
+    /// Unix seconds.
+    pub not_before: i64,
+    /// Unix seconds; the certificate is expired from `not_after + 1`.
+    pub not_after: i64,
+    /// CA by OpenSSL's rules (see [`is_ca`]).
+    pub is_ca: bool,
+    pub subject_hash: u32,
+    /// Where it was first found, for logs and `check`.
+    pub origin: PathBuf,
+    /// Its 0-based place among the certificates of that file.
+    pub index: usize,
+}
+
+/// Why a certificate block is not a certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParseError {
+    pub path: PathBuf,
+    pub index: usize,
+    pub reason: String,
+}
+
+impl std::fmt::Display for ParseError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: certificate {} is not a valid X.509 certificate: {}",
+            self.path.display(),
+            self.index,
+            self.reason
+        )
+    }
+}
+
+impl std::error::Error for ParseError {}
+
+impl Anchor {
+    /// Parses one framed block found at `origin`, place `index`.
+    pub fn parse(block: &CertBlock, origin: PathBuf, index: usize) -> Result<Self, ParseError> {
+        let fail = |reason: String| ParseError {
+            path: origin.clone(),
+            index,
+            reason,
+        };
+        let (rest, cert) =
+            X509Certificate::from_der(&block.der).map_err(|e| fail(e.to_string()))?;
+        let der = if block.trusted {
+            // X509_AUX: the certificate, then OpenSSL's trust settings.
+            block.der[..block.der.len() - rest.len()].to_vec()
+        } else if rest.is_empty() {
+            block.der.clone()
+        } else {
+            return Err(fail(format!("{} bytes after the certificate", rest.len())));
+        };
+        let sha256 = sha256(&der);
+        let is_ca = is_ca(&cert).map_err(fail)?;
+        Ok(Self {
+            sha256,
+            subject: cert.subject().to_string(),
+            issuer: cert.issuer().to_string(),
+            serial: serial_hex(cert.raw_serial()),
+            not_before: cert.validity().not_before.timestamp(),
+            not_after: cert.validity().not_after.timestamp(),
+            is_ca,
+            subject_hash: subject_hash(cert.subject().as_raw()),
+            der,
+            origin,
+            index,
+        })
+    }
+
+    /// Lowercase hex SHA-256 of the DER, no colons.
+    pub fn fingerprint(&self) -> String {
+        hex(&self.sha256)
+    }
+
+    /// Expired at `now` (unix seconds): from the first second after `notAfter`.
+    pub fn expired_at(&self, now: i64) -> bool {
+        now > self.not_after
+    }
+
+    /// Not valid yet at `now`.
+    pub fn pending_at(&self, now: i64) -> bool {
+        now < self.not_before
+    }
+}
+
+/// Whether a certificate is a CA, as OpenSSL's `check_ca` decides: a key
+/// usage without keyCertSign says no; basicConstraints decides when present;
+/// else a v1 certificate whose issuer is its subject is a root, and a key
+/// usage with keyCertSign is tolerated.
+fn is_ca(cert: &X509Certificate<'_>) -> Result<bool, String> {
+    let key_usage = cert.key_usage().map_err(|e| format!("keyUsage: {e}"))?;
+    if let Some(ku) = &key_usage
+        && !ku.value.key_cert_sign()
+    {
+        return Ok(false);
+    }
+    let constraints = cert
+        .basic_constraints()
+        .map_err(|e| format!("basicConstraints: {e}"))?;
+    if let Some(bc) = constraints {
+        return Ok(bc.value.ca);
+    }
+    if cert.version() == X509Version::V1 && cert.issuer().as_raw() == cert.subject().as_raw() {
+        return Ok(true);
+    }
+    Ok(key_usage.is_some())
+}
+
+fn serial_hex(raw: &[u8]) -> String {
+    // DER pads a positive serial with a leading zero byte; OpenSSL does not print it.
+    let trimmed = match raw {
+        [0, rest @ ..] if !rest.is_empty() => rest,
+        _ => raw,
+    };
+    hex(trimmed)
+}
+
+pub(crate) fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest.as_ref());
+    out
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}

@@ -1,0 +1,110 @@
+//! The TOML config file as written: raw serde structs with spans, so that
+//! every error can name the file, the line and the key.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+use toml::Spanned;
+
+use crate::cli::LogFormat;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFile {
+    pub daemon: Option<RawDaemon>,
+    #[serde(default)]
+    pub bundle: Vec<Spanned<RawBundle>>,
+    #[serde(default)]
+    pub keypair: Vec<Spanned<RawKeyPair>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDaemon {
+    pub debounce: Option<Dur>,
+    pub debounce_max: Option<Dur>,
+    pub resync: Option<Dur>,
+    pub poll: Option<Dur>,
+    pub listen: Option<Spanned<String>>,
+    pub log_format: Option<LogFormat>,
+    pub state_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBundle {
+    pub name: Option<String>,
+    #[serde(default)]
+    pub sources: Vec<Spanned<String>>,
+    pub retain_removed: Option<Dur>,
+    #[serde(default)]
+    pub verify: Vec<PathBuf>,
+    pub min_certs: Option<usize>,
+    pub allow_expired: Option<bool>,
+    pub allow_non_ca: Option<bool>,
+    #[serde(default)]
+    pub output: Vec<Spanned<RawOutput>>,
+    #[serde(default)]
+    pub reload: Vec<Spanned<RawReload>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOutput {
+    pub path: PathBuf,
+    pub format: Option<Spanned<String>>,
+    pub mode: Option<Spanned<String>>,
+    pub password: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawReload {
+    pub signal: Option<Spanned<String>>,
+    pub pid_file: Option<PathBuf>,
+    pub process: Option<String>,
+    /// Signal the child started with `run -- CHILD`.
+    pub child: Option<bool>,
+    /// Restart the child started with `run -- CHILD`.
+    pub restart_child: Option<bool>,
+    pub exec: Option<Spanned<Command>>,
+    pub http: Option<Spanned<String>>,
+    pub method: Option<String>,
+    pub timeout: Option<Dur>,
+    pub retries: Option<u32>,
+    pub probe: Option<Spanned<String>>,
+    pub probe_timeout: Option<Dur>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKeyPair {
+    pub name: Option<String>,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub chain_to: Option<Spanned<String>>,
+    #[serde(default)]
+    pub reload: Vec<Spanned<RawReload>>,
+}
+
+/// A command: an argv array, or one string split like a shell splits words.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Command {
+    Argv(Vec<String>),
+    Line(String),
+}
+
+/// A humantime duration in the file.
+#[derive(Debug, Clone, Copy)]
+pub struct Dur(pub Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        crate::cli::parse_duration(&s)
+            .map(Dur)
+            .map_err(serde::de::Error::custom)
+    }
+}

@@ -1,0 +1,819 @@
+//! The validated configuration: flags, their `ANCHORAGE_*` variables and the
+//! TOML file merged into one [`Config`] (a flag, then its variable, then the
+//! file, then the default), checked before anything is read or written.
+//!
+//! Every error is a [`ConfigError`] naming the file, line and key (or the
+//! flag): the process exits 2 on it, at start, and never later.
+
+mod file;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use toml::Spanned;
+
+use crate::bundle::Policy;
+use crate::cli::{Flags, LogFormat};
+use crate::output::{Format, OutputSpec};
+use crate::source::Source;
+use file::{Command, RawBundle, RawDaemon, RawFile, RawKeyPair, RawReload};
+
+pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(200);
+pub const DEFAULT_RESYNC: Duration = Duration::from_secs(300);
+pub const DEFAULT_RELOAD_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_MODE: u32 = 0o644;
+/// The bundle (and key pair) made from flags alone.
+pub const FLAG_BUNDLE: &str = "default";
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from, re-read on SIGHUP.
+    pub path: Option<PathBuf>,
+    pub daemon: Daemon,
+    pub bundles: Vec<BundleConfig>,
+    pub keypairs: Vec<KeyPairConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Daemon {
+    pub debounce: Duration,
+    pub debounce_max: Duration,
+    /// `None`: never.
+    pub resync: Option<Duration>,
+    /// `Some(interval)`: poll instead of inotify.
+    pub poll: Option<Duration>,
+    pub listen: Option<SocketAddr>,
+    pub log_format: LogFormat,
+    pub state_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct BundleConfig {
+    pub name: String,
+    pub sources: Vec<Source>,
+    pub retain_removed: Option<Duration>,
+    pub verify: Vec<PathBuf>,
+    pub policy: Policy,
+    pub outputs: Vec<OutputSpec>,
+    pub reloads: Vec<ReloadSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyPairConfig {
+    pub name: String,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// The name of a bundle the certificate must chain to.
+    pub chain_to: Option<String>,
+    pub reloads: Vec<ReloadSpec>,
+}
+
+/// One reload action and how it is run.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ReloadSpec {
+    pub action: ReloadAction,
+    /// Bounds each exec run or HTTP call.
+    pub timeout: Duration,
+    /// Retries after the first attempt; `None`: until a newer render supersedes.
+    pub retries: Option<u32>,
+    pub probe: Option<Probe>,
+    pub probe_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ReloadAction {
+    Signal {
+        signal: Signal,
+        target: SignalTarget,
+    },
+    /// argv, run without a shell.
+    Exec(Vec<String>),
+    Http {
+        url: String,
+        method: String,
+    },
+    /// Restart the supervised child.
+    RestartChild,
+}
+
+impl ReloadAction {
+    /// The metrics `action` label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Signal { .. } => "signal",
+            Self::Exec(_) => "exec",
+            Self::Http { .. } => "http",
+            Self::RestartChild => "restart",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum SignalTarget {
+    PidFile(PathBuf),
+    Process(String),
+    Child,
+}
+
+/// How a reload is proven (guarantee 6).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Probe {
+    /// A TLS address that must serve the new certificate.
+    Tls(String),
+    /// An HTTP URL that must answer 2xx.
+    Http(String),
+}
+
+/// A configuration that cannot be used. Exit code 2.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: Option<PathBuf>,
+    pub line: Option<usize>,
+    /// The key (`bundle.sources`) or flag (`--source`) at fault.
+    pub key: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(file) = &self.file {
+            write!(f, "{}", file.display())?;
+            if let Some(line) = self.line {
+                write!(f, ":{line}")?;
+            }
+            write!(f, ": ")?;
+        }
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Where in the file a value sits, to build errors.
+struct Origin<'a> {
+    file: Option<&'a Path>,
+    text: &'a str,
+}
+
+impl Origin<'_> {
+    fn line(&self, offset: usize) -> Option<usize> {
+        self.file?;
+        let end = offset.min(self.text.len());
+        Some(
+            self.text.as_bytes()[..end]
+                .iter()
+                .filter(|b| **b == b'\n')
+                .count()
+                + 1,
+        )
+    }
+
+    fn error<T>(
+        &self,
+        span: Option<std::ops::Range<usize>>,
+        key: &str,
+        message: impl Into<String>,
+    ) -> Result<T, ConfigError> {
+        Err(ConfigError {
+            file: self.file.map(Path::to_path_buf),
+            line: span.and_then(|s| self.line(s.start)),
+            key: key.to_owned(),
+            message: message.into(),
+        })
+    }
+}
+
+impl Config {
+    /// Builds the configuration from flags (with their variables) and the
+    /// file they name. `has_child`: `run -- CHILD` was given.
+    pub fn load(flags: &Flags, has_child: bool) -> Result<Self, ConfigError> {
+        let (raw, text) = match &flags.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+                    file: Some(path.clone()),
+                    line: None,
+                    key: "--config".into(),
+                    message: format!("cannot read: {e}"),
+                })?;
+                (parse_file(path, &text)?, text)
+            }
+            None => (
+                RawFile {
+                    daemon: None,
+                    bundle: Vec::new(),
+                    keypair: Vec::new(),
+                },
+                String::new(),
+            ),
+        };
+        let origin = Origin {
+            file: flags.config.as_deref(),
+            text: &text,
+        };
+        build(flags, raw, &origin, has_child)
+    }
+}
+
+fn parse_file(path: &Path, text: &str) -> Result<RawFile, ConfigError> {
+    toml::from_str(text).map_err(|e| {
+        let origin = Origin {
+            file: Some(path),
+            text,
+        };
+        let line = e.span().and_then(|s| origin.line(s.start));
+        // The key is the start of the offending line, up to `=`.
+        let key = line
+            .and_then(|l| text.lines().nth(l - 1))
+            .map(|l| l.split('=').next().unwrap_or("").trim().to_owned())
+            .filter(|k| !k.is_empty())
+            .unwrap_or_else(|| "config".into());
+        ConfigError {
+            file: Some(path.to_path_buf()),
+            line,
+            key,
+            message: e.message().to_owned(),
+        }
+    })
+}
+
+fn build(
+    flags: &Flags,
+    raw: RawFile,
+    origin: &Origin<'_>,
+    has_child: bool,
+) -> Result<Config, ConfigError> {
+    let daemon = daemon(flags, raw.daemon.unwrap_or_default(), origin)?;
+    let flag_reloads = flag_reloads(flags, has_child)?;
+
+    let mut bundles = Vec::new();
+    let bundle_flags = !flags.sources.is_empty()
+        || !flags.outputs.is_empty()
+        || !flags.hashed_dirs.is_empty()
+        || flags.retain_removed.is_some()
+        || !flags.verify.is_empty()
+        || flags.allow_expired
+        || flags.allow_non_ca
+        || flags.min_certs.is_some();
+    if raw.bundle.len() > 1 && bundle_flags {
+        return origin.error(
+            None,
+            "--source",
+            "bundle flags apply to a single bundle, but the config has several [[bundle]] tables",
+        );
+    }
+    for (i, spanned) in raw.bundle.into_iter().enumerate() {
+        let span = spanned.span();
+        let overrides = if bundle_flags { Some(flags) } else { None };
+        bundles.push(bundle(
+            i,
+            spanned.into_inner(),
+            span,
+            overrides,
+            origin,
+            has_child,
+        )?);
+    }
+    if bundles.is_empty() && bundle_flags {
+        if flags.sources.is_empty() {
+            return origin.error(
+                None,
+                "--source",
+                "bundle flags were given without any --source",
+            );
+        }
+        let raw = RawBundle {
+            name: Some(FLAG_BUNDLE.into()),
+            sources: Vec::new(),
+            retain_removed: None,
+            verify: Vec::new(),
+            min_certs: None,
+            allow_expired: None,
+            allow_non_ca: None,
+            output: Vec::new(),
+            reload: Vec::new(),
+        };
+        bundles.push(bundle(0, raw, 0..0, Some(flags), origin, has_child)?);
+    }
+    // Flag reload actions serve the flag-defined (or single) bundle.
+    if !flag_reloads.is_empty() {
+        if let [only] = bundles.as_mut_slice() {
+            only.reloads = flag_reloads.clone();
+        }
+    }
+
+    let mut keypairs = Vec::new();
+    for (i, spanned) in raw.keypair.into_iter().enumerate() {
+        let span = spanned.span();
+        keypairs.push(keypair(i, spanned.into_inner(), span, origin, has_child)?);
+    }
+    if let (Some(cert), Some(key)) = (&flags.cert, &flags.key) {
+        keypairs.push(KeyPairConfig {
+            name: FLAG_BUNDLE.into(),
+            cert: cert.clone(),
+            key: key.clone(),
+            chain_to: None,
+            reloads: flag_reloads,
+        });
+    }
+
+    if bundles.is_empty() && keypairs.is_empty() {
+        return origin.error(
+            None,
+            "--source",
+            "nothing to do: give --source, --cert/--key, or a --config with [[bundle]] or [[keypair]]",
+        );
+    }
+    let mut names = std::collections::HashSet::new();
+    for name in bundles.iter().map(|b| &b.name) {
+        if !names.insert(name.clone()) {
+            return origin.error(
+                None,
+                "bundle.name",
+                format!("the name {name:?} is used twice"),
+            );
+        }
+    }
+    let mut pair_names = std::collections::HashSet::new();
+    for pair in &keypairs {
+        if !pair_names.insert(pair.name.clone()) {
+            return origin.error(
+                None,
+                "keypair.name",
+                format!("the name {:?} is used twice", pair.name),
+            );
+        }
+        if let Some(chain) = &pair.chain_to
+            && !names.contains(chain)
+        {
+            return origin.error(
+                None,
+                "keypair.chain_to",
+                format!("no bundle is named {chain:?}"),
+            );
+        }
+    }
+    Ok(Config {
+        path: origin.file.map(Path::to_path_buf),
+        daemon,
+        bundles,
+        keypairs,
+    })
+}
+
+fn daemon(flags: &Flags, raw: RawDaemon, origin: &Origin<'_>) -> Result<Daemon, ConfigError> {
+    let debounce = flags
+        .debounce
+        .or(raw.debounce.map(|d| d.0))
+        .unwrap_or(DEFAULT_DEBOUNCE);
+    let debounce_max = flags
+        .debounce_max
+        .or(raw.debounce_max.map(|d| d.0))
+        .unwrap_or_else(|| (debounce * 10).max(Duration::from_secs(2)));
+    let resync = flags
+        .resync
+        .or(raw.resync.map(|d| d.0))
+        .unwrap_or(DEFAULT_RESYNC);
+    let poll = flags.poll.or(raw.poll.map(|d| d.0));
+    if poll == Some(Duration::ZERO) {
+        return origin.error(None, "poll", "the poll interval must be above zero");
+    }
+    let listen = match (flags.listen, raw.listen) {
+        (Some(addr), _) => Some(addr),
+        (None, Some(text)) => match text.get_ref().parse() {
+            Ok(addr) => Some(addr),
+            Err(e) => {
+                return origin.error(
+                    Some(text.span()),
+                    "daemon.listen",
+                    format!("{:?}: {e}", text.get_ref()),
+                );
+            }
+        },
+        (None, None) => None,
+    };
+    Ok(Daemon {
+        debounce,
+        debounce_max,
+        resync: (!resync.is_zero()).then_some(resync),
+        poll,
+        listen,
+        log_format: flags.log_format.or(raw.log_format).unwrap_or_default(),
+        state_dir: flags.state_dir.clone().or(raw.state_dir),
+    })
+}
+
+fn bundle(
+    index: usize,
+    raw: RawBundle,
+    span: std::ops::Range<usize>,
+    flags: Option<&Flags>,
+    origin: &Origin<'_>,
+    has_child: bool,
+) -> Result<BundleConfig, ConfigError> {
+    let name = raw.name.clone().unwrap_or_else(|| format!("bundle{index}"));
+    let mut sources = Vec::new();
+    for spec in &raw.sources {
+        sources.push(parse_source(
+            spec.get_ref(),
+            origin,
+            Some(spec.span()),
+            "bundle.sources",
+        )?);
+    }
+    let mut outputs = Vec::new();
+    for out in raw.output {
+        let out_span = out.span();
+        let out = out.into_inner();
+        let format = match &out.format {
+            None => Format::Pem,
+            Some(f) => match Format::parse(f.get_ref()) {
+                Some(format) => format,
+                None => {
+                    return origin.error(
+                        Some(f.span()),
+                        "bundle.output.format",
+                        format!(
+                            "unknown format {:?}; expected {}",
+                            f.get_ref(),
+                            Format::NAMES
+                        ),
+                    );
+                }
+            },
+        };
+        let mode = match &out.mode {
+            None => DEFAULT_MODE,
+            Some(m) => parse_mode(m.get_ref())
+                .or_else(|e| origin.error(Some(m.span()), "bundle.output.mode", e))?,
+        };
+        if out.password.is_some() {
+            return origin.error(
+                Some(out_span),
+                "bundle.output.password",
+                format!(
+                    "a password applies to pkcs12 and jks outputs, not {}",
+                    format.name()
+                ),
+            );
+        }
+        outputs.push(OutputSpec {
+            path: out.path,
+            format,
+            mode,
+        });
+    }
+    let mut reloads = Vec::new();
+    for r in raw.reload {
+        let r_span = r.span();
+        reloads.push(reload(
+            r.into_inner(),
+            r_span,
+            origin,
+            "bundle.reload",
+            has_child,
+        )?);
+    }
+    let mut config = BundleConfig {
+        name,
+        sources,
+        retain_removed: raw.retain_removed.map(|d| d.0),
+        verify: raw.verify,
+        policy: Policy {
+            allow_expired: raw.allow_expired.unwrap_or(false),
+            allow_non_ca: raw.allow_non_ca.unwrap_or(false),
+            min_certs: raw.min_certs.unwrap_or(1),
+        },
+        outputs,
+        reloads,
+    };
+    if let Some(flags) = flags {
+        apply_bundle_flags(&mut config, flags, origin)?;
+    }
+    if config.sources.is_empty() {
+        let key = if flags.is_some() && origin.file.is_none() {
+            "--source"
+        } else {
+            "bundle.sources"
+        };
+        return origin.error(
+            Some(span),
+            key,
+            format!("bundle {:?} has no source", config.name),
+        );
+    }
+    Ok(config)
+}
+
+fn apply_bundle_flags(
+    config: &mut BundleConfig,
+    flags: &Flags,
+    origin: &Origin<'_>,
+) -> Result<(), ConfigError> {
+    if !flags.sources.is_empty() {
+        config.sources = flags
+            .sources
+            .iter()
+            .map(|s| parse_source(s, origin, None, "--source"))
+            .collect::<Result<_, _>>()?;
+    }
+    if !flags.outputs.is_empty() || !flags.hashed_dirs.is_empty() {
+        config.outputs = flags
+            .outputs
+            .iter()
+            .map(|p| (p, Format::Pem))
+            .chain(flags.hashed_dirs.iter().map(|p| (p, Format::OpensslDir)))
+            .map(|(path, format)| OutputSpec {
+                path: path.clone(),
+                format,
+                mode: DEFAULT_MODE,
+            })
+            .collect();
+    }
+    if flags.retain_removed.is_some() {
+        config.retain_removed = flags.retain_removed;
+    }
+    if !flags.verify.is_empty() {
+        config.verify = flags.verify.clone();
+    }
+    config.policy.allow_expired |= flags.allow_expired;
+    config.policy.allow_non_ca |= flags.allow_non_ca;
+    if let Some(n) = flags.min_certs {
+        config.policy.min_certs = n;
+    }
+    Ok(())
+}
+
+fn parse_source(
+    spec: &str,
+    origin: &Origin<'_>,
+    span: Option<std::ops::Range<usize>>,
+    key: &str,
+) -> Result<Source, ConfigError> {
+    if spec.trim().is_empty() {
+        return origin.error(span, key, "an empty source path");
+    }
+    Source::parse(spec).or_else(|e| origin.error(span, key, format!("bad glob {spec:?}: {e}")))
+}
+
+fn parse_mode(text: &str) -> Result<u32, String> {
+    match u32::from_str_radix(text.trim_start_matches("0o"), 8) {
+        Ok(mode) if mode <= 0o7777 => Ok(mode),
+        _ => Err(format!(
+            "{text:?} is not an octal file mode such as \"0644\""
+        )),
+    }
+}
+
+/// Parses `HUP`, `SIGHUP`, `hup` or a number.
+pub fn parse_signal(name: &str) -> Result<Signal, String> {
+    let upper = name.trim().to_ascii_uppercase();
+    if let Ok(n) = upper.parse::<i32>() {
+        return Signal::try_from(n).map_err(|_| format!("{name:?} is not a signal number"));
+    }
+    let full = if upper.starts_with("SIG") {
+        upper
+    } else {
+        format!("SIG{upper}")
+    };
+    full.parse()
+        .map_err(|_| format!("{name:?} is not a signal name (HUP, USR1, TERM, ...)"))
+}
+
+fn split_command(line: &str) -> Result<Vec<String>, String> {
+    match shlex::split(line) {
+        Some(argv) if !argv.is_empty() => Ok(argv),
+        Some(_) => Err("an empty command".into()),
+        None => Err(format!("{line:?} has an unterminated quote or escape")),
+    }
+}
+
+fn check_url(url: &str) -> Result<(), String> {
+    if url.starts_with("http://") && url.len() > "http://".len() {
+        Ok(())
+    } else {
+        Err(format!("{url:?} is not an http:// URL"))
+    }
+}
+
+fn reload(
+    raw: RawReload,
+    span: std::ops::Range<usize>,
+    origin: &Origin<'_>,
+    key: &str,
+    has_child: bool,
+) -> Result<ReloadSpec, ConfigError> {
+    let err_at = |s: Option<std::ops::Range<usize>>, k: &str, m: String| {
+        origin.error::<ReloadSpec>(s, &format!("{key}.{k}"), m)
+    };
+    let signal = match &raw.signal {
+        Some(s) => match parse_signal(s.get_ref()) {
+            Ok(sig) => Some(sig),
+            Err(m) => return err_at(Some(s.span()), "signal", m),
+        },
+        None => None,
+    };
+    let mut actions = Vec::new();
+    if let Some(pid_file) = raw.pid_file {
+        actions.push(ReloadAction::Signal {
+            signal: signal.unwrap_or(Signal::SIGHUP),
+            target: SignalTarget::PidFile(pid_file),
+        });
+    }
+    if let Some(process) = raw.process {
+        actions.push(ReloadAction::Signal {
+            signal: signal.unwrap_or(Signal::SIGHUP),
+            target: SignalTarget::Process(process),
+        });
+    }
+    if raw.child == Some(true) {
+        actions.push(ReloadAction::Signal {
+            signal: signal.unwrap_or(Signal::SIGHUP),
+            target: SignalTarget::Child,
+        });
+    }
+    if raw.restart_child == Some(true) {
+        actions.push(ReloadAction::RestartChild);
+    }
+    if let Some(exec) = raw.exec {
+        let exec_span = exec.span();
+        let argv = match exec.into_inner() {
+            Command::Argv(argv) if !argv.is_empty() => argv,
+            Command::Argv(_) => return err_at(Some(exec_span), "exec", "an empty command".into()),
+            Command::Line(line) => match split_command(&line) {
+                Ok(argv) => argv,
+                Err(m) => return err_at(Some(exec_span), "exec", m),
+            },
+        };
+        actions.push(ReloadAction::Exec(argv));
+    }
+    if let Some(url) = raw.http {
+        if let Err(m) = check_url(url.get_ref()) {
+            return err_at(Some(url.span()), "http", m);
+        }
+        actions.push(ReloadAction::Http {
+            url: url.into_inner(),
+            method: raw
+                .method
+                .unwrap_or_else(|| "POST".into())
+                .to_ascii_uppercase(),
+        });
+    }
+    let action = match actions.len() {
+        1 => actions.remove(0),
+        0 => {
+            return err_at(
+                Some(span),
+                "target",
+                "a reload needs a target: pid_file, process, child, restart_child, exec or http"
+                    .into(),
+            );
+        }
+        _ => {
+            return err_at(
+                Some(span),
+                "target",
+                "a reload has one target; write one [[reload]] table per action".into(),
+            );
+        }
+    };
+    if matches!(
+        action,
+        ReloadAction::RestartChild
+            | ReloadAction::Signal {
+                target: SignalTarget::Child,
+                ..
+            }
+    ) && !has_child
+    {
+        return err_at(
+            Some(span),
+            "child",
+            "there is no child: start one with `run ... -- CHILD`".into(),
+        );
+    }
+    let probe = match raw.probe {
+        None => None,
+        Some(p) if p.get_ref().starts_with("http://") => Some(Probe::Http(p.into_inner())),
+        Some(p) if p.get_ref().contains(':') => Some(Probe::Tls(p.into_inner())),
+        Some(p) => {
+            return err_at(
+                Some(p.span()),
+                "probe",
+                format!(
+                    "{:?} is neither a HOST:PORT to probe with TLS nor an http:// URL",
+                    p.get_ref()
+                ),
+            );
+        }
+    };
+    Ok(ReloadSpec {
+        action,
+        timeout: raw.timeout.map_or(DEFAULT_RELOAD_TIMEOUT, |d| d.0),
+        retries: raw.retries,
+        probe,
+        probe_timeout: raw.probe_timeout.map_or(DEFAULT_PROBE_TIMEOUT, |d| d.0),
+    })
+}
+
+fn keypair(
+    index: usize,
+    raw: RawKeyPair,
+    _span: std::ops::Range<usize>,
+    origin: &Origin<'_>,
+    has_child: bool,
+) -> Result<KeyPairConfig, ConfigError> {
+    let mut reloads = Vec::new();
+    for r in raw.reload {
+        let span = r.span();
+        reloads.push(reload(
+            r.into_inner(),
+            span,
+            origin,
+            "keypair.reload",
+            has_child,
+        )?);
+    }
+    Ok(KeyPairConfig {
+        name: raw.name.unwrap_or_else(|| format!("keypair{index}")),
+        cert: raw.cert,
+        key: raw.key,
+        chain_to: raw.chain_to.map(Spanned::into_inner),
+        reloads,
+    })
+}
+
+/// The reload actions the flags describe.
+fn flag_reloads(flags: &Flags, has_child: bool) -> Result<Vec<ReloadSpec>, ConfigError> {
+    let no_file = Origin {
+        file: None,
+        text: "",
+    };
+    let signal = match &flags.signal {
+        Some(name) => parse_signal(name).or_else(|m| no_file.error(None, "--signal", m))?,
+        None => Signal::SIGHUP,
+    };
+    let mut actions = Vec::new();
+    if let Some(pid_file) = &flags.pid_file {
+        actions.push(ReloadAction::Signal {
+            signal,
+            target: SignalTarget::PidFile(pid_file.clone()),
+        });
+    }
+    if let Some(process) = &flags.process {
+        actions.push(ReloadAction::Signal {
+            signal,
+            target: SignalTarget::Process(process.clone()),
+        });
+    }
+    for line in &flags.execs {
+        let argv = split_command(line).or_else(|m| no_file.error(None, "--exec", m))?;
+        actions.push(ReloadAction::Exec(argv));
+    }
+    for url in &flags.https {
+        check_url(url).or_else(|m| no_file.error(None, "--http", m))?;
+        actions.push(ReloadAction::Http {
+            url: url.clone(),
+            method: "POST".into(),
+        });
+    }
+    if flags.restart_child {
+        if !has_child {
+            return no_file.error(
+                None,
+                "--restart-child",
+                "there is no child: start one with `run ... -- CHILD`",
+            );
+        }
+        actions.push(ReloadAction::RestartChild);
+    } else if has_child && flags.pid_file.is_none() && flags.process.is_none() {
+        // A supervised child is the natural target of --signal.
+        actions.push(ReloadAction::Signal {
+            signal,
+            target: SignalTarget::Child,
+        });
+    }
+    if flags.signal.is_some()
+        && !actions
+            .iter()
+            .any(|a| matches!(a, ReloadAction::Signal { .. }))
+    {
+        return no_file.error(
+            None,
+            "--signal",
+            "--signal needs --pid-file, --process or a child to send it to",
+        );
+    }
+    Ok(actions
+        .into_iter()
+        .map(|action| ReloadSpec {
+            action,
+            timeout: DEFAULT_RELOAD_TIMEOUT,
+            retries: None,
+            probe: None,
+            probe_timeout: DEFAULT_PROBE_TIMEOUT,
+        })
+        .collect())
+}

@@ -1,0 +1,436 @@
+//! Atomic publication of files and directories (guarantee 1).
+//!
+//! - A file is written to a temporary file in the same directory, given its
+//!   mode with `fchmod` (so the umask does not matter), synced, and renamed
+//!   over the output path. A symlink at the path is replaced, never followed.
+//!   The rename also gives the output a new inode, which nginx's certificate
+//!   cache needs to notice the change.
+//! - A directory is built beside the output and swapped in with
+//!   `renameat2(RENAME_EXCHANGE)`, so a reader sees the old set or the new
+//!   one, never a mix.
+//! - A directory that cannot be renamed (a mount point, such as an emptyDir
+//!   shared with the app) gets kubelet's layout instead: each generation in a
+//!   hidden `..anchorage_*` directory inside it, published by renaming a
+//!   `..data` symlink, the visible names being symlinks through `..data`.
+//!
+//! Nothing here ever writes into the live output in place.
+
+use std::ffi::OsStr;
+use std::fs::{self, File, OpenOptions, Permissions};
+use std::io::{self, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::Rendered;
+
+/// The symlink that names the live generation in kubelet's layout.
+const DATA: &str = "..data";
+const DATA_TMP: &str = "..data_tmp";
+/// Our generations inside a mount point; never a name kubelet uses.
+const GENERATION_PREFIX: &str = "..anchorage_";
+const DIR_MODE: u32 = 0o755;
+
+/// Writes `rendered` at `path` unless the same bytes (and mode) are already
+/// there. Returns whether the output changed on disk.
+pub fn publish(path: &Path, rendered: &Rendered, mode: u32) -> io::Result<bool> {
+    match rendered {
+        Rendered::File(bytes) => {
+            if file_matches(path, bytes, mode) {
+                return Ok(false);
+            }
+            write_file(path, bytes, mode)?;
+        }
+        Rendered::Dir(files) => {
+            if dir_matches(path, files, mode) {
+                return Ok(false);
+            }
+            write_dir(path, files, mode)?;
+        }
+    }
+    Ok(true)
+}
+
+/// An I/O error that names the path and what was being done.
+fn context(path: &Path, what: &str, e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("{}: {what}: {e}", path.display()))
+}
+
+fn parent_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// A fresh name beside `path`, hidden, unique within this process and
+/// across processes (the pid).
+fn temp_beside(path: &Path, kind: &str) -> PathBuf {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let name = path.file_name().unwrap_or(OsStr::new("output"));
+    let mut tmp = std::ffi::OsString::from(".");
+    tmp.push(name);
+    tmp.push(format!(".{kind}-{}-{n}", std::process::id()));
+    parent_of(path).join(tmp)
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| context(dir, "sync directory", e))
+}
+
+/// Creates `path` (which must not exist) with exactly `bytes` and `mode`.
+fn create_file(path: &Path, bytes: &[u8], mode: u32, sync: bool) -> io::Result<()> {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| context(path, "create", e))?;
+    file.write_all(bytes)
+        .map_err(|e| context(path, "write", e))?;
+    file.set_permissions(Permissions::from_mode(mode))
+        .map_err(|e| context(path, "chmod", e))?;
+    if sync {
+        file.sync_all().map_err(|e| context(path, "sync", e))?;
+    }
+    Ok(())
+}
+
+/// Publishes one file atomically.
+pub fn write_file(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    let parent = parent_of(path);
+    fs::create_dir_all(parent).map_err(|e| context(parent, "create directory", e))?;
+    let tmp = temp_beside(path, "tmp");
+    let result = create_file(&tmp, bytes, mode, true)
+        .and_then(|()| fs::rename(&tmp, path).map_err(|e| context(path, "rename into place", e)));
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result?;
+    sync_dir(parent)
+}
+
+/// Publishes a directory of files atomically.
+pub fn write_dir(path: &Path, files: &[(String, Vec<u8>)], mode: u32) -> io::Result<()> {
+    if is_symlink(&path.join(DATA)) {
+        return write_generation(path, files, mode);
+    }
+    let parent = parent_of(path);
+    fs::create_dir_all(parent).map_err(|e| context(parent, "create directory", e))?;
+    let tmp = temp_beside(path, "new");
+    if let Err(e) = fill_dir(&tmp, files, mode) {
+        let _ = fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    match fs::symlink_metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            if let Err(e) = fs::rename(&tmp, path) {
+                let _ = fs::remove_dir_all(&tmp);
+                return Err(context(path, "rename into place", e));
+            }
+        }
+        Err(e) => {
+            let _ = fs::remove_dir_all(&tmp);
+            return Err(context(path, "stat", e));
+        }
+        Ok(_) => match exchange(&tmp, path) {
+            // `tmp` now holds the previous output (a directory, or a symlink
+            // or file someone placed there): remove it.
+            Ok(()) => remove_any(&tmp).map_err(|e| context(&tmp, "remove old output", e))?,
+            Err(e) if e.raw_os_error() == Some(nix::libc::EBUSY) => {
+                // A mount point: publish inside it instead.
+                let _ = fs::remove_dir_all(&tmp);
+                return write_generation(path, files, mode);
+            }
+            Err(e) => {
+                let _ = fs::remove_dir_all(&tmp);
+                return Err(context(path, "swap into place", e));
+            }
+        },
+    }
+    sync_dir(parent)
+}
+
+/// Creates directory `dir` holding `files`, all data synced.
+fn fill_dir(dir: &Path, files: &[(String, Vec<u8>)], mode: u32) -> io::Result<()> {
+    fs::create_dir(dir).map_err(|e| context(dir, "create directory", e))?;
+    fs::set_permissions(dir, Permissions::from_mode(DIR_MODE))
+        .map_err(|e| context(dir, "chmod", e))?;
+    for (name, bytes) in files {
+        create_file(&dir.join(name), bytes, mode, false)?;
+    }
+    // One syncfs instead of a fsync per file: thousands of certificates
+    // would otherwise mean thousands of journal commits.
+    let handle = File::open(dir).map_err(|e| context(dir, "open", e))?;
+    nix::unistd::syncfs(&handle).map_err(|e| context(dir, "sync", e.into()))?;
+    Ok(())
+}
+
+fn remove_any(path: &Path) -> io::Result<()> {
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.is_dir() => fs::remove_dir_all(path),
+        Ok(_) => fs::remove_file(path),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Atomically exchanges two paths. Where the kernel or filesystem cannot, the
+/// old output is moved aside first: a reader may then briefly find nothing,
+/// but never a mix.
+fn exchange(new: &Path, live: &Path) -> io::Result<()> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        use nix::fcntl::{AT_FDCWD, RenameFlags, renameat2};
+        match renameat2(AT_FDCWD, new, AT_FDCWD, live, RenameFlags::RENAME_EXCHANGE) {
+            Ok(()) => return Ok(()),
+            Err(nix::errno::Errno::EINVAL | nix::errno::Errno::ENOSYS) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let aside = temp_beside(live, "old");
+    fs::rename(live, &aside)?;
+    if let Err(e) = fs::rename(new, live) {
+        let _ = fs::rename(&aside, live);
+        return Err(e);
+    }
+    fs::rename(&aside, new)
+}
+
+fn is_symlink(path: &Path) -> bool {
+    fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink())
+}
+
+/// Publishes inside a directory that cannot itself be replaced, the way
+/// kubelet's AtomicWriter does.
+fn write_generation(dir: &Path, files: &[(String, Vec<u8>)], mode: u32) -> io::Result<()> {
+    static GENERATION: AtomicU64 = AtomicU64::new(0);
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    let n = GENERATION.fetch_add(1, Ordering::Relaxed);
+    let name = format!("{GENERATION_PREFIX}{stamp}_{}_{n}", std::process::id());
+    let generation = dir.join(&name);
+    if let Err(e) = fill_dir(&generation, files, mode) {
+        let _ = fs::remove_dir_all(&generation);
+        return Err(e);
+    }
+    let data_tmp = dir.join(DATA_TMP);
+    let _ = fs::remove_file(&data_tmp);
+    std::os::unix::fs::symlink(&name, &data_tmp).map_err(|e| context(&data_tmp, "symlink", e))?;
+    fs::rename(&data_tmp, dir.join(DATA)).map_err(|e| context(dir, "publish ..data", e))?;
+
+    // Visible names: link the new ones, drop the ones that went.
+    for (file, _) in files {
+        let link = dir.join(file);
+        let target = Path::new(DATA).join(file);
+        if fs::read_link(&link).is_ok_and(|t| t == target) {
+            continue;
+        }
+        let tmp = temp_beside(&link, "link");
+        std::os::unix::fs::symlink(&target, &tmp).map_err(|e| context(&tmp, "symlink", e))?;
+        fs::rename(&tmp, &link).map_err(|e| {
+            let _ = fs::remove_file(&tmp);
+            context(&link, "rename link into place", e)
+        })?;
+    }
+    let wanted: std::collections::HashSet<&str> = files.iter().map(|(n, _)| n.as_str()).collect();
+    for entry in fs::read_dir(dir).map_err(|e| context(dir, "list", e))? {
+        let entry = entry.map_err(|e| context(dir, "list", e))?;
+        let entry_name = entry.file_name();
+        let Some(entry_name) = entry_name.to_str() else {
+            continue;
+        };
+        let path = entry.path();
+        if entry_name.starts_with(GENERATION_PREFIX) && entry_name != name {
+            remove_any(&path).map_err(|e| context(&path, "remove old generation", e))?;
+        } else if !entry_name.starts_with("..")
+            && !wanted.contains(entry_name)
+            && fs::read_link(&path).is_ok_and(|t| t.starts_with(DATA))
+        {
+            fs::remove_file(&path).map_err(|e| context(&path, "remove stale link", e))?;
+        }
+    }
+    sync_dir(dir)
+}
+
+/// Whether `path` is a regular file (not a symlink) with these bytes and mode.
+fn file_matches(path: &Path, bytes: &[u8], mode: u32) -> bool {
+    match fs::symlink_metadata(path) {
+        Ok(meta)
+            if meta.is_file()
+                && meta.len() == bytes.len() as u64
+                && meta.permissions().mode() & 0o7777 == mode =>
+        {
+            fs::read(path).is_ok_and(|on_disk| on_disk == bytes)
+        }
+        _ => false,
+    }
+}
+
+/// Whether the directory output at `path` holds exactly these files.
+fn dir_matches(path: &Path, files: &[(String, Vec<u8>)], mode: u32) -> bool {
+    let Ok(meta) = fs::symlink_metadata(path) else {
+        return false;
+    };
+    if !meta.is_dir() {
+        return false;
+    }
+    let layout = is_symlink(&path.join(DATA));
+    let content = if layout {
+        match fs::read_link(path.join(DATA)) {
+            Ok(generation) => path.join(generation),
+            Err(_) => return false,
+        }
+    } else {
+        path.to_path_buf()
+    };
+    let Ok(entries) = fs::read_dir(&content) else {
+        return false;
+    };
+    let count = entries
+        .filter_map(Result::ok)
+        .filter(|e| !layout || !e.file_name().as_encoded_bytes().starts_with(b".."))
+        .count();
+    count == files.len()
+        && files.iter().all(|(name, bytes)| {
+            file_matches(&content.join(name), bytes, mode)
+                && (!layout
+                    || fs::read_link(path.join(name))
+                        .is_ok_and(|t| t == Path::new(DATA).join(name)))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files(pairs: &[(&str, &str)]) -> Vec<(String, Vec<u8>)> {
+        pairs
+            .iter()
+            .map(|(n, b)| (n.to_string(), b.as_bytes().to_vec()))
+            .collect()
+    }
+
+    fn read_all(dir: &Path) -> Vec<(String, Vec<u8>)> {
+        let mut out: Vec<_> = fs::read_dir(dir)
+            .expect("list")
+            .map(|e| e.expect("entry"))
+            .filter(|e| !e.file_name().to_string_lossy().starts_with(".."))
+            .map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                (name, fs::read(e.path()).expect("read"))
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn file_is_written_with_exact_mode_and_skipped_when_equal() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = dir.path().join("sub/bundle.pem");
+        let rendered = Rendered::File(b"one".to_vec());
+        assert!(publish(&out, &rendered, 0o640).expect("publish"));
+        assert_eq!(fs::read(&out).expect("read"), b"one");
+        assert_eq!(
+            fs::metadata(&out).expect("stat").permissions().mode() & 0o7777,
+            0o640
+        );
+        let inode = std::os::unix::fs::MetadataExt::ino(&fs::metadata(&out).expect("stat"));
+        assert!(!publish(&out, &rendered, 0o640).expect("publish"));
+        assert_eq!(
+            std::os::unix::fs::MetadataExt::ino(&fs::metadata(&out).expect("stat")),
+            inode
+        );
+        // A mode change alone rewrites.
+        assert!(publish(&out, &rendered, 0o644).expect("publish"));
+        // No temporary file is left behind.
+        assert_eq!(
+            fs::read_dir(out.parent().expect("parent"))
+                .expect("list")
+                .count(),
+            1
+        );
+    }
+
+    #[test]
+    fn symlink_at_output_is_replaced_not_followed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let victim = dir.path().join("victim");
+        fs::write(&victim, b"keep me").expect("write");
+        let out = dir.path().join("bundle.pem");
+        std::os::unix::fs::symlink(&victim, &out).expect("symlink");
+        assert!(publish(&out, &Rendered::File(b"new".to_vec()), 0o644).expect("publish"));
+        assert_eq!(fs::read(&victim).expect("read"), b"keep me");
+        assert!(!is_symlink(&out));
+        assert_eq!(fs::read(&out).expect("read"), b"new");
+    }
+
+    #[test]
+    fn directory_is_swapped_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = dir.path().join("certs");
+        let first = files(&[("a.0", "A"), ("b.0", "B")]);
+        assert!(publish(&out, &Rendered::Dir(first.clone()), 0o644).expect("publish"));
+        assert_eq!(read_all(&out), first);
+        assert!(!publish(&out, &Rendered::Dir(first), 0o644).expect("publish"));
+        let second = files(&[("b.0", "B2"), ("c.0", "C")]);
+        assert!(publish(&out, &Rendered::Dir(second.clone()), 0o600).expect("publish"));
+        assert_eq!(read_all(&out), second);
+        assert_eq!(
+            fs::metadata(out.join("c.0"))
+                .expect("stat")
+                .permissions()
+                .mode()
+                & 0o7777,
+            0o600
+        );
+        // Only the output itself is left in its parent.
+        assert_eq!(fs::read_dir(dir.path()).expect("list").count(), 1);
+    }
+
+    #[test]
+    fn symlink_at_directory_output_is_replaced() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let elsewhere = dir.path().join("elsewhere");
+        fs::create_dir(&elsewhere).expect("mkdir");
+        let out = dir.path().join("certs");
+        std::os::unix::fs::symlink(&elsewhere, &out).expect("symlink");
+        let set = files(&[("a.0", "A")]);
+        assert!(publish(&out, &Rendered::Dir(set.clone()), 0o644).expect("publish"));
+        assert!(!is_symlink(&out));
+        assert_eq!(read_all(&out), set);
+        assert_eq!(fs::read_dir(&elsewhere).expect("list").count(), 0);
+    }
+
+    #[test]
+    fn generation_layout_publishes_through_data() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = dir.path();
+        let first = files(&[("a.0", "A"), ("b.0", "B")]);
+        write_generation(out, &first, 0o644).expect("publish");
+        assert_eq!(read_all(out), first);
+        assert!(is_symlink(&out.join("a.0")));
+        assert!(dir_matches(out, &first, 0o644));
+        // Later writes keep the layout (the `..data` link exists).
+        let second = files(&[("b.0", "B2"), ("c.0", "C")]);
+        assert!(publish(out, &Rendered::Dir(second.clone()), 0o644).expect("publish"));
+        assert_eq!(read_all(out), second);
+        let generations = fs::read_dir(out)
+            .expect("list")
+            .filter(|e| {
+                e.as_ref()
+                    .expect("entry")
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with(GENERATION_PREFIX)
+            })
+            .count();
+        assert_eq!(generations, 1);
+    }
+}

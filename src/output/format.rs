@@ -1,0 +1,58 @@
+//! The bytes of each output format. Pure functions of the certificate set.
+
+use super::{Format, Rendered};
+use crate::bundle::Bundle;
+use crate::bundle::subject_hash::hash_hex;
+use crate::source::pem;
+
+/// The bundle file inside a hashed directory, as Debian names it.
+pub const OPENSSL_DIR_BUNDLE: &str = "ca-certificates.crt";
+
+pub fn render(bundle: &Bundle, format: Format) -> Rendered {
+    match format {
+        Format::Pem => Rendered::File(pem_bundle(bundle)),
+        Format::OpensslDir => Rendered::Dir(openssl_dir(bundle)),
+        Format::DerDir => Rendered::Dir(der_dir(bundle)),
+    }
+}
+
+fn pem_bundle(bundle: &Bundle) -> Vec<u8> {
+    let mut out = Vec::with_capacity(
+        bundle
+            .anchors()
+            .iter()
+            .map(|a| a.der.len() * 4 / 3 + 80)
+            .sum(),
+    );
+    for anchor in bundle.anchors() {
+        pem::encode("CERTIFICATE", &anchor.der, &mut out);
+    }
+    out
+}
+
+/// `<hash>.N` numbered contiguously from 0 per hash (OpenSSL's by_dir lookup
+/// stops at the first gap), in the bundle's order, so the names are stable
+/// for a given set.
+fn openssl_dir(bundle: &Bundle) -> Vec<(String, Vec<u8>)> {
+    let mut counts: std::collections::HashMap<u32, usize> = std::collections::HashMap::new();
+    let mut files = Vec::with_capacity(bundle.len() + 1);
+    for anchor in bundle.anchors() {
+        let n = counts.entry(anchor.subject_hash).or_insert(0);
+        let mut body = Vec::with_capacity(anchor.der.len() * 4 / 3 + 80);
+        pem::encode("CERTIFICATE", &anchor.der, &mut body);
+        files.push((format!("{}.{}", hash_hex(anchor.subject_hash), n), body));
+        *n += 1;
+    }
+    files.push((OPENSSL_DIR_BUNDLE.to_owned(), pem_bundle(bundle)));
+    files.sort_by(|a, b| a.0.cmp(&b.0));
+    files
+}
+
+fn der_dir(bundle: &Bundle) -> Vec<(String, Vec<u8>)> {
+    // Named by fingerprint: unique, and stable while the certificate stays.
+    bundle
+        .anchors()
+        .iter()
+        .map(|a| (format!("{}.der", a.fingerprint()), a.der.clone()))
+        .collect()
+}

@@ -1,0 +1,277 @@
+//! Signalling the application: to the pid in a pid file, to every process
+//! with a name, or to the supervised child, resolved afresh at every reload.
+//!
+//! Each signal goes through a pidfd opened on the process that was checked,
+//! so a pid recycled after the check gets nothing (it fails with ESRCH). A
+//! pid file whose process started after the file was written names a
+//! recycled pid and is refused. anchorage never signals itself.
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use nix::sys::signal::Signal;
+use rustix::process::{Pid, PidfdFlags, pidfd_open, pidfd_send_signal};
+
+use super::Failure;
+use crate::config::SignalTarget;
+
+/// Slack between a pid file's mtime and its writer's start time: the boot
+/// time the kernel reports has a one-second resolution.
+const START_SLACK_SECS: i64 = 2;
+
+/// Sends `signal` to what `target` names now; returns the pids signalled.
+pub fn send(
+    signal: Signal,
+    target: &SignalTarget,
+    child: Option<u32>,
+) -> Result<Vec<u32>, Failure> {
+    match target {
+        SignalTarget::PidFile(path) => {
+            let pid = read_pid_file(path)?;
+            signal_pid(pid, signal, Some(path))?;
+            Ok(vec![pid])
+        }
+        SignalTarget::Process(name) => {
+            let pids = find_by_name(name);
+            if pids.is_empty() {
+                return Err(Failure::Absent(format!("no process is named {name:?}")));
+            }
+            let mut sent = Vec::new();
+            let mut errors = Vec::new();
+            for pid in pids {
+                match signal_pid(pid, signal, None) {
+                    Ok(()) => sent.push(pid),
+                    // It exited between the scan and the signal.
+                    Err(Failure::Absent(_)) => {}
+                    Err(Failure::Failed(e)) => errors.push(e),
+                }
+            }
+            if !errors.is_empty() {
+                return Err(Failure::Failed(errors.join("; ")));
+            }
+            if sent.is_empty() {
+                return Err(Failure::Absent(format!("no process is named {name:?}")));
+            }
+            Ok(sent)
+        }
+        SignalTarget::Child => match child {
+            Some(pid) => {
+                signal_pid(pid, signal, None)?;
+                Ok(vec![pid])
+            }
+            None => Err(Failure::Absent("the child is not running".into())),
+        },
+    }
+}
+
+fn read_pid_file(path: &Path) -> Result<u32, Failure> {
+    let text = match fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Failure::Absent(format!("{}: no pid file", path.display())));
+        }
+        Err(e) => {
+            return Err(Failure::Failed(format!(
+                "{}: cannot read: {e}",
+                path.display()
+            )));
+        }
+    };
+    text.trim()
+        .parse::<u32>()
+        .ok()
+        .filter(|pid| *pid > 0)
+        .ok_or_else(|| {
+            Failure::Failed(format!(
+                "{}: {:?} is not a pid",
+                path.display(),
+                text.trim()
+            ))
+        })
+}
+
+/// Signals `pid` through a pidfd. With `pid_file`, first checks that the
+/// process is not younger than the file (a recycled pid).
+fn signal_pid(pid: u32, signal: Signal, pid_file: Option<&Path>) -> Result<(), Failure> {
+    if pid == std::process::id() {
+        return Err(Failure::Failed(format!(
+            "pid {pid} is anchorage itself; refusing to signal it"
+        )));
+    }
+    let raw =
+        Pid::from_raw(pid as i32).ok_or_else(|| Failure::Failed(format!("{pid} is not a pid")))?;
+    let fd = pidfd_open(raw, PidfdFlags::empty()).map_err(|e| {
+        if e == rustix::io::Errno::SRCH {
+            Failure::Absent(format!("no process {pid}{}", from_file(pid_file)))
+        } else {
+            Failure::Failed(format!("pid {pid}: cannot open: {e}"))
+        }
+    })?;
+    if let Some(path) = pid_file {
+        check_not_recycled(pid, path)?;
+    }
+    let sig = rustix::process::Signal::from_named_raw(signal as i32)
+        .ok_or_else(|| Failure::Failed(format!("{signal} cannot be sent")))?;
+    pidfd_send_signal(&fd, sig).map_err(|e| match e {
+        rustix::io::Errno::SRCH => {
+            Failure::Absent(format!("process {pid} exited{}", from_file(pid_file)))
+        }
+        rustix::io::Errno::PERM => Failure::Failed(permission_hint(pid, signal)),
+        e => Failure::Failed(format!("pid {pid}: {signal}: {e}")),
+    })
+}
+
+fn from_file(pid_file: Option<&Path>) -> String {
+    pid_file
+        .map(|p| format!(" (from {})", p.display()))
+        .unwrap_or_default()
+}
+
+fn permission_hint(pid: u32, signal: Signal) -> String {
+    let theirs = fs::metadata(format!("/proc/{pid}"))
+        .map(|m| m.uid().to_string())
+        .unwrap_or_else(|_| "?".into());
+    format!(
+        "permission denied sending {signal} to pid {pid} (owned by uid {theirs}; anchorage runs as uid {}): \
+         run anchorage as uid {theirs}, or grant it CAP_KILL",
+        nix::unistd::geteuid()
+    )
+}
+
+/// Refuses a pid whose process started after the pid file was written: the
+/// file's writer is gone and the pid now belongs to someone else.
+fn check_not_recycled(pid: u32, pid_file: &Path) -> Result<(), Failure> {
+    let (Some(started), Ok(meta)) = (process_start(pid), fs::metadata(pid_file)) else {
+        // Without /proc we cannot tell; the pidfd still pins the process.
+        return Ok(());
+    };
+    if started > meta.mtime() + START_SLACK_SECS {
+        return Err(Failure::Failed(format!(
+            "{}: pid {pid} is stale: that process started after the pid file was written (recycled pid)",
+            pid_file.display()
+        )));
+    }
+    Ok(())
+}
+
+/// A process's start time in unix seconds, from `/proc`.
+fn process_start(pid: u32) -> Option<i64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The name (field 2) may hold spaces and parentheses: count from the last ')'.
+    let after = &stat[stat.rfind(')')? + 2..];
+    let ticks: i64 = after.split_whitespace().nth(19)?.parse().ok()?;
+    let boot: i64 = fs::read_to_string("/proc/stat")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()?;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok()??;
+    Some(boot + ticks / hz)
+}
+
+/// Every process (but anchorage) whose comm or argv[0] basename is `name`.
+pub fn find_by_name(name: &str) -> Vec<u32> {
+    let own = std::process::id();
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut pids: Vec<u32> = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| *pid != own && process_named(*pid, name))
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
+fn process_named(pid: u32, name: &str) -> bool {
+    if let Ok(comm) = fs::read_to_string(format!("/proc/{pid}/comm"))
+        && comm.trim_end_matches('\n') == name
+    {
+        return true;
+    }
+    let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let argv0 = cmdline.split(|b| *b == 0).next().unwrap_or_default();
+    let base = argv0.rsplit(|b| *b == b'/').next().unwrap_or_default();
+    !base.is_empty() && base == name.as_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_to_signal_itself() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pid_file = dir.path().join("self.pid");
+        fs::write(&pid_file, std::process::id().to_string()).expect("write");
+        let err = send(Signal::SIGHUP, &SignalTarget::PidFile(pid_file), None).expect_err("self");
+        assert!(matches!(err, Failure::Failed(m) if m.contains("itself")));
+    }
+
+    #[test]
+    fn missing_pid_file_is_absent() {
+        let err = send(
+            Signal::SIGHUP,
+            &SignalTarget::PidFile("/nonexistent.pid".into()),
+            None,
+        )
+        .expect_err("absent");
+        assert!(matches!(err, Failure::Absent(_)));
+    }
+
+    #[test]
+    fn garbage_pid_file_is_a_failure() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pid_file = dir.path().join("bad.pid");
+        fs::write(&pid_file, "twelve").expect("write");
+        let err = send(Signal::SIGHUP, &SignalTarget::PidFile(pid_file), None).expect_err("bad");
+        assert!(matches!(err, Failure::Failed(_)));
+    }
+
+    #[test]
+    fn recycled_pid_is_refused() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pid_file = dir.path().join("old.pid");
+        fs::write(&pid_file, child.id().to_string()).expect("write");
+        // The pid file is older than its process: a stale file, a recycled pid.
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        fs::File::options()
+            .write(true)
+            .open(&pid_file)
+            .expect("open")
+            .set_modified(old)
+            .expect("set mtime");
+        let err =
+            send(Signal::SIGHUP, &SignalTarget::PidFile(pid_file), None).expect_err("recycled");
+        assert!(
+            matches!(&err, Failure::Failed(m) if m.contains("recycled")),
+            "{err:?}"
+        );
+        child.kill().expect("kill");
+        child.wait().expect("wait");
+    }
+
+    #[test]
+    fn finds_processes_by_name_but_never_itself() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn");
+        let found = find_by_name("sleep");
+        assert!(found.contains(&child.id()), "{found:?}");
+        let own_name = fs::read_to_string("/proc/self/comm").expect("comm");
+        assert!(!find_by_name(own_name.trim()).contains(&std::process::id()));
+        child.kill().expect("kill");
+        child.wait().expect("wait");
+    }
+}

@@ -1,0 +1,466 @@
+//! Reading sources: files, directories (kubelet volumes through `..data`) and
+//! globs, into framed certificate blocks with the path they came from.
+//!
+//! This module owns "what bytes are there", never "are they trustworthy"
+//! (that is [`crate::bundle`]). It must never read a file whole past
+//! [`MAX_FILE_SIZE`], never block on a FIFO, and never put the content of a
+//! private-key block into a value or an error.
+
+pub mod pem;
+
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+pub use pem::{CertBlock, FrameError};
+
+/// A source file larger than this is refused, not read whole (guarantee 9).
+pub const MAX_FILE_SIZE: u64 = 16 * 1024 * 1024;
+
+/// The name kubelet's AtomicWriter points at the current generation.
+pub const KUBELET_DATA: &str = "..data";
+
+/// How often a kubelet volume is re-read when its generation vanishes while
+/// being read (kubelet removed it after a newer swap).
+const GENERATION_ATTEMPTS: usize = 16;
+
+/// One configured source, as the user wrote it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// A file or a directory: which one is decided when it is read.
+    Path(PathBuf),
+    /// A glob pattern (`*`, `?`, `[`); `*` never matches a leading dot.
+    Glob(String),
+}
+
+impl Source {
+    /// Reads a source spec: a pattern if it holds glob metacharacters.
+    pub fn parse(spec: &str) -> Result<Self, glob::PatternError> {
+        if spec.contains(['*', '?', '[']) {
+            glob::Pattern::new(spec)?;
+            Ok(Self::Glob(spec.to_owned()))
+        } else {
+            Ok(Self::Path(PathBuf::from(spec)))
+        }
+    }
+
+    /// The spec as the user wrote it, for logs.
+    pub fn display(&self) -> String {
+        match self {
+            Self::Path(p) => p.display().to_string(),
+            Self::Glob(g) => g.clone(),
+        }
+    }
+
+    /// Reads every file of this source. An absent path reads as no files; an
+    /// unreadable one is an error naming it.
+    pub fn read(&self) -> Result<Vec<SourceFile>, SourceError> {
+        let mut files = Vec::new();
+        match self {
+            Self::Path(path) => read_path(path, &mut files)?,
+            Self::Glob(pattern) => read_glob(pattern, &mut files)?,
+        }
+        Ok(files)
+    }
+}
+
+/// One file's certificate blocks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceFile {
+    /// The path as the user sees it (a kubelet volume's visible name, not the
+    /// timestamped directory it was read from).
+    pub path: PathBuf,
+    pub blocks: Vec<CertBlock>,
+}
+
+/// A source that cannot be used; the bundle it feeds is refused.
+#[derive(Debug)]
+pub struct SourceError {
+    pub path: PathBuf,
+    pub kind: SourceErrorKind,
+}
+
+#[derive(Debug)]
+pub enum SourceErrorKind {
+    /// Permissions, a symlink loop, a directory where a file was, ...
+    Unreadable(io::Error),
+    /// Over [`MAX_FILE_SIZE`].
+    TooLarge { size: u64 },
+    /// The file is empty (or only whitespace): a copy caught half-way.
+    Empty,
+    /// No PEM block at all and not a DER certificate.
+    NotCertificate,
+    /// A certificate block is damaged.
+    Damaged(FrameError),
+}
+
+impl SourceError {
+    fn new(path: &Path, kind: SourceErrorKind) -> Self {
+        Self {
+            path: path.to_path_buf(),
+            kind,
+        }
+    }
+
+    /// A short stable label, used as the metrics `reason`.
+    pub fn reason(&self) -> &'static str {
+        match self.kind {
+            SourceErrorKind::Unreadable(_) => "unreadable",
+            SourceErrorKind::TooLarge { .. } => "too_large",
+            SourceErrorKind::Empty => "empty",
+            SourceErrorKind::NotCertificate => "not_certificate",
+            SourceErrorKind::Damaged(_) => "damaged",
+        }
+    }
+}
+
+impl std::fmt::Display for SourceError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let path = self.path.display();
+        match &self.kind {
+            SourceErrorKind::Unreadable(e) => write!(f, "{path}: cannot read: {e}"),
+            SourceErrorKind::TooLarge { size } => write!(
+                f,
+                "{path}: {size} bytes is over the {MAX_FILE_SIZE}-byte limit for a source file"
+            ),
+            SourceErrorKind::Empty => write!(f, "{path}: the file is empty"),
+            SourceErrorKind::NotCertificate => {
+                write!(f, "{path}: holds no PEM block and is not a DER certificate")
+            }
+            SourceErrorKind::Damaged(e) => write!(f, "{path}: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for SourceError {}
+
+fn unreadable(path: &Path, e: io::Error) -> SourceError {
+    SourceError::new(path, SourceErrorKind::Unreadable(e))
+}
+
+fn is_absent(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::NotFound
+}
+
+fn read_path(path: &Path, out: &mut Vec<SourceFile>) -> Result<(), SourceError> {
+    match fs::metadata(path) {
+        Ok(meta) if meta.is_dir() => read_dir(path, out),
+        Ok(_) => {
+            if let Some(file) = read_file(path, path)? {
+                out.push(file);
+            }
+            Ok(())
+        }
+        // A vanished file or a dangling symlink counts as absent.
+        Err(e) if is_absent(&e) => Ok(()),
+        Err(e) => Err(unreadable(path, e)),
+    }
+}
+
+fn read_glob(pattern: &str, out: &mut Vec<SourceFile>) -> Result<(), SourceError> {
+    let options = glob::MatchOptions {
+        require_literal_leading_dot: true,
+        ..glob::MatchOptions::new()
+    };
+    let paths = glob::glob_with(pattern, options).map_err(|e| {
+        unreadable(
+            Path::new(pattern),
+            io::Error::new(io::ErrorKind::InvalidInput, e.to_string()),
+        )
+    })?;
+    for entry in paths {
+        let path = entry.map_err(|e| {
+            let path = e.path().to_path_buf();
+            unreadable(&path, e.into())
+        })?;
+        match fs::metadata(&path) {
+            Ok(meta) if meta.is_file() => {
+                if let Some(file) = read_file(&path, &path)? {
+                    out.push(file);
+                }
+            }
+            Ok(_) => {}
+            Err(e) if is_absent(&e) => {}
+            Err(e) => return Err(unreadable(&path, e)),
+        }
+    }
+    Ok(())
+}
+
+/// Reads a directory; a kubelet volume is read through `..data`, one
+/// generation at a time (TECH-NOTES: AtomicWriter).
+fn read_dir(dir: &Path, out: &mut Vec<SourceFile>) -> Result<(), SourceError> {
+    let data = dir.join(KUBELET_DATA);
+    for _ in 0..GENERATION_ATTEMPTS {
+        let generation = match fs::read_link(&data) {
+            Ok(target) => dir.join(target),
+            // Not a kubelet volume (no `..data`, or not a symlink).
+            Err(e) if is_absent(&e) || e.kind() == io::ErrorKind::InvalidInput => {
+                return read_entries(dir, dir, out, false).map(|_| ());
+            }
+            Err(e) => return Err(unreadable(&data, e)),
+        };
+        let mut files = Vec::new();
+        match read_entries(&generation, dir, &mut files, true) {
+            Ok(true) => {
+                out.append(&mut files);
+                return Ok(());
+            }
+            // The generation was removed under us: a newer one is live.
+            Ok(false) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(unreadable(
+        dir,
+        io::Error::other("the kubelet volume kept changing while it was read"),
+    ))
+}
+
+/// Reads the files of `dir`, naming them under `visible`. With `generation`,
+/// a vanished directory or file means the generation is gone: returns
+/// `Ok(false)` so the caller starts again.
+fn read_entries(
+    dir: &Path,
+    visible: &Path,
+    out: &mut Vec<SourceFile>,
+    generation: bool,
+) -> Result<bool, SourceError> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if is_absent(&e) => return Ok(!generation),
+        Err(e) => return Err(unreadable(dir, e)),
+    };
+    let mut names = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| unreadable(dir, e))?;
+        let name = entry.file_name();
+        if name.as_encoded_bytes().starts_with(b"..") {
+            continue;
+        }
+        names.push(name);
+    }
+    // Sorted, so that errors and logs come in a stable order.
+    names.sort();
+    for name in names {
+        let path = dir.join(&name);
+        let shown = visible.join(&name);
+        match fs::metadata(&path) {
+            Ok(meta) if meta.is_file() => match read_file(&path, &shown) {
+                Ok(Some(file)) => out.push(file),
+                Ok(None) if generation => return Ok(false),
+                Ok(None) => {}
+                Err(e) => return Err(e),
+            },
+            // Subdirectories, FIFOs, sockets: not ours to read.
+            Ok(_) => {}
+            Err(e) if is_absent(&e) => {
+                if generation {
+                    return Ok(false);
+                }
+            }
+            Err(e) => return Err(unreadable(&shown, e)),
+        }
+    }
+    Ok(true)
+}
+
+/// Reads and frames one file; `None` if it vanished. `shown` is the path
+/// errors name.
+pub fn read_file(path: &Path, shown: &Path) -> Result<Option<SourceFile>, SourceError> {
+    let Some(bytes) = read_bounded(path, shown)? else {
+        return Ok(None);
+    };
+    let blocks = decode(&bytes).map_err(|kind| SourceError::new(shown, kind))?;
+    Ok(Some(SourceFile {
+        path: shown.to_path_buf(),
+        blocks,
+    }))
+}
+
+/// Reads at most [`MAX_FILE_SIZE`] bytes; `None` if the file is absent.
+pub fn read_bounded(path: &Path, shown: &Path) -> Result<Option<Vec<u8>>, SourceError> {
+    let file = match File::open(path) {
+        Ok(file) => file,
+        Err(e) if is_absent(&e) => return Ok(None),
+        Err(e) => return Err(unreadable(shown, e)),
+    };
+    let meta = file.metadata().map_err(|e| unreadable(shown, e))?;
+    if meta.is_dir() {
+        return Err(unreadable(
+            shown,
+            io::Error::new(io::ErrorKind::IsADirectory, "is a directory"),
+        ));
+    }
+    if meta.len() > MAX_FILE_SIZE {
+        return Err(SourceError::new(
+            shown,
+            SourceErrorKind::TooLarge { size: meta.len() },
+        ));
+    }
+    // The file may grow between fstat and read: never read past the limit.
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(MAX_FILE_SIZE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| unreadable(shown, e))?;
+    if bytes.len() as u64 > MAX_FILE_SIZE {
+        return Err(SourceError::new(
+            shown,
+            SourceErrorKind::TooLarge {
+                size: bytes.len() as u64,
+            },
+        ));
+    }
+    Ok(Some(bytes))
+}
+
+/// Frames a file's bytes: PEM blocks, or one DER certificate.
+pub fn decode(bytes: &[u8]) -> Result<Vec<CertBlock>, SourceErrorKind> {
+    if pem::looks_like_pem(bytes) {
+        let framed = pem::frame(bytes).map_err(SourceErrorKind::Damaged)?;
+        return Ok(framed.certificates);
+    }
+    if bytes.trim_ascii().is_empty() {
+        return Err(SourceErrorKind::Empty);
+    }
+    // A DER certificate is a SEQUENCE; anything else is not ours.
+    if bytes.first() == Some(&0x30) {
+        return Ok(vec![CertBlock {
+            der: bytes.to_vec(),
+            trusted: false,
+        }]);
+    }
+    Err(SourceErrorKind::NotCertificate)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(path: &Path, bytes: &[u8]) {
+        fs::write(path, bytes).expect("write");
+    }
+
+    #[test]
+    fn parses_specs() {
+        assert_eq!(
+            Source::parse("/a/b").expect("spec"),
+            Source::Path("/a/b".into())
+        );
+        assert_eq!(
+            Source::parse("/a/*.pem").expect("spec"),
+            Source::Glob("/a/*.pem".into())
+        );
+        assert!(Source::parse("/a/[").is_err());
+    }
+
+    #[test]
+    fn absent_path_reads_as_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let files = Source::Path(dir.path().join("nope")).read().expect("read");
+        assert!(files.is_empty());
+    }
+
+    #[test]
+    fn dangling_symlink_is_absent() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let link = dir.path().join("ca.crt");
+        std::os::unix::fs::symlink("missing", &link).expect("symlink");
+        assert!(
+            Source::Path(dir.path().to_path_buf())
+                .read()
+                .expect("read")
+                .is_empty()
+        );
+        assert!(Source::Path(link).read().expect("read").is_empty());
+    }
+
+    #[test]
+    fn symlink_loop_is_unreadable() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let a = dir.path().join("a");
+        std::os::unix::fs::symlink("a", &a).expect("symlink");
+        let err = Source::Path(a.clone()).read().expect_err("a loop");
+        assert_eq!(err.reason(), "unreadable");
+        assert_eq!(err.path, a);
+    }
+
+    #[test]
+    fn empty_and_random_files_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let empty = dir.path().join("empty.pem");
+        write(&empty, b"");
+        let err = Source::Path(empty.clone()).read().expect_err("empty");
+        assert_eq!(err.reason(), "empty");
+        assert!(err.to_string().contains("empty.pem"), "{err}");
+
+        let random = dir.path().join("random.bin");
+        write(&random, &[0x9c, 0x01, 0xff, 0x42, 0x00, 0x13]);
+        let err = Source::Path(random).read().expect_err("random");
+        assert_eq!(err.reason(), "not_certificate");
+    }
+
+    #[test]
+    fn oversize_file_is_refused_without_reading_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let big = dir.path().join("big.pem");
+        let file = File::create(&big).expect("create");
+        file.set_len(MAX_FILE_SIZE + 1).expect("sparse file");
+        let err = Source::Path(big).read().expect_err("too large");
+        assert!(
+            matches!(err.kind, SourceErrorKind::TooLarge { size } if size == MAX_FILE_SIZE + 1)
+        );
+    }
+
+    #[test]
+    fn directory_skips_dot_dot_names_and_subdirectories() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write(&dir.path().join("..hidden"), b"garbage");
+        fs::create_dir(dir.path().join("sub")).expect("mkdir");
+        write(
+            &dir.path().join("key.pem"),
+            b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+        );
+        let files = Source::Path(dir.path().to_path_buf()).read().expect("read");
+        assert_eq!(files.len(), 1);
+        assert!(files[0].blocks.is_empty());
+    }
+
+    #[test]
+    fn kubelet_volume_is_read_through_data() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let generation = dir.path().join("..2026_11_22_10_00_00.1");
+        fs::create_dir(&generation).expect("mkdir");
+        write(
+            &generation.join("ca.crt"),
+            b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        );
+        std::os::unix::fs::symlink("..2026_11_22_10_00_00.1", dir.path().join("..data"))
+            .expect("symlink");
+        // A stale visible name that kubelet has not removed yet, and a new
+        // key whose visible link does not exist yet: neither may count.
+        std::os::unix::fs::symlink("..data/old.crt", dir.path().join("old.crt")).expect("symlink");
+        let files = Source::Path(dir.path().to_path_buf()).read().expect("read");
+        assert_eq!(files.len(), 1);
+        assert_eq!(files[0].path, dir.path().join("ca.crt"));
+    }
+
+    #[test]
+    fn glob_does_not_match_leading_dots() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write(&dir.path().join(".x.pem"), b"garbage");
+        write(
+            &dir.path().join("a.pem"),
+            b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        );
+        let pattern = format!("{}/*.pem", dir.path().display());
+        let files = Source::parse(&pattern).expect("spec").read().expect("read");
+        assert_eq!(files.len(), 1);
+    }
+
+    #[test]
+    fn der_file_is_one_certificate() {
+        let blocks = decode(&[0x30, 0x03, 0x02, 0x01, 0x01]).expect("der");
+        assert_eq!(blocks.len(), 1);
+    }
+}

@@ -1,0 +1,307 @@
+//! Watching: which directories to watch for each bundle, and the notify
+//! (inotify) watcher that turns their events into [`Change`]s.
+//!
+//! Directories are watched, never files: kubelet replaces a volume by
+//! renaming a `..data` symlink, editors write and rename, and a watch on a
+//! file would follow it to an inode that is never modified again
+//! (TECH-NOTES). An event only says "something here changed"; the daemon
+//! re-reads and compares content, so event kinds do not matter, except that
+//! access events (kubelet opens the old generation on every sync) are
+//! dropped. The notify callback never blocks: it `try_send`s, and a full
+//! queue or an inotify overflow becomes "re-read everything".
+
+use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use notify::event::{AccessKind, AccessMode};
+use notify::{EventKind, RecursiveMode, Watcher as _};
+use tokio::sync::mpsc;
+use tracing::{debug, error, warn};
+
+use crate::source::Source;
+
+/// What the watcher reports to the event loop.
+#[derive(Debug)]
+pub enum Change {
+    /// Something changed at or under these paths.
+    Paths(Vec<PathBuf>),
+    /// Events were lost: re-read everything.
+    Rescan,
+}
+
+/// A directory to watch on behalf of a source.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct WatchPoint {
+    pub dir: PathBuf,
+    pub recursive: bool,
+}
+
+/// The directories whose changes can change what `source` reads: the path
+/// itself (when it is a directory) and its parent (which sees it replaced,
+/// deleted or created); for a glob, its fixed prefix.
+pub fn watch_points(source: &Source) -> Vec<WatchPoint> {
+    match source {
+        Source::Path(path) => {
+            let mut points = vec![WatchPoint {
+                dir: path.clone(),
+                recursive: false,
+            }];
+            if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                points.push(WatchPoint {
+                    dir: parent.to_path_buf(),
+                    recursive: false,
+                });
+            }
+            points
+        }
+        Source::Glob(pattern) => {
+            let (prefix, rest) = glob_prefix(pattern);
+            // A wildcard in a directory component: watch the whole subtree.
+            let recursive = rest > 1;
+            let mut points = vec![WatchPoint {
+                dir: prefix.clone(),
+                recursive,
+            }];
+            if let Some(parent) = prefix.parent().filter(|p| !p.as_os_str().is_empty()) {
+                points.push(WatchPoint {
+                    dir: parent.to_path_buf(),
+                    recursive: false,
+                });
+            }
+            points
+        }
+    }
+}
+
+/// The leading components of a glob without metacharacters, and how many
+/// components follow.
+fn glob_prefix(pattern: &str) -> (PathBuf, usize) {
+    let path = Path::new(pattern);
+    let mut prefix = PathBuf::new();
+    let mut rest = 0;
+    for component in path.components() {
+        let text = component.as_os_str().to_string_lossy();
+        if rest > 0 || text.contains(['*', '?', '[']) {
+            rest += 1;
+        } else {
+            prefix.push(component);
+        }
+    }
+    if prefix.as_os_str().is_empty() {
+        prefix.push(".");
+    }
+    (prefix, rest)
+}
+
+/// The nearest existing directory at or above `dir`, with its identity.
+fn existing_ancestor(dir: &Path) -> Option<(PathBuf, (u64, u64))> {
+    let mut current = Some(dir);
+    while let Some(d) = current {
+        if let Ok(meta) = std::fs::metadata(d)
+            && meta.is_dir()
+        {
+            return Some((d.to_path_buf(), (meta.dev(), meta.ino())));
+        }
+        current = d.parent().filter(|p| !p.as_os_str().is_empty());
+    }
+    None
+}
+
+/// The live inotify watches, kept in step with the sources.
+pub struct Watch {
+    watcher: notify::RecommendedWatcher,
+    /// Watched directory -> (recursive, its device and inode when watched).
+    watched: HashMap<PathBuf, (bool, (u64, u64))>,
+    /// Watched directory -> the bundles it matters to.
+    routes: HashMap<PathBuf, Vec<usize>>,
+    /// Per bundle, the points it wants.
+    wanted: Vec<Vec<WatchPoint>>,
+    overflow: Arc<AtomicBool>,
+}
+
+/// Why watching could not start or continue.
+#[derive(Debug)]
+pub struct WatchError(pub String);
+
+impl std::fmt::Display for WatchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn describe(path: &Path, e: &notify::Error) -> String {
+    match &e.kind {
+        notify::ErrorKind::MaxFilesWatch => format!(
+            "{}: the inotify watch limit is exhausted: raise fs.inotify.max_user_watches \
+             (sysctl) or run with --poll",
+            path.display()
+        ),
+        notify::ErrorKind::Io(io) if io.raw_os_error() == Some(nix::libc::EMFILE) => format!(
+            "{}: the inotify instance limit is exhausted: raise fs.inotify.max_user_instances \
+             (sysctl) or run with --poll",
+            path.display()
+        ),
+        _ => format!("{}: cannot watch: {e}", path.display()),
+    }
+}
+
+impl Watch {
+    /// Starts the inotify watcher; its events go to `tx`.
+    pub fn new(tx: mpsc::Sender<Change>) -> Result<Self, WatchError> {
+        let overflow = Arc::new(AtomicBool::new(false));
+        let flag = overflow.clone();
+        let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            let change = match res {
+                Ok(event) if event.need_rescan() => Change::Rescan,
+                // kubelet's periodic sync opens and reads the old generation:
+                // access is no change. A close after writing ends an in-place
+                // rewrite, and is one.
+                Ok(event)
+                    if matches!(event.kind, EventKind::Access(kind)
+                        if kind != AccessKind::Close(AccessMode::Write)) =>
+                {
+                    return;
+                }
+                Ok(event) => Change::Paths(event.paths),
+                Err(e) => {
+                    warn!(error = %e, "watch error; re-reading everything");
+                    Change::Rescan
+                }
+            };
+            if tx.try_send(change).is_err() {
+                // The loop is behind: it will re-read everything.
+                flag.store(true, Ordering::Relaxed);
+            }
+        })
+        .map_err(|e| WatchError(describe(Path::new("inotify"), &e)))?;
+        Ok(Self {
+            watcher,
+            watched: HashMap::new(),
+            routes: HashMap::new(),
+            wanted: Vec::new(),
+            overflow,
+        })
+    }
+
+    /// Sets what each bundle wants watched and starts watching it.
+    pub fn set(&mut self, wanted: Vec<Vec<WatchPoint>>) -> Result<(), WatchError> {
+        self.wanted = wanted;
+        self.refresh()
+    }
+
+    /// Whether events were dropped since the last call.
+    pub fn take_overflow(&self) -> bool {
+        self.overflow.swap(false, Ordering::Relaxed)
+    }
+
+    /// Brings the watches in line with the filesystem: a directory that was
+    /// deleted and created again, or that now exists, is watched afresh; a
+    /// missing one is stood in for by its nearest existing ancestor, so its
+    /// creation is seen. Only an exhausted watch limit is an error.
+    pub fn refresh(&mut self) -> Result<(), WatchError> {
+        let mut desired: HashMap<PathBuf, (bool, (u64, u64))> = HashMap::new();
+        let mut routes: HashMap<PathBuf, Vec<usize>> = HashMap::new();
+        for (bundle, points) in self.wanted.iter().enumerate() {
+            for point in points {
+                let Some((dir, id)) = existing_ancestor(&point.dir) else {
+                    continue;
+                };
+                let recursive = point.recursive && dir == point.dir;
+                // notify reports events under the canonical path it watches.
+                let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
+                let entry = desired.entry(dir.clone()).or_insert((recursive, id));
+                entry.0 |= recursive;
+                let route = routes.entry(dir).or_default();
+                if !route.contains(&bundle) {
+                    route.push(bundle);
+                }
+            }
+        }
+        let stale: Vec<PathBuf> = self
+            .watched
+            .iter()
+            .filter(|(dir, state)| desired.get(*dir) != Some(state))
+            .map(|(dir, _)| dir.clone())
+            .collect();
+        for dir in stale {
+            // The directory may already be gone, taking its watch with it.
+            let _ = self.watcher.unwatch(&dir);
+            self.watched.remove(&dir);
+        }
+        let mut result = Ok(());
+        for (dir, state) in desired {
+            if self.watched.contains_key(&dir) {
+                continue;
+            }
+            let mode = if state.0 {
+                RecursiveMode::Recursive
+            } else {
+                RecursiveMode::NonRecursive
+            };
+            match self.watcher.watch(&dir, mode) {
+                Ok(()) => {
+                    debug!(dir = %dir.display(), recursive = state.0, "watching");
+                    self.watched.insert(dir, state);
+                }
+                Err(e) if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) => {
+                    let message = describe(&dir, &e);
+                    error!("{message}");
+                    result = Err(WatchError(message));
+                }
+                // Removed between the stat and the watch: the next refresh
+                // watches its ancestor.
+                Err(e) => debug!(error = %describe(&dir, &e), "watch skipped"),
+            }
+        }
+        self.routes = routes;
+        result
+    }
+
+    /// The bundles an event at `path` may concern.
+    pub fn bundles_for(&self, path: &Path, out: &mut HashSet<usize>) {
+        let mut current = Some(path);
+        while let Some(p) = current {
+            if let Some(bundles) = self.routes.get(p) {
+                out.extend(bundles.iter().copied());
+            }
+            current = p.parent();
+        }
+    }
+
+    /// How many directories are watched.
+    pub fn len(&self) -> usize {
+        self.watched.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.watched.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn glob_prefix_stops_at_the_first_wildcard() {
+        assert_eq!(
+            glob_prefix("/certs/extra/*.pem"),
+            (PathBuf::from("/certs/extra"), 1)
+        );
+        assert_eq!(glob_prefix("/certs/*/ca.crt"), (PathBuf::from("/certs"), 2));
+        assert_eq!(glob_prefix("*.pem"), (PathBuf::from("."), 1));
+    }
+
+    #[test]
+    fn a_path_is_watched_with_its_parent() {
+        let points = watch_points(&Source::Path("/certs/ca".into()));
+        let dirs: Vec<_> = points.iter().map(|p| p.dir.clone()).collect();
+        assert_eq!(
+            dirs,
+            vec![PathBuf::from("/certs/ca"), PathBuf::from("/certs")]
+        );
+    }
+}

@@ -1,0 +1,157 @@
+//! `anchorage check`: the fields, their formats, and the exit codes.
+
+use crate::support::pki::{Ca, non_ca};
+use crate::support::{run, s, sh, write};
+
+#[test]
+fn json_fields_match_openssl() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = Ca::new("Check Root");
+    let leaf = ca.leaf("svc.example");
+    let bundle = format!("{}{}", ca.pem(), leaf.cert.pem());
+    let path = write(dir.path(), "bundle.pem", &bundle);
+    let out = run(&["check", "--json", s(&path)]);
+    out.expect_code(0);
+    let reports: serde_json::Value = serde_json::from_str(&out.stdout).expect("json");
+    let reports = reports.as_array().expect("array");
+    assert_eq!(reports.len(), 2);
+
+    let root = &reports[0];
+    assert_eq!(root["path"], s(&path));
+    assert_eq!(root["index"], 0);
+    assert_eq!(root["is_ca"], true);
+    assert_eq!(root["expired"], false);
+    assert_eq!(root["sha256"], ca.sha256());
+    assert!(
+        root["subject"]
+            .as_str()
+            .expect("subject")
+            .contains("CN=Check Root")
+    );
+    let ca_file = write(dir.path(), "ca.pem", ca.pem());
+    let hash = sh(&format!(
+        "openssl x509 -noout -subject_hash -in {}",
+        s(&ca_file)
+    ));
+    assert_eq!(root["subject_hash"], hash.trim());
+    let serial = sh(&format!("openssl x509 -noout -serial -in {}", s(&ca_file)));
+    assert_eq!(
+        root["serial"].as_str().expect("serial"),
+        serial
+            .trim()
+            .trim_start_matches("serial=")
+            .to_ascii_lowercase()
+    );
+    let not_after = root["not_after"].as_str().expect("not_after");
+    assert!(not_after.ends_with('Z'), "{not_after}");
+    time::OffsetDateTime::parse(not_after, &time::format_description::well_known::Rfc3339)
+        .expect("RFC 3339");
+
+    let leaf_report = &reports[1];
+    assert_eq!(leaf_report["index"], 1);
+    assert_eq!(leaf_report["is_ca"], false);
+    assert!(
+        leaf_report["issuer"]
+            .as_str()
+            .expect("issuer")
+            .contains("CN=Check Root")
+    );
+}
+
+#[test]
+fn at_decides_expiry_and_exit_code() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write(dir.path(), "ca.pem", Ca::new("Soon").pem());
+    run(&["check", s(&path)]).expect_code(0);
+    run(&["check", "--at", "2020-01-01T00:00:00Z", s(&path)]).expect_code(0);
+    let out = run(&["check", "--json", "--at", "2100-01-01T00:00:00Z", s(&path)]);
+    out.expect_code(1);
+    let reports: serde_json::Value =
+        serde_json::from_str(&out.stdout).expect("json even on exit 1");
+    assert_eq!(reports[0]["expired"], true);
+
+    // Without --at, an expired certificate is reported but does not fail.
+    let expired = write(dir.path(), "old.pem", Ca::expired("Old").pem());
+    let out = run(&["check", "--json", s(&expired)]);
+    out.expect_code(0);
+    assert!(out.stdout.contains("\"expired\": true"), "{}", out.stdout);
+}
+
+#[test]
+fn unreadable_or_empty_files_exit_1_and_are_named() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let good = write(dir.path(), "good.pem", Ca::new("Good").pem());
+    let junk = write(
+        dir.path(),
+        "junk.pem",
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+    );
+    let out = run(&["check", "--json", s(&good), s(&junk)]);
+    out.expect_code(1);
+    assert!(out.stderr.contains("junk.pem"), "{}", out.stderr);
+    let reports: serde_json::Value = serde_json::from_str(&out.stdout).expect("json");
+    assert_eq!(reports.as_array().expect("array").len(), 1);
+
+    let missing = dir.path().join("missing.pem");
+    let out = run(&["check", s(&missing)]);
+    out.expect_code(1);
+    assert!(out.stderr.contains("missing.pem"), "{}", out.stderr);
+
+    let key_only = write(
+        dir.path(),
+        "tls.key",
+        "-----BEGIN PRIVATE KEY-----\nc2VjcmV0\n-----END PRIVATE KEY-----\n",
+    );
+    let out = run(&["check", s(&key_only)]);
+    out.expect_code(1);
+    assert!(
+        !out.stderr.contains("c2VjcmV0"),
+        "a key body was printed: {}",
+        out.stderr
+    );
+}
+
+#[test]
+fn directory_lists_every_certificate_and_skips_keys() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write(dir.path(), "a.pem", Ca::new("A").pem());
+    write(dir.path(), "b.crt", Ca::new("B").der());
+    write(dir.path(), "c.pem", non_ca("C"));
+    write(
+        dir.path(),
+        "tls.key",
+        "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+    );
+    let out = run(&["check", "--json", s(dir.path())]);
+    out.expect_code(0);
+    let reports: serde_json::Value = serde_json::from_str(&out.stdout).expect("json");
+    let reports = reports.as_array().expect("array");
+    assert_eq!(reports.len(), 3);
+    assert_eq!(reports[2]["is_ca"], false);
+    let text = run(&["check", s(dir.path())]);
+    text.expect_code(0);
+    assert!(text.stdout.contains("CN=B"), "{}", text.stdout);
+}
+
+#[test]
+fn v1_self_issued_root_is_a_ca() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = dir.path().join("k.pem");
+    let csr = dir.path().join("r.csr");
+    let cert = dir.path().join("v1.pem");
+    sh(&format!(
+        "openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout {k} -subj /CN=V1Root -out {csr} 2>/dev/null && \
+         openssl x509 -req -in {csr} -signkey {k} -days 30 -out {c} 2>/dev/null",
+        k = s(&key),
+        csr = s(&csr),
+        c = s(&cert)
+    ));
+    let text = sh(&format!("openssl x509 -noout -text -in {}", s(&cert)));
+    assert!(
+        text.contains("Version: 1"),
+        "openssl made a v3 certificate: {text}"
+    );
+    let out = run(&["check", "--json", s(&cert)]);
+    out.expect_code(0);
+    assert!(out.stdout.contains("\"is_ca\": true"), "{}", out.stdout);
+}

@@ -1,0 +1,134 @@
+//! Configuration errors: exit 2, naming the file, the line and the key.
+
+use crate::support::pki::Ca;
+use crate::support::{run, s, write};
+
+fn config_error(toml: &str) -> String {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write(dir.path(), "anchorage.toml", toml);
+    let out = run(&["render", "--config", s(&path)]);
+    out.expect_code(2);
+    assert!(
+        out.stderr.contains("anchorage.toml"),
+        "file not named: {}",
+        out.stderr
+    );
+    out.stderr
+}
+
+#[test]
+fn unknown_key_names_line_and_key() {
+    let err = config_error("[[bundle]]\nname = \"x\"\nsources = [\"/tmp\"]\nsauces = 1\n");
+    assert!(err.contains(":4:"), "{err}");
+    assert!(err.contains("sauces"), "{err}");
+}
+
+#[test]
+fn bad_duration_names_line_and_key() {
+    let err = config_error("[daemon]\ndebounce = \"soon\"\n");
+    assert!(err.contains(":2:") && err.contains("debounce"), "{err}");
+}
+
+#[test]
+fn bundle_without_source_is_an_error() {
+    let err = config_error("[daemon]\nresync = \"1m\"\n\n[[bundle]]\nname = \"empty\"\n");
+    assert!(
+        err.contains(":4:") && err.contains("bundle.sources"),
+        "{err}"
+    );
+}
+
+#[test]
+fn reload_without_target_is_an_error() {
+    let err = config_error(
+        "[[bundle]]\nsources = [\"/tmp/x\"]\n\n  [[bundle.reload]]\n  timeout = \"5s\"\n",
+    );
+    assert!(err.contains(":4:") && err.contains("reload"), "{err}");
+}
+
+#[test]
+fn bad_format_and_mode_are_errors() {
+    let err = config_error(
+        "[[bundle]]\nsources = [\"/x\"]\n[[bundle.output]]\npath = \"/o\"\nformat = \"p7b\"\n",
+    );
+    assert!(err.contains(":5:") && err.contains("format"), "{err}");
+    let err = config_error(
+        "[[bundle]]\nsources = [\"/x\"]\n[[bundle.output]]\npath = \"/o\"\nmode = \"rw-r--r--\"\n",
+    );
+    assert!(err.contains(":5:") && err.contains("mode"), "{err}");
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    run(&["render"]).expect_code(2);
+    run(&["render", "--source", "/x", "--debounce", "fast"]).expect_code(2);
+    run(&["check"]).expect_code(2);
+    run(&["frobnicate"]).expect_code(2);
+    let out = run(&["render", "--config", "/nonexistent/anchorage.toml"]);
+    out.expect_code(2);
+    assert!(
+        out.stderr.contains("/nonexistent/anchorage.toml"),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn full_contract_example_is_accepted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = write(&dir.path().join("ca"), "ca.crt", Ca::new("Example").pem());
+    let out_file = dir.path().join("peers.pem");
+    let toml = format!(
+        r#"
+[daemon]
+debounce = "200ms"
+resync = "5m"
+log_format = "json"
+
+[[bundle]]
+name = "peers"
+sources = ["{src}", "{extra}/*.pem"]
+retain_removed = "72h"
+min_certs = 1
+allow_expired = false
+allow_non_ca = false
+
+  [[bundle.output]]
+  path = "{out}"
+  format = "pem"
+  mode = "0644"
+
+  [[bundle.reload]]
+  exec = ["true"]
+  timeout = "30s"
+
+  [[bundle.reload]]
+  http = "http://127.0.0.1:1/-/reload"
+  method = "POST"
+  retries = 5
+"#,
+        src = s(src.parent().expect("dir")),
+        extra = s(dir.path()),
+        out = s(&out_file)
+    );
+    let config = write(dir.path(), "anchorage.toml", toml);
+    let out = run(&["render", "--config", s(&config)]);
+    out.expect_code(0);
+    assert!(out_file.exists());
+    // log_format = "json" from the file: log lines are JSON objects.
+    let first = out.stderr.lines().next().expect("a log line");
+    serde_json::from_str::<serde_json::Value>(first).expect("json log line");
+}
+
+#[test]
+fn flag_overrides_the_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = write(dir.path(), "ca.pem", Ca::new("Override").pem());
+    let config = write(
+        dir.path(),
+        "anchorage.toml",
+        format!("[[bundle]]\nsources = [\"{}\"]\nmin_certs = 5\n", s(&src)),
+    );
+    run(&["render", "--config", s(&config)]).expect_code(1);
+    run(&["render", "--config", s(&config), "--min-certs", "1"]).expect_code(0);
+}

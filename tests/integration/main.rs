@@ -1,0 +1,9 @@
+//! Integration tests: the real `anchorage` binary against real files, and
+//! real peers (openssl) where a format must match theirs.
+
+mod support;
+
+mod atomicity;
+mod check;
+mod config;
+mod render;

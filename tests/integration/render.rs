@@ -1,0 +1,497 @@
+//! `anchorage render`: the policy, the formats, and last-known-good.
+
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+
+use crate::support::pki::{Ca, non_ca, sha256_hex};
+use crate::support::{Outcome, anchorage, pem_certs, run, s, sh, write};
+
+fn render_pem(source: &Path, output: &Path) -> Outcome {
+    run(&["render", "--source", s(source), "--output", s(output)])
+}
+
+fn fingerprints(pem: &[u8]) -> Vec<String> {
+    pem_certs(pem).iter().map(|d| sha256_hex(d)).collect()
+}
+
+#[test]
+fn keeps_cas_drops_expired_and_non_ca_keeps_not_yet_valid() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("src");
+    let good = Ca::new("Good");
+    let now = time::OffsetDateTime::now_utc();
+    let early = Ca::valid(
+        "Early",
+        now + time::Duration::minutes(1),
+        now + time::Duration::days(9),
+    );
+    write(&src, "good.pem", good.pem());
+    write(&src, "early.pem", early.pem());
+    write(&src, "expired.pem", Ca::expired("Expired").pem());
+    write(&src, "leaf.pem", non_ca("Leaf"));
+    let out_file = dir.path().join("out/bundle.pem");
+    let out = render_pem(&src, &out_file);
+    out.expect_code(0);
+    assert!(out.stderr.contains("not valid yet"), "{}", out.stderr);
+    assert!(out.stderr.contains("expired"), "{}", out.stderr);
+    let mut want = vec![good.sha256(), early.sha256()];
+    want.sort();
+    assert_eq!(fingerprints(&fs::read(&out_file).expect("output")), want);
+}
+
+#[test]
+fn allow_flags_keep_expired_and_non_ca() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("src");
+    write(&src, "expired.pem", Ca::expired("Expired").pem());
+    write(&src, "leaf.pem", non_ca("Leaf"));
+    let out_file = dir.path().join("bundle.pem");
+    run(&[
+        "render",
+        "--source",
+        s(&src),
+        "--output",
+        s(&out_file),
+        "--allow-expired",
+        "--allow-non-ca",
+    ])
+    .expect_code(0);
+    assert_eq!(pem_certs(&fs::read(&out_file).expect("output")).len(), 2);
+}
+
+#[test]
+fn ten_thousand_copies_of_one_ca_render_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = Ca::new("Copied");
+    let copies = ca.pem().repeat(10_000);
+    let src = write(dir.path(), "copies.pem", copies);
+    let out_file = dir.path().join("bundle.pem");
+    render_pem(&src, &out_file).expect_code(0);
+    assert_eq!(
+        fingerprints(&fs::read(&out_file).expect("output")),
+        vec![ca.sha256()]
+    );
+}
+
+#[test]
+fn crlf_text_around_blocks_der_and_trusted_blocks_are_read() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("src");
+    let (a, b, c, d) = (Ca::new("A"), Ca::new("B"), Ca::new("C"), Ca::new("D"));
+    let crlf = format!("Bag Attributes\r\n{}junk between\r\n", a.pem()).replace('\n', "\r\n");
+    write(&src, "a.pem", crlf);
+    write(&src, "b.der", b.der());
+    write(
+        &src,
+        "c.pem",
+        format!("subject=CN = C\n{}\ntrailing text\n", c.pem()),
+    );
+    let plain = write(dir.path(), "d.pem", d.pem());
+    let trusted = sh(&format!(
+        "openssl x509 -in {} -addtrust serverAuth",
+        s(&plain)
+    ));
+    assert!(trusted.contains("BEGIN TRUSTED CERTIFICATE"), "{trusted}");
+    write(&src, "d.pem", trusted);
+    let out_file = dir.path().join("bundle.pem");
+    render_pem(&src, &out_file).expect_code(0);
+    let mut want = vec![a.sha256(), b.sha256(), c.sha256(), d.sha256()];
+    want.sort();
+    assert_eq!(fingerprints(&fs::read(&out_file).expect("output")), want);
+}
+
+#[test]
+fn private_keys_are_never_copied() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("src");
+    let ca = Ca::new("With Key");
+    let leaf = ca.leaf("svc");
+    write(&src, "ca.crt", ca.pem());
+    write(&src, "tls.crt", leaf.cert.pem());
+    write(&src, "tls.key", leaf.key.serialize_pem());
+    let out_file = dir.path().join("bundle.pem");
+    let out = render_pem(&src, &out_file);
+    out.expect_code(0);
+    let bytes = fs::read_to_string(&out_file).expect("output");
+    assert!(!bytes.contains("PRIVATE KEY"));
+    let key_body: String = leaf
+        .key
+        .serialize_pem()
+        .lines()
+        .nth(1)
+        .expect("key line")
+        .into();
+    assert!(!out.stderr.contains(&key_body), "key material was logged");
+    assert_eq!(fingerprints(bytes.as_bytes()), vec![ca.sha256()]);
+}
+
+#[test]
+fn same_set_renders_same_bytes_whatever_the_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cas: Vec<Ca> = (0..6).map(|i| Ca::new(&format!("Set {i}"))).collect();
+    let one = dir.path().join("one");
+    let two = dir.path().join("two");
+    for (i, ca) in cas.iter().enumerate() {
+        write(&one, &format!("{i}.pem"), ca.pem());
+    }
+    // Other names, other grouping, duplicates.
+    let all: String = cas.iter().rev().map(Ca::pem).collect();
+    write(&two, "z-all.pem", &all);
+    write(&two, "a-dup.pem", cas[3].pem());
+    let (a, b) = (dir.path().join("a.pem"), dir.path().join("b.pem"));
+    render_pem(&one, &a).expect_code(0);
+    render_pem(&two, &b).expect_code(0);
+    assert_eq!(fs::read(&a).expect("a"), fs::read(&b).expect("b"));
+    for hashed in ["ha", "hb"] {
+        let src = if hashed == "ha" { &one } else { &two };
+        run(&[
+            "render",
+            "--source",
+            s(src),
+            "--hashed-dir",
+            s(&dir.path().join(hashed)),
+        ])
+        .expect_code(0);
+    }
+    let list = |d: &str| {
+        let mut v: Vec<_> = fs::read_dir(dir.path().join(d))
+            .expect("list")
+            .map(|e| {
+                let e = e.expect("entry");
+                (e.file_name(), fs::read(e.path()).expect("read"))
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(list("ha"), list("hb"));
+}
+
+#[test]
+fn unchanged_set_is_not_rewritten() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = write(dir.path(), "ca.pem", Ca::new("Stable").pem());
+    let out_file = dir.path().join("bundle.pem");
+    render_pem(&src, &out_file).expect_code(0);
+    let before = fs::metadata(&out_file).expect("stat");
+    let out = render_pem(&src, &out_file);
+    out.expect_code(0);
+    assert!(out.stderr.contains("changed=false"), "{}", out.stderr);
+    let after = fs::metadata(&out_file).expect("stat");
+    assert_eq!(
+        (before.ino(), before.mtime_nsec()),
+        (after.ino(), after.mtime_nsec())
+    );
+}
+
+#[test]
+fn openssl_dir_verifies_and_matches_openssl_rehash() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("src");
+    let root = Ca::new("Hashed Root");
+    let others: Vec<Ca> = (0..5).map(|i| Ca::new(&format!("Other {i}"))).collect();
+    write(&src, "root.pem", root.pem());
+    for (i, ca) in others.iter().enumerate() {
+        write(&src, &format!("o{i}.pem"), ca.pem());
+    }
+    // Two CAs with the same subject: .0 and .1.
+    write(&src, "twin.pem", Ca::new("Hashed Root").pem());
+    let hashed = dir.path().join("hashed");
+    run(&["render", "--source", s(&src), "--hashed-dir", s(&hashed)]).expect_code(0);
+
+    let leaf = root.leaf("svc.example");
+    let leaf_file = write(dir.path(), "leaf.pem", leaf.cert.pem());
+    let verified = sh(&format!(
+        "openssl verify -CApath {} {}",
+        s(&hashed),
+        s(&leaf_file)
+    ));
+    assert!(verified.contains(": OK"), "{verified}");
+    let bundle = hashed.join("ca-certificates.crt");
+    assert_eq!(pem_certs(&fs::read(&bundle).expect("bundle")).len(), 7);
+
+    // `openssl rehash` on a copy of the individual files gives the same names.
+    let copy = dir.path().join("copy");
+    fs::create_dir(&copy).expect("mkdir");
+    let mut ours = Vec::new();
+    for entry in fs::read_dir(&hashed).expect("list") {
+        let name = entry
+            .expect("entry")
+            .file_name()
+            .into_string()
+            .expect("utf-8");
+        if name != "ca-certificates.crt" {
+            fs::copy(hashed.join(&name), copy.join(format!("{name}.pem"))).expect("copy");
+            ours.push(name);
+        }
+    }
+    sh(&format!("openssl rehash {}", s(&copy)));
+    let mut theirs: Vec<String> = fs::read_dir(&copy)
+        .expect("list")
+        .map(|e| e.expect("entry").file_name().into_string().expect("utf-8"))
+        .filter(|n| !n.ends_with(".pem"))
+        .collect();
+    ours.sort();
+    theirs.sort();
+    assert_eq!(ours, theirs);
+    assert!(ours.iter().any(|n| n.ends_with(".1")), "{ours:?}");
+}
+
+#[test]
+fn der_dir_holds_one_der_certificate_per_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("src");
+    let cas: Vec<Ca> = (0..3).map(|i| Ca::new(&format!("Der {i}"))).collect();
+    for (i, ca) in cas.iter().enumerate() {
+        write(&src, &format!("{i}.pem"), ca.pem());
+    }
+    let config = write(
+        dir.path(),
+        "anchorage.toml",
+        format!(
+            "[[bundle]]\nname = \"der\"\nsources = [\"{}\"]\n[[bundle.output]]\npath = \"{}\"\nformat = \"der-dir\"\nmode = \"0600\"\n",
+            s(&src),
+            s(&dir.path().join("der"))
+        ),
+    );
+    run(&["render", "--config", s(&config)]).expect_code(0);
+    let mut found = Vec::new();
+    for entry in fs::read_dir(dir.path().join("der")).expect("list") {
+        let path = entry.expect("entry").path();
+        assert_eq!(
+            fs::metadata(&path).expect("stat").permissions().mode() & 0o7777,
+            0o600
+        );
+        let der = fs::read(&path).expect("read");
+        sh(&format!("openssl x509 -inform DER -noout -in {}", s(&path)));
+        found.push(sha256_hex(&der));
+    }
+    found.sort();
+    let mut want: Vec<String> = cas.iter().map(Ca::sha256).collect();
+    want.sort();
+    assert_eq!(found, want);
+}
+
+#[test]
+fn mode_is_applied_exactly_whatever_the_umask() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = write(dir.path(), "ca.pem", Ca::new("Mode").pem());
+    let out_file = dir.path().join("bundle.pem");
+    let status = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "umask 077 && exec {} render --source {} --output {}",
+            env!("CARGO_BIN_EXE_anchorage"),
+            s(&src),
+            s(&out_file)
+        ))
+        .status()
+        .expect("sh");
+    assert!(status.success());
+    assert_eq!(
+        fs::metadata(&out_file).expect("stat").permissions().mode() & 0o7777,
+        0o644
+    );
+}
+
+/// Each class of bad input refuses the bundle (exit 1), names the file, and
+/// leaves the previous output byte for byte.
+#[test]
+fn bad_inputs_keep_the_last_good_output() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let good = Ca::new("Last Good");
+    let pem = good.pem();
+    let truncated = pem[..pem.len() / 2].to_owned();
+    let bad_base64 = pem.replacen("MII", "M*I", 1);
+    let junk_body = format!(
+        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+        "QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo="
+    );
+    let random: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8 | 1)
+        .collect();
+    let key_only =
+        "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIA==\n-----END PRIVATE KEY-----\n"
+            .to_owned();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("truncated", truncated.into_bytes()),
+        ("bad-base64", bad_base64.into_bytes()),
+        ("junk-in-block", junk_body.into_bytes()),
+        ("random", random),
+        ("empty", Vec::new()),
+        ("key-only", key_only.into_bytes()),
+        ("non-ca-only", non_ca("Only Leaf").into_bytes()),
+        (
+            "expired-only",
+            Ca::expired("Only Expired").pem().into_bytes(),
+        ),
+        (
+            "truncated-beside-good",
+            format!("{}{}", &pem[..pem.len() - 40], Ca::new("Other").pem()).into_bytes(),
+        ),
+    ];
+    for (class, bytes) in cases {
+        let src = dir.path().join(class);
+        let source = write(&src, "ca.pem", &pem);
+        let out_file = dir.path().join(format!("{class}.pem"));
+        render_pem(&src, &out_file).expect_code(0);
+        let before = fs::read(&out_file).expect("output");
+        let inode = fs::metadata(&out_file).expect("stat").ino();
+
+        fs::write(&source, &bytes).expect("write bad input");
+        let out = render_pem(&src, &out_file);
+        assert_eq!(out.code, 1, "{class}: {}", out.stderr);
+        let names_file = out.stderr.contains("ca.pem") || out.stderr.contains("min_certs");
+        assert!(
+            names_file,
+            "{class}: the error names neither file nor reason: {}",
+            out.stderr
+        );
+        assert_eq!(
+            fs::read(&out_file).expect("output"),
+            before,
+            "{class}: output changed"
+        );
+        assert_eq!(
+            fs::metadata(&out_file).expect("stat").ino(),
+            inode,
+            "{class}: rewritten"
+        );
+    }
+}
+
+#[test]
+fn oversize_file_is_refused_and_named() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("src");
+    write(&src, "ca.pem", Ca::new("Small").pem());
+    let big = src.join("big.pem");
+    fs::File::create(&big)
+        .expect("create")
+        .set_len(16 * 1024 * 1024 + 1)
+        .expect("grow");
+    let out_file = dir.path().join("bundle.pem");
+    let out = render_pem(&src, &out_file);
+    out.expect_code(1);
+    assert!(
+        out.stderr.contains("big.pem") && out.stderr.contains("limit"),
+        "{}",
+        out.stderr
+    );
+    assert!(!out_file.exists());
+}
+
+#[test]
+fn min_certs_refuses_a_small_bundle() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = write(dir.path(), "ca.pem", Ca::new("Alone").pem());
+    let out_file = dir.path().join("bundle.pem");
+    let out = run(&[
+        "render",
+        "--source",
+        s(&src),
+        "--output",
+        s(&out_file),
+        "--min-certs",
+        "2",
+    ]);
+    out.expect_code(1);
+    assert!(out.stderr.contains("min_certs"), "{}", out.stderr);
+}
+
+#[test]
+fn sources_come_from_environment_lists_and_globs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a, b, c) = (Ca::new("Env A"), Ca::new("Env B"), Ca::new("Env C"));
+    let fa = write(&dir.path().join("a"), "a.pem", a.pem());
+    write(&dir.path().join("g"), "b.pem", b.pem());
+    write(&dir.path().join("g"), "c.crt", c.pem());
+    let glob = format!("{}/*.pem", s(&dir.path().join("g")));
+    let out_file = dir.path().join("bundle.pem");
+    let out = anchorage()
+        .args(["render"])
+        .env("ANCHORAGE_SOURCE", format!("{},{glob}", s(&fa)))
+        .env("ANCHORAGE_OUTPUT", s(&out_file))
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut want = vec![a.sha256(), b.sha256()];
+    want.sort();
+    assert_eq!(fingerprints(&fs::read(&out_file).expect("output")), want);
+}
+
+#[test]
+fn kubelet_volume_is_read_as_one_generation() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let vol = dir.path().join("vol");
+    let ts = vol.join("..2026_11_22_10_00_00.123456789");
+    let (a, stale) = (Ca::new("Live"), Ca::new("Stale"));
+    write(&ts, "ca.crt", a.pem());
+    std::os::unix::fs::symlink("..2026_11_22_10_00_00.123456789", vol.join("..data"))
+        .expect("link");
+    std::os::unix::fs::symlink("..data/ca.crt", vol.join("ca.crt")).expect("link");
+    // A stray file beside the volume's visible links is not in the generation.
+    write(&vol.join("..2026_11_22_09_00_00.1"), "old.crt", stale.pem());
+    let out_file = dir.path().join("bundle.pem");
+    render_pem(&vol, &out_file).expect_code(0);
+    assert_eq!(
+        fingerprints(&fs::read(&out_file).expect("output")),
+        vec![a.sha256()]
+    );
+}
+
+/// An output directory that is a mount point (an emptyDir) cannot be
+/// renamed: it is published inside, through `..data`.
+#[test]
+fn hashed_dir_on_a_mount_point_is_published_through_data() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mnt = dir.path().join("mnt");
+    fs::create_dir(&mnt).expect("mkdir");
+    let src = write(dir.path(), "ca.pem", Ca::new("Mounted").pem());
+    let src2 = write(
+        dir.path(),
+        "ca2.pem",
+        format!("{}{}", Ca::new("Mounted").pem(), Ca::new("Second").pem()),
+    );
+    let bin = env!("CARGO_BIN_EXE_anchorage");
+    let script = format!(
+        "mount -t tmpfs none {m} || exit 77
+         {bin} render --source {a} --hashed-dir {m} || exit 1
+         test -L {m}/..data && test -L {m}/ca-certificates.crt || exit 2
+         n1=$(ls {m} | wc -l)
+         {bin} render --source {b} --hashed-dir {m} || exit 3
+         n2=$(ls {m} | wc -l)
+         test \"$n1\" = 2 && test \"$n2\" = 3 || exit 4
+         test $(ls -d {m}/..anchorage_* | wc -l) = 1 || exit 5
+         grep -c 'BEGIN CERTIFICATE' {m}/ca-certificates.crt",
+        m = s(&mnt),
+        a = s(&src),
+        b = s(&src2)
+    );
+    let out = std::process::Command::new("unshare")
+        .args(["--mount", "sh", "-c", &script])
+        .output()
+        .expect("unshare");
+    if out.status.code() == Some(77)
+        || (!out.status.success()
+            && String::from_utf8_lossy(&out.stderr).contains("unshare failed"))
+    {
+        eprintln!(
+            "skipped: cannot mount here: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return;
+    }
+    assert!(
+        out.status.success(),
+        "exit {:?}: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "2");
+}

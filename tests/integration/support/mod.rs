@@ -1,0 +1,90 @@
+//! What the integration tests share: the test PKI, a way to run the real
+//! binary, and small filesystem helpers.
+
+#![allow(dead_code)]
+
+pub mod pki;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The real `anchorage` binary, with no `ANCHORAGE_*` variable inherited.
+pub fn anchorage() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_anchorage"));
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("ANCHORAGE_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.env("RUST_LOG", "info");
+    cmd
+}
+
+/// Runs `anchorage ARGS` to completion.
+pub fn run(args: &[&str]) -> Outcome {
+    Outcome::of(anchorage().args(args).output().expect("run anchorage"))
+}
+
+pub struct Outcome {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Outcome {
+    pub fn of(output: Output) -> Self {
+        Self {
+            code: output.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
+
+    #[track_caller]
+    pub fn expect_code(&self, code: i32) -> &Self {
+        assert_eq!(
+            self.code, code,
+            "exit code\n--- stdout\n{}\n--- stderr\n{}",
+            self.stdout, self.stderr
+        );
+        self
+    }
+}
+
+/// Writes `bytes` at `dir/name`, creating `dir`.
+pub fn write(dir: &Path, name: &str, bytes: impl AsRef<[u8]>) -> PathBuf {
+    std::fs::create_dir_all(dir).expect("mkdir");
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).expect("write");
+    path
+}
+
+pub fn s(path: &Path) -> &str {
+    path.to_str().expect("utf-8 path")
+}
+
+/// The certificates of a PEM bundle, as DER, in order.
+pub fn pem_certs(bytes: &[u8]) -> Vec<Vec<u8>> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    CertificateDer::pem_slice_iter(bytes)
+        .map(|c| c.expect("pem").to_vec())
+        .collect()
+}
+
+/// Runs a shell command, panicking with its output if it fails.
+#[track_caller]
+pub fn sh(script: &str) -> String {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .output()
+        .expect("sh");
+    assert!(
+        out.status.success(),
+        "{script}\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
