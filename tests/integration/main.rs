@@ -7,3 +7,4 @@ mod atomicity;
 mod check;
 mod config;
 mod render;
+mod run;

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod daemon;
+pub mod kubelet;
 pub mod pki;
 
 use std::path::{Path, PathBuf};
@@ -87,4 +89,9 @@ pub fn sh(script: &str) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Lowercase hex SHA-256 of a file's bytes, as the stand-in app logs it.
+pub fn file_sha256(path: &Path) -> String {
+    pki::sha256_hex(&std::fs::read(path).expect("read"))
 }

@@ -1,0 +1,576 @@
+//! `anchorage run`: the daemon's guarantees, against the real binary, a
+//! kubelet-style volume and a real process that reloads on SIGHUP.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+
+use crate::support::daemon::{App, Daemon, eventually};
+use crate::support::kubelet::Volume;
+use crate::support::pki::{Ca, non_ca, sha256_hex};
+use crate::support::{file_sha256, pem_certs, s, write};
+
+/// The bundle anchorage renders for these CAs: PEM blocks ordered by SHA-256.
+fn expected_pem(cas: &[&Ca]) -> Vec<u8> {
+    let mut sorted: Vec<&&Ca> = cas.iter().collect();
+    sorted.sort_by_key(|c| c.sha256());
+    let mut out = String::new();
+    for ca in sorted {
+        let der = ca.der();
+        out.push_str("-----BEGIN CERTIFICATE-----\n");
+        let b64 = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, der);
+        for chunk in b64.as_bytes().chunks(64) {
+            out.push_str(std::str::from_utf8(chunk).expect("ascii"));
+            out.push('\n');
+        }
+        out.push_str("-----END CERTIFICATE-----\n");
+    }
+    out.into_bytes()
+}
+
+fn pems(cas: &[&Ca]) -> Vec<u8> {
+    cas.iter().map(|c| c.pem()).collect::<String>().into_bytes()
+}
+
+#[track_caller]
+fn wait_output(path: &Path, want: &[u8]) {
+    eventually(Duration::from_secs(15), || match fs::read(path) {
+        Ok(got) if got == want => Ok(()),
+        Ok(got) => Err(format!("output has {} certificates", pem_certs(&got).len())),
+        Err(e) => Err(e.to_string()),
+    });
+}
+
+/// A daemon on a kubelet volume, reloading the stand-in app by pid file.
+struct Setup {
+    dir: tempfile::TempDir,
+    volume: Volume,
+    output: std::path::PathBuf,
+    app: App,
+}
+
+impl Setup {
+    fn new(initial: &[&Ca]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut volume = Volume::new(&dir.path().join("secret"));
+        volume.write(&[("ca.crt", &pems(initial))]);
+        let output = dir.path().join("out/ca.pem");
+        let app = App::start(dir.path(), &output);
+        Self {
+            dir,
+            volume,
+            output,
+            app,
+        }
+    }
+
+    fn start(&self, extra: &[&str]) -> Daemon {
+        let mut args = vec![
+            "--source",
+            s(&self.volume.dir),
+            "--output",
+            s(&self.output),
+            "--pid-file",
+            s(&self.app.pid_file),
+        ];
+        args.extend_from_slice(extra);
+        Daemon::start(self.dir.path(), &args)
+    }
+}
+
+#[test]
+fn renders_at_start_and_reloads_on_a_kubelet_swap() {
+    let (a, b) = (Ca::new("Swap A"), Ca::new("Swap B"));
+    let mut setup = Setup::new(&[&a]);
+    let daemon = setup.start(&["--debounce", "0"]);
+    wait_output(&setup.output, &expected_pem(&[&a]));
+    assert_eq!(setup.app.wait_reloads(1), vec![file_sha256(&setup.output)]);
+
+    setup.volume.write(&[("ca.crt", &pems(&[&a, &b]))]);
+    wait_output(&setup.output, &expected_pem(&[&a, &b]));
+    let reloads = setup.app.wait_reloads(2);
+    // The app read the new bundle when it was signalled: no premature signal.
+    assert_eq!(reloads[1], sha256_hex(&expected_pem(&[&a, &b])));
+    assert_eq!(daemon.stop(), 0);
+}
+
+#[test]
+fn identical_swap_touch_and_resync_send_no_reload() {
+    let (a, b) = (Ca::new("Same A"), Ca::new("Same B"));
+    let mut setup = Setup::new(&[&a]);
+    let daemon = setup.start(&["--debounce", "0", "--resync", "1s"]);
+    setup.app.wait_reloads(1);
+    let renders = |d: &Daemon| d.log().matches("rendered").count();
+    let before = renders(&daemon);
+
+    // Same content, new generation; a touch; a resync: renders, no reload.
+    setup.volume.write(&[("ca.crt", &pems(&[&a]))]);
+    let real = setup.volume.dir.join("..data/ca.crt");
+    fs::File::options()
+        .append(true)
+        .open(&real)
+        .expect("open")
+        .set_modified(std::time::SystemTime::now())
+        .expect("touch");
+    daemon.wait_log("outcome=\"unchanged\"", 2);
+    eventually(Duration::from_secs(10), || {
+        if renders(&daemon) >= before + 3 {
+            Ok(())
+        } else {
+            Err("no resync render yet".into())
+        }
+    });
+    assert_eq!(setup.app.reloads().len(), 1, "a reload without a change");
+
+    // A real change after them: exactly one more reload, and it is the change.
+    setup.volume.write(&[("ca.crt", &pems(&[&a, &b]))]);
+    let reloads = setup.app.wait_reloads(2);
+    assert_eq!(reloads.len(), 2);
+    assert_eq!(reloads[1], sha256_hex(&expected_pem(&[&a, &b])));
+}
+
+#[test]
+fn restart_with_the_same_output_sends_no_reload() {
+    let a = Ca::new("Restart A");
+    let setup = Setup::new(&[&a]);
+    let first = setup.start(&["--debounce", "0"]);
+    setup.app.wait_reloads(1);
+    first.wait_log("outcome=\"changed\"", 1);
+    assert_eq!(first.stop(), 0);
+    let second = setup.start(&["--debounce", "0"]);
+    second.wait_log("outcome=\"unchanged\"", 1);
+    assert_eq!(setup.app.reloads().len(), 1);
+}
+
+#[test]
+fn a_thousand_rapid_swaps_end_in_the_final_state_and_never_tear() {
+    let pool: Vec<Ca> = (0..6).map(|i| Ca::new(&format!("Rapid {i}"))).collect();
+    let mut setup = Setup::new(&[&pool[0]]);
+    let daemon = setup.start(&["--debounce", "0"]);
+    setup.app.wait_reloads(1);
+
+    let valid: Vec<Vec<u8>> = pool.iter().map(Ca::der).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let reads = Arc::new(AtomicUsize::new(0));
+    let reader = {
+        let (stop, reads, output) = (stop.clone(), reads.clone(), setup.output.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let bytes = fs::read(&output).expect("the output never disappears");
+                let certs = pem_certs(&bytes);
+                assert!(!certs.is_empty(), "an empty bundle was visible");
+                for der in &certs {
+                    assert!(
+                        valid.contains(der),
+                        "a torn or foreign certificate was visible"
+                    );
+                }
+                reads.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    let mut last = vec![];
+    for i in 0..1000usize {
+        // Rotating subsets of the pool, so consecutive sets differ.
+        last = (0..pool.len())
+            .filter(|j| (i >> j) & 1 == 1 || *j == i % pool.len())
+            .collect();
+        let cas: Vec<&Ca> = last.iter().map(|j| &pool[*j]).collect();
+        setup.volume.write(&[("ca.crt", &pems(&cas))]);
+    }
+    let final_cas: Vec<&Ca> = last.iter().map(|j| &pool[*j]).collect();
+    wait_output(&setup.output, &expected_pem(&final_cas));
+    // The last reload shows the final state.
+    let want = sha256_hex(&expected_pem(&final_cas));
+    eventually(Duration::from_secs(15), || {
+        let reloads = setup.app.reloads();
+        if reloads.last() == Some(&want) {
+            Ok(())
+        } else {
+            Err(format!("{} reloads, last is not final", reloads.len()))
+        }
+    });
+    stop.store(true, Ordering::Relaxed);
+    reader.join().expect("reader saw a torn output");
+    assert!(reads.load(Ordering::Relaxed) > 0);
+    assert!(setup.app.reloads().len() <= 1001);
+    drop(daemon);
+}
+
+#[test]
+fn bad_inputs_keep_the_output_and_send_nothing_then_recover() {
+    let (a, b) = (Ca::new("Good A"), Ca::new("Good B"));
+    let mut setup = Setup::new(&[&a]);
+    let daemon = setup.start(&["--debounce", "0"]);
+    wait_output(&setup.output, &expected_pem(&[&a]));
+    setup.app.wait_reloads(1);
+    let good = fs::read(&setup.output).expect("output");
+
+    let pem = a.pem();
+    let classes: Vec<(&str, Vec<u8>)> = vec![
+        ("truncated", pem.as_bytes()[..pem.len() / 2].to_vec()),
+        ("bad base64", pem.replacen("MII", "M!I", 1).into_bytes()),
+        (
+            "junk",
+            b"-----BEGIN CERTIFICATE-----\nQUJD\n-----END CERTIFICATE-----\n".to_vec(),
+        ),
+        (
+            "random",
+            (0..999u32).map(|i| (i * 7919 % 251) as u8 + 1).collect(),
+        ),
+        ("empty", Vec::new()),
+        (
+            "key only",
+            b"-----BEGIN PRIVATE KEY-----\nMC4CAQA=\n-----END PRIVATE KEY-----\n".to_vec(),
+        ),
+        ("non-CA only", non_ca("Leaf Only").into_bytes()),
+        (
+            "expired only",
+            Ca::expired("Expired Only").pem().into_bytes(),
+        ),
+    ];
+    for (n, (class, bytes)) in classes.iter().enumerate() {
+        setup.volume.write(&[("ca.crt", bytes)]);
+        daemon.wait_log("bundle refused", n + 1);
+        assert_eq!(
+            fs::read(&setup.output).expect("output"),
+            good,
+            "{class}: output changed"
+        );
+        assert_eq!(setup.app.reloads().len(), 1, "{class}: a reload was sent");
+    }
+    assert!(
+        daemon.log().contains("ca.crt"),
+        "refusals do not name the file"
+    );
+
+    setup.volume.write(&[("ca.crt", &pems(&[&a, &b]))]);
+    wait_output(&setup.output, &expected_pem(&[&a, &b]));
+    assert_eq!(setup.app.wait_reloads(2).len(), 2);
+}
+
+#[test]
+fn an_expiring_ca_leaves_without_a_file_event() {
+    let now = time::OffsetDateTime::now_utc();
+    let lasting = Ca::new("Lasting");
+    let expiring = Ca::valid(
+        "Expiring",
+        now - time::Duration::days(1),
+        now + time::Duration::seconds(3),
+    );
+    let setup = Setup::new(&[&lasting, &expiring]);
+    let daemon = setup.start(&["--debounce", "0", "--resync", "0"]);
+    wait_output(&setup.output, &expected_pem(&[&lasting, &expiring]));
+    setup.app.wait_reloads(1);
+    // No file changes: the expiry alone re-renders and reloads.
+    wait_output(&setup.output, &expected_pem(&[&lasting]));
+    let reloads = setup.app.wait_reloads(2);
+    assert_eq!(reloads[1], sha256_hex(&expected_pem(&[&lasting])));
+    assert!(daemon.log().contains("dropped an expired certificate"));
+}
+
+/// A reload endpoint that fails its first `failures` calls.
+fn flaky_endpoint(failures: usize) -> (String, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("http://{}/-/reload", listener.local_addr().expect("addr"));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = calls.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf);
+            let n = counter.fetch_add(1, Ordering::SeqCst);
+            let status = if n < failures {
+                "500 Internal Server Error"
+            } else {
+                "200 OK"
+            };
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+            );
+        }
+    });
+    (url, calls)
+}
+
+#[test]
+fn a_failing_http_reload_is_retried_while_a_later_change_still_renders() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a, b, c) = (Ca::new("Http A"), Ca::new("Http B"), Ca::new("Http C"));
+    let mut volume = Volume::new(&dir.path().join("secret"));
+    volume.write(&[("ca.crt", &pems(&[&a]))]);
+    let output = dir.path().join("ca.pem");
+    let (url, calls) = flaky_endpoint(3);
+    let daemon = Daemon::start(
+        dir.path(),
+        &[
+            "--source",
+            s(&volume.dir),
+            "--output",
+            s(&output),
+            "--http",
+            &url,
+            "--debounce",
+            "0",
+        ],
+    );
+    daemon.wait_log("will retry", 1);
+    volume.write(&[("ca.crt", &pems(&[&a, &b]))]);
+    wait_output(&output, &expected_pem(&[&a, &b]));
+    volume.write(&[("ca.crt", &pems(&[&a, &b, &c]))]);
+    wait_output(&output, &expected_pem(&[&a, &b, &c]));
+    daemon.wait_log("outcome=\"success\"", 1);
+    assert!(calls.load(Ordering::SeqCst) >= 4);
+}
+
+#[test]
+fn pid_file_naming_a_dead_pid_is_retried_until_the_app_is_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = Ca::new("Dead A");
+    let src = write(&dir.path().join("src"), "ca.pem", a.pem());
+    let output = dir.path().join("ca.pem");
+    // A pid that existed and is gone.
+    let mut gone = std::process::Command::new("true").spawn().expect("spawn");
+    gone.wait().expect("wait");
+    let pid_file = write(dir.path(), "app.pid", gone.id().to_string());
+    let daemon = Daemon::start(
+        dir.path(),
+        &[
+            "--source",
+            s(src.parent().expect("dir")),
+            "--output",
+            s(&output),
+            "--pid-file",
+            s(&pid_file),
+            "--debounce",
+            "0",
+        ],
+    );
+    // At start a missing target is skipped: the app will read the output when it starts.
+    daemon.wait_log("does not exist yet", 1);
+    // Later, a change while the target is missing is an error, retried.
+    write(&dir.path().join("src"), "b.pem", Ca::new("Dead B").pem());
+    daemon.wait_log("will retry", 1);
+    let app = App::start(dir.path(), &output);
+    fs::write(&pid_file, app.pid().to_string()).expect("write pid");
+    let reloads = app.wait_reloads(1);
+    assert_eq!(reloads[0], file_sha256(&output));
+}
+
+#[test]
+fn pid_file_naming_a_recycled_pid_never_signals_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = write(
+        &dir.path().join("src"),
+        "ca.pem",
+        Ca::new("Recycled A").pem(),
+    );
+    let output = dir.path().join("ca.pem");
+    // A process younger than the pid file: the file's writer is gone.
+    let victim = App::start(dir.path(), &output);
+    let pid_file = write(dir.path(), "stale.pid", victim.pid().to_string());
+    let hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
+    fs::File::options()
+        .write(true)
+        .open(&pid_file)
+        .expect("open")
+        .set_modified(hour_ago)
+        .expect("mtime");
+    let daemon = Daemon::start(
+        dir.path(),
+        &[
+            "--source",
+            s(src.parent().expect("dir")),
+            "--output",
+            s(&output),
+            "--pid-file",
+            s(&pid_file),
+            "--debounce",
+            "0",
+        ],
+    );
+    daemon.wait_log("recycled pid", 1);
+    write(
+        &dir.path().join("src"),
+        "b.pem",
+        Ca::new("Recycled B").pem(),
+    );
+    daemon.wait_log("recycled pid", 2);
+    assert!(victim.reloads().is_empty(), "a recycled pid was signalled");
+}
+
+#[test]
+fn burst_gives_one_render_and_one_reload() {
+    let pool: Vec<Ca> = (0..4).map(|i| Ca::new(&format!("Burst {i}"))).collect();
+    let mut setup = Setup::new(&[&pool[0]]);
+    let daemon = setup.start(&["--debounce", "500ms"]);
+    setup.app.wait_reloads(1);
+    for n in 1..=pool.len() {
+        let cas: Vec<&Ca> = pool[..n].iter().collect();
+        setup.volume.write(&[("ca.crt", &pems(&cas))]);
+    }
+    let all: Vec<&Ca> = pool.iter().collect();
+    wait_output(&setup.output, &expected_pem(&all));
+    let reloads = setup.app.wait_reloads(2);
+    assert_eq!(reloads.len(), 2, "a burst gave more than one reload");
+    assert_eq!(daemon.log().matches("outcome=\"changed\"").count(), 2);
+}
+
+#[test]
+fn endless_churn_still_renders_at_debounce_max() {
+    let pool: Vec<Ca> = (0..2).map(|i| Ca::new(&format!("Churn {i}"))).collect();
+    let mut setup = Setup::new(&[&pool[0]]);
+    let daemon = setup.start(&["--debounce", "300ms", "--debounce-max", "1s"]);
+    setup.app.wait_reloads(1);
+    // A change every 100 ms, never a 300 ms pause: the debounce alone would
+    // never fire; debounce_max must force renders while the churn goes on.
+    let start = std::time::Instant::now();
+    let mut i = 0;
+    while daemon.log().matches("rendered").count() < 3 {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "no render under churn: {}",
+            daemon.log()
+        );
+        i += 1;
+        let cas: Vec<&Ca> = pool.iter().take(1 + i % 2).collect();
+        setup.volume.write(&[("ca.crt", &pems(&cas))]);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn directory_recreated_glob_match_and_editor_rename_are_seen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a, b, c, d) = (
+        Ca::new("Dir A"),
+        Ca::new("Glob B"),
+        Ca::new("Edit C"),
+        Ca::new("Edit D"),
+    );
+    let certs = dir.path().join("certs");
+    write(&certs, "a.pem", a.pem());
+    let extra = dir.path().join("extra");
+    fs::create_dir(&extra).expect("mkdir");
+    let output = dir.path().join("ca.pem");
+    let glob = format!("{}/*.pem", s(&extra));
+    let daemon = Daemon::start(
+        dir.path(),
+        &[
+            "--source",
+            s(&certs),
+            "--source",
+            &glob,
+            "--output",
+            s(&output),
+            "--debounce",
+            "0",
+            "--resync",
+            "0",
+        ],
+    );
+    wait_output(&output, &expected_pem(&[&a]));
+
+    // A glob that starts matching a new file.
+    write(&extra, "b.pem", b.pem());
+    wait_output(&output, &expected_pem(&[&a, &b]));
+
+    // The source directory deleted and created again with new content.
+    fs::remove_dir_all(&certs).expect("rm");
+    wait_output(&output, &expected_pem(&[&b]));
+    write(&certs, "c.pem", c.pem());
+    wait_output(&output, &expected_pem(&[&b, &c]));
+
+    // An editor's write to a temporary name and rename over the file.
+    let tmp = write(&certs, ".c.pem.swp", d.pem());
+    fs::rename(&tmp, certs.join("c.pem")).expect("rename");
+    wait_output(&output, &expected_pem(&[&b, &d]));
+
+    // An in-place rewrite.
+    fs::write(certs.join("c.pem"), c.pem()).expect("rewrite");
+    wait_output(&output, &expected_pem(&[&b, &c]));
+    assert_eq!(daemon.stop(), 0);
+}
+
+#[test]
+fn sighup_rereads_the_config_and_keeps_it_when_invalid() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = Ca::new("Hup A");
+    let src = write(&dir.path().join("src"), "a.pem", a.pem());
+    let (one, two) = (dir.path().join("one.pem"), dir.path().join("two.pem"));
+    let config_for = |outputs: &[&Path]| {
+        let mut toml = format!(
+            "[[bundle]]\nname = \"b\"\nsources = [\"{}\"]\n",
+            s(src.parent().expect("dir"))
+        );
+        for o in outputs {
+            toml.push_str(&format!("[[bundle.output]]\npath = \"{}\"\n", s(o)));
+        }
+        toml
+    };
+    let config = write(dir.path(), "anchorage.toml", config_for(&[&one]));
+    let daemon = Daemon::start(dir.path(), &["--config", s(&config), "--debounce", "0"]);
+    wait_output(&one, &expected_pem(&[&a]));
+
+    fs::write(&config, "[[bundle]]\nname = \"b\"\nsauce = 1\n").expect("write");
+    daemon.signal(Signal::SIGHUP);
+    daemon.wait_log("keeping the running one", 1);
+    assert!(
+        daemon.log().contains("anchorage.toml:3"),
+        "{}",
+        daemon.log()
+    );
+
+    fs::write(&config, config_for(&[&one, &two])).expect("write");
+    daemon.signal(Signal::SIGHUP);
+    wait_output(&two, &expected_pem(&[&a]));
+    assert_eq!(daemon.stop(), 0);
+}
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = write(&dir.path().join("src"), "a.pem", Ca::new("Json").pem());
+    let output = dir.path().join("ca.pem");
+    let daemon = Daemon::start(
+        dir.path(),
+        &[
+            "--source",
+            s(src.parent().expect("dir")),
+            "--output",
+            s(&output),
+            "--log-format",
+            "json",
+        ],
+    );
+    daemon.wait_log("rendered", 1);
+    for line in daemon.log().lines() {
+        let value: serde_json::Value = serde_json::from_str(line).expect("a JSON log line");
+        assert!(value.get("level").is_some());
+    }
+}
+
+#[test]
+fn poll_mode_sees_changes_without_inotify() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (Ca::new("Poll A"), Ca::new("Poll B"));
+    let mut volume = Volume::new(&dir.path().join("secret"));
+    volume.write(&[("ca.crt", &pems(&[&a]))]);
+    let output = dir.path().join("ca.pem");
+    let daemon = Daemon::start(
+        dir.path(),
+        &["--source", s(&volume.dir), "--output", s(&output), "--poll", "200ms"],
+    );
+    wait_output(&output, &expected_pem(&[&a]));
+    assert!(!daemon.log().contains("watching"), "inotify was used in poll mode");
+    volume.write(&[("ca.crt", &pems(&[&a, &b]))]);
+    wait_output(&output, &expected_pem(&[&a, &b]));
+}

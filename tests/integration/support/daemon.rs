@@ -1,0 +1,189 @@
+//! Running `anchorage run` and a stand-in application as real processes,
+//! and waiting on them with deadlines instead of bare sleeps.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use super::anchorage;
+
+/// Retries `check` until it returns `Ok` or `timeout` passes; panics with
+/// the last reason.
+#[track_caller]
+pub fn eventually<T>(timeout: Duration, mut check: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match check() {
+            Ok(value) => return value,
+            Err(reason) if Instant::now() >= deadline => {
+                panic!("not within {timeout:?}: {reason}")
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// A running `anchorage run`, killed when dropped.
+pub struct Daemon {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `anchorage run ARGS`, logging to a file in `dir`.
+    pub fn start(dir: &Path, args: &[&str]) -> Self {
+        Self::start_with(dir, args, |_| {})
+    }
+
+    pub fn start_with(dir: &Path, args: &[&str], setup: impl FnOnce(&mut Command)) -> Self {
+        let log = dir.join(format!(
+            "anchorage-{}.log",
+            Instant::now().elapsed().as_nanos()
+        ));
+        let file = fs::File::create(&log).expect("log file");
+        let mut cmd = anchorage();
+        cmd.arg("run")
+            .args(args)
+            .env("RUST_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("dup"))
+            .stderr(file);
+        setup(&mut cmd);
+        let child = cmd.spawn().expect("start anchorage");
+        Self {
+            child: Some(child),
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log holds `needle` `count` times.
+    #[track_caller]
+    pub fn wait_log(&self, needle: &str, count: usize) {
+        eventually(Duration::from_secs(15), || {
+            let log = self.log();
+            let seen = log.matches(needle).count();
+            if seen >= count {
+                Ok(())
+            } else {
+                Err(format!("{needle:?} seen {seen} times, want {count}\n{log}"))
+            }
+        });
+    }
+
+    pub fn signal(&self, signal: Signal) {
+        kill(Pid::from_raw(self.pid() as i32), signal).expect("signal anchorage");
+    }
+
+    /// SIGTERM, then the exit code.
+    pub fn stop(mut self) -> i32 {
+        self.signal(Signal::SIGTERM);
+        let mut child = self.child.take().expect("running");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status.code().unwrap_or(-1);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "anchorage did not stop on SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A stand-in application: on SIGHUP it reads the bundle and logs what it
+/// read (tests/integration/support/hup_app.py).
+pub struct App {
+    child: Child,
+    pub pid_file: PathBuf,
+    log: PathBuf,
+}
+
+impl App {
+    pub fn start(dir: &Path, bundle: &Path) -> Self {
+        let pid_file = dir.join("app.pid");
+        let log = dir.join("app.log");
+        let script = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/integration/support/hup_app.py"
+        );
+        let child = Command::new("python3")
+            .args([
+                script,
+                super::s(&pid_file),
+                super::s(bundle),
+                super::s(&log),
+            ])
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start python3 app");
+        eventually(Duration::from_secs(10), || {
+            if pid_file.exists() {
+                Ok(())
+            } else {
+                Err("no pid file yet".into())
+            }
+        });
+        Self {
+            child,
+            pid_file,
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// One line per SIGHUP received: the sha256 of the bundle it read.
+    pub fn reloads(&self) -> Vec<String> {
+        fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| l.split(' ').next().unwrap_or_default().to_owned())
+            .collect()
+    }
+
+    /// Waits until the app has reloaded `count` times; returns what it read.
+    #[track_caller]
+    pub fn wait_reloads(&self, count: usize) -> Vec<String> {
+        // Generous: a retried reload may be in a backoff of several seconds.
+        eventually(Duration::from_secs(30), || {
+            let reloads = self.reloads();
+            if reloads.len() >= count {
+                Ok(reloads)
+            } else {
+                Err(format!("{} reloads, want {count}", reloads.len()))
+            }
+        })
+    }
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,59 @@
+//! A volume written exactly as kubelet's AtomicWriter writes a Secret or
+//! ConfigMap (kubernetes pkg/volume/util/atomic_writer.go): a new timestamped
+//! directory, `..data_tmp` renamed over `..data`, visible symlinks created
+//! only where missing, links of removed keys deleted, the old directory
+//! removed last.
+
+use std::fs;
+use std::os::unix::fs::{PermissionsExt, symlink};
+use std::path::{Path, PathBuf};
+
+pub struct Volume {
+    pub dir: PathBuf,
+    generation: u64,
+}
+
+impl Volume {
+    pub fn new(dir: &Path) -> Self {
+        fs::create_dir_all(dir).expect("mkdir volume");
+        Self {
+            dir: dir.to_path_buf(),
+            generation: 0,
+        }
+    }
+
+    /// Publishes exactly these keys.
+    pub fn write(&mut self, files: &[(&str, &[u8])]) {
+        self.generation += 1;
+        let old = fs::read_link(self.dir.join("..data")).ok();
+        let name = format!("..2026_11_23_10_00_00.{:09}", self.generation);
+        let generation = self.dir.join(&name);
+        fs::create_dir(&generation).expect("mkdir generation");
+        fs::set_permissions(&generation, fs::Permissions::from_mode(0o755)).expect("chmod");
+        for (key, bytes) in files {
+            let path = generation.join(key);
+            fs::write(&path, bytes).expect("write key");
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).expect("chmod");
+        }
+        let tmp = self.dir.join("..data_tmp");
+        let _ = fs::remove_file(&tmp);
+        symlink(&name, &tmp).expect("symlink ..data_tmp");
+        fs::rename(&tmp, self.dir.join("..data")).expect("rename ..data");
+        for (key, _) in files {
+            let visible = self.dir.join(key);
+            if fs::symlink_metadata(&visible).is_err() {
+                symlink(Path::new("..data").join(key), &visible).expect("visible link");
+            }
+        }
+        if let Some(old) = old {
+            let old_dir = self.dir.join(&old);
+            for entry in fs::read_dir(&old_dir).expect("list old") {
+                let key = entry.expect("entry").file_name();
+                if !files.iter().any(|(k, _)| *k == key.to_string_lossy()) {
+                    let _ = fs::remove_file(self.dir.join(&key));
+                }
+            }
+            fs::remove_dir_all(old_dir).expect("remove old generation");
+        }
+    }
+}
