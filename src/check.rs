@@ -30,6 +30,11 @@ pub struct Report {
     pub is_ca: bool,
     pub subject_hash: String,
     pub expired: bool,
+    /// `not_before` and `not_after` in unix seconds, for the table.
+    #[serde(skip)]
+    pub not_before_unix: i64,
+    #[serde(skip)]
+    pub not_after_unix: i64,
 }
 
 /// What `check` found: the certificates, and the errors naming each file.
@@ -142,6 +147,8 @@ fn report(anchor: &Anchor, at: i64) -> Report {
         is_ca: anchor.is_ca,
         subject_hash: hash_hex(anchor.subject_hash),
         expired: anchor.expired_at(at),
+        not_before_unix: anchor.not_before,
+        not_after_unix: anchor.not_after,
     }
 }
 
@@ -158,7 +165,7 @@ pub fn run(
         serde_json::to_writer_pretty(&mut *out, &findings.reports).map_err(io::Error::other)?;
         writeln!(out)?;
     } else {
-        print_text(&findings.reports, out)?;
+        print_text(&findings.reports, at, now, out)?;
     }
     for error in &findings.errors {
         eprintln!("anchorage: {error}");
@@ -175,25 +182,201 @@ pub fn run(
     })
 }
 
-fn print_text(reports: &[Report], out: &mut dyn Write) -> io::Result<()> {
+/// A certificate that expires within this many seconds is marked `!`: a
+/// CA must be rotated before it drops out of the bundle.
+pub const EXPIRES_SOON: i64 = 30 * 86_400;
+
+/// The longest subject the table shows whole; the details show all of it.
+const SUBJECT_WIDTH: usize = 60;
+
+/// For people: every field of every certificate, then (last, so that it is
+/// what stays on screen) a table with one row per certificate and notes on
+/// what needs attention. Times in the table are relative to `--at`, or now.
+fn print_text(
+    reports: &[Report],
+    at: Option<i64>,
+    now: i64,
+    out: &mut dyn Write,
+) -> io::Result<()> {
+    if reports.is_empty() {
+        return Ok(());
+    }
+    let when = at.unwrap_or(now);
     for (i, r) in reports.iter().enumerate() {
-        if i > 0 {
-            writeln!(out)?;
-        }
-        let state = if r.expired { "  EXPIRED" } else { "" };
-        writeln!(out, "{} [{}]{state}", r.path.display(), r.index)?;
-        writeln!(out, "  subject:      {}", r.subject)?;
+        writeln!(out, "#{} {}", i + 1, r.subject)?;
+        writeln!(
+            out,
+            "  file:         {} (certificate {})",
+            r.path.display(),
+            r.index
+        )?;
         writeln!(out, "  issuer:       {}", r.issuer)?;
         writeln!(out, "  serial:       {}", r.serial)?;
         writeln!(out, "  not before:   {}", r.not_before)?;
-        writeln!(out, "  not after:    {}", r.not_after)?;
+        let state = if r.expired { "  EXPIRED" } else { "" };
+        writeln!(out, "  not after:    {}{state}", r.not_after)?;
         writeln!(out, "  sha256:       {}", r.sha256)?;
+        writeln!(out, "  CA:           {}", yes_no(r.is_ca))?;
+        writeln!(out, "  subject hash: {}", r.subject_hash)?;
+        writeln!(out)?;
+    }
+
+    // A file holding several certificates shows which one each row is.
+    let mut per_path: std::collections::HashMap<&Path, usize> = Default::default();
+    for r in reports {
+        *per_path.entry(r.path.as_path()).or_default() += 1;
+    }
+    let header = ["#", "SUBJECT", "EXPIRES", "CA", "HASH", "FILE"];
+    let rows: Vec<[String; 6]> = reports
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let file = if per_path.get(r.path.as_path()).is_some_and(|&n| n > 1) {
+                format!("{} [{}]", r.path.display(), r.index)
+            } else {
+                r.path.display().to_string()
+            };
+            let mut expires = expires_in(r, when);
+            if expires_soon(r, when) {
+                expires.push_str(" !");
+            }
+            [
+                (i + 1).to_string(),
+                shorten(&r.subject, SUBJECT_WIDTH),
+                expires,
+                yes_no(r.is_ca).to_owned(),
+                r.subject_hash.clone(),
+                file,
+            ]
+        })
+        .collect();
+    let mut widths = header.map(|h| h.chars().count());
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let line = |cells: &[&str]| -> String {
+        let last = cells.len() - 1;
+        let mut line = String::new();
+        for (i, cell) in cells.iter().enumerate() {
+            if i == 0 {
+                // Numbers align right.
+                line.push_str(&format!("{cell:>w$}", w = widths[0]));
+            } else if i == last {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<w$}", w = widths[i]));
+            }
+            if i != last {
+                line.push_str("  ");
+            }
+        }
+        line
+    };
+    writeln!(out, "{}", line(&header))?;
+    for row in &rows {
+        let cells: Vec<&str> = row.iter().map(String::as_str).collect();
+        writeln!(out, "{}", line(&cells))?;
+    }
+
+    let numbered = |keep: &dyn Fn(&Report) -> bool| -> String {
+        reports
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| keep(r))
+            .map(|(i, _)| format!("#{}", i + 1))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let soon = numbered(&|r| expires_soon(r, when));
+    let expired = numbered(&|r| r.expired);
+    let pending = numbered(&|r| when < r.not_before_unix);
+    if !soon.is_empty() || !expired.is_empty() || !pending.is_empty() || at.is_some() {
+        writeln!(out)?;
+    }
+    if !soon.is_empty() {
         writeln!(
             out,
-            "  CA:           {}",
-            if r.is_ca { "yes" } else { "no" }
+            "! expires within {} days: {soon} (anchorage drops an expired CA from the bundle: rotate it in time)",
+            EXPIRES_SOON / 86_400
         )?;
-        writeln!(out, "  subject hash: {}", r.subject_hash)?;
+    }
+    if !expired.is_empty() {
+        writeln!(out, "expired: {expired}")?;
+    }
+    if !pending.is_empty() {
+        writeln!(out, "not valid yet: {pending}")?;
+    }
+    if let Some(at) = at {
+        writeln!(out, "times are relative to --at {}", rfc3339(at))?;
     }
     Ok(())
+}
+
+fn yes_no(b: bool) -> &'static str {
+    if b { "yes" } else { "no" }
+}
+
+/// Not expired, and expiring within [`EXPIRES_SOON`].
+fn expires_soon(r: &Report, when: i64) -> bool {
+    !r.expired && r.not_after_unix.saturating_sub(when) <= EXPIRES_SOON
+}
+
+/// `in 42 days`, `EXPIRED 3 days ago`.
+fn expires_in(r: &Report, when: i64) -> String {
+    let span = span(r.not_after_unix.saturating_sub(when).unsigned_abs());
+    if r.expired {
+        format!("EXPIRED {span} ago")
+    } else {
+        format!("in {span}")
+    }
+}
+
+/// A rough duration for people: the largest unit that gives at least 2.
+fn span(seconds: u64) -> String {
+    const MINUTE: u64 = 60;
+    const HOUR: u64 = 60 * MINUTE;
+    const DAY: u64 = 24 * HOUR;
+    const YEAR: u64 = 365 * DAY;
+    let (n, unit) = match seconds {
+        s if s >= 2 * YEAR => (s / YEAR, "years"),
+        s if s >= 2 * DAY => (s / DAY, "days"),
+        s if s >= 2 * HOUR => (s / HOUR, "hours"),
+        s if s >= 2 * MINUTE => (s / MINUTE, "minutes"),
+        1 => (1, "second"),
+        s => (s, "seconds"),
+    };
+    format!("{n} {unit}")
+}
+
+fn shorten(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        return text.to_owned();
+    }
+    let mut short: String = text.chars().take(max - 1).collect();
+    short.push('…');
+    short
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spans_read_like_people_say_them() {
+        assert_eq!(span(0), "0 seconds");
+        assert_eq!(span(1), "1 second");
+        assert_eq!(span(119), "119 seconds");
+        assert_eq!(span(120), "2 minutes");
+        assert_eq!(span(3 * 3600 + 5), "3 hours");
+        assert_eq!(span(42 * 86_400 + 7), "42 days");
+        assert_eq!(span(800 * 86_400), "2 years");
+    }
+
+    #[test]
+    fn long_subjects_are_shortened() {
+        assert_eq!(shorten("CN=abc", 10), "CN=abc");
+        assert_eq!(shorten("CN=abcdefghij", 6), "CN=ab…");
+    }
 }

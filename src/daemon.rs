@@ -13,9 +13,8 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::mpsc;
@@ -23,24 +22,20 @@ use tokio::time::Instant;
 use tracing::{error, info, warn};
 
 use crate::bundle::Bundle;
-use crate::config::{BundleConfig, Config, ConfigError};
+use crate::bundle::retain::Retention;
+use crate::config::{BundleConfig, Config, ConfigError, Probe};
+use crate::keypair::{self, KeyPairState, Outcome};
 use crate::output::{self, Rendered, atomic};
-use crate::reload::{ChildPid, Reloader};
+use crate::reload::child::ChildHandle;
+use crate::reload::{Reloader, Request};
 use crate::render;
+use crate::source::Source;
 use crate::telemetry::metrics::Metrics;
+use crate::telemetry::status::{Pings, Status};
 use crate::watch::{Change, Watch, WatchError, watch_points};
 
 /// How the daemon gets a fresh configuration on SIGHUP.
 pub type Reconfigure = Box<dyn Fn() -> Result<Config, ConfigError> + Send>;
-
-/// Shared with the health endpoints and the systemd notifier.
-#[derive(Default)]
-pub struct Status {
-    /// Every bundle has rendered once.
-    pub ready: AtomicBool,
-    /// Bumped by the event loop whenever it turns; a stuck loop stops it.
-    pub heartbeat: std::sync::atomic::AtomicU64,
-}
 
 /// Per bundle: its config and what was last published.
 struct BundleState {
@@ -52,16 +47,22 @@ struct BundleState {
     /// The next instant (unix seconds) the bundle changes by itself.
     next_change: Option<i64>,
     rendered: bool,
+    /// Why the last render was refused, while it is.
+    refusal: Option<&'static str>,
+    /// CAs removed from the sources but still within `retain_removed`.
+    retention: Retention,
 }
 
 impl BundleState {
-    fn new(config: BundleConfig) -> Self {
+    fn new(config: BundleConfig, state_dir: Option<&Path>) -> Self {
         Self {
+            retention: Retention::load(state_dir, &config.name),
             config,
             last: None,
             published: HashMap::new(),
             next_change: None,
             rendered: false,
+            refusal: None,
         }
     }
 }
@@ -85,11 +86,13 @@ impl std::error::Error for StartError {}
 pub struct Daemon {
     config: Config,
     bundles: Vec<BundleState>,
+    keypairs: Vec<KeyPairState>,
     watch: Option<Watch>,
     events: mpsc::Receiver<Change>,
     reloader: Reloader,
     metrics: Arc<Metrics>,
     status: Arc<Status>,
+    pings: Pings,
     reconfigure: Reconfigure,
     dirty: HashSet<usize>,
 }
@@ -116,28 +119,37 @@ impl Daemon {
         config: Config,
         reconfigure: Reconfigure,
         metrics: Arc<Metrics>,
-        status: Arc<Status>,
-        child: ChildPid,
+        (status, pings): (Arc<Status>, Pings),
+        child: ChildHandle,
     ) -> Result<Self, StartError> {
         let (tx, events) = mpsc::channel(4096);
         let watch = match config.daemon.poll {
             Some(_) => None,
             None => Some(Watch::new(tx).map_err(StartError::Watch)?),
         };
+        let state_dir = config.daemon.state_dir.clone();
         let bundles = config
             .bundles
             .iter()
             .cloned()
-            .map(BundleState::new)
+            .map(|b| BundleState::new(b, state_dir.as_deref()))
+            .collect();
+        let keypairs = config
+            .keypairs
+            .iter()
+            .cloned()
+            .map(KeyPairState::new)
             .collect();
         let mut daemon = Self {
             config,
             bundles,
+            keypairs,
             watch,
             events,
             reloader: Reloader::new(metrics.clone(), child),
             metrics,
             status,
+            pings,
             reconfigure,
             dirty: HashSet::new(),
         };
@@ -149,10 +161,17 @@ impl Daemon {
         let Some(watch) = &mut self.watch else {
             return Ok(());
         };
+        // Key pairs come after the bundles in the index space.
         let wanted = self
             .bundles
             .iter()
             .map(|b| b.config.sources.iter().flat_map(watch_points).collect())
+            .chain(self.keypairs.iter().map(|k| {
+                [&k.config.cert, &k.config.key]
+                    .into_iter()
+                    .flat_map(|p| watch_points(&Source::Path(p.clone())))
+                    .collect()
+            }))
             .collect();
         watch.set(wanted)?;
         info!(directories = watch.len(), "watching");
@@ -166,14 +185,13 @@ impl Daemon {
         let mut hangup =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
 
-        self.dirty.extend(0..self.bundles.len());
+        self.mark_all();
         self.cycle(true);
 
         let mut burst: Option<(Instant, Instant)> = None; // (first, last) event
         let mut resync_at = self.config.daemon.resync.map(|d| Instant::now() + d);
         let mut poll_at = self.config.daemon.poll.map(|d| Instant::now() + d);
         loop {
-            self.status.heartbeat.fetch_add(1, Ordering::Relaxed);
             let debounce_at = burst.map(|(first, last)| {
                 (last + self.config.daemon.debounce).min(first + self.config.daemon.debounce_max)
             });
@@ -181,6 +199,7 @@ impl Daemon {
                 .bundles
                 .iter()
                 .filter_map(|b| b.next_change)
+                .chain(self.keypairs.iter().filter_map(|k| k.next_change))
                 .min()
                 .map(instant_at);
             tokio::select! {
@@ -217,6 +236,13 @@ impl Daemon {
                             self.dirty.insert(i);
                         }
                     }
+                    let offset = self.bundles.len();
+                    for (k, pair) in self.keypairs.iter_mut().enumerate() {
+                        if pair.next_change.is_some_and(|t| t <= now) {
+                            pair.next_change = None;
+                            self.dirty.insert(offset + k);
+                        }
+                    }
                     self.cycle(false);
                 }
                 () = sleep_until(resync_at) => {
@@ -225,14 +251,17 @@ impl Daemon {
                     for b in &mut self.bundles {
                         b.published.clear();
                     }
-                    self.dirty.extend(0..self.bundles.len());
+                    self.mark_all();
                     self.cycle(false);
                     resync_at = self.config.daemon.resync.map(|d| Instant::now() + d);
                 }
                 () = sleep_until(poll_at) => {
-                    self.dirty.extend(0..self.bundles.len());
+                    self.mark_all();
                     self.cycle(false);
                     poll_at = self.config.daemon.poll.map(|d| Instant::now() + d);
+                }
+                Some(reply) = self.pings.recv() => {
+                    let _ = reply.send(());
                 }
                 Some(()) = recv_signal(&mut hangup) => {
                     self.reconfigure();
@@ -251,8 +280,13 @@ impl Daemon {
                     watch.bundles_for(path, &mut self.dirty);
                 }
             }
-            _ => self.dirty.extend(0..self.bundles.len()),
+            _ => self.mark_all(),
         }
+    }
+
+    fn mark_all(&mut self) {
+        self.dirty
+            .extend(0..self.bundles.len() + self.keypairs.len());
     }
 
     /// Renders every dirty bundle and requests the reloads of those whose
@@ -260,40 +294,138 @@ impl Daemon {
     fn cycle(&mut self, startup: bool) {
         if self.watch.as_ref().is_some_and(Watch::take_overflow) {
             warn!("watch events were dropped; re-reading every source");
-            self.dirty.extend(0..self.bundles.len());
+            self.mark_all();
         }
         let mut dirty: Vec<usize> = self.dirty.drain().collect();
         dirty.sort_unstable();
-        for i in dirty {
-            self.render_bundle(i, startup);
+        let offset = self.bundles.len();
+        let mut changed_bundles = HashSet::new();
+        for &i in dirty.iter().filter(|i| **i < offset) {
+            if self.render_bundle(i, startup) {
+                changed_bundles.insert(self.bundles[i].config.name.clone());
+            }
         }
-        if let Some(watch) = &mut self.watch
-            && let Err(e) = watch.refresh()
-        {
-            error!(error = %e, "watching is incomplete; changes may be seen only at the next resync");
+        // Bundles first: a key pair may chain to one that just changed.
+        for k in 0..self.keypairs.len() {
+            let chained = self.keypairs[k]
+                .config
+                .chain_to
+                .as_ref()
+                .is_some_and(|b| changed_bundles.contains(b));
+            if dirty.contains(&(offset + k)) || chained {
+                self.check_keypair(k);
+            }
         }
-        if !self.status.ready.load(Ordering::Relaxed) && self.bundles.iter().all(|b| b.rendered) {
-            self.status.ready.store(true, Ordering::Relaxed);
+        // A directory that appeared (or came back) is watched from now on;
+        // what was written in it before the watch existed is read now.
+        for _ in 0..3 {
+            let gained = match self.watch.as_mut().map(Watch::refresh) {
+                Some(Ok(gained)) => gained,
+                Some(Err(e)) => {
+                    error!(error = %e, "watching is incomplete; changes may be seen only at the next resync");
+                    break;
+                }
+                None => break,
+            };
+            if gained.is_empty() {
+                break;
+            }
+            let mut again: Vec<usize> = gained.into_iter().collect();
+            again.sort_unstable();
+            for i in again {
+                if i < offset {
+                    self.render_bundle(i, startup);
+                } else {
+                    self.check_keypair(i - offset);
+                }
+            }
+        }
+        let ready = self.bundles.iter().all(|b| b.rendered);
+        self.status.rendered(ready, self.summary());
+    }
+
+    /// One line for systemd's STATUS=: each bundle and its state.
+    fn summary(&self) -> String {
+        self.bundles
+            .iter()
+            .map(|b| match (&b.last, &b.refusal) {
+                (_, Some(reason)) => format!("{}: refused ({reason})", b.config.name),
+                (Some(bundle), None) => format!("{}: {} certificates", b.config.name, bundle.len()),
+                (None, None) => format!("{}: not rendered", b.config.name),
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    /// Checks key pair `k`; reloads when it changed for real.
+    fn check_keypair(&mut self, k: usize) {
+        let now = unix_now();
+        let pair = &self.keypairs[k];
+        let chain_to = pair.config.chain_to.as_ref().and_then(|name| {
+            self.bundles
+                .iter()
+                .find(|b| &b.config.name == name)
+                .and_then(|b| b.last.as_ref())
+        });
+        if pair.config.chain_to.is_some() && chain_to.is_none() {
+            warn!(keypair = %pair.config.name, "held: the bundle it must chain to has not rendered yet");
+            return;
+        }
+        let chain_to = chain_to.cloned();
+        let pair = &mut self.keypairs[k];
+        let name = pair.config.name.clone();
+        match pair.check(chain_to.as_ref(), now) {
+            Outcome::Unchanged => {}
+            Outcome::Held(reason) => {
+                warn!(keypair = %name, reason = %reason, "key pair held; no reload");
+                self.metrics.refused(&name, "keypair");
+            }
+            Outcome::Changed { first } => {
+                let Some(accepted) = pair.accepted.clone() else {
+                    return;
+                };
+                info!(keypair = %name, certificate = %keypair::describe(&accepted), first,
+                    outcome = if first { "loaded" } else { "changed" }, "key pair checked");
+                for spec in &pair.config.reloads {
+                    // At start, reload only if a probe shows the app serving
+                    // another certificate.
+                    if first && !matches!(spec.probe, Some(Probe::Tls(_))) {
+                        continue;
+                    }
+                    self.reloader.request(
+                        spec,
+                        Request {
+                            names: [name.clone()].into(),
+                            outputs: [pair.config.cert.clone()].into(),
+                            startup: first,
+                            expect: Some(accepted.leaf.clone()),
+                            only_if_stale: first,
+                        },
+                    );
+                }
+            }
         }
     }
 
-    fn render_bundle(&mut self, i: usize, startup: bool) {
+    /// Renders bundle `i`; returns whether its outputs changed.
+    fn render_bundle(&mut self, i: usize, startup: bool) -> bool {
         let now = unix_now();
         let state = &mut self.bundles[i];
         let name = state.config.name.clone();
-        let assembly = match render::assemble(&state.config, now) {
+        let assembly = match render::assemble(&state.config, Some(&mut state.retention), now) {
             Ok(assembly) => assembly,
             Err(refusal) => {
                 warn!(bundle = %name, reason = refusal.reason(), error = %refusal,
                     "bundle refused; outputs keep their previous content, no reload");
                 self.metrics.refused(&name, refusal.reason());
                 state.next_change = None;
-                return;
+                state.refusal = Some(refusal.reason());
+                return false;
             }
         };
         let mut changed = Vec::new();
         for spec in &state.config.outputs {
-            let rendered = output::render(&assembly.bundle, spec.format);
+            let rendered = output::render(&assembly.bundle, &spec.format);
             let result = match state.published.get(&spec.path) {
                 Some(previous) if *previous == rendered => Ok(false),
                 // Known to differ: write without comparing with the disk.
@@ -312,7 +444,8 @@ impl Daemon {
                         "cannot write output; no reload until it is written");
                     self.metrics.refused(&name, "output");
                     state.published.remove(&spec.path);
-                    return;
+                    state.refusal = Some("output");
+                    return false;
                 }
             }
         }
@@ -327,16 +460,34 @@ impl Daemon {
         );
         self.metrics
             .bundle_state(&name, &assembly.bundle, state.last.as_ref(), now);
+        let retention_ends = state
+            .config
+            .retain_removed
+            .and_then(|g| state.retention.next_change(g));
         state.next_change = assembly
             .next_change(state.config.policy.allow_expired)
-            .filter(|t| *t > now);
+            .into_iter()
+            .chain(retention_ends)
+            .filter(|t| *t > now)
+            .min();
         state.rendered = true;
+        state.refusal = None;
         state.last = Some(assembly.bundle);
-        if !changed.is_empty() {
-            for spec in &state.config.reloads {
-                self.reloader.request(spec, &name, &changed, startup);
-            }
+        if changed.is_empty() {
+            return false;
         }
+        for spec in &state.config.reloads {
+            self.reloader.request(
+                spec,
+                Request {
+                    names: [name.clone()].into(),
+                    outputs: changed.iter().cloned().collect(),
+                    startup,
+                    ..Request::default()
+                },
+            );
+        }
+        true
     }
 
     /// SIGHUP: a valid config replaces the running one; an invalid one is
@@ -359,15 +510,17 @@ impl Daemon {
             .values_mut()
             .flat_map(|b| std::mem::take(&mut b.published))
             .collect();
+        let state_dir = config.daemon.state_dir.clone();
         self.bundles = config
             .bundles
             .iter()
             .cloned()
             .map(|c| {
-                let mut state = BundleState::new(c);
+                let mut state = BundleState::new(c, state_dir.as_deref());
                 if let Some(previous) = old.remove(&state.config.name) {
                     state.last = previous.last;
                     state.rendered = previous.rendered;
+                    state.retention = previous.retention;
                 }
                 // Same bytes at the same path: no rewrite, no reload.
                 for spec in &state.config.outputs {
@@ -389,7 +542,7 @@ impl Daemon {
         if let Err(e) = self.rewatch() {
             error!(error = %e, "watching is incomplete after SIGHUP");
         }
-        self.dirty.extend(0..self.bundles.len());
+        self.mark_all();
         self.cycle(false);
     }
 }
@@ -446,9 +599,4 @@ async fn recv_signal(signal: &mut Option<tokio::signal::unix::Signal>) -> Option
         Some(s) => s.recv().await,
         None => std::future::pending().await,
     }
-}
-
-/// A handle the supervisor fills in with the child's pid.
-pub fn child_pid() -> ChildPid {
-    Arc::new(Mutex::new(None))
 }

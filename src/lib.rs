@@ -29,6 +29,7 @@ pub mod check;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod keypair;
 pub mod output;
 pub mod reload;
 pub mod render;

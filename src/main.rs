@@ -11,8 +11,10 @@ use tracing::{error, info};
 
 use anchorage::cli::{Cli, Command, Flags, RenderArgs, RunArgs};
 use anchorage::config::{Config, ReloadSpec};
-use anchorage::daemon::{self, Daemon, Status};
-use anchorage::telemetry::{init_logs, metrics::Metrics};
+use anchorage::daemon::{self, Daemon};
+use anchorage::reload::child::Supervisor;
+use anchorage::telemetry::status::Status;
+use anchorage::telemetry::{http, init_logs, metrics::Metrics, systemd};
 use anchorage::{check, reload, render};
 
 const INVALID_INPUT: u8 = 1;
@@ -69,12 +71,13 @@ fn render_command(args: RenderArgs) -> ExitCode {
         Err(code) => return code,
     };
     init_logs(config.daemon.log_format);
+    warn_subpaths(&config);
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     let mut failed = false;
     // Each distinct action once, naming the bundles that changed.
     let mut reloads: Vec<(ReloadSpec, Vec<String>, Vec<PathBuf>)> = Vec::new();
     for bundle in &config.bundles {
-        match render::render_once(bundle, now) {
+        match render::render_once(bundle, config.daemon.state_dir.as_deref(), now) {
             Ok(changed) => {
                 if changed && args.reload {
                     let outputs: Vec<PathBuf> =
@@ -125,25 +128,90 @@ fn run_command(args: RunArgs) -> ExitCode {
         Err(code) => return code,
     };
     init_logs(config.daemon.log_format);
-    if has_child {
-        eprintln!("anchorage: supervising a child (run -- CHILD) is not available yet");
-        return ExitCode::from(USAGE);
-    }
+    warn_subpaths(&config);
     let flags = args.flags;
     let reconfigure: daemon::Reconfigure = Box::new(move || Config::load(&flags, has_child));
     runtime().block_on(async move {
         let metrics = Arc::new(Metrics::new());
-        let status = Arc::new(Status::default());
-        let daemon = match Daemon::new(config, reconfigure, metrics, status, daemon::child_pid()) {
+        let status = Status::new();
+        let mut reports = status.0.subscribe();
+        // Bound before anything is rendered: a taken port is a configuration error.
+        let server = match config.daemon.listen {
+            Some(addr) => match http::start(addr, metrics.clone(), status.0.clone()) {
+                Ok(server) => Some(server),
+                Err(e) => {
+                    eprintln!("anchorage: {e}");
+                    return ExitCode::from(USAGE);
+                }
+            },
+            None => None,
+        };
+        let notifier = systemd::start(status.0.clone());
+        let stopped = move || {
+            if let Some(notifier) = notifier {
+                notifier.stopping();
+            }
+            drop(server);
+        };
+        let supervisor = has_child.then(|| Supervisor::new(args.child));
+        let child = supervisor
+            .as_ref()
+            .map(Supervisor::handle)
+            .unwrap_or_default();
+        let daemon = match Daemon::new(config, reconfigure, metrics, status, child) {
             Ok(daemon) => daemon,
             Err(e) => {
                 error!(error = %e, "cannot start");
                 return ExitCode::from(INVALID_INPUT);
             }
         };
-        daemon.run(shutdown_signal()).await;
-        ExitCode::SUCCESS
+        let Some(supervisor) = supervisor else {
+            daemon.run(shutdown_signal()).await;
+            stopped();
+            return ExitCode::SUCCESS;
+        };
+        // The child starts after the first render and owns SIGTERM/SIGINT:
+        // they are forwarded to it, and anchorage ends when it does.
+        let (done, exited) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let _ = reports.wait_for(|r| r.cycles >= 1).await;
+            let _ = done.send(supervisor.run().await);
+        });
+        let code = Arc::new(std::sync::atomic::AtomicI32::new(1));
+        let seen = code.clone();
+        daemon
+            .run(async move {
+                if let Ok(c) = exited.await {
+                    seen.store(c, std::sync::atomic::Ordering::Relaxed);
+                }
+            })
+            .await;
+        stopped();
+        ExitCode::from(
+            code.load(std::sync::atomic::Ordering::Relaxed)
+                .clamp(0, 255) as u8,
+        )
     })
+}
+
+/// Warns about sources that kubelet will never update.
+fn warn_subpaths(config: &Config) {
+    let mut paths: Vec<PathBuf> = config
+        .bundles
+        .iter()
+        .flat_map(|b| &b.sources)
+        .filter_map(|s| match s {
+            anchorage::source::Source::Path(p) => Some(p.clone()),
+            anchorage::source::Source::Glob(_) => None,
+        })
+        .collect();
+    paths.extend(
+        config
+            .keypairs
+            .iter()
+            .flat_map(|k| [k.cert.clone(), k.key.clone()]),
+    );
+    anchorage::source::mounts::warn_subpaths(&paths);
 }
 
 /// Resolves on SIGTERM or SIGINT.

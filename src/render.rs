@@ -5,7 +5,8 @@ use std::io;
 
 use tracing::{info, warn};
 
-use crate::bundle::{self, Assembly, Dropped, Refusal};
+use crate::bundle::retain::Retention;
+use crate::bundle::{self, Assembly, Dropped, Refusal, verify};
 use crate::check::rfc3339;
 use crate::config::BundleConfig;
 use crate::output;
@@ -20,13 +21,47 @@ pub fn read_sources(bundle: &BundleConfig) -> Result<Vec<SourceFile>, Refusal> {
     Ok(files)
 }
 
-/// Reads and validates `bundle` at `now` (unix seconds), logging what the
-/// policy dropped or kept early.
-pub fn assemble(bundle: &BundleConfig, now: i64) -> Result<Assembly, Refusal> {
+/// Reads and validates `bundle` at `now` (unix seconds): the policy, the CAs
+/// retained after they vanished (with `retention`), `min_certs`, and the
+/// `verify` certificates, read afresh. Logs what the policy dropped or kept
+/// early.
+pub fn assemble(
+    bundle: &BundleConfig,
+    retention: Option<&mut Retention>,
+    now: i64,
+) -> Result<Assembly, Refusal> {
     let files = read_sources(bundle)?;
-    let assembly = bundle::assemble(&files, &bundle.policy, now)?;
+    let mut assembly = bundle::collect(&files, &bundle.policy, now)?;
     log_policy(&bundle.name, &assembly);
+    if let (Some(retention), Some(grace)) = (retention, bundle.retain_removed) {
+        let changed = retention.apply(
+            &bundle.name,
+            &mut assembly,
+            grace,
+            now,
+            bundle.policy.allow_expired,
+        );
+        bundle::check_min(&assembly, &bundle.policy)?;
+        verify_all(bundle, &assembly, now)?;
+        retention.accepted(&assembly.bundle, now, changed);
+        return Ok(assembly);
+    }
+    bundle::check_min(&assembly, &bundle.policy)?;
+    verify_all(bundle, &assembly, now)?;
     Ok(assembly)
+}
+
+/// Every `verify` certificate must chain to the new bundle.
+fn verify_all(bundle: &BundleConfig, assembly: &Assembly, now: i64) -> Result<(), Refusal> {
+    for path in &bundle.verify {
+        let chain = verify::read_chain(path).map_err(Refusal::Verify)?;
+        match chain {
+            Some(chain) => verify::check(&chain, &assembly.bundle, now).map_err(Refusal::Verify)?,
+            None => warn!(bundle = %bundle.name, file = %path.display(),
+                "verify certificate does not exist yet; nothing to check"),
+        }
+    }
+    Ok(())
 }
 
 fn log_policy(name: &str, assembly: &Assembly) {
@@ -64,8 +99,13 @@ pub fn publish(bundle: &BundleConfig, assembly: &Assembly) -> io::Result<bool> {
 }
 
 /// `anchorage render` for one bundle: returns whether its outputs changed.
-pub fn render_once(bundle: &BundleConfig, now: i64) -> Result<bool, RenderError> {
-    let assembly = assemble(bundle, now).map_err(RenderError::Refused)?;
+pub fn render_once(
+    bundle: &BundleConfig,
+    state_dir: Option<&std::path::Path>,
+    now: i64,
+) -> Result<bool, RenderError> {
+    let mut retention = Retention::load(state_dir, &bundle.name);
+    let assembly = assemble(bundle, Some(&mut retention), now).map_err(RenderError::Refused)?;
     let changed = publish(bundle, &assembly).map_err(RenderError::Output)?;
     info!(
         bundle = %bundle.name,

@@ -11,6 +11,7 @@
 //! queue or an inotify overflow becomes "re-read everything".
 
 use std::collections::{HashMap, HashSet};
+use std::ffi::OsString;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -37,43 +38,44 @@ pub enum Change {
 pub struct WatchPoint {
     pub dir: PathBuf,
     pub recursive: bool,
+    /// Only this entry of `dir` matters (the source itself, seen from its
+    /// parent); `None`: everything in it.
+    pub only: Option<OsString>,
 }
 
 /// The directories whose changes can change what `source` reads: the path
-/// itself (when it is a directory) and its parent (which sees it replaced,
-/// deleted or created); for a glob, its fixed prefix.
+/// itself (when it is a directory) and its parent, which sees it replaced,
+/// deleted or created (and nothing else of the parent counts); for a glob,
+/// its fixed prefix and that prefix's parent.
 pub fn watch_points(source: &Source) -> Vec<WatchPoint> {
-    match source {
-        Source::Path(path) => {
-            let mut points = vec![WatchPoint {
-                dir: path.clone(),
-                recursive: false,
-            }];
-            if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-                points.push(WatchPoint {
-                    dir: parent.to_path_buf(),
-                    recursive: false,
-                });
-            }
-            points
-        }
+    let (dir, recursive) = match source {
+        Source::Path(path) => (path.clone(), false),
         Source::Glob(pattern) => {
             let (prefix, rest) = glob_prefix(pattern);
             // A wildcard in a directory component: watch the whole subtree.
-            let recursive = rest > 1;
-            let mut points = vec![WatchPoint {
-                dir: prefix.clone(),
-                recursive,
-            }];
-            if let Some(parent) = prefix.parent().filter(|p| !p.as_os_str().is_empty()) {
-                points.push(WatchPoint {
-                    dir: parent.to_path_buf(),
-                    recursive: false,
-                });
-            }
-            points
+            (prefix, rest > 1)
         }
+    };
+    let mut points = Vec::with_capacity(2);
+    if let (Some(parent), Some(name)) = (
+        dir.parent().filter(|p| !p.as_os_str().is_empty()),
+        dir.file_name(),
+    ) {
+        points.push(WatchPoint {
+            dir: parent.to_path_buf(),
+            recursive: false,
+            only: Some(name.to_os_string()),
+        });
     }
+    points.insert(
+        0,
+        WatchPoint {
+            dir,
+            recursive,
+            only: None,
+        },
+    );
+    points
 }
 
 /// The leading components of a glob without metacharacters, and how many
@@ -110,13 +112,22 @@ fn existing_ancestor(dir: &Path) -> Option<(PathBuf, (u64, u64))> {
     None
 }
 
+/// Who an event in a watched directory concerns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Route {
+    bundle: usize,
+    only: Option<OsString>,
+    recursive: bool,
+}
+
 /// The live inotify watches, kept in step with the sources.
 pub struct Watch {
     watcher: notify::RecommendedWatcher,
     /// Watched directory -> (recursive, its device and inode when watched).
     watched: HashMap<PathBuf, (bool, (u64, u64))>,
-    /// Watched directory -> the bundles it matters to.
-    routes: HashMap<PathBuf, Vec<usize>>,
+    /// Watched directory -> the bundles it matters to, with the entry that
+    /// matters (or all) and whether its subtree counts.
+    routes: HashMap<PathBuf, Vec<Route>>,
     /// Per bundle, the points it wants.
     wanted: Vec<Vec<WatchPoint>>,
     overflow: Arc<AtomicBool>,
@@ -189,7 +200,7 @@ impl Watch {
     /// Sets what each bundle wants watched and starts watching it.
     pub fn set(&mut self, wanted: Vec<Vec<WatchPoint>>) -> Result<(), WatchError> {
         self.wanted = wanted;
-        self.refresh()
+        self.refresh().map(|_| ())
     }
 
     /// Whether events were dropped since the last call.
@@ -201,22 +212,44 @@ impl Watch {
     /// deleted and created again, or that now exists, is watched afresh; a
     /// missing one is stood in for by its nearest existing ancestor, so its
     /// creation is seen. Only an exhausted watch limit is an error.
-    pub fn refresh(&mut self) -> Result<(), WatchError> {
+    ///
+    /// Returns the bundles that gained a watch: what changed in those
+    /// directories before the watch existed was not seen, so they must be
+    /// read again.
+    pub fn refresh(&mut self) -> Result<HashSet<usize>, WatchError> {
         let mut desired: HashMap<PathBuf, (bool, (u64, u64))> = HashMap::new();
-        let mut routes: HashMap<PathBuf, Vec<usize>> = HashMap::new();
+        let mut routes: HashMap<PathBuf, Vec<Route>> = HashMap::new();
         for (bundle, points) in self.wanted.iter().enumerate() {
             for point in points {
                 let Some((dir, id)) = existing_ancestor(&point.dir) else {
                     continue;
                 };
-                let recursive = point.recursive && dir == point.dir;
+                let exact = dir == point.dir;
+                let recursive = point.recursive && exact;
+                // Standing in for a missing directory: only the entry on the
+                // way to it matters.
+                let only = if exact {
+                    point.only.clone()
+                } else {
+                    point
+                        .dir
+                        .strip_prefix(&dir)
+                        .ok()
+                        .and_then(|rest| rest.components().next())
+                        .map(|c| c.as_os_str().to_os_string())
+                };
                 // notify reports events under the canonical path it watches.
                 let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
                 let entry = desired.entry(dir.clone()).or_insert((recursive, id));
                 entry.0 |= recursive;
-                let route = routes.entry(dir).or_default();
-                if !route.contains(&bundle) {
-                    route.push(bundle);
+                let route = Route {
+                    bundle,
+                    only,
+                    recursive,
+                };
+                let list = routes.entry(dir).or_default();
+                if !list.contains(&route) {
+                    list.push(route);
                 }
             }
         }
@@ -232,6 +265,7 @@ impl Watch {
             self.watched.remove(&dir);
         }
         let mut result = Ok(());
+        let mut gained = HashSet::new();
         for (dir, state) in desired {
             if self.watched.contains_key(&dir) {
                 continue;
@@ -244,6 +278,7 @@ impl Watch {
             match self.watcher.watch(&dir, mode) {
                 Ok(()) => {
                     debug!(dir = %dir.display(), recursive = state.0, "watching");
+                    gained.extend(routes.get(&dir).into_iter().flatten().map(|r| r.bundle));
                     self.watched.insert(dir, state);
                 }
                 Err(e) if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) => {
@@ -257,17 +292,34 @@ impl Watch {
             }
         }
         self.routes = routes;
-        result
+        result.map(|()| gained)
     }
 
-    /// The bundles an event at `path` may concern.
+    /// The bundles an event at `path` may concern: routes of its directory
+    /// (all of it, or this very entry), of the path itself (a watched
+    /// directory that changed), and of recursive watches above it.
     pub fn bundles_for(&self, path: &Path, out: &mut HashSet<usize>) {
-        let mut current = Some(path);
-        while let Some(p) = current {
-            if let Some(bundles) = self.routes.get(p) {
-                out.extend(bundles.iter().copied());
+        if let Some(routes) = self.routes.get(path) {
+            out.extend(routes.iter().filter(|r| r.only.is_none()).map(|r| r.bundle));
+        }
+        let name = path.file_name();
+        let mut ancestor = path.parent();
+        let mut direct = true;
+        while let Some(dir) = ancestor {
+            if let Some(routes) = self.routes.get(dir) {
+                for route in routes {
+                    let matches = if direct {
+                        route.only.is_none() || route.only.as_deref() == name
+                    } else {
+                        route.recursive
+                    };
+                    if matches {
+                        out.insert(route.bundle);
+                    }
+                }
             }
-            current = p.parent();
+            direct = false;
+            ancestor = dir.parent();
         }
     }
 

@@ -7,11 +7,14 @@
 //! is always passed in, so expiry is testable without sleeping.
 
 mod anchor;
+pub mod retain;
 pub mod subject_hash;
+pub mod verify;
 
 use std::collections::HashSet;
 
 pub use anchor::{Anchor, ParseError};
+pub use verify::VerifyError;
 
 use crate::source::{SourceError, SourceFile};
 
@@ -103,7 +106,12 @@ impl Assembly {
 pub enum Refusal {
     Source(SourceError),
     Parse(ParseError),
-    TooFew { found: usize, min: usize },
+    TooFew {
+        found: usize,
+        min: usize,
+    },
+    /// A `verify` certificate would no longer chain.
+    Verify(VerifyError),
 }
 
 impl Refusal {
@@ -113,6 +121,7 @@ impl Refusal {
             Self::Source(e) => e.reason(),
             Self::Parse(_) => "damaged",
             Self::TooFew { .. } => "min_certs",
+            Self::Verify(_) => "verify",
         }
     }
 }
@@ -126,6 +135,7 @@ impl std::fmt::Display for Refusal {
                 f,
                 "{found} usable certificate(s), fewer than min_certs = {min}"
             ),
+            Self::Verify(e) => e.fmt(f),
         }
     }
 }
@@ -138,11 +148,31 @@ impl From<SourceError> for Refusal {
     }
 }
 
-/// Parses every block of `files` and applies `policy` at `now` (unix seconds).
+/// Parses every block of `files` and applies `policy` at `now` (unix
+/// seconds), `min_certs` included.
 ///
 /// Any block that is not a certificate refuses the whole bundle: a
 /// half-copied file must never shrink the trust set silently.
 pub fn assemble(files: &[SourceFile], policy: &Policy, now: i64) -> Result<Assembly, Refusal> {
+    let assembly = collect(files, policy, now)?;
+    check_min(&assembly, policy)?;
+    Ok(assembly)
+}
+
+/// Refuses a bundle with fewer than `min_certs` certificates.
+pub fn check_min(assembly: &Assembly, policy: &Policy) -> Result<(), Refusal> {
+    if assembly.bundle.len() < policy.min_certs {
+        return Err(Refusal::TooFew {
+            found: assembly.bundle.len(),
+            min: policy.min_certs,
+        });
+    }
+    Ok(())
+}
+
+/// [`assemble`] without the `min_certs` check, for callers that add
+/// retained CAs first.
+pub fn collect(files: &[SourceFile], policy: &Policy, now: i64) -> Result<Assembly, Refusal> {
     let mut seen: HashSet<[u8; 32]> = HashSet::new();
     let mut assembly = Assembly::default();
     let mut kept = Vec::new();
@@ -171,12 +201,11 @@ pub fn assemble(files: &[SourceFile], policy: &Policy, now: i64) -> Result<Assem
             }
         }
     }
-    if kept.len() < policy.min_certs {
-        return Err(Refusal::TooFew {
-            found: kept.len(),
-            min: policy.min_certs,
-        });
-    }
     assembly.bundle = Bundle::new(kept);
     Ok(assembly)
+}
+
+/// Lowercase hex SHA-256 of DER, as logs and metrics show certificates.
+pub fn fingerprint(der: &[u8]) -> String {
+    anchor::hex(&anchor::sha256(der))
 }

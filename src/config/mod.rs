@@ -429,7 +429,7 @@ fn bundle(
         let out = out.into_inner();
         let format = match &out.format {
             None => Format::Pem,
-            Some(f) => match Format::parse(f.get_ref()) {
+            Some(f) => match Format::parse(f.get_ref(), out.password.clone()) {
                 Some(format) => format,
                 None => {
                     return origin.error(
@@ -449,7 +449,7 @@ fn bundle(
             Some(m) => parse_mode(m.get_ref())
                 .or_else(|e| origin.error(Some(m.span()), "bundle.output.mode", e))?,
         };
-        if out.password.is_some() {
+        if out.password.is_some() && !format.has_password() {
             return origin.error(
                 Some(out_span),
                 "bundle.output.password",

@@ -1,6 +1,6 @@
 //! The bytes of each output format. Pure functions of the certificate set.
 
-use super::{Format, Rendered};
+use super::{Format, Rendered, keystore};
 use crate::bundle::Bundle;
 use crate::bundle::subject_hash::hash_hex;
 use crate::source::pem;
@@ -8,12 +8,23 @@ use crate::source::pem;
 /// The bundle file inside a hashed directory, as Debian names it.
 pub const OPENSSL_DIR_BUNDLE: &str = "ca-certificates.crt";
 
-pub fn render(bundle: &Bundle, format: Format) -> Rendered {
+pub fn render(bundle: &Bundle, format: &Format) -> Rendered {
     match format {
         Format::Pem => Rendered::File(pem_bundle(bundle)),
         Format::OpensslDir => Rendered::Dir(openssl_dir(bundle)),
         Format::DerDir => Rendered::Dir(der_dir(bundle)),
+        Format::Pkcs12 { password } => Rendered::File(keystore::pkcs12(bundle, password)),
+        Format::Jks { password } => Rendered::File(keystore::jks(bundle, password)),
     }
+}
+
+/// Each certificate with a stable alias for keystores: the start of its
+/// SHA-256 (Java lower-cases aliases; these are lower case already).
+pub fn alias(bundle: &Bundle) -> impl Iterator<Item = (String, &crate::bundle::Anchor)> {
+    bundle
+        .anchors()
+        .iter()
+        .map(|a| (a.fingerprint()[..16].to_owned(), a))
 }
 
 fn pem_bundle(bundle: &Bundle) -> Vec<u8> {

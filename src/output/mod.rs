@@ -8,6 +8,7 @@
 
 pub mod atomic;
 mod format;
+mod keystore;
 
 use std::path::PathBuf;
 
@@ -16,7 +17,7 @@ pub use format::render;
 use crate::bundle::Bundle;
 
 /// The formats an output can take (PRODUCT.md, "Outputs").
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Format {
     /// The certificates as PEM blocks, nothing else.
     Pem,
@@ -24,26 +25,44 @@ pub enum Format {
     OpensslDir,
     /// One DER file per certificate.
     DerDir,
+    /// A PKCS#12 truststore (default password: empty).
+    Pkcs12 { password: String },
+    /// A Java keystore of trusted certificates (default password: changeit).
+    Jks { password: String },
 }
 
 impl Format {
-    pub const NAMES: &'static str = "pem | openssl-dir | der-dir";
+    pub const NAMES: &'static str = "pem | openssl-dir | der-dir | pkcs12 | jks";
 
-    pub fn parse(name: &str) -> Option<Self> {
+    /// The format named `name`, with its password (or the format's default).
+    pub fn parse(name: &str, password: Option<String>) -> Option<Self> {
         match name {
             "pem" => Some(Self::Pem),
             "openssl-dir" => Some(Self::OpensslDir),
             "der-dir" => Some(Self::DerDir),
+            "pkcs12" => Some(Self::Pkcs12 {
+                password: password.unwrap_or_default(),
+            }),
+            "jks" => Some(Self::Jks {
+                password: password.unwrap_or_else(|| keystore::JKS_DEFAULT_PASSWORD.into()),
+            }),
             _ => None,
         }
     }
 
-    pub fn name(self) -> &'static str {
+    pub fn name(&self) -> &'static str {
         match self {
             Self::Pem => "pem",
             Self::OpensslDir => "openssl-dir",
             Self::DerDir => "der-dir",
+            Self::Pkcs12 { .. } => "pkcs12",
+            Self::Jks { .. } => "jks",
         }
+    }
+
+    /// Whether the format takes a password.
+    pub fn has_password(&self) -> bool {
+        matches!(self, Self::Pkcs12 { .. } | Self::Jks { .. })
     }
 }
 
@@ -67,6 +86,6 @@ pub enum Rendered {
 /// Renders `bundle` as `spec` asks and publishes it unless the same bytes are
 /// already there. Returns whether anything changed on disk.
 pub fn publish(spec: &OutputSpec, bundle: &Bundle) -> std::io::Result<bool> {
-    let rendered = render(bundle, spec.format);
+    let rendered = render(bundle, &spec.format);
     atomic::publish(&spec.path, &rendered, spec.mode)
 }

@@ -23,10 +23,13 @@ pub async fn run(
         .args(args)
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .stdin(Stdio::null())
+        // systemd's notify channel is anchorage's, not its children's.
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
         .process_group(0)
         .kill_on_drop(true);
-    let mut child = command
-        .spawn()
+    let mut child = super::child::spawn_tracked(&mut command)
         .map_err(|e| Failure::Failed(format!("cannot start {program:?}: {e}")))?;
     let group = child.id().map(|id| Pid::from_raw(id as i32));
     match tokio::time::timeout(timeout, child.wait()).await {

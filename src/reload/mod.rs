@@ -8,8 +8,10 @@
 //! exponential backoff capped at a minute (or `retries` times), and a newer
 //! request supersedes the retries. Workers never block the event loop.
 
+pub mod child;
 pub mod exec;
 pub mod http;
+pub mod probe;
 pub mod signal;
 
 use std::collections::{BTreeSet, HashMap};
@@ -21,8 +23,9 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::config::{ReloadAction, ReloadSpec};
+use crate::config::{Probe, ReloadAction, ReloadSpec, SignalTarget};
 use crate::telemetry::metrics::{ActionLabel, Metrics};
+use child::ChildHandle;
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
@@ -44,39 +47,51 @@ impl std::fmt::Display for Failure {
     }
 }
 
-/// What a pending run is for.
+/// What a run is asked for.
 #[derive(Debug, Default, Clone)]
-struct Pending {
-    bundles: BTreeSet<String>,
-    outputs: BTreeSet<PathBuf>,
-    /// Every request merged in came from the first render.
-    startup: bool,
+pub struct Request {
+    /// The bundles and key pairs that changed.
+    pub names: BTreeSet<String>,
+    /// Their outputs (or a key pair's certificate path).
+    pub outputs: BTreeSet<PathBuf>,
+    /// From the first render: a target that does not exist yet is skipped.
+    pub startup: bool,
+    /// The certificate the app must serve afterwards (a key pair's leaf).
+    pub expect: Option<Vec<u8>>,
+    /// Probe first and run the action only if the app serves another
+    /// certificate (a key pair at start).
+    pub only_if_stale: bool,
 }
 
-impl Pending {
-    fn merge(&mut self, other: Pending) {
-        let was_empty = self.bundles.is_empty();
-        self.bundles.extend(other.bundles);
+impl Request {
+    fn merge(&mut self, other: Request) {
+        let was_empty = self.names.is_empty();
+        self.names.extend(other.names);
         self.outputs.extend(other.outputs);
-        self.startup = if was_empty {
-            other.startup
+        if other.expect.is_some() {
+            self.expect = other.expect;
+        }
+        if was_empty {
+            self.startup = other.startup;
+            self.only_if_stale = other.only_if_stale;
         } else {
-            self.startup && other.startup
-        };
+            self.startup &= other.startup;
+            self.only_if_stale &= other.only_if_stale;
+        }
     }
 }
 
 struct Slot {
     wake: Notify,
-    pending: Mutex<Pending>,
+    pending: Mutex<Request>,
 }
 
 impl Slot {
-    fn take(&self) -> Pending {
+    fn take(&self) -> Request {
         std::mem::take(&mut *self.pending.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
-    fn put_back(&self, pending: Pending) {
+    fn put_back(&self, pending: Request) {
         self.pending
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -84,18 +99,15 @@ impl Slot {
     }
 }
 
-/// Where the supervised child can be found (set by the supervisor).
-pub type ChildPid = Arc<Mutex<Option<u32>>>;
-
 /// The running reload workers, one per distinct action.
 pub struct Reloader {
     workers: HashMap<ReloadSpec, (Arc<Slot>, JoinHandle<()>)>,
     metrics: Arc<Metrics>,
-    child: ChildPid,
+    child: ChildHandle,
 }
 
 impl Reloader {
-    pub fn new(metrics: Arc<Metrics>, child: ChildPid) -> Self {
+    pub fn new(metrics: Arc<Metrics>, child: ChildHandle) -> Self {
         Self {
             workers: HashMap::new(),
             metrics,
@@ -103,14 +115,14 @@ impl Reloader {
         }
     }
 
-    /// Asks for `spec` to run because `bundle` changed its `outputs`.
-    pub fn request(&mut self, spec: &ReloadSpec, bundle: &str, outputs: &[PathBuf], startup: bool) {
+    /// Asks for `spec` to run for `request`.
+    pub fn request(&mut self, spec: &ReloadSpec, request: Request) {
         let slot = match self.workers.get(spec) {
             Some((slot, _)) => slot.clone(),
             None => {
                 let slot = Arc::new(Slot {
                     wake: Notify::new(),
-                    pending: Mutex::new(Pending::default()),
+                    pending: Mutex::new(Request::default()),
                 });
                 let task = tokio::spawn(worker(
                     spec.clone(),
@@ -122,11 +134,7 @@ impl Reloader {
                 slot
             }
         };
-        slot.put_back(Pending {
-            bundles: BTreeSet::from([bundle.to_owned()]),
-            outputs: outputs.iter().cloned().collect(),
-            startup,
-        });
+        slot.put_back(request);
         // Stores a permit if the worker is busy: exactly one more run.
         slot.wake.notify_one();
     }
@@ -151,26 +159,33 @@ impl Drop for Reloader {
     }
 }
 
-async fn worker(spec: ReloadSpec, slot: Arc<Slot>, metrics: Arc<Metrics>, child: ChildPid) {
+async fn worker(spec: ReloadSpec, slot: Arc<Slot>, metrics: Arc<Metrics>, child: ChildHandle) {
     loop {
         slot.wake.notified().await;
         let mut attempt: u32 = 0;
         loop {
             let pending = slot.take();
-            if pending.bundles.is_empty() {
+            if pending.names.is_empty() {
                 break;
             }
             attempt += 1;
+            if pending.only_if_stale && already_serving(&spec, &pending).await {
+                info!(names = ?pending.names, action = %describe(&spec.action),
+                    "the app already serves the current certificate; no reload");
+                break;
+            }
             let started = Instant::now();
-            let child_pid = *child.lock().unwrap_or_else(|e| e.into_inner());
-            let result = attempt_once(&spec, &pending, child_pid).await;
+            let result = match attempt_once(&spec, &pending, &child).await {
+                Ok(detail) => prove(&spec, &pending, &metrics).await.map(|()| detail),
+                Err(e) => Err(e),
+            };
             metrics
                 .reload_duration
                 .get_or_create(&ActionLabel {
                     action: spec.action.kind(),
                 })
                 .observe(started.elapsed().as_secs_f64());
-            let bundles: Vec<&str> = pending.bundles.iter().map(String::as_str).collect();
+            let bundles: Vec<&str> = pending.names.iter().map(String::as_str).collect();
             let action = describe(&spec.action);
             match result {
                 Ok(detail) => {
@@ -198,8 +213,9 @@ async fn worker(spec: ReloadSpec, slot: Arc<Slot>, metrics: Arc<Metrics>, child:
                     let backoff = backoff(attempt);
                     warn!(bundles = ?bundles, action = %action, attempt, outcome = "failure", error = %failure,
                         retry_in = %humantime::format_duration(backoff), "reload failed; will retry");
-                    slot.put_back(Pending {
+                    slot.put_back(Request {
                         startup: false,
+                        only_if_stale: false,
                         ..pending
                     });
                     tokio::select! {
@@ -228,21 +244,74 @@ fn describe(action: &ReloadAction) -> String {
     }
 }
 
+/// After the action: the probe, if any, must see the app take the change.
+async fn prove(spec: &ReloadSpec, request: &Request, metrics: &Metrics) -> Result<(), Failure> {
+    let Some(probe) = &spec.probe else {
+        return Ok(());
+    };
+    let result = match probe {
+        Probe::Tls(addr) => probe::tls(addr, request.expect.as_deref(), spec.probe_timeout).await,
+        Probe::Http(url) => probe::http(url, spec.probe_timeout).await,
+    };
+    for name in &request.names {
+        metrics.probed(name, result.is_ok());
+    }
+    match result {
+        Ok(()) => {
+            info!(names = ?request.names, probe = ?probe, "probe: the app took the change");
+            Ok(())
+        }
+        Err(e) => Err(Failure::Failed(format!(
+            "the reload ran but the probe says the app did not take it: {e}"
+        ))),
+    }
+}
+
+/// Whether the app already serves the expected certificate (a key pair at
+/// start): only a TLS probe can tell.
+async fn already_serving(spec: &ReloadSpec, request: &Request) -> bool {
+    let (Some(Probe::Tls(addr)), Some(expect)) = (&spec.probe, &request.expect) else {
+        return true;
+    };
+    let (addr, expect) = (addr.clone(), expect.clone());
+    tokio::task::spawn_blocking(move || match probe::served_certificate(&addr) {
+        Ok(served) => served == expect,
+        // Not up yet: it loads the current pair when it starts.
+        Err(Failure::Absent(_)) => true,
+        Err(Failure::Failed(_)) => false,
+    })
+    .await
+    .unwrap_or(false)
+}
+
 async fn attempt_once(
     spec: &ReloadSpec,
-    pending: &Pending,
-    child: Option<u32>,
+    pending: &Request,
+    child: &ChildHandle,
 ) -> Result<String, Failure> {
+    let targets_child = matches!(
+        spec.action,
+        ReloadAction::RestartChild
+            | ReloadAction::Signal {
+                target: SignalTarget::Child,
+                ..
+            }
+    );
+    if pending.startup && targets_child {
+        return Err(Failure::Absent(
+            "the child starts after the first render and reads the fresh output".into(),
+        ));
+    }
     match &spec.action {
         ReloadAction::Signal { signal, target } => {
-            let pids = signal::send(*signal, target, child)?;
+            let pids = signal::send(*signal, target, child.pid())?;
             Ok(format!("pids {pids:?}"))
         }
         ReloadAction::Exec(argv) => {
             let env = [
                 (
                     "ANCHORAGE_BUNDLES",
-                    join(pending.bundles.iter().map(String::as_str)),
+                    join(pending.names.iter().map(String::as_str)),
                 ),
                 (
                     "ANCHORAGE_OUTPUTS",
@@ -261,9 +330,10 @@ async fn attempt_once(
         ReloadAction::Http { url, method } => http::call(method, url, spec.timeout)
             .await
             .map(|status| format!("status {status}")),
-        ReloadAction::RestartChild => Err(Failure::Failed(
-            "child restarts are not supported here".into(),
-        )),
+        ReloadAction::RestartChild => child
+            .restart(spec.timeout)
+            .await
+            .map(|pid| format!("child restarted as pid {pid}")),
     }
 }
 
@@ -274,15 +344,15 @@ pub async fn run_once(
     bundles: &[String],
     outputs: &[PathBuf],
 ) -> Result<String, Failure> {
-    let pending = Pending {
-        bundles: bundles.iter().cloned().collect(),
+    let pending = Request {
+        names: bundles.iter().cloned().collect(),
         outputs: outputs.iter().cloned().collect(),
-        startup: false,
+        ..Request::default()
     };
     let mut attempt = 0;
     loop {
         attempt += 1;
-        match attempt_once(spec, &pending, None).await {
+        match attempt_once(spec, &pending, &ChildHandle::default()).await {
             Ok(detail) => return Ok(detail),
             Err(e) if spec.retries.is_some_and(|r| attempt <= r) => {
                 warn!(action = %describe(&spec.action), attempt, error = %e, "reload failed; will retry");

@@ -267,8 +267,16 @@ mod tests {
             .arg("30")
             .spawn()
             .expect("spawn");
-        let found = find_by_name("sleep");
-        assert!(found.contains(&child.id()), "{found:?}");
+        // Until it has exec'd, the child still carries the test's name.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !find_by_name("sleep").contains(&child.id()) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "sleep {} was not found by name",
+                child.id()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         let own_name = fs::read_to_string("/proc/self/comm").expect("comm");
         assert!(!find_by_name(own_name.trim()).contains(&std::process::id()));
         child.kill().expect("kill");

@@ -6,6 +6,7 @@
 //! [`MAX_FILE_SIZE`], never block on a FIFO, and never put the content of a
 //! private-key block into a value or an error.
 
+pub mod mounts;
 pub mod pem;
 
 use std::fs::{self, File};

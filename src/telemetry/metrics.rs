@@ -1,13 +1,21 @@
 //! The Prometheus metrics (PRODUCT.md, Observability). One [`Metrics`] per
 //! process, shared by the event loop and the reload workers; `/metrics`
-//! encodes it.
+//! encodes it (OpenMetrics text, see [`CONTENT_TYPE`]).
+//!
+//! Values that depend on "now" (seconds until the earliest CA expires) are
+//! computed when encoded, never frozen at the last render: a daemon idle for
+//! a month must not report a month-old countdown.
 
-use std::sync::atomic::AtomicU64;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -59,7 +67,76 @@ pub struct ProbeLabels {
     pub result: &'static str,
 }
 
-type FloatGauge = Gauge<f64, AtomicU64>;
+/// The content type of [`Metrics::encode`]'s output: prometheus-client's
+/// text encoder writes OpenMetrics 1.0 (counters as `# TYPE x counter` with
+/// `x_total` samples, and a closing `# EOF`), which Prometheus parses only
+/// when told it is OpenMetrics.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// `bundle_earliest_expiry_seconds`: the earliest CA notAfter of each bundle
+/// as last published, turned into "seconds from now" at each scrape.
+#[derive(Debug, Default)]
+pub struct EarliestExpiry {
+    not_after: Mutex<BTreeMap<String, i64>>,
+}
+
+impl EarliestExpiry {
+    fn set(&self, bundle: &str, not_after: Option<i64>) {
+        let mut map = self
+            .not_after
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match not_after {
+            Some(t) => {
+                map.insert(bundle.to_owned(), t);
+            }
+            None => {
+                map.remove(bundle);
+            }
+        }
+    }
+
+    /// The earliest notAfter (unix seconds) recorded for `bundle`.
+    pub fn not_after(&self, bundle: &str) -> Option<i64> {
+        self.not_after
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(bundle)
+            .copied()
+    }
+}
+
+impl Collector for EarliestExpiry {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let now = unix_now();
+        // Copied out so encoding never holds the lock the event loop takes.
+        let snapshot: Vec<(String, i64)> = self
+            .not_after
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        let mut family = encoder.encode_descriptor(
+            "bundle_earliest_expiry_seconds",
+            "Seconds from now until the first CA of the last published bundle expires (negative once expired)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (bundle, not_after) in snapshot {
+            let labels = BundleLabel { bundle };
+            ConstGauge::new(not_after.saturating_sub(now))
+                .encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
 
 /// Every metric anchorage exports.
 pub struct Metrics {
@@ -70,7 +147,7 @@ pub struct Metrics {
     pub reload_duration: Family<ActionLabel, Histogram>,
     pub certificates: Family<BundleLabel, Gauge>,
     pub not_after: Family<CertLabels, Gauge>,
-    pub earliest_expiry: Family<BundleLabel, FloatGauge>,
+    pub earliest_expiry: Arc<EarliestExpiry>,
     pub last_success: Family<BundleLabel, Gauge>,
     pub watch_events: Counter,
     pub probes: Family<ProbeLabels, Counter>,
@@ -115,12 +192,8 @@ impl Metrics {
             "notAfter of each certificate in the bundle (unix seconds)",
             not_after.clone(),
         );
-        let earliest_expiry = Family::default();
-        registry.register(
-            "bundle_earliest_expiry_seconds",
-            "Seconds until the first CA of the bundle expires, at the last render",
-            earliest_expiry.clone(),
-        );
+        let earliest_expiry = Arc::new(EarliestExpiry::default());
+        registry.register_collector(Box::new(earliest_expiry.clone()));
         let last_success = Family::default();
         registry.register(
             "last_success_timestamp_seconds",
@@ -180,6 +253,15 @@ impl Metrics {
             .inc();
     }
 
+    pub fn probed(&self, name: &str, success: bool) {
+        self.probes
+            .get_or_create(&ProbeLabels {
+                name: name.to_owned(),
+                result: if success { "success" } else { "failure" },
+            })
+            .inc();
+    }
+
     /// Publishes the state of a bundle that rendered successfully; `previous`
     /// is what it replaced, whose series go away.
     pub fn bundle_state(&self, name: &str, bundle: &Bundle, previous: Option<&Bundle>, now: i64) {
@@ -190,11 +272,7 @@ impl Metrics {
             .get_or_create(&label)
             .set(bundle.len() as i64);
         self.last_success.get_or_create(&label).set(now);
-        if let Some(expiry) = bundle.earliest_expiry() {
-            self.earliest_expiry
-                .get_or_create(&label)
-                .set((expiry - now) as f64);
-        }
+        self.earliest_expiry.set(name, bundle.earliest_expiry());
         let cert_labels = |b: &Bundle| -> Vec<(CertLabels, i64)> {
             b.anchors()
                 .iter()
@@ -226,5 +304,63 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(text: &str, name: &str) -> Option<i64> {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+
+    #[test]
+    fn the_encoding_is_openmetrics_as_the_content_type_says() {
+        let metrics = Metrics::new();
+        metrics.rendered("peers", "changed");
+        let text = metrics.encode();
+        assert!(CONTENT_TYPE.starts_with("application/openmetrics-text"));
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        assert!(
+            text.contains("# TYPE anchorage_renders counter\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("anchorage_renders_total{bundle=\"peers\",result=\"changed\"} 1\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn earliest_expiry_counts_down_from_the_scrape_not_the_render() {
+        let metrics = Metrics::new();
+        let now = unix_now();
+        // As if rendered long ago: the value must still be "from now".
+        metrics.earliest_expiry.set("peers", Some(now + 1_000));
+        metrics.earliest_expiry.set("old", Some(now - 50));
+        let text = metrics.encode();
+        let peers = sample(
+            &text,
+            "anchorage_bundle_earliest_expiry_seconds{bundle=\"peers\"}",
+        )
+        .expect("peers");
+        assert!((995..=1_000).contains(&peers), "{text}");
+        let old = sample(
+            &text,
+            "anchorage_bundle_earliest_expiry_seconds{bundle=\"old\"}",
+        )
+        .expect("old");
+        assert!((-55..=-50).contains(&old), "{text}");
+        assert_eq!(
+            metrics.earliest_expiry.not_after("peers"),
+            Some(now + 1_000)
+        );
+
+        metrics.earliest_expiry.set("old", None);
+        assert!(!metrics.encode().contains("bundle=\"old\""));
     }
 }

@@ -1,6 +1,9 @@
 //! What operators see: logs, metrics, health endpoints and systemd notify.
 
+pub mod http;
 pub mod metrics;
+pub mod status;
+pub mod systemd;
 
 use crate::cli::LogFormat;
 

@@ -53,7 +53,7 @@ fn hammer(
     b: Bundle,
     read: impl Fn(&Path) -> Option<Seen> + Send + 'static,
 ) -> usize {
-    let allowed = [render(&a, spec.format), render(&b, spec.format)];
+    let allowed = [render(&a, &spec.format), render(&b, &spec.format)];
     publish(&spec, &a).expect("first publish");
     let stop = Arc::new(AtomicBool::new(false));
     let reader = {

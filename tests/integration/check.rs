@@ -155,3 +155,84 @@ fn v1_self_issued_root_is_a_ca() {
     out.expect_code(0);
     assert!(out.stdout.contains("\"is_ca\": true"), "{}", out.stdout);
 }
+
+/// The table row of the certificate whose subject holds `cn`.
+fn row<'a>(text: &'a str, cn: &str) -> &'a str {
+    text.lines()
+        .find(|l| !l.starts_with('#') && l.contains(cn) && l.contains("  yes  "))
+        .unwrap_or_else(|| panic!("no table row for {cn}:\n{text}"))
+}
+
+#[test]
+fn text_is_a_table_marking_what_expires_within_30_days() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let now = time::OffsetDateTime::now_utc();
+    let soon = Ca::valid(
+        "Soon Gone",
+        now - time::Duration::days(300),
+        now + time::Duration::days(10),
+    );
+    let year = Ca::new("Year Left");
+    write(dir.path(), "a-soon.pem", soon.pem());
+    write(dir.path(), "b-year.pem", year.pem());
+    write(dir.path(), "c-old.pem", Ca::expired("Long Gone").pem());
+    let out = run(&["check", s(dir.path())]);
+    out.expect_code(0);
+    let text = &out.stdout;
+    assert!(
+        text.contains("SUBJECT") && text.contains("EXPIRES") && text.contains("HASH"),
+        "{text}"
+    );
+    let soon_row = row(text, "CN=Soon Gone");
+    assert!(
+        soon_row.contains("in 9 days !") || soon_row.contains("in 10 days !"),
+        "{soon_row}"
+    );
+    assert!(soon_row.ends_with("a-soon.pem"), "{soon_row}");
+    let year_row = row(text, "CN=Year Left");
+    assert!(
+        year_row.contains("in 364 days") || year_row.contains("in 365 days"),
+        "{year_row}"
+    );
+    assert!(!year_row.contains('!'), "{year_row}");
+    let old_row = row(text, "CN=Long Gone");
+    assert!(old_row.contains("EXPIRED 24 hours ago"), "{old_row}");
+    assert!(!old_row.contains('!'), "{old_row}");
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("! expires within 30 days: #1 ")),
+        "{text}"
+    );
+    assert!(text.contains("expired: #3"), "{text}");
+    // Every field of the contract is there, not only the table's.
+    for field in [
+        year.sha256(),
+        "issuer:".to_owned(),
+        "serial:".to_owned(),
+        "not before:".to_owned(),
+        "not after:".to_owned(),
+        "subject hash:".to_owned(),
+    ] {
+        assert!(text.contains(&field), "{field} missing:\n{text}");
+    }
+
+    // --at moves "now": the year-long CA is the one about to expire then.
+    let at = (now + time::Duration::days(350))
+        .replace_nanosecond(0)
+        .expect("whole second")
+        .format(&time::format_description::well_known::Rfc3339)
+        .expect("format");
+    let out = run(&["check", "--at", &at, s(&dir.path().join("b-year.pem"))]);
+    out.expect_code(0);
+    let year_row = row(&out.stdout, "CN=Year Left");
+    assert!(
+        year_row.contains("in 14 days !") || year_row.contains("in 15 days !"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("times are relative to --at"),
+        "{}",
+        out.stdout
+    );
+}

@@ -6,5 +6,7 @@ mod support;
 mod atomicity;
 mod check;
 mod config;
+mod observability;
 mod render;
+mod rotation;
 mod run;

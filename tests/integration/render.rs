@@ -495,3 +495,77 @@ fn hashed_dir_on_a_mount_point_is_published_through_data() {
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "2");
 }
+
+/// Java truststores: deterministic bytes, read by OpenSSL 3 without
+/// `-legacy` and by the JDK's keytool as trusted-certificate entries.
+#[test]
+fn pkcs12_and_jks_truststores_are_deterministic_and_read_by_java_and_openssl() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("src");
+    let cas: Vec<Ca> = (0..3).map(|i| Ca::new(&format!("Java {i}"))).collect();
+    for (i, ca) in cas.iter().enumerate() {
+        write(&src, &format!("{i}.pem"), ca.pem());
+    }
+    let outputs = |suffix: &str| {
+        format!(
+            "[[bundle.output]]\npath = \"{d}/trust{suffix}.p12\"\nformat = \"pkcs12\"\n\
+             [[bundle.output]]\npath = \"{d}/secret{suffix}.p12\"\nformat = \"pkcs12\"\npassword = \"s3cret\"\n\
+             [[bundle.output]]\npath = \"{d}/trust{suffix}.jks\"\nformat = \"jks\"\n",
+            d = s(dir.path())
+        )
+    };
+    let config = write(
+        dir.path(),
+        "anchorage.toml",
+        format!(
+            "[[bundle]]\nsources = [\"{}\"]\n{}{}",
+            s(&src),
+            outputs("-a"),
+            outputs("-b")
+        ),
+    );
+    run(&["render", "--config", s(&config)]).expect_code(0);
+    for name in ["trust", "secret"] {
+        let a = fs::read(dir.path().join(format!("{name}-a.p12"))).expect("a");
+        let b = fs::read(dir.path().join(format!("{name}-b.p12"))).expect("b");
+        assert_eq!(a, b, "{name}.p12 is not deterministic");
+    }
+    assert_eq!(
+        fs::read(dir.path().join("trust-a.jks")).expect("a"),
+        fs::read(dir.path().join("trust-b.jks")).expect("b")
+    );
+    let text = sh(&format!(
+        "openssl pkcs12 -in {} -nokeys -passin pass:s3cret -info 2>&1",
+        s(&dir.path().join("secret-a.p12"))
+    ));
+    assert!(text.contains("MAC: sha256"), "{text}");
+    assert_eq!(text.matches("BEGIN CERTIFICATE").count(), 3, "{text}");
+    for (file, kind, pass) in [
+        ("trust-a.p12", "PKCS12", ""),
+        ("secret-a.p12", "PKCS12", "s3cret"),
+        ("trust-a.jks", "JKS", "changeit"),
+    ] {
+        if std::process::Command::new("keytool")
+            .arg("-help")
+            .output()
+            .is_err()
+        {
+            panic!("keytool is missing: scripts/install-test-deps installs a JDK");
+        }
+        let listing = sh(&format!(
+            "keytool -list -keystore {} -storetype {kind} -storepass '{pass}'",
+            s(&dir.path().join(file))
+        ));
+        assert_eq!(
+            listing.matches("trustedCertEntry").count(),
+            3,
+            "{file}: {listing}"
+        );
+        for ca in &cas {
+            assert!(
+                listing.to_lowercase().contains(&ca.sha256()[..16]),
+                "{file}: alias missing"
+            );
+        }
+    }
+}

@@ -567,10 +567,42 @@ fn poll_mode_sees_changes_without_inotify() {
     let output = dir.path().join("ca.pem");
     let daemon = Daemon::start(
         dir.path(),
-        &["--source", s(&volume.dir), "--output", s(&output), "--poll", "200ms"],
+        &[
+            "--source",
+            s(&volume.dir),
+            "--output",
+            s(&output),
+            "--poll",
+            "200ms",
+        ],
     );
     wait_output(&output, &expected_pem(&[&a]));
-    assert!(!daemon.log().contains("watching"), "inotify was used in poll mode");
+    assert!(
+        !daemon.log().contains("watching"),
+        "inotify was used in poll mode"
+    );
     volume.write(&[("ca.crt", &pems(&[&a, &b]))]);
     wait_output(&output, &expected_pem(&[&a, &b]));
+}
+
+/// Only the source's own entry counts in its parent directory: the app's
+/// log or pid file next to the Secret mount triggers nothing.
+#[test]
+fn writes_beside_a_source_directory_do_not_render() {
+    let (a, b) = (Ca::new("Beside A"), Ca::new("Beside B"));
+    let mut setup = Setup::new(&[&a]);
+    let daemon = setup.start(&["--debounce", "0"]);
+    setup.app.wait_reloads(1);
+    daemon.wait_log("rendered", 1);
+    let beside = setup.volume.dir.parent().expect("parent").join("app.log");
+    for i in 0..20 {
+        fs::write(&beside, format!("line {i}\n")).expect("write beside");
+    }
+    setup.volume.write(&[("ca.crt", &pems(&[&a, &b]))]);
+    setup.app.wait_reloads(2);
+    let renders = daemon.log().matches("rendered").count();
+    assert!(
+        renders <= 4,
+        "{renders} renders: writes beside the source triggered renders"
+    );
 }

@@ -6,6 +6,7 @@
 pub mod daemon;
 pub mod kubelet;
 pub mod pki;
+pub mod tls;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

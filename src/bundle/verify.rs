@@ -1,0 +1,125 @@
+//! `verify`: before a bundle replaces the old one, every certificate the
+//! config names must still chain to a CA in it (rustls-webpki path building,
+//! at the current time). This is the check that keeps one side of a
+//! supercluster from dropping the CA the other side's certificates need.
+
+use std::path::{Path, PathBuf};
+
+use rustls_pki_types::{CertificateDer, UnixTime};
+use webpki::{EndEntityCert, KeyUsage};
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use super::Bundle;
+use crate::source;
+
+/// Why a bundle would orphan a certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyError {
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+impl std::fmt::Display for VerifyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "verify {}: {}", self.path.display(), self.reason)
+    }
+}
+
+/// A leaf to verify, optionally followed by its intermediates, as DER.
+pub struct Chain {
+    pub path: PathBuf,
+    pub certs: Vec<Vec<u8>>,
+}
+
+/// Reads a `verify` file afresh; `None` if it does not exist (nothing to
+/// protect yet: a certificate not issued yet cannot be orphaned).
+pub fn read_chain(path: &Path) -> Result<Option<Chain>, VerifyError> {
+    let fail = |reason: String| VerifyError {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let file = match source::read_file(path, path) {
+        Ok(Some(file)) => file,
+        Ok(None) => return Ok(None),
+        Err(e) => return Err(fail(e.to_string())),
+    };
+    if file.blocks.is_empty() {
+        return Err(fail("holds no certificate".into()));
+    }
+    let certs = file.blocks.into_iter().map(|b| b.der).collect();
+    Ok(Some(Chain {
+        path: path.to_path_buf(),
+        certs,
+    }))
+}
+
+/// Checks that `chain` chains to a CA of `bundle` at `now` (unix seconds),
+/// as a server or as a client certificate.
+pub fn check(chain: &Chain, bundle: &Bundle, now: i64) -> Result<(), VerifyError> {
+    let fail = |reason: String| VerifyError {
+        path: chain.path.clone(),
+        reason,
+    };
+    let leaf_der = CertificateDer::from(chain.certs[0].as_slice());
+    let leaf = EndEntityCert::try_from(&leaf_der)
+        .map_err(|e| fail(format!("not a usable certificate: {e}")))?;
+    let ders: Vec<CertificateDer<'_>> = bundle
+        .anchors()
+        .iter()
+        .map(|a| CertificateDer::from(a.der.as_slice()))
+        .collect();
+    let anchors: Vec<_> = ders
+        .iter()
+        .filter_map(|d| webpki::anchor_from_trusted_cert(d).ok())
+        .collect();
+    let intermediates: Vec<CertificateDer<'_>> = chain.certs[1..]
+        .iter()
+        .map(|d| CertificateDer::from(d.as_slice()))
+        .collect();
+    let time = UnixTime::since_unix_epoch(std::time::Duration::from_secs(now.max(0) as u64));
+    let attempt = |usage| {
+        leaf.verify_for_usage(
+            webpki::ALL_VERIFICATION_ALGS,
+            &anchors,
+            &intermediates,
+            time,
+            usage,
+            None,
+            None,
+        )
+        .map(|_| ())
+    };
+    match attempt(KeyUsage::server_auth()).or_else(|_| attempt(KeyUsage::client_auth())) {
+        Ok(()) => Ok(()),
+        Err(e) => Err(fail(describe_failure(chain, e))),
+    }
+}
+
+/// Names the certificate and the issuer it needs.
+fn describe_failure(chain: &Chain, error: webpki::Error) -> String {
+    let leaf = X509Certificate::from_der(&chain.certs[0])
+        .ok()
+        .map(|(_, c)| c);
+    let top = chain
+        .certs
+        .last()
+        .and_then(|d| X509Certificate::from_der(d).ok())
+        .map(|(_, c)| c);
+    let subject = leaf
+        .as_ref()
+        .map(|c| c.subject().to_string())
+        .unwrap_or_default();
+    let fingerprint = super::anchor::hex(&super::anchor::sha256(&chain.certs[0]));
+    let issuer = top
+        .as_ref()
+        .map(|c| c.issuer().to_string())
+        .unwrap_or_default();
+    match error {
+        webpki::Error::UnknownIssuer => format!(
+            "{subject} (sha256 {fingerprint}) would no longer chain: its issuer {issuer} is not in the new bundle"
+        ),
+        other => format!(
+            "{subject} (sha256 {fingerprint}) does not chain to the new bundle: {other:?} (issuer {issuer})"
+        ),
+    }
+}

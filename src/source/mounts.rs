@@ -1,0 +1,90 @@
+//! Detecting subPath mounts: kubelet bind-mounts a subPath once and never
+//! updates it (kubernetes #50345), so a source read through one never sees
+//! a rotation. Found in `/proc/self/mountinfo` at start, and warned about.
+
+use std::path::{Path, PathBuf};
+
+/// A mount whose mount point is exactly `path` and that comes from a
+/// single file or from kubelet's `volume-subpaths`: the mount's root.
+pub fn subpath_mount(mountinfo: &str, path: &Path) -> Option<String> {
+    let wanted = path.to_str()?;
+    for line in mountinfo.lines() {
+        // id parent major:minor root mount-point options ... - fstype source super
+        let fields: Vec<&str> = line.split(' ').collect();
+        let (Some(root), Some(point)) = (fields.get(3), fields.get(4)) else {
+            continue;
+        };
+        if unescape(point) != wanted || *root == "/" {
+            continue;
+        }
+        let root = unescape(root);
+        let is_file = std::fs::metadata(path).is_ok_and(|m| m.is_file());
+        if is_file || root.contains("/volume-subpaths/") {
+            return Some(root);
+        }
+    }
+    None
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal.
+fn unescape(field: &str) -> String {
+    let mut out = String::with_capacity(field.len());
+    let mut chars = field.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            let code: String = chars.by_ref().take(3).collect();
+            match u8::from_str_radix(&code, 8) {
+                Ok(b) => out.push(b as char),
+                Err(_) => {
+                    out.push('\\');
+                    out.push_str(&code);
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The paths among `paths` that are subPath-style bind mounts, with a
+/// warning for each; reads this process's mount table once.
+pub fn warn_subpaths(paths: &[PathBuf]) -> Vec<PathBuf> {
+    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for path in paths {
+        let real = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone());
+        if let Some(root) = subpath_mount(&mountinfo, &real) {
+            tracing::warn!(
+                path = %path.display(), mount_root = %root,
+                "this source is a subPath-style bind mount: kubelet never updates it, so rotations \
+                 will not be seen; mount the whole volume and point the source at its directory"
+            );
+            found.push(path.clone());
+        }
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_a_kubelet_subpath_mount() {
+        let info = "1 0 8:1 / / rw - ext4 /dev/sda1 rw\n\
+                    2 1 8:1 /var/lib/kubelet/pods/u/volume-subpaths/ca/app/0 /certs/ca.crt rw - ext4 /dev/sda1 rw\n";
+        assert_eq!(
+            subpath_mount(info, Path::new("/certs/ca.crt")).as_deref(),
+            Some("/var/lib/kubelet/pods/u/volume-subpaths/ca/app/0")
+        );
+        assert_eq!(subpath_mount(info, Path::new("/certs")), None);
+    }
+
+    #[test]
+    fn unescapes_spaces() {
+        assert_eq!(unescape("/a\\040b"), "/a b");
+    }
+}

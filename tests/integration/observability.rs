@@ -1,0 +1,627 @@
+//! What operators see of `anchorage run`: `/metrics` (checked by a real
+//! OpenMetrics parser, prometheus_client's), `/healthz` and `/readyz`, and
+//! systemd's notify protocol, against the real binary, with a frozen event
+//! loop made the way a hung network filesystem makes one: a read that
+//! blocks.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::support::daemon::{Daemon, eventually};
+use crate::support::pki::Ca;
+use crate::support::{Outcome, anchorage, pem_certs, s, write};
+
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// A temporary directory, with a `logs/` beside the sources for the
+/// daemon's log and the scrapes: never inside a watched directory, nor in
+/// the parent of one, where every log line would be a change to look at.
+fn workdir() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let logs = dir.path().join("logs");
+    fs::create_dir_all(&logs).expect("mkdir logs");
+    (dir, logs)
+}
+
+/// A port that was free a moment ago.
+fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr").port()
+}
+
+struct Answer {
+    status: u16,
+    headers: String,
+    body: String,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.lines().find_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            key.trim()
+                .eq_ignore_ascii_case(name)
+                .then_some(value.trim())
+        })
+    }
+}
+
+/// A tiny HTTP/1.1 GET; `Err` when nothing answers (not started yet).
+fn get(addr: SocketAddr, path: &str) -> Result<Answer, String> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut raw = Vec::new();
+    stream
+        .read_to_end(&mut raw)
+        .map_err(|e| format!("read {path}: {e}"))?;
+    let raw = String::from_utf8(raw).map_err(|e| e.to_string())?;
+    let (head, body) = raw
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("no header end: {raw:?}"))?;
+    let (status_line, headers) = head.split_once("\r\n").unwrap_or((head, ""));
+    let status = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("bad status line {status_line:?}"))?;
+    Ok(Answer {
+        status,
+        headers: headers.to_owned(),
+        body: body.to_owned(),
+    })
+}
+
+/// Python's prometheus_client OpenMetrics parser: strict (it rejects a
+/// missing `# EOF`, a counter sample without `_total`, a bad escape...);
+/// prints every sample as JSON.
+const PARSE: &str = r#"
+import json, sys
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+samples = []
+with open(sys.argv[1], encoding="utf-8") as f:
+    for family in text_string_to_metric_families(f.read()):
+        for sample in family.samples:
+            samples.append({"family": family.name, "type": family.type,
+                            "name": sample.name, "labels": sample.labels,
+                            "value": sample.value})
+print(json.dumps(samples))
+"#;
+
+/// One scrape of `/metrics`, as the parser read it.
+struct Scrape {
+    samples: Vec<serde_json::Value>,
+    text: String,
+}
+
+impl Scrape {
+    /// The value of the sample `name` whose labels include `labels`.
+    fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        self.samples
+            .iter()
+            .find(|sample| {
+                sample["name"] == name
+                    && labels
+                        .iter()
+                        .all(|(key, value)| sample["labels"][*key] == *value)
+            })
+            .and_then(|sample| sample["value"].as_f64())
+    }
+
+    fn count(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.value(name, labels).unwrap_or(0.0)
+    }
+
+    fn family_type(&self, family: &str) -> Option<&str> {
+        self.samples
+            .iter()
+            .find(|s| s["family"] == family)
+            .and_then(|s| s["type"].as_str())
+    }
+}
+
+/// GETs `/metrics` and parses it; panics if the exposition is invalid.
+fn scrape(addr: SocketAddr, scratch: &Path) -> Result<Scrape, String> {
+    let answer = get(addr, "/metrics")?;
+    if answer.status != 200 {
+        return Err(format!("/metrics: {} {}", answer.status, answer.body));
+    }
+    assert_eq!(answer.header("content-type"), Some(OPENMETRICS));
+    let file = scratch.join("metrics.txt");
+    fs::write(&file, &answer.body).expect("write scrape");
+    let out = Command::new("python3")
+        .args(["-c", PARSE, s(&file)])
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "the OpenMetrics parser rejected /metrics (is prometheus-client installed? \
+         scripts/install-test-deps):\n{}\n--- exposition\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        answer.body
+    );
+    let samples = serde_json::from_slice(&out.stdout).expect("parser json");
+    Ok(Scrape {
+        samples,
+        text: answer.body,
+    })
+}
+
+/// Waits until a scrape satisfies `check`, and returns it.
+#[track_caller]
+fn scrape_until(
+    addr: SocketAddr,
+    scratch: &Path,
+    mut check: impl FnMut(&Scrape) -> Result<(), String>,
+) -> Scrape {
+    eventually(Duration::from_secs(15), || {
+        let scrape = scrape(addr, scratch)?;
+        check(&scrape).map_err(|e| format!("{e}\n--- /metrics\n{}", scrape.text))?;
+        Ok(scrape)
+    })
+}
+
+#[track_caller]
+fn wait_status(addr: SocketAddr, path: &str, want: u16) -> Answer {
+    eventually(Duration::from_secs(15), || {
+        let answer = get(addr, path)?;
+        if answer.status == want {
+            Ok(answer)
+        } else {
+            Err(format!("{path}: {} {}", answer.status, answer.body))
+        }
+    })
+}
+
+/// Writes `bytes` at `dir/name` by a rename, so that the daemon never reads
+/// a half-written file (a name starting with `..` is not a source).
+fn put(dir: &Path, name: &str, bytes: impl AsRef<[u8]>) {
+    let staged = write(dir, "..staged", bytes);
+    fs::rename(staged, dir.join(name)).expect("rename");
+}
+
+const RENDERS: &str = "anchorage_renders_total";
+const BUNDLE: (&str, &str) = ("bundle", "default");
+
+#[test]
+fn metrics_count_renders_refusals_and_reloads() {
+    let (dir, logs) = workdir();
+    let sources = dir.path().join("src");
+    let (a, b) = (Ca::new("Metrics A"), Ca::new("Metrics B"));
+    put(&sources, "a.pem", a.pem());
+    let output = dir.path().join("out/ca.pem");
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let daemon = Daemon::start(
+        &logs,
+        &[
+            "--source",
+            s(&sources),
+            "--output",
+            s(&output),
+            "--exec",
+            "true",
+            "--debounce",
+            "50ms",
+            "--listen",
+            &addr.to_string(),
+        ],
+    );
+    let exec_ok = [BUNDLE, ("action", "exec"), ("result", "success")];
+    let changed = [BUNDLE, ("result", "changed")];
+
+    let first = scrape_until(addr, &logs, |m| {
+        if m.count(RENDERS, &changed) >= 1.0 && m.count("anchorage_reloads_total", &exec_ok) >= 1.0
+        {
+            Ok(())
+        } else {
+            Err("no changed render and exec reload yet".into())
+        }
+    });
+    assert_eq!(first.family_type("anchorage_renders"), Some("counter"));
+    assert_eq!(
+        first.value("anchorage_bundle_certificates", &[BUNDLE]),
+        Some(1.0)
+    );
+    let not_after = first
+        .value(
+            "anchorage_certificate_not_after_seconds",
+            &[BUNDLE, ("sha256", &a.sha256())],
+        )
+        .expect("not_after of A");
+    let now = time::OffsetDateTime::now_utc().unix_timestamp() as f64;
+    assert!(
+        (not_after - now - 365.0 * 86_400.0).abs() < 3_600.0,
+        "{not_after}"
+    );
+    // Seconds until the earliest expiry, as of this scrape.
+    let left = first
+        .value("anchorage_bundle_earliest_expiry_seconds", &[BUNDLE])
+        .expect("earliest expiry");
+    assert!(
+        (not_after - now - left).abs() < 60.0,
+        "{left} vs {not_after}"
+    );
+    let last_success = first
+        .value("anchorage_last_success_timestamp_seconds", &[BUNDLE])
+        .expect("last success");
+    assert!((now - last_success).abs() < 60.0, "{last_success}");
+    let renders = first.count(RENDERS, &changed);
+    let reloads = first.count("anchorage_reloads_total", &exec_ok);
+
+    // A real change: one more changed render, one more reload, two CAs.
+    put(&sources, "b.pem", b.pem());
+    let second = scrape_until(addr, &logs, |m| {
+        if m.count(RENDERS, &changed) > renders
+            && m.count("anchorage_reloads_total", &exec_ok) > reloads
+            && m.value("anchorage_bundle_certificates", &[BUNDLE]) == Some(2.0)
+        {
+            Ok(())
+        } else {
+            Err("the change is not counted yet".into())
+        }
+    });
+    assert!(
+        second
+            .value(
+                "anchorage_certificate_not_after_seconds",
+                &[BUNDLE, ("sha256", &b.sha256())]
+            )
+            .is_some()
+    );
+    assert_eq!(pem_certs(&fs::read(&output).expect("output")).len(), 2);
+
+    // Damaged input: refused, counted with its reason; nothing else moves.
+    let damaged = [BUNDLE, ("reason", "damaged")];
+    let refusals = second.count("anchorage_refusals_total", &damaged);
+    put(
+        &sources,
+        "c.pem",
+        "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
+    );
+    let third = scrape_until(addr, &logs, |m| {
+        if m.count("anchorage_refusals_total", &damaged) > refusals
+            && m.count(RENDERS, &[BUNDLE, ("result", "refused")]) >= 1.0
+        {
+            Ok(())
+        } else {
+            Err("the refusal is not counted yet".into())
+        }
+    });
+    assert_eq!(
+        third.value("anchorage_bundle_certificates", &[BUNDLE]),
+        Some(2.0),
+        "a refused bundle leaves the published one"
+    );
+    assert_eq!(
+        third.count("anchorage_reloads_total", &exec_ok),
+        second.count("anchorage_reloads_total", &exec_ok)
+    );
+
+    assert_eq!(get(addr, "/healthz").expect("healthz").status, 200);
+    let ready = get(addr, "/readyz").expect("readyz");
+    assert_eq!((ready.status, ready.body.trim()), (200, "ok"));
+    assert_eq!(get(addr, "/nothing").expect("404").status, 404);
+    assert_eq!(daemon.stop(), 0);
+}
+
+#[test]
+fn readyz_waits_for_every_bundle_to_render_once() {
+    let (dir, logs) = workdir();
+    let sources = dir.path().join("src");
+    put(&sources, "old.pem", Ca::expired("Only Expired").pem());
+    let output = dir.path().join("out/ca.pem");
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let daemon = Daemon::start(
+        &logs,
+        &[
+            "--source",
+            s(&sources),
+            "--output",
+            s(&output),
+            "--debounce",
+            "50ms",
+            "--listen",
+            &addr.to_string(),
+        ],
+    );
+    // Refused from the start (no usable CA): alive, never rendered.
+    scrape_until(addr, &logs, |m| {
+        if m.count(RENDERS, &[BUNDLE, ("result", "refused")]) >= 1.0 {
+            Ok(())
+        } else {
+            Err("not refused yet".into())
+        }
+    });
+    assert_eq!(get(addr, "/healthz").expect("healthz").status, 200);
+    let ready = get(addr, "/readyz").expect("readyz");
+    assert_eq!(ready.status, 503, "{}", ready.body);
+    assert!(ready.body.contains("default: refused"), "{}", ready.body);
+    assert!(!output.exists());
+
+    put(&sources, "new.pem", Ca::new("Fresh").pem());
+    wait_status(addr, "/readyz", 200);
+    assert!(output.exists());
+    assert_eq!(daemon.stop(), 0);
+}
+
+#[test]
+fn a_taken_listen_address_is_a_configuration_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let source = write(dir.path(), "ca.pem", Ca::new("Taken").pem());
+    let output = dir.path().join("out/ca.pem");
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let mut child = anchorage()
+        .args(["run", "--source", s(&source), "--output", s(&output)])
+        .args(["--listen", &addr])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start anchorage");
+    // It must exit by itself; a daemon that went on is killed, not waited for.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("anchorage went on running with its --listen address taken");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = Outcome::of(child.wait_with_output().expect("wait"));
+    out.expect_code(2);
+    assert!(
+        out.stderr
+            .contains(&format!("{addr}: address already in use")),
+        "{}",
+        out.stderr
+    );
+    assert!(!output.exists(), "rendered before binding");
+}
+
+/// One datagram received on the notify socket.
+struct Note {
+    at: Instant,
+    message: String,
+    /// Whether the output existed when it arrived.
+    output_existed: bool,
+}
+
+/// A stand-in for systemd's notify socket, collecting what arrives.
+struct NotifySocket {
+    path: PathBuf,
+    notes: Arc<Mutex<Vec<Note>>>,
+    done: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl NotifySocket {
+    fn bind(path: PathBuf, output: PathBuf) -> Self {
+        let socket = UnixDatagram::bind(&path).expect("bind notify socket");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .expect("timeout");
+        let notes = Arc::new(Mutex::new(Vec::new()));
+        let done = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (notes, done) = (notes.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 4096];
+                while !done.load(Ordering::Relaxed) {
+                    if let Ok(n) = socket.recv(&mut buf) {
+                        let note = Note {
+                            at: Instant::now(),
+                            message: String::from_utf8_lossy(&buf[..n]).into_owned(),
+                            output_existed: output.exists(),
+                        };
+                        notes.lock().expect("notes").push(note);
+                    }
+                }
+            })
+        };
+        Self {
+            path,
+            notes,
+            done,
+            thread: Some(thread),
+        }
+    }
+
+    /// The messages holding `line` (a whole `KEY=VALUE` line).
+    fn with_line(&self, line: &str) -> Vec<(Instant, String, bool)> {
+        self.notes
+            .lock()
+            .expect("notes")
+            .iter()
+            .filter(|n| n.message.lines().any(|l| l == line))
+            .map(|n| (n.at, n.message.clone(), n.output_existed))
+            .collect()
+    }
+
+    fn statuses(&self) -> Vec<String> {
+        self.notes
+            .lock()
+            .expect("notes")
+            .iter()
+            .flat_map(|n| n.message.lines().map(str::to_owned).collect::<Vec<_>>())
+            .filter(|l| l.starts_with("STATUS="))
+            .collect()
+    }
+
+    #[track_caller]
+    fn wait_line(&self, line: &str, count: usize) -> Vec<(Instant, String, bool)> {
+        eventually(Duration::from_secs(15), || {
+            let seen = self.with_line(line);
+            if seen.len() >= count {
+                Ok(seen)
+            } else {
+                Err(format!("{line} seen {} times, want {count}", seen.len()))
+            }
+        })
+    }
+
+    /// Waits until no `WATCHDOG=1` has arrived for `quiet`.
+    #[track_caller]
+    fn wait_watchdog_silence(&self, quiet: Duration) {
+        eventually(Duration::from_secs(15), || {
+            let last = self.with_line("WATCHDOG=1").last().map(|n| n.0);
+            match last {
+                Some(at) if at.elapsed() < quiet => Err(format!(
+                    "a watchdog ping came {:?} ago: the pings go on",
+                    at.elapsed()
+                )),
+                _ => Ok(()),
+            }
+        });
+    }
+
+    fn setup(&self, command: &mut Command) {
+        command
+            .env("NOTIFY_SOCKET", &self.path)
+            .env("WATCHDOG_USEC", "400000")
+            .env_remove("WATCHDOG_PID");
+    }
+}
+
+impl Drop for NotifySocket {
+    fn drop(&mut self) {
+        self.done.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+#[test]
+fn systemd_hears_ready_status_watchdog_and_stopping() {
+    let (dir, logs) = workdir();
+    let source = write(&dir.path().join("src"), "ca.pem", Ca::new("Notify").pem());
+    let output = dir.path().join("out/ca.pem");
+    let notify = NotifySocket::bind(logs.join("notify.sock"), output.clone());
+    let daemon = Daemon::start_with(
+        &logs,
+        &["--source", s(&source), "--output", s(&output)],
+        |c| notify.setup(c),
+    );
+
+    let ready = notify.wait_line("READY=1", 1);
+    assert!(ready[0].2, "READY=1 came before the output existed");
+    assert_eq!(notify.with_line("READY=1").len(), 1);
+    assert!(
+        notify
+            .statuses()
+            .iter()
+            .any(|l| l == "STATUS=default: 1 certificates"),
+        "{:?}",
+        notify.statuses()
+    );
+
+    // WATCHDOG_USEC=400ms: a ping about every 200 ms.
+    let pings = notify.wait_line("WATCHDOG=1", 8);
+    let span = pings[7].0 - pings[0].0;
+    assert!(
+        span >= Duration::from_millis(700) && span <= Duration::from_secs(3),
+        "7 watchdog periods took {span:?}"
+    );
+
+    assert_eq!(daemon.stop(), 0);
+    let stopping = notify.wait_line("STOPPING=1", 1);
+    let later = notify
+        .with_line("WATCHDOG=1")
+        .into_iter()
+        .filter(|n| n.0 > stopping[0].0)
+        .count();
+    assert_eq!(later, 0, "a watchdog ping after STOPPING=1");
+}
+
+#[test]
+fn a_stuck_event_loop_fails_healthz_and_stops_the_watchdog() {
+    let (dir, logs) = workdir();
+    let sources = dir.path().join("src");
+    let source = write(&sources, "ca.pem", Ca::new("Before Freeze").pem());
+    let output = dir.path().join("out/ca.pem");
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let notify = NotifySocket::bind(logs.join("notify.sock"), output.clone());
+    let daemon = Daemon::start_with(
+        &logs,
+        &[
+            "--source",
+            s(&source),
+            "--output",
+            s(&output),
+            "--debounce",
+            "0",
+            "--listen",
+            &addr.to_string(),
+        ],
+        |c| notify.setup(c),
+    );
+    notify.wait_line("READY=1", 1);
+    wait_status(addr, "/healthz", 200);
+    notify.wait_line("WATCHDOG=1", 2);
+
+    // The source becomes a FIFO: opening it blocks until a writer comes, as
+    // a read from a hung NFS server does. A second name keeps a way to it.
+    let stage = dir.path().join("stage");
+    fs::create_dir_all(&stage).expect("mkdir");
+    let fifo = stage.join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o644)).expect("mkfifo");
+    let writer_end = stage.join("writer-end");
+    fs::hard_link(&fifo, &writer_end).expect("link");
+    fs::rename(&fifo, &source).expect("rename the FIFO over the source");
+
+    let stuck = wait_status(addr, "/healthz", 503);
+    assert!(
+        stuck.body.contains("event loop not answering"),
+        "{}",
+        stuck.body
+    );
+    // /metrics does not need the event loop.
+    scrape(addr, &logs).expect("/metrics while stuck");
+    notify.wait_watchdog_silence(Duration::from_secs(1));
+    daemon.wait_log("withholding systemd watchdog pings", 1);
+
+    // A regular file takes the FIFO's name, then a writer feeds the blocked
+    // read and closes: the loop goes on and renders what it read.
+    let thawed = Ca::new("After Freeze");
+    put(&sources, "ca.pem", thawed.pem());
+    let mut pipe = eventually(Duration::from_secs(5), || {
+        fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+            .open(&writer_end)
+            .map_err(|e| format!("open the FIFO for writing: {e}"))
+    });
+    pipe.write_all(thawed.pem().as_bytes())
+        .expect("feed the FIFO");
+    drop(pipe);
+
+    wait_status(addr, "/healthz", 200);
+    let resumed = notify.with_line("WATCHDOG=1").len();
+    notify.wait_line("WATCHDOG=1", resumed + 2);
+    eventually(Duration::from_secs(15), || {
+        let certs = pem_certs(&fs::read(&output).map_err(|e| e.to_string())?);
+        if certs == vec![thawed.der()] {
+            Ok(())
+        } else {
+            Err(format!("{} certificates, not the thawed CA", certs.len()))
+        }
+    });
+    assert_eq!(daemon.stop(), 0);
+}
