@@ -6,6 +6,7 @@ mod support;
 mod atomicity;
 mod check;
 mod config;
+mod e2e;
 mod observability;
 mod render;
 mod rotation;

@@ -1,0 +1,1 @@
+//! End-to-end: erlang (tests are added with the erlang story).

@@ -1,0 +1,1 @@
+//! End-to-end: java (tests are added with the java story).

@@ -1,0 +1,1 @@
+//! End-to-end: manifests (tests are added with the manifests story).

@@ -1,0 +1,9 @@
+//! End-to-end: each app a user runs, reloaded by anchorage the way that app
+//! takes new trust, through a whole CA rotation written kubelet-style.
+
+mod erlang;
+mod java;
+mod manifests;
+mod nats;
+mod nginx;
+mod pm2;

@@ -1,0 +1,1 @@
+//! End-to-end: nats (tests are added with the nats story).

@@ -1,0 +1,1 @@
+//! End-to-end: nginx (tests are added with the nginx story).

@@ -1,0 +1,1 @@
+//! End-to-end: pm2 (tests are added with the pm2 story).
