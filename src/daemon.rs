@@ -51,12 +51,15 @@ struct BundleState {
     refusal: Option<&'static str>,
     /// CAs removed from the sources but still within `retain_removed`.
     retention: Retention,
+    /// The files the last accepted read found.
+    files_seen: Vec<PathBuf>,
 }
 
 impl BundleState {
     fn new(config: BundleConfig, state_dir: Option<&Path>) -> Self {
         Self {
             retention: Retention::load(state_dir, &config.name),
+            files_seen: Vec::new(),
             config,
             last: None,
             published: HashMap::new(),
@@ -412,7 +415,19 @@ impl Daemon {
         let now = unix_now();
         let state = &mut self.bundles[i];
         let name = state.config.name.clone();
-        let assembly = match render::assemble(&state.config, Some(&mut state.retention), now) {
+        // A file of the last read that is now a directory is unreadable, not
+        // absent: a half-done replacement must not shrink the trust set.
+        let replaced = state
+            .files_seen
+            .iter()
+            .find(|p| std::fs::metadata(p).is_ok_and(|m| m.is_dir()));
+        let result = match replaced {
+            Some(path) => Err(crate::bundle::Refusal::Source(
+                crate::source::SourceError::directory_where_a_file_was(path),
+            )),
+            None => render::assemble(&state.config, Some(&mut state.retention), now),
+        };
+        let assembly = match result {
             Ok(assembly) => assembly,
             Err(refusal) => {
                 warn!(bundle = %name, reason = refusal.reason(), error = %refusal,
@@ -472,6 +487,7 @@ impl Daemon {
             .min();
         state.rendered = true;
         state.refusal = None;
+        state.files_seen = assembly.files.clone();
         state.last = Some(assembly.bundle);
         if changed.is_empty() {
             return false;

@@ -85,6 +85,8 @@ pub struct Assembly {
     pub pending: Vec<Anchor>,
     /// Copies of a certificate already seen.
     pub duplicates: usize,
+    /// Every file read, certificates or not.
+    pub files: Vec<std::path::PathBuf>,
 }
 
 impl Assembly {
@@ -177,6 +179,7 @@ pub fn collect(files: &[SourceFile], policy: &Policy, now: i64) -> Result<Assemb
     let mut assembly = Assembly::default();
     let mut kept = Vec::new();
     for file in files {
+        assembly.files.push(file.path.clone());
         for (index, block) in file.blocks.iter().enumerate() {
             // Identical bytes parse identically: skip the copy early. A
             // trusted block carries aux data, so its key is the parsed DER.

@@ -239,7 +239,7 @@ fn describe(action: &ReloadAction) -> String {
     match action {
         ReloadAction::Signal { signal, target } => format!("signal {signal} to {target:?}"),
         ReloadAction::Exec(argv) => format!("exec {argv:?}"),
-        ReloadAction::Http { url, method } => format!("http {method} {url}"),
+        ReloadAction::Http { url, method } => format!("http {method} {}", http::redact(url)),
         ReloadAction::RestartChild => "restart child".into(),
     }
 }
@@ -258,7 +258,11 @@ async fn prove(spec: &ReloadSpec, request: &Request, metrics: &Metrics) -> Resul
     }
     match result {
         Ok(()) => {
-            info!(names = ?request.names, probe = ?probe, "probe: the app took the change");
+            let shown = match probe {
+                Probe::Tls(addr) => format!("tls {addr}"),
+                Probe::Http(url) => format!("http {}", http::redact(url)),
+            };
+            info!(names = ?request.names, probe = %shown, "probe: the app took the change");
             Ok(())
         }
         Err(e) => Err(Failure::Failed(format!(

@@ -96,6 +96,14 @@ pub enum SourceErrorKind {
 }
 
 impl SourceError {
+    /// A path that held a file at the last read and is a directory now.
+    pub fn directory_where_a_file_was(path: &Path) -> Self {
+        unreadable(
+            path,
+            io::Error::new(io::ErrorKind::IsADirectory, "a directory where a file was"),
+        )
+    }
+
     fn new(path: &Path, kind: SourceErrorKind) -> Self {
         Self {
             path: path.to_path_buf(),

@@ -606,3 +606,34 @@ fn writes_beside_a_source_directory_do_not_render() {
         "{renders} renders: writes beside the source triggered renders"
     );
 }
+
+/// A file replaced by a directory is unreadable, not absent: the bundle is
+/// refused even though another source still holds a CA.
+#[test]
+fn a_directory_where_a_file_was_refuses_the_bundle() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (Ca::new("File A"), Ca::new("File B"));
+    let src = dir.path().join("src");
+    write(&src, "a.pem", a.pem());
+    let b_file = write(&src, "b.pem", b.pem());
+    let output = dir.path().join("out/ca.pem");
+    let logs = dir.path().join("logs");
+    fs::create_dir(&logs).expect("mkdir");
+    // One debounced burst: the removal and the mkdir are seen together.
+    let daemon = Daemon::start(
+        &logs,
+        &[
+            "--source",
+            s(&src),
+            "--output",
+            s(&output),
+            "--debounce",
+            "500ms",
+        ],
+    );
+    wait_output(&output, &expected_pem(&[&a, &b]));
+    fs::remove_file(&b_file).expect("rm");
+    fs::create_dir(&b_file).expect("mkdir");
+    daemon.wait_log("a directory where a file was", 1);
+    assert_eq!(fs::read(&output).expect("output"), expected_pem(&[&a, &b]));
+}
