@@ -473,20 +473,9 @@ fn hashed_dir_on_a_mount_point_is_published_through_data() {
         a = s(&src),
         b = s(&src2)
     );
-    let out = std::process::Command::new("unshare")
-        .args(["--mount", "sh", "-c", &script])
-        .output()
-        .expect("unshare");
-    if out.status.code() == Some(77)
-        || (!out.status.success()
-            && String::from_utf8_lossy(&out.stderr).contains("unshare failed"))
-    {
-        eprintln!(
-            "skipped: cannot mount here: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+    let Some(out) = crate::support::in_mount_namespace(&script) else {
         return;
-    }
+    };
     assert!(
         out.status.success(),
         "exit {:?}: {}",

@@ -417,8 +417,10 @@ fn probe_config(dir: &Path, cert: &Path, key: &Path, url: &str, addr: &str) -> P
     )
 }
 
-#[test]
-fn a_probe_sees_the_app_serve_the_new_certificate() {
+/// A TLS app on its first pair, anchorage watching the pair with a probe,
+/// then a new pair written: returns the daemon to read what it concluded.
+/// `honest`: the app re-reads its pair when told to reload.
+fn rotate_pair_under_probe(honest: bool) -> (tempfile::TempDir, Daemon) {
     let dir = tempfile::tempdir().expect("tempdir");
     let ca = Ca::new("Probe CA");
     let pair = dir.path().join("tls");
@@ -429,31 +431,23 @@ fn a_probe_sees_the_app_serve_the_new_certificate() {
         trust: cert.clone(),
     };
     let server = std::sync::Arc::new(Server::start(tls::server_config(&id, false)));
-    let url = reload_endpoint(server.clone(), id, true);
+    let url = reload_endpoint(server.clone(), id, honest);
     let config = probe_config(dir.path(), &cert, &key, &url, &server.addr());
     let daemon = Daemon::start(dir.path(), &["--config", s(&config), "--debounce", "0"]);
     daemon.wait_log("key pair checked", 1);
     write_pair(&pair, &ca.leaf("localhost"));
+    (dir, daemon)
+}
+
+#[test]
+fn a_probe_sees_the_app_serve_the_new_certificate() {
+    let (_dir, daemon) = rotate_pair_under_probe(true);
     daemon.wait_log("probe: the app took the change", 1);
 }
 
 #[test]
 fn a_probe_catches_an_app_that_ignored_the_reload() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let ca = Ca::new("Stubborn CA");
-    let pair = dir.path().join("tls");
-    let (cert, key) = write_pair(&pair, &ca.leaf("localhost"));
-    let id = Identity {
-        cert: cert.clone(),
-        key: key.clone(),
-        trust: cert.clone(),
-    };
-    let server = std::sync::Arc::new(Server::start(tls::server_config(&id, false)));
-    let url = reload_endpoint(server.clone(), id, false);
-    let config = probe_config(dir.path(), &cert, &key, &url, &server.addr());
-    let daemon = Daemon::start(dir.path(), &["--config", s(&config), "--debounce", "0"]);
-    daemon.wait_log("key pair checked", 1);
-    write_pair(&pair, &ca.leaf("localhost"));
+    let (_dir, daemon) = rotate_pair_under_probe(false);
     // The reload "succeeded", the probe says otherwise, and it is retried.
     daemon.wait_log("still serves another certificate", 1);
     daemon.wait_log("no retries left", 1);
@@ -611,20 +605,9 @@ fn a_subpath_bind_mount_is_warned_about() {
         s(&target),
         s(&output)
     );
-    let out = std::process::Command::new("unshare")
-        .args(["--mount", "sh", "-c", &script])
-        .output()
-        .expect("unshare");
-    if out.status.code() == Some(77)
-        || (!out.status.success()
-            && String::from_utf8_lossy(&out.stderr).contains("unshare failed"))
-    {
-        eprintln!(
-            "skipped: cannot bind-mount here: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+    let Some(out) = crate::support::in_mount_namespace(&script) else {
         return;
-    }
+    };
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(

@@ -96,3 +96,25 @@ pub fn sh(script: &str) -> String {
 pub fn file_sha256(path: &Path) -> String {
     pki::sha256_hex(&std::fs::read(path).expect("read"))
 }
+
+/// Runs `script` with `sh` in a new mount namespace (root only), so a test
+/// can mount without touching the machine. `None` when this machine cannot
+/// (no privilege): the caller skips, saying so. A script exits 77 when its
+/// own `mount` is refused.
+pub fn in_mount_namespace(script: &str) -> Option<Output> {
+    let out = Command::new("unshare")
+        .args(["--mount", "sh", "-c", script])
+        .output()
+        .expect("unshare");
+    let refused = out.status.code() == Some(77)
+        || (!out.status.success()
+            && String::from_utf8_lossy(&out.stderr).contains("unshare failed"));
+    if refused {
+        eprintln!(
+            "skipped: cannot mount here: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return None;
+    }
+    Some(out)
+}
