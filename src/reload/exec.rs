@@ -1,13 +1,24 @@
 //! Reloading by running a command: argv without a shell, in its own process
-//! group, bounded by a timeout at which the whole group is killed.
+//! group, bounded by a timeout at which the whole group is killed. Its
+//! output is captured and logged as anchorage's own lines (so JSON logs stay
+//! one object per line), and the last line of its stderr explains a failure.
 
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tracing::info;
 
 use super::Failure;
+
+/// How much of a command's output is kept (the end of it).
+const OUTPUT_CAP: usize = 16 * 1024;
+/// How long to wait for the output after the command exited: a daemon it
+/// started (PM2's) may hold the pipe open for ever.
+const OUTPUT_GRACE: Duration = Duration::from_millis(200);
 
 /// Runs `argv` with `env` added; success is exit code 0 within `timeout`.
 pub async fn run(
@@ -23,29 +34,93 @@ pub async fn run(
         .args(args)
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         // systemd's notify channel is anchorage's, not its children's.
         .env_remove("NOTIFY_SOCKET")
         .env_remove("WATCHDOG_USEC")
         .env_remove("WATCHDOG_PID")
         .process_group(0)
         .kill_on_drop(true);
-    let mut child = super::child::spawn_tracked(&mut command)
-        .map_err(|e| Failure::Failed(format!("cannot start {program:?}: {e}")))?;
+    let mut child = super::child::spawn_tracked(&mut command).map_err(|e| {
+        // A command that is not there (yet) is an absent target: at start
+        // it is skipped, later it is retried.
+        if e.kind() == std::io::ErrorKind::NotFound {
+            Failure::Absent(format!("cannot start {program:?}: {e}"))
+        } else {
+            Failure::Failed(format!("cannot start {program:?}: {e}"))
+        }
+    })?;
     let group = child.id().map(|id| Pid::from_raw(id as i32));
-    match tokio::time::timeout(timeout, child.wait()).await {
+    let stdout = Capture::start(child.stdout.take());
+    let stderr = Capture::start(child.stderr.take());
+    let result = match tokio::time::timeout(timeout, child.wait()).await {
         Ok(Ok(status)) if status.success() => Ok(()),
-        Ok(Ok(status)) => Err(Failure::Failed(format!("{program:?} failed: {status}"))),
-        Ok(Err(e)) => Err(Failure::Failed(format!("{program:?}: wait: {e}"))),
+        Ok(Ok(status)) => Err(format!("{program:?} failed: {status}")),
+        Ok(Err(e)) => Err(format!("{program:?}: wait: {e}")),
         Err(_) => {
             if let Some(group) = group {
                 let _ = killpg(group, Signal::SIGKILL);
             }
             let _ = child.wait().await;
-            Err(Failure::Failed(format!(
+            Err(format!(
                 "{program:?} did not finish within {}; its process group was killed",
                 humantime::format_duration(timeout)
-            )))
+            ))
         }
+    };
+    let out = stdout.finish().await;
+    let err = stderr.finish().await;
+    for (stream, text) in [("stdout", &out), ("stderr", &err)] {
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            info!(command = %program, stream, "{}", line.trim_end());
+        }
+    }
+    result.map_err(
+        |message| match err.lines().rev().find(|l| !l.trim().is_empty()) {
+            Some(last) => Failure::Failed(format!("{message}: {}", last.trim())),
+            None => Failure::Failed(message),
+        },
+    )
+}
+
+/// The end of one output stream, read as it comes.
+struct Capture {
+    buffer: Arc<Mutex<Vec<u8>>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Capture {
+    fn start(stream: Option<impl AsyncRead + Unpin + Send + 'static>) -> Self {
+        let buffer = Arc::new(Mutex::new(Vec::new()));
+        let task = stream.map(|mut stream| {
+            let buffer = buffer.clone();
+            tokio::spawn(async move {
+                let mut chunk = [0u8; 4096];
+                while let Ok(n) = stream.read(&mut chunk).await {
+                    if n == 0 {
+                        break;
+                    }
+                    let mut kept = buffer.lock().unwrap_or_else(|e| e.into_inner());
+                    kept.extend_from_slice(&chunk[..n]);
+                    let excess = kept.len().saturating_sub(OUTPUT_CAP);
+                    kept.drain(..excess);
+                }
+            })
+        });
+        Self { buffer, task }
+    }
+
+    /// What was read, once the stream ended or the grace ran out.
+    async fn finish(mut self) -> String {
+        if let Some(task) = self.task.take() {
+            let abort = task.abort_handle();
+            if tokio::time::timeout(OUTPUT_GRACE, task).await.is_err() {
+                abort.abort();
+            }
+        }
+        let bytes = std::mem::take(&mut *self.buffer.lock().unwrap_or_else(|e| e.into_inner()));
+        String::from_utf8_lossy(&bytes).into_owned()
     }
 }
 
@@ -55,6 +130,30 @@ mod tests {
 
     fn argv(words: &[&str]) -> Vec<String> {
         words.iter().map(|w| w.to_string()).collect()
+    }
+
+    #[tokio::test]
+    async fn a_failure_quotes_the_last_line_of_stderr() {
+        let err = run(
+            &argv(&["sh", "-c", "echo working; echo 'no such app' >&2; exit 1"]),
+            &[],
+            Duration::from_secs(5),
+        )
+        .await;
+        assert!(matches!(err, Err(Failure::Failed(m)) if m.ends_with("no such app")));
+    }
+
+    #[tokio::test]
+    async fn a_daemon_holding_the_pipe_does_not_hang_the_reload() {
+        let started = std::time::Instant::now();
+        run(
+            &argv(&["sh", "-c", "sleep 5 & exit 0"]),
+            &[],
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("exits 0");
+        assert!(started.elapsed() < Duration::from_secs(3));
     }
 
     #[tokio::test]
