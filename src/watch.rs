@@ -308,8 +308,12 @@ impl Watch {
         while let Some(dir) = ancestor {
             if let Some(routes) = self.routes.get(dir) {
                 for route in routes {
+                    // A file inside a kubelet volume changes when `..data`
+                    // is renamed over, never its visible link.
                     let matches = if direct {
-                        route.only.is_none() || route.only.as_deref() == name
+                        route.only.is_none()
+                            || route.only.as_deref() == name
+                            || name == Some(std::ffi::OsStr::new(crate::source::KUBELET_DATA))
                     } else {
                         route.recursive
                     };

@@ -211,10 +211,14 @@ fn read_dir(dir: &Path, out: &mut Vec<SourceFile>) -> Result<(), SourceError> {
         };
         let mut files = Vec::new();
         match read_entries(&generation, dir, &mut files, true) {
-            Ok(true) => {
+            // Still the live generation after the read: kubelet swaps
+            // `..data` before it removes the old one, so a generation that
+            // was being removed while read shows here as replaced.
+            Ok(true) if fs::read_link(&data).is_ok_and(|now| dir.join(now) == generation) => {
                 out.append(&mut files);
                 return Ok(());
             }
+            Ok(true) => continue,
             // The generation was removed under us: a newer one is live.
             Ok(false) => continue,
             Err(e) => return Err(e),

@@ -637,3 +637,45 @@ fn a_directory_where_a_file_was_refuses_the_bundle() {
     daemon.wait_log("a directory where a file was", 1);
     assert_eq!(fs::read(&output).expect("output"), expected_pem(&[&a, &b]));
 }
+
+/// A source that is one file of a kubelet volume (its visible symlink) sees
+/// the swap, although kubelet never touches that link.
+#[test]
+fn a_file_inside_a_kubelet_volume_sees_the_swap() {
+    let (a, b) = (Ca::new("Visible A"), Ca::new("Visible B"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut volume = Volume::new(&dir.path().join("secret"));
+    volume.write(&[
+        ("ca.crt", &pems(&[&a])),
+        (
+            "tls.key",
+            b"-----BEGIN PRIVATE KEY-----\nAA==\n-----END PRIVATE KEY-----\n",
+        ),
+    ]);
+    let output = dir.path().join("out/ca.pem");
+    let logs = dir.path().join("logs");
+    fs::create_dir(&logs).expect("mkdir");
+    let visible = volume.dir.join("ca.crt");
+    let _daemon = Daemon::start(
+        &logs,
+        &[
+            "--source",
+            s(&visible),
+            "--output",
+            s(&output),
+            "--debounce",
+            "0",
+            "--resync",
+            "0",
+        ],
+    );
+    wait_output(&output, &expected_pem(&[&a]));
+    volume.write(&[
+        ("ca.crt", &pems(&[&a, &b])),
+        (
+            "tls.key",
+            b"-----BEGIN PRIVATE KEY-----\nAA==\n-----END PRIVATE KEY-----\n",
+        ),
+    ]);
+    wait_output(&output, &expected_pem(&[&a, &b]));
+}
