@@ -1,1 +1,366 @@
-//! End-to-end: nats (tests are added with the nats story).
+//! End-to-end: a real `nats-server` (client TLS with `verify: true`) through
+//! a whole CA rotation written kubelet-style. anchorage renders the bundle
+//! NATS reads as `ca_file` and reloads NATS by SIGHUP through its pid file;
+//! NATS re-reads `ca_file` on reload (server/reload.go) and keeps running.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustls::ClientConfig;
+use rustls::client::Resumption;
+use rustls::pki_types::ServerName;
+
+use crate::support::daemon::{Daemon, eventually};
+use crate::support::kubelet::Volume;
+use crate::support::pki::{Ca, Leaf, sha256_hex};
+use crate::support::tls::{self, Identity};
+use crate::support::{pem_certs, s, write};
+
+/// The `nats-server` binary: Debian puts it in /usr/sbin, which a non-root PATH
+/// often lacks; elsewhere, the first on PATH.
+fn nats_binary() -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    ["/usr/sbin", "/usr/local/sbin"]
+        .into_iter()
+        .map(PathBuf::from)
+        .chain(std::env::split_paths(&path))
+        .map(|dir| dir.join("nats-server"))
+        .find(|candidate| candidate.is_file())
+        .unwrap_or_else(|| panic!("nats-server is missing: run scripts/install-test-deps"))
+}
+
+const PATIENCE: Duration = Duration::from_secs(30);
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A port nobody listens on right now.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// Prints every log of the test when it fails (dropped while panicking).
+struct DumpLogsOnFailure(PathBuf);
+
+impl Drop for DumpLogsOnFailure {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let Ok(entries) = fs::read_dir(&self.0) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let text = fs::read_to_string(entry.path()).unwrap_or_default();
+            eprintln!("--- {}\n{text}", entry.path().display());
+        }
+    }
+}
+
+/// The running `nats-server`, killed when dropped.
+struct NatsServer {
+    child: Child,
+    log: PathBuf,
+    pid_file: PathBuf,
+}
+
+impl NatsServer {
+    /// Starts `nats-server -c CONFIG` and waits until its pid file names it.
+    fn start(config: &Path, pid_file: &Path, log: &Path) -> Self {
+        let out = fs::File::create(log).expect("nats log");
+        let child = Command::new(nats_binary())
+            .arg("-c")
+            .arg(config)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("dup"))
+            .stderr(out)
+            .spawn()
+            .expect("start nats-server");
+        let mut nats = Self {
+            child,
+            log: log.to_path_buf(),
+            pid_file: pid_file.to_path_buf(),
+        };
+        let pid = nats.pid();
+        eventually(PATIENCE, || {
+            nats.assert_running();
+            match nats.pid_in_file() {
+                Some(p) if p == pid => Ok(()),
+                other => Err(format!("nats pid file holds {other:?}, want {pid}")),
+            }
+        });
+        nats
+    }
+
+    fn pid_in_file(&self) -> Option<u32> {
+        fs::read_to_string(&self.pid_file).ok()?.trim().parse().ok()
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    #[track_caller]
+    fn assert_running(&mut self) {
+        let status = self.child.try_wait().expect("wait nats-server");
+        assert!(status.is_none(), "nats-server exited: {status:?}");
+    }
+
+    fn reloads(&self) -> usize {
+        fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .matches("Reloaded server configuration")
+            .count()
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes a leaf's certificate and key as `NAME.crt` and `NAME.key`.
+fn write_leaf(dir: &Path, name: &str, leaf: &Leaf) -> (PathBuf, PathBuf) {
+    (
+        write(dir, &format!("{name}.crt"), leaf.cert.pem()),
+        write(dir, &format!("{name}.key"), leaf.key.serialize_pem()),
+    )
+}
+
+/// A client with a certificate from `ca` that trusts the server CA, and
+/// never resumes a session (each attempt is a full handshake, so the
+/// client certificate is judged against the trust NATS holds now).
+fn client(dir: &Path, name: &str, ca: &Ca, server_ca: &Path) -> Arc<ClientConfig> {
+    let (cert, key) = write_leaf(dir, name, &ca.leaf(name));
+    let config = tls::client_config(&Identity {
+        cert,
+        key,
+        trust: server_ca.to_path_buf(),
+    });
+    let mut config = (*config).clone();
+    config.resumption = Resumption::disabled();
+    Arc::new(config)
+}
+
+/// A NATS client session: plain-text INFO, the TLS upgrade, CONNECT and
+/// PING. `Ok` once the server answers PONG; any other outcome is a refusal.
+fn nats_session(port: u16, config: &Arc<ClientConfig>) -> Result<(), String> {
+    let mut tcp = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
+    tcp.set_read_timeout(Some(IO_TIMEOUT)).ok();
+    tcp.set_write_timeout(Some(IO_TIMEOUT)).ok();
+    let mut info = Vec::new();
+    let mut byte = [0u8; 1];
+    while info.last() != Some(&b'\n') {
+        tcp.read_exact(&mut byte)
+            .map_err(|e| format!("reading INFO: {e}"))?;
+        info.push(byte[0]);
+        if info.len() > 64 * 1024 {
+            return Err("INFO line too long".into());
+        }
+    }
+    let info = String::from_utf8_lossy(&info);
+    if !info.starts_with("INFO ") || !info.contains("\"tls_required\":true") {
+        return Err(format!("unexpected greeting: {info}"));
+    }
+    let name = ServerName::try_from("localhost").expect("name");
+    let conn = rustls::ClientConnection::new(config.clone(), name).map_err(|e| e.to_string())?;
+    let mut stream = rustls::StreamOwned::new(conn, tcp);
+    stream
+        .write_all(
+            b"CONNECT {\"verbose\":false,\"pedantic\":false,\"tls_required\":true}\r\nPING\r\n",
+        )
+        .and_then(|()| stream.flush())
+        .map_err(|e| format!("TLS: {e}"))?;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut buf).map_err(|e| format!("TLS: {e}"))?;
+        if n == 0 {
+            return Err(format!(
+                "closed before PONG: {:?}",
+                String::from_utf8_lossy(&seen)
+            ));
+        }
+        seen.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&seen);
+        if text.contains("-ERR") {
+            return Err(format!("server said {}", text.trim()));
+        }
+        if text.contains("PONG\r\n") {
+            return Ok(());
+        }
+    }
+}
+
+#[track_caller]
+fn wait_accepted(what: &str, port: u16, config: &Arc<ClientConfig>) {
+    eventually(PATIENCE, || {
+        nats_session(port, config).map_err(|e| format!("{what} refused: {e}"))
+    });
+}
+
+#[track_caller]
+fn wait_refused(what: &str, port: u16, config: &Arc<ClientConfig>) -> String {
+    eventually(PATIENCE, || match nats_session(port, config) {
+        Ok(()) => Err(format!("{what} still accepted")),
+        Err(e) => Ok(e),
+    })
+}
+
+fn bundle_fingerprints(path: &Path) -> Vec<String> {
+    let mut v: Vec<String> = pem_certs(&fs::read(path).unwrap_or_default())
+        .iter()
+        .map(|d| sha256_hex(d))
+        .collect();
+    v.sort();
+    v
+}
+
+#[track_caller]
+fn wait_bundle(path: &Path, want: &[&Ca]) {
+    let mut want: Vec<String> = want.iter().map(|c| c.sha256()).collect();
+    want.sort();
+    eventually(PATIENCE, || {
+        let got = bundle_fingerprints(path);
+        if got == want {
+            Ok(())
+        } else {
+            Err(format!(
+                "{} has {} certificates, not the expected set",
+                path.display(),
+                got.len()
+            ))
+        }
+    });
+}
+
+fn pems(cas: &[&Ca]) -> Vec<u8> {
+    cas.iter().map(|c| c.pem()).collect::<String>().into_bytes()
+}
+
+#[test]
+fn nats_takes_a_ca_rotation_by_sighup_without_restarting() {
+    nats_binary();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let logs = dir.path().join("logs");
+    fs::create_dir_all(&logs).expect("mkdir logs");
+    let _dump = DumpLogsOnFailure(logs.clone());
+
+    let (ca_old, ca_new) = (Ca::new("NATS Clients Old"), Ca::new("NATS Clients New"));
+    let server_ca = Ca::new("NATS Server CA");
+    let pki = dir.path().join("pki");
+    let server_ca_file = write(&pki, "server-ca.pem", server_ca.pem());
+    let (server_cert, server_key) = write_leaf(&pki, "server", &server_ca.leaf("localhost"));
+    let old_client = client(&pki, "client-old", &ca_old, &server_ca_file);
+    let new_client = client(&pki, "client-new", &ca_new, &server_ca_file);
+
+    // The Secret holds CA-old; anchorage renders it before NATS starts.
+    let mut secret = Volume::new(&dir.path().join("secret"));
+    secret.write(&[("ca.crt", &pems(&[&ca_old]))]);
+    let output = dir.path().join("out").join("clients-ca.pem");
+    fs::create_dir_all(output.parent().expect("parent")).expect("mkdir out");
+    let nats_dir = dir.path().join("nats");
+    let pid_file = nats_dir.join("nats.pid");
+    let secret_dir = secret.dir.clone();
+    let daemon = Daemon::start(
+        &logs,
+        &[
+            "--source",
+            s(&secret_dir),
+            "--output",
+            s(&output),
+            "--pid-file",
+            s(&pid_file),
+            "--signal",
+            "HUP",
+            "--debounce",
+            "0",
+        ],
+    );
+    wait_bundle(&output, &[&ca_old]);
+
+    let port = free_port();
+    let config = write(
+        &nats_dir,
+        "nats.conf",
+        format!(
+            "listen: \"127.0.0.1:{port}\"
+pid_file: \"{pid_file}\"
+tls {{
+  cert_file: \"{cert}\"
+  key_file: \"{key}\"
+  ca_file: \"{ca}\"
+  verify: true
+  timeout: 5
+}}
+",
+            pid_file = s(&pid_file),
+            cert = s(&server_cert),
+            key = s(&server_key),
+            ca = s(&output),
+        ),
+    );
+    let mut nats = NatsServer::start(&config, &pid_file, &logs.join("nats-server.log"));
+    let pid = nats.pid();
+
+    // Before: CA-old clients are accepted, CA-new clients refused.
+    wait_accepted("a CA-old client", port, &old_client);
+    let refusal = nats_session(port, &new_client).expect_err("a CA-new client before the rotation");
+    eprintln!("nats: before the rotation a CA-new client is refused ({refusal})");
+
+    // The Secret gains CA-new: NATS is reloaded and accepts CA-new clients.
+    let swap = Instant::now();
+    secret.write(&[("ca.crt", &pems(&[&ca_old, &ca_new]))]);
+    wait_accepted("a CA-new client after CA-new was added", port, &new_client);
+    let took = swap.elapsed();
+    eprintln!(
+        "nats: swap -> first CA-new connection accepted: {} ms",
+        took.as_millis()
+    );
+    wait_bundle(&output, &[&ca_old, &ca_new]);
+    nats_session(port, &old_client).expect("a CA-old client during the rotation");
+    nats.assert_running();
+
+    // The Secret drops CA-old: after the reload CA-old clients are refused.
+    let swap = Instant::now();
+    secret.write(&[("ca.crt", &pems(&[&ca_new]))]);
+    let refusal = wait_refused(
+        "a CA-old client after CA-old was dropped",
+        port,
+        &old_client,
+    );
+    eprintln!(
+        "nats: swap -> first CA-old connection refused: {} ms ({refusal})",
+        swap.elapsed().as_millis()
+    );
+    wait_bundle(&output, &[&ca_new]);
+    nats_session(port, &new_client).expect("a CA-new client after the rotation");
+
+    // One process all along, reloaded once per change of the bundle.
+    nats.assert_running();
+    assert_eq!(nats.pid(), pid);
+    assert_eq!(nats.pid_in_file(), Some(pid), "nats-server kept its pid");
+    eventually(PATIENCE, || match nats.reloads() {
+        2 => Ok(()),
+        n => Err(format!("nats-server reloaded {n} times, want 2")),
+    });
+    assert!(
+        !daemon.log().contains("ERROR"),
+        "anchorage logged an error:\n{}",
+        daemon.log()
+    );
+    assert_eq!(daemon.stop(), 0);
+    assert_eq!(nats.reloads(), 2, "no reload at anchorage's exit");
+    eprintln!(
+        "nats: pid {pid} kept through 2 reloads; CA-new accepted {} ms after the swap",
+        took.as_millis()
+    );
+}
