@@ -98,6 +98,8 @@ pub struct Daemon {
     pings: Pings,
     reconfigure: Reconfigure,
     dirty: HashSet<usize>,
+    /// An event touched a watched directory or entry itself.
+    rewatch_needed: bool,
 }
 
 /// Unix time now, in seconds (the one clock the policy reads).
@@ -155,6 +157,7 @@ impl Daemon {
             pings,
             reconfigure,
             dirty: HashSet::new(),
+            rewatch_needed: false,
         };
         daemon.rewatch().map_err(StartError::Watch)?;
         Ok(daemon)
@@ -280,14 +283,19 @@ impl Daemon {
         match (change, &self.watch) {
             (Change::Paths(paths), Some(watch)) => {
                 for path in &paths {
-                    watch.bundles_for(path, &mut self.dirty);
+                    self.rewatch_needed |= watch.bundles_for(path, &mut self.dirty);
                 }
             }
-            _ => self.mark_all(),
+            _ => {
+                self.rewatch_needed = true;
+                self.mark_all();
+            }
         }
     }
 
+    /// Marks everything dirty; the watches are checked too.
     fn mark_all(&mut self) {
+        self.rewatch_needed = true;
         self.dirty
             .extend(0..self.bundles.len() + self.keypairs.len());
     }
@@ -299,11 +307,16 @@ impl Daemon {
             warn!("watch events were dropped; re-reading every source");
             self.mark_all();
         }
-        let mut dirty: Vec<usize> = self.dirty.drain().collect();
-        dirty.sort_unstable();
+        let dirty: HashSet<usize> = self.dirty.drain().collect();
+        let mut bundles: Vec<usize> = dirty
+            .iter()
+            .copied()
+            .filter(|i| *i < self.bundles.len())
+            .collect();
+        bundles.sort_unstable();
         let offset = self.bundles.len();
         let mut changed_bundles = HashSet::new();
-        for &i in dirty.iter().filter(|i| **i < offset) {
+        for i in bundles {
             if self.render_bundle(i, startup) {
                 changed_bundles.insert(self.bundles[i].config.name.clone());
             }
@@ -321,7 +334,14 @@ impl Daemon {
         }
         // A directory that appeared (or came back) is watched from now on;
         // what was written in it before the watch existed is read now.
-        for _ in 0..3 {
+        // Only when an event touched what is watched: checking thousands
+        // of directories on every swap would cost more than the render.
+        let rounds = if std::mem::take(&mut self.rewatch_needed) {
+            3
+        } else {
+            0
+        };
+        for _ in 0..rounds {
             let gained = match self.watch.as_mut().map(Watch::refresh) {
                 Some(Ok(gained)) => gained,
                 Some(Err(e)) => {

@@ -298,8 +298,13 @@ impl Watch {
     /// The bundles an event at `path` may concern: routes of its directory
     /// (all of it, or this very entry), of the path itself (a watched
     /// directory that changed), and of recursive watches above it.
-    pub fn bundles_for(&self, path: &Path, out: &mut HashSet<usize>) {
+    ///
+    /// Returns whether the event may change what must be watched: a watched
+    /// directory or a watched entry itself was created, removed or renamed.
+    pub fn bundles_for(&self, path: &Path, out: &mut HashSet<usize>) -> bool {
+        let mut structural = false;
         if let Some(routes) = self.routes.get(path) {
+            structural = true;
             out.extend(routes.iter().filter(|r| r.only.is_none()).map(|r| r.bundle));
         }
         let name = path.file_name();
@@ -308,15 +313,17 @@ impl Watch {
         while let Some(dir) = ancestor {
             if let Some(routes) = self.routes.get(dir) {
                 for route in routes {
+                    let entry = direct && route.only.is_some() && route.only.as_deref() == name;
                     // A file inside a kubelet volume changes when `..data`
                     // is renamed over, never its visible link.
                     let matches = if direct {
                         route.only.is_none()
-                            || route.only.as_deref() == name
+                            || entry
                             || name == Some(std::ffi::OsStr::new(crate::source::KUBELET_DATA))
                     } else {
                         route.recursive
                     };
+                    structural |= entry || (route.recursive && !direct);
                     if matches {
                         out.insert(route.bundle);
                     }
@@ -325,6 +332,7 @@ impl Watch {
             direct = false;
             ancestor = dir.parent();
         }
+        structural
     }
 
     /// How many directories are watched.
