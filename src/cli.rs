@@ -105,13 +105,10 @@ pub struct Flags {
     /// Reload target: every process with this name (comm or argv[0] basename).
     #[arg(long, env = "ANCHORAGE_PROCESS", value_name = "NAME")]
     pub process: Option<String>,
-    /// Reload by running CMD, split like a shell splits words (repeatable).
-    #[arg(
-        long = "exec",
-        env = "ANCHORAGE_EXEC",
-        value_name = "CMD",
-        value_delimiter = ','
-    )]
+    /// Reload by running CMD, split like a shell splits words (repeatable)
+    /// [env: ANCHORAGE_EXEC=, a comma-separated list]. On the command line
+    /// a comma is part of the command.
+    #[arg(long = "exec", value_name = "CMD")]
     pub execs: Vec<String>,
     /// Reload by an HTTP POST to URL (repeatable).
     #[arg(

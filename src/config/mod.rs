@@ -768,7 +768,17 @@ fn flag_reloads(flags: &Flags, has_child: bool) -> Result<Vec<ReloadSpec>, Confi
             target: SignalTarget::Process(process.clone()),
         });
     }
-    for line in &flags.execs {
+    // The variable is a comma-separated list; a flag keeps its commas.
+    let from_env: Vec<String> = match std::env::var("ANCHORAGE_EXEC") {
+        Ok(list) if flags.execs.is_empty() => list
+            .split(',')
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        _ => Vec::new(),
+    };
+    for line in flags.execs.iter().chain(&from_env) {
         let argv = split_command(line).or_else(|m| no_file.error(None, "--exec", m))?;
         actions.push(ReloadAction::Exec(argv));
     }

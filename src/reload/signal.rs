@@ -47,11 +47,19 @@ pub fn send(
                     Err(Failure::Failed(e)) => errors.push(e),
                 }
             }
-            if !errors.is_empty() {
-                return Err(Failure::Failed(errors.join("; ")));
-            }
             if sent.is_empty() {
-                return Err(Failure::Absent(format!("no process is named {name:?}")));
+                return Err(if errors.is_empty() {
+                    Failure::Absent(format!("no process is named {name:?}"))
+                } else {
+                    Failure::Failed(errors.join("; "))
+                });
+            }
+            // An nginx master is reloaded even when its workers (same name,
+            // another uid) cannot be signalled: retrying would only send
+            // the master the signal again.
+            if !errors.is_empty() {
+                tracing::warn!(process = name, errors = %errors.join("; "),
+                    "some processes with this name could not be signalled");
             }
             Ok(sent)
         }

@@ -132,3 +132,50 @@ fn flag_overrides_the_file() {
     run(&["render", "--config", s(&config)]).expect_code(1);
     run(&["render", "--config", s(&config), "--min-certs", "1"]).expect_code(0);
 }
+
+#[test]
+fn exec_keeps_commas_on_the_command_line_and_splits_the_variable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = write(dir.path(), "ca.pem", Ca::new("Exec").pem());
+    let marks = dir.path().join("marks");
+    let out = run(&[
+        "render",
+        "--source",
+        s(&src),
+        "--output",
+        s(&dir.path().join("a.pem")),
+        "--reload",
+        "--exec",
+        &format!("sh -c 'echo one,two >> {}'", s(&marks)),
+    ]);
+    out.expect_code(0);
+    assert_eq!(std::fs::read_to_string(&marks).expect("marks"), "one,two\n");
+
+    let out = crate::support::anchorage()
+        .args([
+            "render",
+            "--source",
+            s(&src),
+            "--output",
+            s(&dir.path().join("b.pem")),
+            "--reload",
+        ])
+        .env(
+            "ANCHORAGE_EXEC",
+            format!(
+                "sh -c 'echo x >> {m}', sh -c 'echo y >> {m}'",
+                m = s(&marks)
+            ),
+        )
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(&marks).expect("marks"),
+        "one,two\nx\ny\n"
+    );
+}
