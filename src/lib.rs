@@ -31,6 +31,7 @@ pub mod config;
 pub mod daemon;
 pub mod keypair;
 pub mod output;
+pub mod parallel;
 pub mod reload;
 pub mod render;
 pub mod source;

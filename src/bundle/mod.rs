@@ -177,31 +177,39 @@ pub fn check_min(assembly: &Assembly, policy: &Policy) -> Result<(), Refusal> {
 pub fn collect(files: &[SourceFile], policy: &Policy, now: i64) -> Result<Assembly, Refusal> {
     let mut seen: HashSet<[u8; 32]> = HashSet::new();
     let mut assembly = Assembly::default();
-    let mut kept = Vec::new();
+    // Identical bytes parse identically: copies are skipped before parsing.
+    // A trusted block carries aux data, so its key is the parsed DER.
+    let mut todo = Vec::new();
     for file in files {
         assembly.files.push(file.path.clone());
         for (index, block) in file.blocks.iter().enumerate() {
-            // Identical bytes parse identically: skip the copy early. A
-            // trusted block carries aux data, so its key is the parsed DER.
             if !block.trusted && !seen.insert(anchor::sha256(&block.der)) {
                 assembly.duplicates += 1;
                 continue;
             }
-            let anchor = Anchor::parse(block, file.path.clone(), index).map_err(Refusal::Parse)?;
-            if block.trusted && !seen.insert(anchor.sha256) {
-                assembly.duplicates += 1;
-                continue;
+            todo.push((file, index, block));
+        }
+    }
+    let parsed = crate::parallel::map(&todo, |(file, index, block)| {
+        Anchor::parse(block, file.path.clone(), *index)
+    });
+    let mut kept = Vec::new();
+    // In file order, so the first damaged block is the one reported.
+    for (anchor, (_, _, block)) in parsed.into_iter().zip(&todo) {
+        let anchor = anchor.map_err(Refusal::Parse)?;
+        if block.trusted && !seen.insert(anchor.sha256) {
+            assembly.duplicates += 1;
+            continue;
+        }
+        if !anchor.is_ca && !policy.allow_non_ca {
+            assembly.dropped.push(Dropped::NotCa(anchor));
+        } else if anchor.expired_at(now) && !policy.allow_expired {
+            assembly.dropped.push(Dropped::Expired(anchor));
+        } else {
+            if anchor.pending_at(now) {
+                assembly.pending.push(anchor.clone());
             }
-            if !anchor.is_ca && !policy.allow_non_ca {
-                assembly.dropped.push(Dropped::NotCa(anchor));
-            } else if anchor.expired_at(now) && !policy.allow_expired {
-                assembly.dropped.push(Dropped::Expired(anchor));
-            } else {
-                if anchor.pending_at(now) {
-                    assembly.pending.push(anchor.clone());
-                }
-                kept.push(anchor);
-            }
+            kept.push(anchor);
         }
     }
     assembly.bundle = Bundle::new(kept);

@@ -156,17 +156,51 @@ pub fn write_dir(path: &Path, files: &[(String, Vec<u8>)], mode: u32) -> io::Res
 
 /// Creates directory `dir` holding `files`, all data synced.
 fn fill_dir(dir: &Path, files: &[(String, Vec<u8>)], mode: u32) -> io::Result<()> {
+    use nix::fcntl::{OFlag, openat};
+    use nix::sys::stat::Mode;
     fs::create_dir(dir).map_err(|e| context(dir, "create directory", e))?;
     fs::set_permissions(dir, Permissions::from_mode(DIR_MODE))
         .map_err(|e| context(dir, "chmod", e))?;
-    for (name, bytes) in files {
-        create_file(&dir.join(name), bytes, mode, false)?;
-    }
+    let handle = File::open(dir).map_err(|e| context(dir, "open", e))?;
+    // Thousands of files: created relative to the directory (no path walk
+    // each), given their mode at creation, and chmod'ed only where the
+    // umask took bits away.
+    let chmod = umask().is_none_or(|mask| mode & mask != 0);
+    let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_CLOEXEC;
+    let written = crate::parallel::map(files, |(name, bytes)| -> io::Result<()> {
+        let path = dir.join(name);
+        let fd = openat(
+            &handle,
+            name.as_str(),
+            flags,
+            Mode::from_bits_truncate(mode),
+        )
+        .map_err(|e| context(&path, "create", e.into()))?;
+        let mut file = File::from(fd);
+        file.write_all(bytes)
+            .map_err(|e| context(&path, "write", e))?;
+        if chmod {
+            file.set_permissions(Permissions::from_mode(mode))
+                .map_err(|e| context(&path, "chmod", e))?;
+        }
+        Ok(())
+    });
+    written.into_iter().collect::<io::Result<()>>()?;
     // One syncfs instead of a fsync per file: thousands of certificates
     // would otherwise mean thousands of journal commits.
-    let handle = File::open(dir).map_err(|e| context(dir, "open", e))?;
     nix::unistd::syncfs(&handle).map_err(|e| context(dir, "sync", e.into()))?;
     Ok(())
+}
+
+/// This process's umask, from /proc (reading it with umask(2) would change
+/// it for a moment under the other threads).
+fn umask() -> Option<u32> {
+    static UMASK: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+    *UMASK.get_or_init(|| {
+        let status = fs::read_to_string("/proc/self/status").ok()?;
+        let value = status.lines().find_map(|l| l.strip_prefix("Umask:"))?;
+        u32::from_str_radix(value.trim(), 8).ok()
+    })
 }
 
 fn remove_any(path: &Path) -> io::Result<()> {

@@ -47,14 +47,17 @@ fn pem_bundle(bundle: &Bundle) -> Vec<u8> {
 fn openssl_dir(bundle: &Bundle) -> Vec<(String, Vec<u8>)> {
     let mut counts: std::collections::HashMap<u32, usize> = std::collections::HashMap::new();
     let mut files = Vec::with_capacity(bundle.len() + 1);
+    // Each certificate is encoded once: its file, and its part of the bundle.
+    let mut all = Vec::new();
     for anchor in bundle.anchors() {
         let n = counts.entry(anchor.subject_hash).or_insert(0);
         let mut body = Vec::with_capacity(anchor.der.len() * 4 / 3 + 80);
         pem::encode("CERTIFICATE", &anchor.der, &mut body);
+        all.extend_from_slice(&body);
         files.push((format!("{}.{}", hash_hex(anchor.subject_hash), n), body));
         *n += 1;
     }
-    files.push((OPENSSL_DIR_BUNDLE.to_owned(), pem_bundle(bundle)));
+    files.push((OPENSSL_DIR_BUNDLE.to_owned(), all));
     files.sort_by(|a, b| a.0.cmp(&b.0));
     files
 }

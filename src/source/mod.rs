@@ -251,31 +251,74 @@ fn read_entries(
         if name.as_encoded_bytes().starts_with(b"..") {
             continue;
         }
-        names.push(name);
+        // The type from the directory listing costs no system call; only a
+        // symlink (or a filesystem that does not say) needs a stat.
+        names.push((name, entry.file_type().ok()));
     }
     // Sorted, so that errors and logs come in a stable order.
-    names.sort();
-    for name in names {
-        let path = dir.join(&name);
-        let shown = visible.join(&name);
-        match fs::metadata(&path) {
-            Ok(meta) if meta.is_file() => match read_file(&path, &shown) {
-                Ok(Some(file)) => out.push(file),
-                Ok(None) if generation => return Ok(false),
-                Ok(None) => {}
-                Err(e) => return Err(e),
+    names.sort_by(|a, b| a.0.cmp(&b.0));
+    // Files are opened relative to the directory: no path walk per file.
+    let handle = match File::open(dir) {
+        Ok(handle) => handle,
+        Err(e) if is_absent(&e) => return Ok(!generation),
+        Err(e) => return Err(unreadable(dir, e)),
+    };
+    // What each entry holds, read in parallel for large directories.
+    let read = crate::parallel::map(&names, |(name, kind)| {
+        let shown = visible.join(name);
+        let is_file = match kind {
+            Some(t) if t.is_file() => Ok(true),
+            Some(t) if !t.is_symlink() => Ok(false),
+            _ => fs::metadata(dir.join(name)).map(|m| m.is_file()),
+        };
+        let entry = match is_file {
+            Ok(true) => match open_at(&handle, name, &shown).and_then(|f| read_open(f, &shown)) {
+                Ok(Some(bytes)) => decode(&bytes)
+                    .map(Entry::File)
+                    .map_err(|kind| SourceError::new(&shown, kind)),
+                Ok(None) => Ok(Entry::Vanished),
+                Err(e) => Err(e),
             },
             // Subdirectories, FIFOs, sockets: not ours to read.
-            Ok(_) => {}
-            Err(e) if is_absent(&e) => {
-                if generation {
-                    return Ok(false);
-                }
-            }
-            Err(e) => return Err(unreadable(&shown, e)),
+            Ok(false) => Ok(Entry::Other),
+            Err(e) if is_absent(&e) => Ok(Entry::Vanished),
+            Err(e) => Err(unreadable(&shown, e)),
+        };
+        (shown, entry)
+    });
+    for (shown, entry) in read {
+        match entry? {
+            Entry::File(blocks) => out.push(SourceFile {
+                path: shown,
+                blocks,
+            }),
+            Entry::Vanished if generation => return Ok(false),
+            Entry::Vanished | Entry::Other => {}
         }
     }
     Ok(true)
+}
+
+/// What a directory entry turned out to be.
+enum Entry {
+    File(Vec<CertBlock>),
+    Vanished,
+    Other,
+}
+
+/// Opens `name` in the directory `dir` for reading; `None` if absent.
+fn open_at(dir: &File, name: &std::ffi::OsStr, shown: &Path) -> Result<Option<File>, SourceError> {
+    use nix::fcntl::{OFlag, openat};
+    match openat(
+        dir,
+        name,
+        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    ) {
+        Ok(fd) => Ok(Some(File::from(fd))),
+        Err(nix::errno::Errno::ENOENT) => Ok(None),
+        Err(e) => Err(unreadable(shown, e.into())),
+    }
 }
 
 /// Reads and frames one file; `None` if it vanished. `shown` is the path
@@ -293,10 +336,17 @@ pub fn read_file(path: &Path, shown: &Path) -> Result<Option<SourceFile>, Source
 
 /// Reads at most [`MAX_FILE_SIZE`] bytes; `None` if the file is absent.
 pub fn read_bounded(path: &Path, shown: &Path) -> Result<Option<Vec<u8>>, SourceError> {
-    let file = match File::open(path) {
-        Ok(file) => file,
-        Err(e) if is_absent(&e) => return Ok(None),
-        Err(e) => return Err(unreadable(shown, e)),
+    match File::open(path) {
+        Ok(file) => read_open(Some(file), shown),
+        Err(e) if is_absent(&e) => Ok(None),
+        Err(e) => Err(unreadable(shown, e)),
+    }
+}
+
+/// Reads an open file, at most [`MAX_FILE_SIZE`] bytes.
+fn read_open(file: Option<File>, shown: &Path) -> Result<Option<Vec<u8>>, SourceError> {
+    let Some(mut file) = file else {
+        return Ok(None);
     };
     let meta = file.metadata().map_err(|e| unreadable(shown, e))?;
     if meta.is_dir() {
@@ -311,19 +361,33 @@ pub fn read_bounded(path: &Path, shown: &Path) -> Result<Option<Vec<u8>>, Source
             SourceErrorKind::TooLarge { size: meta.len() },
         ));
     }
-    // The file may grow between fstat and read: never read past the limit.
-    let mut bytes = Vec::with_capacity(meta.len() as usize);
-    file.take(MAX_FILE_SIZE + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| unreadable(shown, e))?;
-    if bytes.len() as u64 > MAX_FILE_SIZE {
-        return Err(SourceError::new(
-            shown,
-            SourceErrorKind::TooLarge {
-                size: bytes.len() as u64,
-            },
-        ));
+    // One byte more than the file holds: a regular file that fills the
+    // buffer has grown since the fstat. Never read past the limit.
+    let mut bytes = vec![0u8; meta.len() as usize + 1];
+    let mut filled = 0;
+    loop {
+        match file.read(&mut bytes[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(unreadable(shown, e)),
+        }
+        if filled < bytes.len() {
+            // A short read of a regular file is its end.
+            break;
+        }
+        if filled as u64 > MAX_FILE_SIZE {
+            return Err(SourceError::new(
+                shown,
+                SourceErrorKind::TooLarge {
+                    size: filled as u64,
+                },
+            ));
+        }
+        let grown = (bytes.len() * 2).min(MAX_FILE_SIZE as usize + 1);
+        bytes.resize(grown.max(filled + 1), 0);
     }
+    bytes.truncate(filled);
     Ok(Some(bytes))
 }
 
