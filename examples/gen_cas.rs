@@ -84,14 +84,7 @@ fn generate(dir: &Path, count: u32) -> Result<(), Box<dyn Error>> {
         // identifier; real CAs have distinct ones.
         params.key_identifier_method = KeyIdMethod::PreSpecified(derived("anchorage bench ski", i));
 
-        let own;
-        let key = if std::env::var_os("DISTINCT").is_some() {
-            own = KeyPair::generate()?;
-            &own
-        } else {
-            &key
-        };
-        let cert = params.self_signed(key)?;
+        let cert = params.self_signed(&key)?;
         let path = dir.join(format!("ca-{i:05}.pem"));
         fs::write(&path, cert.pem()).map_err(|e| format!("{}: {e}", path.display()))?;
     }
