@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use crate::support::daemon::{Daemon, eventually};
 use crate::support::pki::Ca;
-use crate::support::{Outcome, anchorage, pem_certs, s, write};
+use crate::support::{Outcome, anchorage, free_port, pem_certs, s, write};
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -30,12 +30,6 @@ fn workdir() -> (tempfile::TempDir, PathBuf) {
     let logs = dir.path().join("logs");
     fs::create_dir_all(&logs).expect("mkdir logs");
     (dir, logs)
-}
-
-/// A port that was free a moment ago.
-fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("addr").port()
 }
 
 struct Answer {

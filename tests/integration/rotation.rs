@@ -11,11 +11,7 @@ use crate::support::daemon::{App, Daemon, eventually};
 use crate::support::kubelet::Volume;
 use crate::support::pki::{Ca, Leaf, sha256_hex};
 use crate::support::tls::{self, Connection, Identity, Server};
-use crate::support::{file_sha256, pem_certs, s, sh, write};
-
-fn pems(cas: &[&Ca]) -> Vec<u8> {
-    cas.iter().map(|c| c.pem()).collect::<String>().into_bytes()
-}
+use crate::support::{file_sha256, pem_certs, pems, s, sh, write};
 
 fn fingerprints(path: &Path) -> Vec<String> {
     let mut v: Vec<String> = pem_certs(&fs::read(path).unwrap_or_default())

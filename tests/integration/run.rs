@@ -14,7 +14,7 @@ use nix::sys::signal::Signal;
 use crate::support::daemon::{App, Daemon, eventually};
 use crate::support::kubelet::Volume;
 use crate::support::pki::{Ca, non_ca, sha256_hex};
-use crate::support::{file_sha256, pem_certs, s, write};
+use crate::support::{file_sha256, pem_certs, pems, s, write};
 
 /// The bundle anchorage renders for these CAs: PEM blocks ordered by SHA-256.
 fn expected_pem(cas: &[&Ca]) -> Vec<u8> {
@@ -32,10 +32,6 @@ fn expected_pem(cas: &[&Ca]) -> Vec<u8> {
         out.push_str("-----END CERTIFICATE-----\n");
     }
     out.into_bytes()
-}
-
-fn pems(cas: &[&Ca]) -> Vec<u8> {
-    cas.iter().map(|c| c.pem()).collect::<String>().into_bytes()
 }
 
 #[track_caller]

@@ -852,11 +852,16 @@ fn dist_handshake(port: u16, id: &Identity) -> Result<Vec<u8>, String> {
 
 #[track_caller]
 fn serves(port: u16, id: &Identity, leaf: &Leaf, what: &str) {
-    let served = dist_handshake(port, id).unwrap_or_else(|e| panic!("{what}: {e}"));
-    assert!(
-        served == leaf.cert.der().to_vec(),
-        "{what}: the node serves another certificate"
-    );
+    // The reload has run; a loaded machine may take a moment more before
+    // the node's next handshake reads the cleared cache.
+    eventually(DEADLINE, || {
+        let served = dist_handshake(port, id).map_err(|e| format!("{what}: {e}"))?;
+        if served == leaf.cert.der().to_vec() {
+            Ok(())
+        } else {
+            Err(format!("{what}: the node serves another certificate"))
+        }
+    });
 }
 
 /// Runs `rpc:call(NODE, M, F, [])` from a hidden VM that joins over TLS

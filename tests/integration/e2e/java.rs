@@ -18,7 +18,7 @@ use crate::support::daemon::{Daemon, eventually};
 use crate::support::kubelet::Volume;
 use crate::support::pki::Ca;
 use crate::support::tls::{self, Identity, Server};
-use crate::support::{s, sh, write};
+use crate::support::{pems, s, sh, write};
 
 const CLIENT: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -164,10 +164,6 @@ fn server(dir: &Path, ca: &Ca) -> Server {
         trust: dir.join("unused"),
     };
     Server::start(tls::server_config(&id, false))
-}
-
-fn pems(cas: &[&Ca]) -> Vec<u8> {
-    cas.iter().map(|c| c.pem()).collect::<String>().into_bytes()
 }
 
 #[test]

@@ -5,7 +5,7 @@
 
 use std::fs;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -19,49 +19,10 @@ use crate::support::daemon::{Daemon, eventually};
 use crate::support::kubelet::Volume;
 use crate::support::pki::{Ca, Leaf, sha256_hex};
 use crate::support::tls::{self, Identity};
-use crate::support::{pem_certs, s, write};
-
-/// The `nats-server` binary: Debian puts it in /usr/sbin, which a non-root PATH
-/// often lacks; elsewhere, the first on PATH.
-fn nats_binary() -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    ["/usr/sbin", "/usr/local/sbin"]
-        .into_iter()
-        .map(PathBuf::from)
-        .chain(std::env::split_paths(&path))
-        .map(|dir| dir.join("nats-server"))
-        .find(|candidate| candidate.is_file())
-        .unwrap_or_else(|| panic!("nats-server is missing: run scripts/install-test-deps"))
-}
+use crate::support::{DumpLogsOnFailure, free_port, pem_certs, pems, s, system_binary, write};
 
 const PATIENCE: Duration = Duration::from_secs(30);
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// A port nobody listens on right now.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
-
-/// Prints every log of the test when it fails (dropped while panicking).
-struct DumpLogsOnFailure(PathBuf);
-
-impl Drop for DumpLogsOnFailure {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            return;
-        }
-        let Ok(entries) = fs::read_dir(&self.0) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let text = fs::read_to_string(entry.path()).unwrap_or_default();
-            eprintln!("--- {}\n{text}", entry.path().display());
-        }
-    }
-}
 
 /// The running `nats-server`, killed when dropped.
 struct NatsServer {
@@ -74,7 +35,7 @@ impl NatsServer {
     /// Starts `nats-server -c CONFIG` and waits until its pid file names it.
     fn start(config: &Path, pid_file: &Path, log: &Path) -> Self {
         let out = fs::File::create(log).expect("nats log");
-        let child = Command::new(nats_binary())
+        let child = Command::new(system_binary("nats-server"))
             .arg("-c")
             .arg(config)
             .stdin(Stdio::null())
@@ -242,13 +203,9 @@ fn wait_bundle(path: &Path, want: &[&Ca]) {
     });
 }
 
-fn pems(cas: &[&Ca]) -> Vec<u8> {
-    cas.iter().map(|c| c.pem()).collect::<String>().into_bytes()
-}
-
 #[test]
 fn nats_takes_a_ca_rotation_by_sighup_without_restarting() {
-    nats_binary();
+    system_binary("nats-server");
     let dir = tempfile::tempdir().expect("tempdir");
     let logs = dir.path().join("logs");
     fs::create_dir_all(&logs).expect("mkdir logs");

@@ -11,7 +11,7 @@
 
 use std::fs;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -27,49 +27,10 @@ use crate::support::daemon::{Daemon, eventually};
 use crate::support::kubelet::Volume;
 use crate::support::pki::{Ca, Leaf, sha256_hex};
 use crate::support::tls::{self, Identity};
-use crate::support::{pem_certs, s, write};
-
-/// The `nginx` binary: Debian puts it in /usr/sbin, which a non-root PATH
-/// often lacks; elsewhere, the first on PATH.
-fn nginx_binary() -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    ["/usr/sbin", "/usr/local/sbin"]
-        .into_iter()
-        .map(PathBuf::from)
-        .chain(std::env::split_paths(&path))
-        .map(|dir| dir.join("nginx"))
-        .find(|candidate| candidate.is_file())
-        .unwrap_or_else(|| panic!("nginx is missing: run scripts/install-test-deps"))
-}
+use crate::support::{DumpLogsOnFailure, free_port, pem_certs, pems, s, system_binary, write};
 
 const PATIENCE: Duration = Duration::from_secs(30);
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// A port nobody listens on right now.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
-
-/// Prints every log of the test when it fails (dropped while panicking).
-struct DumpLogsOnFailure(PathBuf);
-
-impl Drop for DumpLogsOnFailure {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            return;
-        }
-        let Ok(entries) = fs::read_dir(&self.0) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let text = fs::read_to_string(entry.path()).unwrap_or_default();
-            eprintln!("--- {}\n{text}", entry.path().display());
-        }
-    }
-}
 
 /// Where nginx's files live, all under one temporary prefix.
 struct NginxFiles {
@@ -155,7 +116,7 @@ struct Nginx {
 impl Nginx {
     fn start(files: &NginxFiles, logs: &Path) -> Self {
         let out = fs::File::create(logs.join("nginx-stderr.log")).expect("nginx log");
-        let child = Command::new(nginx_binary())
+        let child = Command::new(system_binary("nginx"))
             .arg("-p")
             .arg(&files.prefix)
             .arg("-c")
@@ -388,10 +349,6 @@ fn wait_bundle(path: &Path, want: &[&Ca]) {
     });
 }
 
-fn pems(cas: &[&Ca]) -> Vec<u8> {
-    cas.iter().map(|c| c.pem()).collect::<String>().into_bytes()
-}
-
 /// The reload count settles at `want` (a reload in flight is counted).
 #[track_caller]
 fn wait_reloads(nginx: &Nginx, want: usize) {
@@ -418,7 +375,7 @@ fn wait_log(daemon: &Daemon, needle: &str, count: usize, what: &str) {
 
 #[test]
 fn nginx_takes_a_client_ca_rotation_by_sighup_to_its_master() {
-    nginx_binary();
+    system_binary("nginx");
     let dir = tempfile::tempdir().expect("tempdir");
     let logs = dir.path().join("logs");
     fs::create_dir_all(&logs).expect("mkdir logs");
@@ -517,7 +474,7 @@ fn nginx_takes_a_client_ca_rotation_by_sighup_to_its_master() {
 
 #[test]
 fn nginx_serves_its_rotated_key_pair_and_the_probe_proves_it() {
-    nginx_binary();
+    system_binary("nginx");
     let dir = tempfile::tempdir().expect("tempdir");
     let logs = dir.path().join("logs");
     fs::create_dir_all(&logs).expect("mkdir logs");

@@ -36,7 +36,7 @@ use crate::support::daemon::{Daemon, eventually};
 use crate::support::kubelet::Volume;
 use crate::support::pki::Ca;
 use crate::support::tls::{self, Identity};
-use crate::support::{run, s, write};
+use crate::support::{free_port, pems, run, s, write};
 
 const PM2: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -241,17 +241,6 @@ fn get(port: u16, path: &str) -> Result<String, String> {
 /// The app's verdict on an HTTPS call to `server`: `ok 200` or `error ...`.
 fn check(app_port: u16, server: &HttpsServer) -> Result<String, String> {
     get(app_port, &format!("/check?port={}", server.port))
-}
-
-fn pems(cas: &[&Ca]) -> Vec<u8> {
-    cas.iter().map(|c| c.pem()).collect::<String>().into_bytes()
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
 }
 
 #[track_caller]

@@ -118,3 +118,48 @@ pub fn in_mount_namespace(script: &str) -> Option<Output> {
     }
     Some(out)
 }
+
+/// The PEM blocks of these CAs, concatenated: a Secret's `ca.crt`.
+pub fn pems(cas: &[&pki::Ca]) -> Vec<u8> {
+    cas.iter().map(|c| c.pem()).collect::<String>().into_bytes()
+}
+
+/// A port nobody listened on a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// A server binary: Debian puts daemons in /usr/sbin, which a non-root PATH
+/// often lacks; elsewhere, the first on PATH.
+pub fn system_binary(name: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    ["/usr/sbin", "/usr/local/sbin"]
+        .into_iter()
+        .map(PathBuf::from)
+        .chain(std::env::split_paths(&path))
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+        .unwrap_or_else(|| panic!("{name} is missing: run scripts/install-test-deps"))
+}
+
+/// Prints every file of a directory of logs when the test fails (dropped
+/// while panicking).
+pub struct DumpLogsOnFailure(pub PathBuf);
+
+impl Drop for DumpLogsOnFailure {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let Ok(entries) = std::fs::read_dir(&self.0) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+            eprintln!("--- {}\n{text}", entry.path().display());
+        }
+    }
+}
