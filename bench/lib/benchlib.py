@@ -257,11 +257,11 @@ def watchexec_cmd(watchexec, dirs, cat_glob, out, pid, debounce="0ms"):
     argv += [
         "--debounce", debounce,
         "--postpone",
-        "--no-vcs-ignore",
-        "--no-project-ignore",
-        "--no-global-ignore",
-        "--no-discover-ignore",
+        "--ignore-nothing",
         "--no-meta",
+        # the default, do-nothing, drops the rename of ..data when it comes
+        # while the run for the swap's first event is still going
+        "--on-busy-update", "queue",
         "--quiet",
         "--shell=none",
         "--",
@@ -280,6 +280,34 @@ def entr_loop(files_glob, cat_glob, out, pid):
         "while :; do ls -d " + files_glob + ' | entr -n -d -p sh -c \'' + job + '\' "$OUT" "$PID"; sleep 0.01; done'
     )
     return ["sh", "-c", script, "entr-loop", out, str(pid)]
+
+
+# --------------------------------------------------------------------------
+# classifying what the target saw
+
+
+def classify(records, swaps):
+    """records: the target's (t_signal, t_read, id, n, sender); swaps:
+    (t_begin, t_rename, want_id, previous_id). A swap's window runs from its
+    t_begin to the next swap's. Returns latencies (ns, rename -> first read
+    of the new set) and counts: missed (no read of the new set in the
+    window), premature (reads of the previous set), extra (signals beyond
+    the first), other (reads of neither set), signals."""
+    recs = sorted(records)
+    res = {"lat": [], "missed": 0, "premature": 0, "extra": 0, "other": 0, "signals": 0}
+    for i, (t_begin, t_rename, want, prev) in enumerate(swaps):
+        end = swaps[i + 1][0] if i + 1 < len(swaps) else float("inf")
+        window = [r for r in recs if t_begin <= r[0] < end]
+        good = [r for r in window if r[2] == want]
+        res["signals"] += len(window)
+        if good:
+            res["lat"].append(good[0][1] - t_rename)
+        else:
+            res["missed"] += 1
+        res["premature"] += sum(1 for r in window if r[2] == prev)
+        res["other"] += sum(1 for r in window if r[2] not in (want, prev))
+        res["extra"] += max(0, len(window) - 1)
+    return res
 
 
 # --------------------------------------------------------------------------
@@ -344,6 +372,56 @@ def proc_sample(pids):
                 elif line.startswith("nonvoluntary_ctxt_switches:"):
                     invol += int(line.split()[1])
     return {"ticks": ticks, "sched_ns": sched, "vcsw": vol, "ivcsw": invol, "rss_kib": rss}
+
+
+def tree_snapshot(pids):
+    """Per process CPU ticks and per thread (schedstat ns, voluntary and
+    involuntary context switches), plus the summed RSS (KiB)."""
+    procs, tasks, rss, anon = {}, {}, 0, 0
+    for pid in pids:
+        f = _stat_fields(pid)
+        if f is None:
+            continue
+        procs[pid] = int(f[11]) + int(f[12])
+        for line in (_read("/proc/%d/status" % pid) or "").splitlines():
+            if line.startswith("VmRSS:"):
+                rss += int(line.split()[1])
+            elif line.startswith("RssAnon:"):
+                anon += int(line.split()[1])
+        try:
+            tids = os.listdir("/proc/%d/task" % pid)
+        except FileNotFoundError:
+            continue
+        for tid in tids:
+            sched = vol = invol = 0
+            s = _read("/proc/%d/task/%s/schedstat" % (pid, tid))
+            if s:
+                sched = int(s.split()[0])
+            for line in (_read("/proc/%d/task/%s/status" % (pid, tid)) or "").splitlines():
+                if line.startswith("voluntary_ctxt_switches:"):
+                    vol = int(line.split()[1])
+                elif line.startswith("nonvoluntary_ctxt_switches:"):
+                    invol = int(line.split()[1])
+            tasks[(pid, tid)] = (sched, vol, invol)
+    return {"procs": procs, "tasks": tasks, "rss_kib": rss, "anon_kib": anon}
+
+
+def tree_delta(before, after):
+    """What the tree consumed between two snapshots: processes and threads
+    present at the end count from their value at the start (or from 0 if
+    they are new); those that vanished are counted in `gone` (their last
+    moments are not seen)."""
+    ticks = sum(v - before["procs"].get(p, 0) for p, v in after["procs"].items())
+    sched = vol = invol = 0
+    for t, (s, v, i) in after["tasks"].items():
+        s0, v0, i0 = before["tasks"].get(t, (0, 0, 0))
+        sched += s - s0
+        vol += v - v0
+        invol += i - i0
+    gone = len(set(before["tasks"]) - set(after["tasks"]))
+    new = len(set(after["tasks"]) - set(before["tasks"]))
+    return {"ticks": ticks, "sched_ns": sched, "vcsw": vol, "ivcsw": invol, "gone": gone, "new": new,
+            "rss_kib": after["rss_kib"], "anon_kib": after["anon_kib"]}
 
 
 def rss_mib(pids):

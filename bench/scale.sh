@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Scale: 1,000 watched kubelet-style Secret directories. anchorage with
+# (a) one bundle of 1,000 sources (--source repeated) and (b) 1,000 bundles
+# (a generated config, one output and a SIGHUP reload each), and the peers
+# (an inotifywait shell loop over the 1,000 directories, watchexec over
+# them): time from process start until the watches are set and the first
+# render is done, RSS after start, and the latency of a kubelet swap in one
+# of the 1,000 directories (median of SWAPS). Prints figures; asserts nothing.
+#
+#   bench/scale.sh
+#   DIRS=1000 SWAPS=20 STARTS=3 bench/scale.sh
+#
+# Needs: python3, inotify-tools, openssl, cargo; gcc for the C target;
+# watchexec optional (cargo install watchexec-cli --locked). Raises
+# fs.inotify.max_user_watches / max_user_instances with sysctl if they are
+# too low (needs root) and says so.
+set -euo pipefail
+# shellcheck source=bench/lib/common.sh
+. "$(dirname "$0")/lib/common.sh"
+
+DIRS=${DIRS:-1000}
+SWAPS=${SWAPS:-20}
+STARTS=${STARTS:-3}
+
+check_common_tools
+build_anchorage
+
+# Each tool needs about DIRS+1 watches; three tools may hold theirs at once
+# while a previous one exits.
+need_watches=$((DIRS * 4 + 1000))
+watches=$(sysctl -n fs.inotify.max_user_watches)
+instances=$(sysctl -n fs.inotify.max_user_instances)
+printf 'fs.inotify.max_user_watches = %s, fs.inotify.max_user_instances = %s\n' "$watches" "$instances"
+if [ "$watches" -lt "$need_watches" ]; then
+    sysctl -w fs.inotify.max_user_watches="$need_watches" >/dev/null
+    printf 'raised fs.inotify.max_user_watches to %s (sysctl -w, as root)\n' "$need_watches"
+fi
+if [ "$instances" -lt 64 ]; then
+    sysctl -w fs.inotify.max_user_instances=128 >/dev/null
+    printf 'raised fs.inotify.max_user_instances to 128 (sysctl -w, as root)\n'
+fi
+
+make_scratch
+build_target
+WX=$(find_watchexec)
+gen_cas "$SCRATCH_SHM/pool" $((DIRS + 8))
+
+machine_line
+printf 'anchorage %s; inotifywait %s; watchexec %s; load average before: %s\n' \
+    "$("$ANCHORAGE" --version | awk '{print $2}')" \
+    "$(inotifywait --help 2>&1 | head -1 | awk '{print $2}')" \
+    "$(wx_version "$WX")" \
+    "$(cut -d' ' -f1-3 /proc/loadavg)"
+
+run_driver 900 "$LIB/scale.py" \
+    --anchorage "$ANCHORAGE" --target-cmd "$TARGET_CMD" --pool "$SCRATCH_SHM/pool" \
+    --shm "$SCRATCH_SHM" --dirs "$DIRS" --swaps "$SWAPS" --starts "$STARTS" --watchexec "$WX"
+printf 'load average after: %s\n' "$(cut -d' ' -f1-3 /proc/loadavg)"
