@@ -98,18 +98,57 @@ fn glob_prefix(pattern: &str) -> (PathBuf, usize) {
     (prefix, rest)
 }
 
-/// The nearest existing directory at or above `dir`, with its identity.
-fn existing_ancestor(dir: &Path) -> Option<(PathBuf, (u64, u64))> {
-    let mut current = Some(dir);
-    while let Some(d) = current {
-        if let Ok(meta) = std::fs::metadata(d)
-            && meta.is_dir()
-        {
-            return Some((d.to_path_buf(), (meta.dev(), meta.ino())));
+/// Resolves directories to the canonical path notify reports and their
+/// identity, memoised for one refresh: a thousand volumes under one parent
+/// cost one lookup each, not a `realpath` walk (a readlink per component)
+/// each.
+#[derive(Default)]
+struct Resolver {
+    known: HashMap<PathBuf, Option<(PathBuf, (u64, u64))>>,
+}
+
+impl Resolver {
+    /// `dir`'s canonical path and (device, inode), if it is a directory.
+    fn directory(&mut self, dir: &Path) -> Option<(PathBuf, (u64, u64))> {
+        if let Some(known) = self.known.get(dir) {
+            return known.clone();
         }
-        current = d.parent().filter(|p| !p.as_os_str().is_empty());
+        let found = self.lookup(dir);
+        self.known.insert(dir.to_path_buf(), found.clone());
+        found
     }
-    None
+
+    fn lookup(&mut self, dir: &Path) -> Option<(PathBuf, (u64, u64))> {
+        let meta = std::fs::symlink_metadata(dir).ok()?;
+        let parent = dir.parent().filter(|p| !p.as_os_str().is_empty());
+        let canonical = match (meta.file_type().is_symlink(), parent, dir.file_name()) {
+            (false, Some(parent), Some(name)) if meta.is_dir() => {
+                self.directory(parent)?.0.join(name)
+            }
+            (false, _, _) if !meta.is_dir() => return None,
+            // A symlink, the root, a relative or `..` path: ask the kernel.
+            _ => std::fs::canonicalize(dir).ok()?,
+        };
+        let meta = if meta.file_type().is_symlink() {
+            std::fs::metadata(dir).ok()?
+        } else {
+            meta
+        };
+        meta.is_dir().then(|| (canonical, (meta.dev(), meta.ino())))
+    }
+
+    /// The nearest existing directory at or above `dir`: the path as given,
+    /// its canonical form, and its identity.
+    fn existing_ancestor(&mut self, dir: &Path) -> Option<(PathBuf, PathBuf, (u64, u64))> {
+        let mut current = Some(dir);
+        while let Some(d) = current {
+            if let Some((canonical, id)) = self.directory(d) {
+                return Some((d.to_path_buf(), canonical, id));
+            }
+            current = d.parent().filter(|p| !p.as_os_str().is_empty());
+        }
+        None
+    }
 }
 
 /// Who an event in a watched directory concerns.
@@ -219,9 +258,10 @@ impl Watch {
     pub fn refresh(&mut self) -> Result<HashSet<usize>, WatchError> {
         let mut desired: HashMap<PathBuf, (bool, (u64, u64))> = HashMap::new();
         let mut routes: HashMap<PathBuf, Vec<Route>> = HashMap::new();
+        let mut resolver = Resolver::default();
         for (bundle, points) in self.wanted.iter().enumerate() {
             for point in points {
-                let Some((dir, id)) = existing_ancestor(&point.dir) else {
+                let Some((dir, canonical, id)) = resolver.existing_ancestor(&point.dir) else {
                     continue;
                 };
                 let exact = dir == point.dir;
@@ -239,7 +279,7 @@ impl Watch {
                         .map(|c| c.as_os_str().to_os_string())
                 };
                 // notify reports events under the canonical path it watches.
-                let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
+                let dir = canonical;
                 let entry = desired.entry(dir.clone()).or_insert((recursive, id));
                 entry.0 |= recursive;
                 let route = Route {
