@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use clap::builder::BoolishValueParser;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -43,7 +44,7 @@ pub struct RenderArgs {
     #[command(flatten)]
     pub flags: Flags,
     /// Run the reload actions of every output that changed.
-    #[arg(long, env = "ANCHORAGE_RELOAD")]
+    #[arg(long, env = "ANCHORAGE_RELOAD", value_parser = BoolishValueParser::new())]
     pub reload: bool,
 }
 
@@ -119,7 +120,7 @@ pub struct Flags {
     )]
     pub https: Vec<String>,
     /// Reload a supervised child by restarting it instead of signalling it.
-    #[arg(long, env = "ANCHORAGE_RESTART_CHILD")]
+    #[arg(long, env = "ANCHORAGE_RESTART_CHILD", value_parser = BoolishValueParser::new())]
     pub restart_child: bool,
     /// Wait this long after the last event before acting [default: 200ms].
     #[arg(long, env = "ANCHORAGE_DEBOUNCE", value_name = "DURATION", value_parser = parse_duration)]
@@ -145,10 +146,10 @@ pub struct Flags {
     )]
     pub verify: Vec<PathBuf>,
     /// Keep expired certificates.
-    #[arg(long, env = "ANCHORAGE_ALLOW_EXPIRED")]
+    #[arg(long, env = "ANCHORAGE_ALLOW_EXPIRED", value_parser = BoolishValueParser::new())]
     pub allow_expired: bool,
     /// Keep certificates that are not CAs.
-    #[arg(long, env = "ANCHORAGE_ALLOW_NON_CA")]
+    #[arg(long, env = "ANCHORAGE_ALLOW_NON_CA", value_parser = BoolishValueParser::new())]
     pub allow_non_ca: bool,
     /// Refuse a bundle with fewer certificates [default: 1].
     #[arg(long, env = "ANCHORAGE_MIN_CERTS", value_name = "N")]

@@ -179,3 +179,32 @@ fn exec_keeps_commas_on_the_command_line_and_splits_the_variable() {
         "one,two\nx\ny\n"
     );
 }
+
+#[test]
+fn boolean_variables_accept_the_usual_spellings() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = write(
+        dir.path(),
+        "leaf.pem",
+        crate::support::pki::non_ca("Env Leaf"),
+    );
+    for (value, code) in [("true", 0), ("1", 0), ("yes", 0), ("false", 1), ("0", 1)] {
+        let out = crate::support::anchorage()
+            .args([
+                "render",
+                "--source",
+                s(&src),
+                "--output",
+                s(&dir.path().join(format!("{value}.pem"))),
+            ])
+            .env("ANCHORAGE_ALLOW_NON_CA", value)
+            .output()
+            .expect("run");
+        assert_eq!(
+            out.status.code(),
+            Some(code),
+            "ANCHORAGE_ALLOW_NON_CA={value}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
