@@ -650,3 +650,47 @@ fn as_pid_1_orphans_are_reaped() {
     }
     assert_eq!(out.status.code(), Some(0), "a zombie was left: {stderr}");
 }
+
+/// A pair whose certificate is not valid yet is held until its notBefore,
+/// then reloaded with no file event.
+#[test]
+fn a_key_pair_not_valid_yet_is_reloaded_at_its_not_before() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = Ca::new("Early Pair CA");
+    let pair_dir = dir.path().join("tls");
+    let (cert, key) = write_pair(&pair_dir, &ca.leaf("early.example"));
+    let app = App::start(dir.path(), &cert);
+    let logs = dir.path().join("logs");
+    fs::create_dir(&logs).expect("mkdir");
+    let daemon = Daemon::start(
+        &logs,
+        &[
+            "--cert",
+            s(&cert),
+            "--key",
+            s(&key),
+            "--pid-file",
+            s(&app.pid_file),
+            "--debounce",
+            "0",
+            "--resync",
+            "0",
+        ],
+    );
+    daemon.wait_log("key pair checked", 1);
+    let now = time::OffsetDateTime::now_utc();
+    let early = ca.leaf_valid(
+        "early.example",
+        now + time::Duration::seconds(3),
+        now + time::Duration::days(1),
+    );
+    write_pair(&pair_dir, &early);
+    daemon.wait_log("is not valid before", 1);
+    assert!(
+        app.reloads().is_empty(),
+        "a pair not valid yet was reloaded"
+    );
+    // No file changes from here: the notBefore timer alone accepts it.
+    let reloads = app.wait_reloads(1);
+    assert_eq!(reloads[0], file_sha256(&cert));
+}

@@ -80,10 +80,20 @@ impl Ca {
     /// A server leaf for `dns`, valid now.
     pub fn leaf(&self, dns: &str) -> Leaf {
         let now = OffsetDateTime::now_utc();
+        self.leaf_valid(dns, now - Duration::days(1), now + Duration::days(30))
+    }
+
+    /// A server leaf for `dns`, valid in exactly this window.
+    pub fn leaf_valid(
+        &self,
+        dns: &str,
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+    ) -> Leaf {
         let mut params = CertificateParams::new(vec![dns.to_owned()]).expect("params");
         params.distinguished_name.push(DnType::CommonName, dns);
-        params.not_before = now - Duration::days(1);
-        params.not_after = now + Duration::days(30);
+        params.not_before = not_before;
+        params.not_after = not_after;
         params.is_ca = IsCa::ExplicitNoCa;
         // Names the issuer's key, so twins with one subject are told apart.
         params.use_authority_key_identifier_extension = true;
