@@ -104,12 +104,18 @@ fn glob_prefix(pattern: &str) -> (PathBuf, usize) {
 /// each.
 #[derive(Default)]
 struct Resolver {
-    known: HashMap<PathBuf, Option<(PathBuf, (u64, u64))>>,
+    known: HashMap<PathBuf, Option<Resolved>>,
 }
+
+/// A directory's identity: device and inode.
+type DirId = (u64, u64);
+
+/// A directory's canonical path and identity.
+type Resolved = (PathBuf, DirId);
 
 impl Resolver {
     /// `dir`'s canonical path and (device, inode), if it is a directory.
-    fn directory(&mut self, dir: &Path) -> Option<(PathBuf, (u64, u64))> {
+    fn directory(&mut self, dir: &Path) -> Option<Resolved> {
         if let Some(known) = self.known.get(dir) {
             return known.clone();
         }
@@ -118,7 +124,7 @@ impl Resolver {
         found
     }
 
-    fn lookup(&mut self, dir: &Path) -> Option<(PathBuf, (u64, u64))> {
+    fn lookup(&mut self, dir: &Path) -> Option<Resolved> {
         let meta = std::fs::symlink_metadata(dir).ok()?;
         let parent = dir.parent().filter(|p| !p.as_os_str().is_empty());
         let canonical = match (meta.file_type().is_symlink(), parent, dir.file_name()) {
@@ -139,7 +145,7 @@ impl Resolver {
 
     /// The nearest existing directory at or above `dir`: the path as given,
     /// its canonical form, and its identity.
-    fn existing_ancestor(&mut self, dir: &Path) -> Option<(PathBuf, PathBuf, (u64, u64))> {
+    fn existing_ancestor(&mut self, dir: &Path) -> Option<(PathBuf, PathBuf, DirId)> {
         let mut current = Some(dir);
         while let Some(d) = current {
             if let Some((canonical, id)) = self.directory(d) {
