@@ -12,13 +12,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rustls::ClientConfig;
-use rustls::client::Resumption;
 use rustls::pki_types::ServerName;
 
 use crate::support::daemon::{Daemon, eventually};
 use crate::support::kubelet::Volume;
-use crate::support::pki::{Ca, Leaf, sha256_hex};
-use crate::support::tls::{self, Identity};
+use crate::support::pki::{Ca, sha256_hex};
+use crate::support::tls;
 use crate::support::{DumpLogsOnFailure, free_port, pem_certs, pems, s, system_binary, write};
 
 const PATIENCE: Duration = Duration::from_secs(30);
@@ -86,29 +85,6 @@ impl Drop for NatsServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// Writes a leaf's certificate and key as `NAME.crt` and `NAME.key`.
-fn write_leaf(dir: &Path, name: &str, leaf: &Leaf) -> (PathBuf, PathBuf) {
-    (
-        write(dir, &format!("{name}.crt"), leaf.cert.pem()),
-        write(dir, &format!("{name}.key"), leaf.key.serialize_pem()),
-    )
-}
-
-/// A client with a certificate from `ca` that trusts the server CA, and
-/// never resumes a session (each attempt is a full handshake, so the
-/// client certificate is judged against the trust NATS holds now).
-fn client(dir: &Path, name: &str, ca: &Ca, server_ca: &Path) -> Arc<ClientConfig> {
-    let (cert, key) = write_leaf(dir, name, &ca.leaf(name));
-    let config = tls::client_config(&Identity {
-        cert,
-        key,
-        trust: server_ca.to_path_buf(),
-    });
-    let mut config = (*config).clone();
-    config.resumption = Resumption::disabled();
-    Arc::new(config)
 }
 
 /// A NATS client session: plain-text INFO, the TLS upgrade, CONNECT and
@@ -215,9 +191,9 @@ fn nats_takes_a_ca_rotation_by_sighup_without_restarting() {
     let server_ca = Ca::new("NATS Server CA");
     let pki = dir.path().join("pki");
     let server_ca_file = write(&pki, "server-ca.pem", server_ca.pem());
-    let (server_cert, server_key) = write_leaf(&pki, "server", &server_ca.leaf("localhost"));
-    let old_client = client(&pki, "client-old", &ca_old, &server_ca_file);
-    let new_client = client(&pki, "client-new", &ca_new, &server_ca_file);
+    let (server_cert, server_key) = server_ca.leaf("localhost").write(&pki, "server");
+    let old_client = tls::fresh_client(&pki, "client-old", &ca_old, &server_ca_file);
+    let new_client = tls::fresh_client(&pki, "client-new", &ca_new, &server_ca_file);
 
     // The Secret holds CA-old; anchorage renders it before NATS starts.
     let mut secret = Volume::new(&dir.path().join("secret"));

@@ -20,13 +20,12 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use rustls::ClientConfig;
-use rustls::client::Resumption;
 use rustls::pki_types::ServerName;
 
 use crate::support::daemon::{Daemon, eventually};
 use crate::support::kubelet::Volume;
 use crate::support::pki::{Ca, Leaf, sha256_hex};
-use crate::support::tls::{self, Identity};
+use crate::support::tls;
 use crate::support::{DumpLogsOnFailure, free_port, pem_certs, pems, s, system_binary, write};
 
 const PATIENCE: Duration = Duration::from_secs(30);
@@ -215,29 +214,6 @@ impl Drop for Nginx {
     }
 }
 
-/// Writes a leaf's certificate and key as `NAME.crt` and `NAME.key`.
-fn write_leaf(dir: &Path, name: &str, leaf: &Leaf) -> (PathBuf, PathBuf) {
-    (
-        write(dir, &format!("{name}.crt"), leaf.cert.pem()),
-        write(dir, &format!("{name}.key"), leaf.key.serialize_pem()),
-    )
-}
-
-/// A client with a certificate from `ca` that trusts the server CA, and
-/// never resumes a session (each attempt is a full handshake, judged
-/// against what nginx holds now).
-fn client(dir: &Path, name: &str, ca: &Ca, server_ca: &Path) -> Arc<ClientConfig> {
-    let (cert, key) = write_leaf(dir, name, &ca.leaf(name));
-    let config = tls::client_config(&Identity {
-        cert,
-        key,
-        trust: server_ca.to_path_buf(),
-    });
-    let mut config = (*config).clone();
-    config.resumption = Resumption::disabled();
-    Arc::new(config)
-}
-
 /// What one HTTPS request saw.
 struct Response {
     status: u16,
@@ -385,9 +361,9 @@ fn nginx_takes_a_client_ca_rotation_by_sighup_to_its_master() {
     let server_ca = Ca::new("nginx Server CA");
     let pki = dir.path().join("pki");
     let server_ca_file = write(&pki, "server-ca.pem", server_ca.pem());
-    let (server_cert, server_key) = write_leaf(&pki, "server", &server_ca.leaf("localhost"));
-    let old_client = client(&pki, "client-old", &ca_old, &server_ca_file);
-    let new_client = client(&pki, "client-new", &ca_new, &server_ca_file);
+    let (server_cert, server_key) = server_ca.leaf("localhost").write(&pki, "server");
+    let old_client = tls::fresh_client(&pki, "client-old", &ca_old, &server_ca_file);
+    let new_client = tls::fresh_client(&pki, "client-new", &ca_new, &server_ca_file);
 
     // The Secret holds CA-old; anchorage renders it before nginx starts.
     let mut secret = Volume::new(&dir.path().join("secret"));
@@ -485,7 +461,7 @@ fn nginx_serves_its_rotated_key_pair_and_the_probe_proves_it() {
     let pki = dir.path().join("pki");
     let server_ca_file = write(&pki, "server-ca.pem", server_ca.pem());
     let clients_ca_file = write(&pki, "clients-ca.pem", clients_ca.pem());
-    let client = client(&pki, "client", &clients_ca, &server_ca_file);
+    let client = tls::fresh_client(&pki, "client", &clients_ca, &server_ca_file);
 
     // The server's key pair is a kubelet volume (a cert-manager Secret);
     // nginx reads it through the visible names.

@@ -104,6 +104,20 @@ impl Ca {
     }
 }
 
+impl Leaf {
+    /// Writes the certificate and key as `dir/NAME.crt` and `dir/NAME.key`.
+    pub fn write(
+        &self,
+        dir: &std::path::Path,
+        name: &str,
+    ) -> (std::path::PathBuf, std::path::PathBuf) {
+        (
+            super::write(dir, &format!("{name}.crt"), self.cert.pem()),
+            super::write(dir, &format!("{name}.key"), self.key.serialize_pem()),
+        )
+    }
+}
+
 /// A self-signed certificate that says it is not a CA.
 pub fn non_ca(name: &str) -> String {
     let now = OffsetDateTime::now_utc();

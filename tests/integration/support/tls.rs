@@ -75,6 +75,26 @@ pub fn client_config(id: &Identity) -> Arc<ClientConfig> {
     )
 }
 
+/// A client holding a new leaf `name` from `ca` (written in `dir`) that
+/// trusts `server_ca` and never resumes a session: each attempt is a full
+/// handshake, judged against the trust the server holds now.
+pub fn fresh_client(
+    dir: &Path,
+    name: &str,
+    ca: &super::pki::Ca,
+    server_ca: &Path,
+) -> Arc<ClientConfig> {
+    let (cert, key) = ca.leaf(name).write(dir, name);
+    let config = client_config(&Identity {
+        cert,
+        key,
+        trust: server_ca.to_path_buf(),
+    });
+    let mut config = (*config).clone();
+    config.resumption = rustls::client::Resumption::disabled();
+    Arc::new(config)
+}
+
 /// A TLS server on 127.0.0.1 whose config can be swapped ("reloaded"). Each
 /// connection answers one line with "ok\n" after the handshake.
 pub struct Server {
