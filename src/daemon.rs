@@ -21,8 +21,8 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
-use crate::bundle::Bundle;
 use crate::bundle::retain::Retention;
+use crate::bundle::{Bundle, Refusal};
 use crate::config::{BundleConfig, Config, ConfigError, Probe};
 use crate::keypair::{self, KeyPairState, Outcome};
 use crate::output::{self, Rendered, atomic};
@@ -30,6 +30,7 @@ use crate::reload::child::ChildHandle;
 use crate::reload::{Reloader, Request};
 use crate::render;
 use crate::source::Source;
+use crate::source::{SourceError, SourceFile};
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::status::{Pings, Status};
 use crate::watch::{Change, Watch, WatchError, watch_points};
@@ -51,15 +52,15 @@ struct BundleState {
     refusal: Option<&'static str>,
     /// CAs removed from the sources but still within `retain_removed`.
     retention: Retention,
-    /// The files the last accepted read found.
-    files_seen: Vec<PathBuf>,
+    /// Each source's last read (`None`: to be read).
+    cache: Vec<Option<Vec<SourceFile>>>,
 }
 
 impl BundleState {
     fn new(config: BundleConfig, state_dir: Option<&Path>) -> Self {
         Self {
             retention: Retention::load(state_dir, &config.name),
-            files_seen: Vec::new(),
+            cache: Vec::new(),
             config,
             last: None,
             published: HashMap::new(),
@@ -98,6 +99,9 @@ pub struct Daemon {
     pings: Pings,
     reconfigure: Reconfigure,
     dirty: HashSet<usize>,
+    /// Sources (bundle, source index) an event concerned: only they are
+    /// read again when their bundle is not dirty as a whole.
+    dirty_sources: HashSet<(usize, usize)>,
     /// An event touched a watched directory or entry itself.
     rewatch_needed: bool,
 }
@@ -157,6 +161,7 @@ impl Daemon {
             pings,
             reconfigure,
             dirty: HashSet::new(),
+            dirty_sources: HashSet::new(),
             rewatch_needed: false,
         };
         daemon.rewatch().map_err(StartError::Watch)?;
@@ -171,11 +176,18 @@ impl Daemon {
         let wanted = self
             .bundles
             .iter()
-            .map(|b| b.config.sources.iter().flat_map(watch_points).collect())
+            .map(|b| {
+                b.config
+                    .sources
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(i, source)| watch_points(i, source))
+                    .collect()
+            })
             .chain(self.keypairs.iter().map(|k| {
                 [&k.config.cert, &k.config.key]
                     .into_iter()
-                    .flat_map(|p| watch_points(&Source::Path(p.clone())))
+                    .flat_map(|p| watch_points(0, &Source::Path(p.clone())))
                     .collect()
             }))
             .collect();
@@ -220,7 +232,7 @@ impl Daemon {
                     while let Ok(change) = self.events.try_recv() {
                         self.note(change);
                     }
-                    if self.dirty.is_empty() {
+                    if self.dirty.is_empty() && self.dirty_sources.is_empty() {
                         continue;
                     }
                     let now = Instant::now();
@@ -283,7 +295,7 @@ impl Daemon {
         match (change, &self.watch) {
             (Change::Paths(paths), Some(watch)) => {
                 for path in &paths {
-                    self.rewatch_needed |= watch.bundles_for(path, &mut self.dirty);
+                    self.rewatch_needed |= watch.bundles_for(path, &mut self.dirty_sources);
                 }
             }
             _ => {
@@ -307,7 +319,16 @@ impl Daemon {
             warn!("watch events were dropped; re-reading every source");
             self.mark_all();
         }
-        let dirty: HashSet<usize> = self.dirty.drain().collect();
+        let whole: HashSet<usize> = self.dirty.drain().collect();
+        // Per bundle, the sources to read again (`None`: all of them).
+        let mut reread: HashMap<usize, Option<HashSet<usize>>> =
+            whole.iter().map(|i| (*i, None)).collect();
+        for (target, source) in self.dirty_sources.drain() {
+            if let Some(sources) = reread.entry(target).or_insert_with(|| Some(HashSet::new())) {
+                sources.insert(source);
+            }
+        }
+        let dirty: HashSet<usize> = reread.keys().copied().collect();
         let mut bundles: Vec<usize> = dirty
             .iter()
             .copied()
@@ -317,7 +338,8 @@ impl Daemon {
         let offset = self.bundles.len();
         let mut changed_bundles = HashSet::new();
         for i in bundles {
-            if self.render_bundle(i, startup) {
+            let only = reread.remove(&i).flatten();
+            if self.render_bundle(i, only.as_ref(), startup) {
                 changed_bundles.insert(self.bundles[i].config.name.clone());
             }
         }
@@ -357,7 +379,7 @@ impl Daemon {
             again.sort_unstable();
             for i in again {
                 if i < offset {
-                    self.render_bundle(i, startup);
+                    self.render_bundle(i, None, startup);
                 } else {
                     self.check_keypair(i - offset);
                 }
@@ -430,23 +452,59 @@ impl Daemon {
         }
     }
 
-    /// Renders bundle `i`; returns whether its outputs changed.
-    fn render_bundle(&mut self, i: usize, startup: bool) -> bool {
-        let now = unix_now();
+    /// Reads bundle `i`'s sources: those in `only` (or all) afresh, the
+    /// others from their last read.
+    fn read_bundle(
+        &mut self,
+        i: usize,
+        only: Option<&HashSet<usize>>,
+    ) -> Result<Vec<SourceFile>, Refusal> {
         let state = &mut self.bundles[i];
-        let name = state.config.name.clone();
-        // A file of the last read that is now a directory is unreadable, not
-        // absent: a half-done replacement must not shrink the trust set.
-        let replaced = state
-            .files_seen
-            .iter()
-            .find(|p| std::fs::metadata(p).is_ok_and(|m| m.is_dir()));
-        let result = match replaced {
-            Some(path) => Err(crate::bundle::Refusal::Source(
-                crate::source::SourceError::directory_where_a_file_was(path),
-            )),
-            None => render::assemble(&state.config, Some(&mut state.retention), now),
-        };
+        state.cache.resize(state.config.sources.len(), None);
+        let stale: Vec<usize> = (0..state.config.sources.len())
+            .filter(|s| state.cache[*s].is_none() || only.is_none_or(|o| o.contains(s)))
+            .collect();
+        let sources = &state.config.sources;
+        let read = crate::parallel::map(&stale, |s| sources[*s].read());
+        let mut failure = None;
+        for (s, result) in stale.into_iter().zip(read) {
+            // A file of the last read that is a directory now is unreadable,
+            // not absent: a half-done replacement must not shrink the trust
+            // set. The last read stays, so the refusal holds until it is a
+            // file again.
+            let replaced = state.cache[s]
+                .iter()
+                .flatten()
+                .find(|f| std::fs::metadata(&f.path).is_ok_and(|m| m.is_dir()));
+            if let Some(file) = replaced {
+                failure.get_or_insert(SourceError::directory_where_a_file_was(&file.path));
+                continue;
+            }
+            match result {
+                Ok(files) => state.cache[s] = Some(files),
+                Err(e) => {
+                    // Read again next time; the first failure is reported.
+                    state.cache[s] = None;
+                    failure.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = failure {
+            return Err(Refusal::Source(e));
+        }
+        Ok(state.cache.iter().flatten().flatten().cloned().collect())
+    }
+
+    /// Renders bundle `i`, reading again the sources in `only` (or all);
+    /// returns whether its outputs changed.
+    fn render_bundle(&mut self, i: usize, only: Option<&HashSet<usize>>, startup: bool) -> bool {
+        let now = unix_now();
+        let name = self.bundles[i].config.name.clone();
+        let result = self.read_bundle(i, only).and_then(|files| {
+            let state = &mut self.bundles[i];
+            render::assemble_files(&state.config, &files, Some(&mut state.retention), now)
+        });
+        let state = &mut self.bundles[i];
         let assembly = match result {
             Ok(assembly) => assembly,
             Err(refusal) => {
@@ -507,7 +565,6 @@ impl Daemon {
             .min();
         state.rendered = true;
         state.refusal = None;
-        state.files_seen = assembly.files.clone();
         state.last = Some(assembly.bundle);
         if changed.is_empty() {
             return false;

@@ -33,7 +33,18 @@ pub fn assemble(
     now: i64,
 ) -> Result<Assembly, Refusal> {
     let files = read_sources(bundle)?;
-    let mut assembly = bundle::collect(&files, &bundle.policy, now)?;
+    assemble_files(bundle, &files, retention, now)
+}
+
+/// [`assemble`] from files already read (the daemon keeps each source's
+/// last read and reads again only the sources an event concerned).
+pub fn assemble_files(
+    bundle: &BundleConfig,
+    files: &[SourceFile],
+    retention: Option<&mut Retention>,
+    now: i64,
+) -> Result<Assembly, Refusal> {
+    let mut assembly = bundle::collect(files, &bundle.policy, now)?;
     log_policy(&bundle.name, &assembly);
     if let (Some(retention), Some(grace)) = (retention, bundle.retain_removed) {
         let changed = retention.apply(

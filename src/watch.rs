@@ -36,6 +36,8 @@ pub enum Change {
 /// A directory to watch on behalf of a source.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct WatchPoint {
+    /// Which source of its bundle (or key pair) this point serves.
+    pub source: usize,
     pub dir: PathBuf,
     pub recursive: bool,
     /// Only this entry of `dir` matters (the source itself, seen from its
@@ -47,7 +49,7 @@ pub struct WatchPoint {
 /// itself (when it is a directory) and its parent, which sees it replaced,
 /// deleted or created (and nothing else of the parent counts); for a glob,
 /// its fixed prefix and that prefix's parent.
-pub fn watch_points(source: &Source) -> Vec<WatchPoint> {
+pub fn watch_points(index: usize, source: &Source) -> Vec<WatchPoint> {
     let (dir, recursive) = match source {
         Source::Path(path) => (path.clone(), false),
         Source::Glob(pattern) => {
@@ -62,6 +64,7 @@ pub fn watch_points(source: &Source) -> Vec<WatchPoint> {
         dir.file_name(),
     ) {
         points.push(WatchPoint {
+            source: index,
             dir: parent.to_path_buf(),
             recursive: false,
             only: Some(name.to_os_string()),
@@ -70,6 +73,7 @@ pub fn watch_points(source: &Source) -> Vec<WatchPoint> {
     points.insert(
         0,
         WatchPoint {
+            source: index,
             dir,
             recursive,
             only: None,
@@ -161,6 +165,7 @@ impl Resolver {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Route {
     bundle: usize,
+    source: usize,
     only: Option<OsString>,
     recursive: bool,
 }
@@ -290,6 +295,7 @@ impl Watch {
                 entry.0 |= recursive;
                 let route = Route {
                     bundle,
+                    source: point.source,
                     only,
                     recursive,
                 };
@@ -347,11 +353,18 @@ impl Watch {
     ///
     /// Returns whether the event may change what must be watched: a watched
     /// directory or a watched entry itself was created, removed or renamed.
-    pub fn bundles_for(&self, path: &Path, out: &mut HashSet<usize>) -> bool {
+    /// The sources (bundle, source index) an event at `path` may concern:
+    /// see above.
+    pub fn bundles_for(&self, path: &Path, out: &mut HashSet<(usize, usize)>) -> bool {
         let mut structural = false;
         if let Some(routes) = self.routes.get(path) {
             structural = true;
-            out.extend(routes.iter().filter(|r| r.only.is_none()).map(|r| r.bundle));
+            out.extend(
+                routes
+                    .iter()
+                    .filter(|r| r.only.is_none())
+                    .map(|r| (r.bundle, r.source)),
+            );
         }
         let name = path.file_name();
         let mut ancestor = path.parent();
@@ -371,7 +384,7 @@ impl Watch {
                     };
                     structural |= entry || (route.recursive && !direct);
                     if matches {
-                        out.insert(route.bundle);
+                        out.insert((route.bundle, route.source));
                     }
                 }
             }
@@ -407,7 +420,7 @@ mod tests {
 
     #[test]
     fn a_path_is_watched_with_its_parent() {
-        let points = watch_points(&Source::Path("/certs/ca".into()));
+        let points = watch_points(0, &Source::Path("/certs/ca".into()));
         let dirs: Vec<_> = points.iter().map(|p| p.dir.clone()).collect();
         assert_eq!(
             dirs,

@@ -85,8 +85,6 @@ pub struct Assembly {
     pub pending: Vec<Anchor>,
     /// Copies of a certificate already seen.
     pub duplicates: usize,
-    /// Every file read, certificates or not.
-    pub files: Vec<std::path::PathBuf>,
 }
 
 impl Assembly {
@@ -181,7 +179,6 @@ pub fn collect(files: &[SourceFile], policy: &Policy, now: i64) -> Result<Assemb
     // A trusted block carries aux data, so its key is the parsed DER.
     let mut todo = Vec::new();
     for file in files {
-        assembly.files.push(file.path.clone());
         for (index, block) in file.blocks.iter().enumerate() {
             if !block.trusted && !seen.insert(anchor::sha256(&block.der)) {
                 assembly.duplicates += 1;
