@@ -54,6 +54,8 @@ struct BundleState {
     retention: Retention,
     /// Each source's last read (`None`: to be read).
     cache: Vec<Option<Vec<SourceFile>>>,
+    /// The certificates of the last read, parsed.
+    parsed: crate::bundle::ParseCache,
 }
 
 impl BundleState {
@@ -61,6 +63,7 @@ impl BundleState {
         Self {
             retention: Retention::load(state_dir, &config.name),
             cache: Vec::new(),
+            parsed: crate::bundle::ParseCache::default(),
             config,
             last: None,
             published: HashMap::new(),
@@ -502,7 +505,13 @@ impl Daemon {
         let name = self.bundles[i].config.name.clone();
         let result = self.read_bundle(i, only).and_then(|files| {
             let state = &mut self.bundles[i];
-            render::assemble_files(&state.config, &files, Some(&mut state.retention), now)
+            render::assemble_files(
+                &state.config,
+                &files,
+                Some(&mut state.retention),
+                Some(&mut state.parsed),
+                now,
+            )
         });
         let state = &mut self.bundles[i];
         let assembly = match result {

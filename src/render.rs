@@ -33,7 +33,7 @@ pub fn assemble(
     now: i64,
 ) -> Result<Assembly, Refusal> {
     let files = read_sources(bundle)?;
-    assemble_files(bundle, &files, retention, now)
+    assemble_files(bundle, &files, retention, None, now)
 }
 
 /// [`assemble`] from files already read (the daemon keeps each source's
@@ -42,9 +42,10 @@ pub fn assemble_files(
     bundle: &BundleConfig,
     files: &[SourceFile],
     retention: Option<&mut Retention>,
+    cache: Option<&mut bundle::ParseCache>,
     now: i64,
 ) -> Result<Assembly, Refusal> {
-    let mut assembly = bundle::collect(files, &bundle.policy, now)?;
+    let mut assembly = bundle::collect_cached(files, &bundle.policy, now, cache)?;
     log_policy(&bundle.name, &assembly);
     if let (Some(retention), Some(grace)) = (retention, bundle.retain_removed) {
         let changed = retention.apply(

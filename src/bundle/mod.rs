@@ -16,7 +16,7 @@ use std::collections::HashSet;
 pub use anchor::{Anchor, ParseError};
 pub use verify::VerifyError;
 
-use crate::source::{SourceError, SourceFile};
+use crate::source::{CertBlock, SourceError, SourceFile};
 
 /// What a bundle keeps.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -170,33 +170,83 @@ pub fn check_min(assembly: &Assembly, policy: &Policy) -> Result<(), Refusal> {
     Ok(())
 }
 
+/// Certificates already parsed, by the SHA-256 of their block: a render
+/// that reads the same bytes again does not parse them again.
+#[derive(Debug, Default)]
+pub struct ParseCache(std::collections::HashMap<[u8; 32], Anchor>);
+
 /// [`assemble`] without the `min_certs` check, for callers that add
 /// retained CAs first.
 pub fn collect(files: &[SourceFile], policy: &Policy, now: i64) -> Result<Assembly, Refusal> {
+    collect_cached(files, policy, now, None)
+}
+
+/// [`collect`], taking what `cache` already parsed and leaving in it what
+/// this read holds.
+pub fn collect_cached(
+    files: &[SourceFile],
+    policy: &Policy,
+    now: i64,
+    mut cache: Option<&mut ParseCache>,
+) -> Result<Assembly, Refusal> {
+    /// A block in file order: parsed before, or to parse now.
+    enum Slot<'a> {
+        Known([u8; 32], Anchor),
+        Parse(Option<[u8; 32]>, &'a SourceFile, usize, &'a CertBlock),
+    }
     let mut seen: HashSet<[u8; 32]> = HashSet::new();
     let mut assembly = Assembly::default();
     // Identical bytes parse identically: copies are skipped before parsing.
     // A trusted block carries aux data, so its key is the parsed DER.
-    let mut todo = Vec::new();
+    let mut slots = Vec::new();
     for file in files {
         for (index, block) in file.blocks.iter().enumerate() {
-            if !block.trusted && !seen.insert(anchor::sha256(&block.der)) {
-                assembly.duplicates += 1;
-                continue;
+            let key = (!block.trusted).then(|| anchor::sha256(&block.der));
+            if let Some(key) = key {
+                if !seen.insert(key) {
+                    assembly.duplicates += 1;
+                    continue;
+                }
+                if let Some(known) = cache.as_ref().and_then(|c| c.0.get(&key)) {
+                    let mut anchor = known.clone();
+                    anchor.origin = file.path.clone();
+                    anchor.index = index;
+                    slots.push(Slot::Known(key, anchor));
+                    continue;
+                }
             }
-            todo.push((file, index, block));
+            slots.push(Slot::Parse(key, file, index, block));
         }
     }
-    let parsed = crate::parallel::map(&todo, |(file, index, block)| {
+    let todo: Vec<_> = slots
+        .iter()
+        .filter_map(|slot| match slot {
+            Slot::Parse(_, file, index, block) => Some((*file, *index, *block)),
+            Slot::Known(..) => None,
+        })
+        .collect();
+    let mut parsed = crate::parallel::map(&todo, |(file, index, block)| {
         Anchor::parse(block, file.path.clone(), *index)
-    });
+    })
+    .into_iter();
     let mut kept = Vec::new();
+    let mut next = std::collections::HashMap::new();
     // In file order, so the first damaged block is the one reported.
-    for (anchor, (_, _, block)) in parsed.into_iter().zip(&todo) {
-        let anchor = anchor.map_err(Refusal::Parse)?;
-        if block.trusted && !seen.insert(anchor.sha256) {
+    for slot in slots {
+        let (key, anchor, trusted) = match slot {
+            Slot::Known(key, anchor) => (Some(key), anchor, false),
+            Slot::Parse(key, _, _, block) => {
+                // One result per slot to parse, in the same order.
+                let Some(result) = parsed.next() else { break };
+                (key, result.map_err(Refusal::Parse)?, block.trusted)
+            }
+        };
+        if trusted && !seen.insert(anchor.sha256) {
             assembly.duplicates += 1;
             continue;
+        }
+        if let Some(key) = key {
+            next.insert(key, anchor.clone());
         }
         if !anchor.is_ca && !policy.allow_non_ca {
             assembly.dropped.push(Dropped::NotCa(anchor));
@@ -209,6 +259,9 @@ pub fn collect(files: &[SourceFile], policy: &Policy, now: i64) -> Result<Assemb
             kept.push(anchor);
         }
     }
+    if let Some(cache) = cache.as_mut() {
+        cache.0 = next;
+    }
     assembly.bundle = Bundle::new(kept);
     Ok(assembly)
 }
@@ -216,4 +269,92 @@ pub fn collect(files: &[SourceFile], policy: &Policy, now: i64) -> Result<Assemb
 /// Lowercase hex SHA-256 of DER, as logs and metrics show certificates.
 pub fn fingerprint(der: &[u8]) -> String {
     anchor::hex(&anchor::sha256(der))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ca_block(name: &str) -> CertBlock {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let key = rcgen::KeyPair::generate().expect("key");
+        CertBlock {
+            der: params.self_signed(&key).expect("cert").der().to_vec(),
+            trusted: false,
+        }
+    }
+
+    fn file(path: &str, blocks: Vec<CertBlock>) -> SourceFile {
+        SourceFile {
+            path: path.into(),
+            blocks,
+        }
+    }
+
+    #[test]
+    fn cached_parses_give_the_same_bundle_with_current_origins() {
+        let (a, b) = (ca_block("A"), ca_block("B"));
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let mut cache = ParseCache::default();
+        let first = vec![
+            file("/x/a.pem", vec![a.clone()]),
+            file("/x/b.pem", vec![b.clone()]),
+        ];
+        let fresh =
+            collect_cached(&first, &Policy::default(), now, Some(&mut cache)).expect("valid");
+        assert_eq!(cache.0.len(), 2);
+        // The same certificates under other names: taken from the cache.
+        let second = vec![file("/y/both.pem", vec![b, a])];
+        let cached =
+            collect_cached(&second, &Policy::default(), now, Some(&mut cache)).expect("valid");
+        let shas = |x: &Assembly| {
+            x.bundle
+                .anchors()
+                .iter()
+                .map(|a| a.sha256)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(shas(&fresh), shas(&cached));
+        assert!(
+            cached
+                .bundle
+                .anchors()
+                .iter()
+                .all(|a| a.origin == std::path::Path::new("/y/both.pem"))
+        );
+        let indexes: Vec<usize> = cached.bundle.anchors().iter().map(|a| a.index).collect();
+        assert!(indexes.contains(&0) && indexes.contains(&1));
+    }
+
+    #[test]
+    fn a_damaged_block_is_refused_even_beside_cached_ones() {
+        let a = ca_block("A");
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let mut cache = ParseCache::default();
+        collect_cached(
+            &[file("/x/a.pem", vec![a.clone()])],
+            &Policy::default(),
+            now,
+            Some(&mut cache),
+        )
+        .expect("valid");
+        let junk = CertBlock {
+            der: vec![0x30, 0x03, 1, 2, 3],
+            trusted: false,
+        };
+        let err = collect_cached(
+            &[file("/x/a.pem", vec![a, junk])],
+            &Policy::default(),
+            now,
+            Some(&mut cache),
+        );
+        assert!(matches!(
+            err,
+            Err(Refusal::Parse(ParseError { index: 1, .. }))
+        ));
+    }
 }
