@@ -288,6 +288,18 @@ impl Metrics {
                 })
                 .collect()
         };
+        // The same set: its series are already right (a render of a
+        // thousand unchanged CAs should not rebuild a thousand series).
+        let same = previous.is_some_and(|p| {
+            p.len() == bundle.len()
+                && p.anchors()
+                    .iter()
+                    .zip(bundle.anchors())
+                    .all(|(a, b)| a.sha256 == b.sha256)
+        });
+        if same {
+            return;
+        }
         if let Some(previous) = previous {
             for (labels, _) in cert_labels(previous) {
                 self.not_after.remove(&labels);
