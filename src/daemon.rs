@@ -531,7 +531,7 @@ impl Daemon {
             let result = match state.published.get(&spec.path) {
                 Some(previous) if *previous == rendered => Ok(false),
                 // Known to differ: write without comparing with the disk.
-                Some(_) => write(&spec.path, &rendered, spec.mode).map(|()| true),
+                Some(_) => atomic::write(&spec.path, &rendered, spec.mode).map(|()| true),
                 None => atomic::publish(&spec.path, &rendered, spec.mode),
             };
             match result {
@@ -646,13 +646,6 @@ impl Daemon {
         }
         self.mark_all();
         self.cycle(false);
-    }
-}
-
-fn write(path: &std::path::Path, rendered: &Rendered, mode: u32) -> std::io::Result<()> {
-    match rendered {
-        Rendered::File(bytes) => atomic::write_file(path, bytes, mode),
-        Rendered::Dir(files) => atomic::write_dir(path, files, mode),
     }
 }
 

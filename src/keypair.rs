@@ -132,18 +132,12 @@ pub fn inspect(
         verify::check(&chain, bundle, now).map_err(|e| Held::Invalid(e.to_string()))?;
     }
     Ok(Accepted {
-        cert_sha256: ring_sha(&cert_bytes),
-        key_sha256: ring_sha(&key_bytes),
+        cert_sha256: bundle::sha256(&cert_bytes),
+        key_sha256: bundle::sha256(&key_bytes),
         subject: leaf.subject.clone(),
         not_after: leaf.not_after,
         leaf: leaf.der,
     })
-}
-
-fn ring_sha(bytes: &[u8]) -> [u8; 32] {
-    let mut out = [0u8; 32];
-    out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref());
-    out
 }
 
 /// The state the daemon keeps per pair.

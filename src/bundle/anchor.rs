@@ -138,7 +138,8 @@ fn serial_hex(raw: &[u8]) -> String {
     hex(trimmed)
 }
 
-pub(crate) fn sha256(bytes: &[u8]) -> [u8; 32] {
+/// SHA-256 of `bytes`.
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
     let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
     let mut out = [0u8; 32];
     out.copy_from_slice(digest.as_ref());

@@ -13,7 +13,7 @@ pub mod verify;
 
 use std::collections::HashSet;
 
-pub use anchor::{Anchor, ParseError};
+pub use anchor::{Anchor, ParseError, sha256};
 pub use verify::VerifyError;
 
 use crate::source::{CertBlock, SourceError, SourceFile};
@@ -268,7 +268,7 @@ pub fn collect_cached(
 
 /// Lowercase hex SHA-256 of DER, as logs and metrics show certificates.
 pub fn fingerprint(der: &[u8]) -> String {
-    anchor::hex(&anchor::sha256(der))
+    anchor::hex(&sha256(der))
 }
 
 #[cfg(test)]

@@ -109,7 +109,7 @@ fn describe_failure(chain: &Chain, error: webpki::Error) -> String {
         .as_ref()
         .map(|c| c.subject().to_string())
         .unwrap_or_default();
-    let fingerprint = super::anchor::hex(&super::anchor::sha256(&chain.certs[0]));
+    let fingerprint = super::fingerprint(&chain.certs[0]);
     let issuer = top
         .as_ref()
         .map(|c| c.issuer().to_string())

@@ -34,21 +34,23 @@ const DIR_MODE: u32 = 0o755;
 /// Writes `rendered` at `path` unless the same bytes (and mode) are already
 /// there. Returns whether the output changed on disk.
 pub fn publish(path: &Path, rendered: &Rendered, mode: u32) -> io::Result<bool> {
-    match rendered {
-        Rendered::File(bytes) => {
-            if file_matches(path, bytes, mode) {
-                return Ok(false);
-            }
-            write_file(path, bytes, mode)?;
-        }
-        Rendered::Dir(files) => {
-            if dir_matches(path, files, mode) {
-                return Ok(false);
-            }
-            write_dir(path, files, mode)?;
-        }
+    let same = match rendered {
+        Rendered::File(bytes) => file_matches(path, bytes, mode),
+        Rendered::Dir(files) => dir_matches(path, files, mode),
+    };
+    if same {
+        return Ok(false);
     }
+    write(path, rendered, mode)?;
     Ok(true)
+}
+
+/// Writes `rendered` at `path`, whatever is there (no comparison).
+pub fn write(path: &Path, rendered: &Rendered, mode: u32) -> io::Result<()> {
+    match rendered {
+        Rendered::File(bytes) => write_file(path, bytes, mode),
+        Rendered::Dir(files) => write_dir(path, files, mode),
+    }
 }
 
 /// An I/O error that names the path and what was being done.
