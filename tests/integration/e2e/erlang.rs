@@ -64,7 +64,6 @@
 //! the driver drops one on purpose).
 
 use std::fs;
-use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -77,7 +76,7 @@ use rustls::pki_types::ServerName;
 use crate::support::daemon::{Daemon, eventually};
 use crate::support::kubelet::Volume;
 use crate::support::pki::{Ca, Leaf};
-use crate::support::tls::{Identity, client_config};
+use crate::support::tls::{Connection, Identity, client_config};
 use crate::support::{pem_certs, s, write};
 
 /// The reload command shipped for Erlang nodes.
@@ -492,53 +491,20 @@ fn identity(dir: &Path, name: &str, leaf: &Leaf, trust: &[&Ca]) -> Identity {
     }
 }
 
-/// A client connection to an `ssl` listener of story A, with timeouts.
-struct Client {
-    tls: rustls::StreamOwned<ClientConnection, TcpStream>,
-}
-
-impl Client {
-    /// Connects as `id`, handshakes and exchanges one line.
-    fn open(port: u16, id: &Identity) -> Result<Self, String> {
-        let stream = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
-        for timeout in [
-            stream.set_read_timeout(Some(Duration::from_secs(15))),
-            stream.set_write_timeout(Some(Duration::from_secs(15))),
-        ] {
-            timeout.map_err(|e| e.to_string())?;
-        }
-        let name = ServerName::try_from("localhost").map_err(|e| e.to_string())?;
-        let conn = ClientConnection::new(client_config(id), name).map_err(|e| e.to_string())?;
-        let mut client = Self {
-            tls: rustls::StreamOwned::new(conn, stream),
-        };
-        client.ping()?;
-        Ok(client)
-    }
-
-    fn ping(&mut self) -> Result<(), String> {
-        self.tls.write_all(b"ping\n").map_err(|e| e.to_string())?;
-        self.tls.flush().map_err(|e| e.to_string())?;
-        let mut answer = [0u8; 3];
-        self.tls
-            .read_exact(&mut answer)
-            .map_err(|e| e.to_string())?;
-        if &answer == b"ok\n" {
-            Ok(())
-        } else {
-            Err(format!("answer {answer:?}"))
-        }
-    }
+/// A client connection to an `ssl` listener of story A as `id`: it
+/// handshakes and exchanges one line.
+fn open(port: u16, id: &Identity) -> Result<Connection, String> {
+    Connection::open(port, "localhost", client_config(id))
 }
 
 #[track_caller]
-fn accepted(port: u16, id: &Identity, what: &str) -> Client {
-    Client::open(port, id).unwrap_or_else(|e| panic!("{what}: refused: {e}"))
+fn accepted(port: u16, id: &Identity, what: &str) -> Connection {
+    open(port, id).unwrap_or_else(|e| panic!("{what}: refused: {e}"))
 }
 
 #[track_caller]
 fn refused(port: u16, id: &Identity, what: &str) {
-    if Client::open(port, id).is_ok() {
+    if open(port, id).is_ok() {
         panic!("{what}: accepted");
     }
 }
@@ -546,7 +512,7 @@ fn refused(port: u16, id: &Identity, what: &str) {
 /// Retries until a connection as `id` is accepted; returns when.
 #[track_caller]
 fn first_accepted(port: u16, id: &Identity) -> Instant {
-    eventually(DEADLINE, || match Client::open(port, id) {
+    eventually(DEADLINE, || match open(port, id) {
         Ok(_) => Ok(Instant::now()),
         Err(e) => {
             std::thread::sleep(Duration::from_millis(30));
@@ -1220,11 +1186,12 @@ fn erlang_tls_distribution_cluster_survives_a_ca_rotation() {
             leaf,
             &format!("phase 4: {} to a CA-new client", m.name),
         );
-        assert!(
-            dist_handshake(port, &probe_old).is_err(),
-            "phase 4: {} still accepts a CA-old client",
-            m.name
-        );
+        // The reload has run; as with `serves`, the node's next handshakes
+        // may need a moment more on a loaded machine.
+        eventually(DEADLINE, || match dist_handshake(port, &probe_old) {
+            Err(_) => Ok(()),
+            Ok(_) => Err(format!("phase 4: {} still accepts a CA-old client", m.name)),
+        });
     }
     wait_round_after(&driver_log, reloaded, "phase 4");
 

@@ -187,6 +187,13 @@ impl Connection {
     /// Connects to `port` as `name`, handshakes and exchanges one message.
     pub fn open(port: u16, name: &str, config: Arc<ClientConfig>) -> Result<Self, String> {
         let stream = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+        // A server that never answers fails the test instead of hanging it.
+        for timeout in [
+            stream.set_read_timeout(Some(std::time::Duration::from_secs(15))),
+            stream.set_write_timeout(Some(std::time::Duration::from_secs(15))),
+        ] {
+            timeout.map_err(|e| e.to_string())?;
+        }
         let server = ServerName::try_from(name.to_owned()).map_err(|e| e.to_string())?;
         let conn = rustls::ClientConnection::new(config, server).map_err(|e| e.to_string())?;
         let mut this = Self {
