@@ -119,6 +119,15 @@ pub struct Flags {
         value_delimiter = ','
     )]
     pub https: Vec<String>,
+    /// Reload by updating FILE's modification time, never creating it
+    /// (repeatable): the poke for apps that watch their own config file.
+    #[arg(
+        long = "touch",
+        env = "ANCHORAGE_TOUCH",
+        value_name = "FILE",
+        value_delimiter = ','
+    )]
+    pub touches: Vec<PathBuf>,
     /// Reload a supervised child by restarting it instead of signalling it.
     #[arg(long, env = "ANCHORAGE_RESTART_CHILD", value_parser = BoolishValueParser::new())]
     pub restart_child: bool,

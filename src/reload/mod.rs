@@ -13,6 +13,8 @@ pub mod exec;
 pub mod http;
 pub mod probe;
 pub mod signal;
+pub mod spec;
+pub mod touch;
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -23,9 +25,9 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::config::{Probe, ReloadAction, ReloadSpec, SignalTarget};
 use crate::telemetry::metrics::{ActionLabel, Metrics};
 use child::ChildHandle;
+pub use spec::{Probe, ReloadAction, ReloadSpec, SignalTarget};
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
@@ -236,12 +238,7 @@ fn backoff(attempt: u32) -> Duration {
 }
 
 fn describe(action: &ReloadAction) -> String {
-    match action {
-        ReloadAction::Signal { signal, target } => format!("signal {signal} to {target:?}"),
-        ReloadAction::Exec(argv) => format!("exec {argv:?}"),
-        ReloadAction::Http { url, method } => format!("http {method} {}", http::redact(url)),
-        ReloadAction::RestartChild => "restart child".into(),
-    }
+    action.to_string()
 }
 
 /// After the action: the probe, if any, must see the app take the change.
@@ -258,11 +255,7 @@ async fn prove(spec: &ReloadSpec, request: &Request, metrics: &Metrics) -> Resul
     }
     match result {
         Ok(()) => {
-            let shown = match probe {
-                Probe::Tls(addr) => format!("tls {addr}"),
-                Probe::Http(url) => format!("http {}", http::redact(url)),
-            };
-            info!(names = ?request.names, probe = %shown, "probe: the app took the change");
+            info!(names = ?request.names, probe = %probe, "probe: the app took the change");
             Ok(())
         }
         Err(e) => Err(Failure::Failed(format!(
@@ -293,15 +286,7 @@ async fn attempt_once(
     pending: &Request,
     child: &ChildHandle,
 ) -> Result<String, Failure> {
-    let targets_child = matches!(
-        spec.action,
-        ReloadAction::RestartChild
-            | ReloadAction::Signal {
-                target: SignalTarget::Child,
-                ..
-            }
-    );
-    if pending.startup && targets_child {
+    if pending.startup && spec.action.targets_child() {
         return Err(Failure::Absent(
             "the child starts after the first render and reads the fresh output".into(),
         ));
@@ -331,9 +316,14 @@ async fn attempt_once(
                 .await
                 .map(|()| "exit 0".into())
         }
-        ReloadAction::Http { url, method } => http::call(method, url, spec.timeout)
+        ReloadAction::Http {
+            url,
+            method,
+            bearer_token_file,
+        } => http::call(method, url, bearer_token_file.as_deref(), spec.timeout)
             .await
             .map(|status| format!("status {status}")),
+        ReloadAction::Touch(path) => touch::run(path).map(|()| "modification time updated".into()),
         ReloadAction::RestartChild => child
             .restart(spec.timeout)
             .await

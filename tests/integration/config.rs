@@ -208,3 +208,89 @@ fn boolean_variables_accept_the_usual_spellings() {
         );
     }
 }
+
+/// A URL's password never reaches an error (guarantee 14), whether the URL
+/// came from a flag or from the file.
+#[test]
+fn url_passwords_are_never_printed() {
+    let out = run(&[
+        "render",
+        "--source",
+        "/x",
+        "--http",
+        "https://alice:SECRETPW@127.0.0.1/x",
+    ]);
+    out.expect_code(2);
+    assert!(out.stderr.contains("--http"), "{}", out.stderr);
+    assert!(!out.stderr.contains("SECRETPW"), "{}", out.stderr);
+    let err = config_error(
+        "[[bundle]]\nsources = [\"/x\"]\n[[bundle.reload]]\nhttp = \"http://alice:SECRETPW@127.0.0.1:99999/x\"\n",
+    );
+    assert!(err.contains(":4:") && err.contains("http"), "{err}");
+    assert!(!err.contains("SECRETPW"), "{err}");
+}
+
+/// Each is refused at start, not retried forever at reload time.
+#[test]
+fn reload_targets_that_can_never_work_are_configuration_errors() {
+    for (flag, value) in [
+        ("--process", ""),
+        ("--process", "/usr/sbin/nginx"),
+        ("--http", "http://127.0.0.1:99999/x"),
+        ("--http", "http://127.0.0.1/a b"),
+        ("--http", "http:///x"),
+    ] {
+        let out = run(&["render", "--source", "/x", flag, value]);
+        out.expect_code(2);
+        assert!(
+            out.stderr.contains(flag),
+            "{flag} {value:?}: {}",
+            out.stderr
+        );
+    }
+    let err = config_error(
+        "[[bundle]]\nsources = [\"/x\"]\n[[bundle.output]]\npath = \"/o\"\nmode = \"0o644\"\n",
+    );
+    assert!(err.contains(":5:") && err.contains("mode"), "{err}");
+    let err = config_error(
+        "[[bundle]]\nsources = [\"/x\"]\n[[bundle.reload]]\nexec = \"true\"\nbearer_token_file = \"/t\"\n",
+    );
+    assert!(err.contains("bearer_token_file"), "{err}");
+}
+
+/// Two outputs at one path: the last render would silently win.
+#[test]
+fn two_outputs_at_one_path_are_a_configuration_error() {
+    let err = config_error(
+        "[[bundle]]\nname = \"a\"\nsources = [\"/x\"]\n[[bundle.output]]\npath = \"/shared/ca.pem\"\n\n\
+         [[bundle]]\nname = \"b\"\nsources = [\"/y\"]\n[[bundle.output]]\npath = \"/shared/ca.pem\"\nformat = \"pem\"\n",
+    );
+    assert!(err.contains(":10:"), "{err}");
+    assert!(
+        err.contains("/shared/ca.pem") && err.contains("\"a\""),
+        "{err}"
+    );
+    let out = run(&[
+        "render",
+        "--source",
+        "/x",
+        "--output",
+        "/o/ca",
+        "--hashed-dir",
+        "/o/ca",
+    ]);
+    out.expect_code(2);
+    assert!(out.stderr.contains("/o/ca"), "{}", out.stderr);
+}
+
+#[test]
+fn duplicate_names_carry_their_line() {
+    let err = config_error(
+        "[[bundle]]\nname = \"x\"\nsources = [\"/a\"]\n\n[[bundle]]\nname = \"x\"\nsources = [\"/b\"]\n",
+    );
+    assert!(err.contains(":6:") && err.contains("bundle.name"), "{err}");
+    let err = config_error(
+        "[[keypair]]\nname = \"k\"\ncert = \"/c\"\nkey = \"/k\"\n[[keypair]]\nname = \"k\"\ncert = \"/c2\"\nkey = \"/k2\"\n",
+    );
+    assert!(err.contains(":6:") && err.contains("keypair.name"), "{err}");
+}

@@ -3,6 +3,7 @@
 
 mod support;
 
+mod actions;
 mod atomicity;
 mod check;
 mod config;

@@ -40,10 +40,10 @@ impl Daemon {
     }
 
     pub fn start_with(dir: &Path, args: &[&str], setup: impl FnOnce(&mut Command)) -> Self {
-        let log = dir.join(format!(
-            "anchorage-{}.log",
-            Instant::now().elapsed().as_nanos()
-        ));
+        // One name per daemon, even for several in one directory.
+        static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let log = dir.join(format!("anchorage-{n}.log"));
         let file = fs::File::create(&log).expect("log file");
         let mut cmd = anchorage();
         cmd.arg("run")
