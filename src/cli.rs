@@ -46,6 +46,10 @@ pub struct RenderArgs {
     /// Run the reload actions of every output that changed.
     #[arg(long, env = "ANCHORAGE_RELOAD", value_parser = BoolishValueParser::new())]
     pub reload: bool,
+    /// Read and validate everything, print per output whether it would
+    /// change, write nothing and reload nothing.
+    #[arg(long, conflicts_with = "reload")]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Args)]
@@ -59,6 +63,9 @@ pub struct CheckArgs {
     /// Files, bundles or directories.
     #[arg(required = true, value_name = "PATH")]
     pub paths: Vec<PathBuf>,
+    /// Log format for errors on stderr: text or json.
+    #[arg(long, env = "ANCHORAGE_LOG_FORMAT", value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
 }
 
 /// The flags shared by `run` and `render`: one bundle, no config file needed.

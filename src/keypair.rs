@@ -153,6 +153,7 @@ pub struct KeyPairState {
 }
 
 /// What one check of a pair concluded.
+#[derive(Debug)]
 pub enum Outcome {
     /// Same bytes as the pair last accepted (or held, still held).
     Unchanged,

@@ -138,11 +138,11 @@ impl Config {
     pub fn load(flags: &Flags, has_child: bool) -> Result<Self, ConfigError> {
         let (raw, text) = match &flags.config {
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+                let text = read_config(path).map_err(|message| ConfigError {
                     file: Some(path.clone()),
                     line: None,
                     key: "--config".into(),
-                    message: format!("cannot read: {e}"),
+                    message,
                 })?;
                 (parse_file(path, &text)?, text)
             }
@@ -161,6 +161,36 @@ impl Config {
         };
         build(flags, raw, &origin, has_child)
     }
+}
+
+/// A config file is small: anything over this is a mistake (`/dev/zero`).
+pub const MAX_CONFIG_SIZE: u64 = 1024 * 1024;
+
+/// Reads the config file: a regular file of at most [`MAX_CONFIG_SIZE`]
+/// bytes, never opened in a way that blocks (a FIFO), re-read on SIGHUP.
+fn read_config(path: &Path) -> Result<String, String> {
+    use std::io::Read;
+    let file = crate::source::open_nonblocking(path).map_err(|e| format!("cannot read: {e}"))?;
+    let meta = file.metadata().map_err(|e| format!("cannot read: {e}"))?;
+    if !meta.is_file() {
+        return Err("cannot read: not a regular file".into());
+    }
+    if meta.len() > MAX_CONFIG_SIZE {
+        return Err(format!(
+            "{} bytes is over the {MAX_CONFIG_SIZE}-byte limit for a config file",
+            meta.len()
+        ));
+    }
+    let mut text = String::new();
+    file.take(MAX_CONFIG_SIZE + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| format!("cannot read: {e}"))?;
+    if text.len() as u64 > MAX_CONFIG_SIZE {
+        return Err(format!(
+            "over the {MAX_CONFIG_SIZE}-byte limit for a config file"
+        ));
+    }
+    Ok(text)
 }
 
 fn parse_file(path: &Path, text: &str) -> Result<RawFile, ConfigError> {

@@ -34,15 +34,20 @@ const DIR_MODE: u32 = 0o755;
 /// Writes `rendered` at `path` unless the same bytes (and mode) are already
 /// there. Returns whether the output changed on disk.
 pub fn publish(path: &Path, rendered: &Rendered, mode: u32) -> io::Result<bool> {
-    let same = match rendered {
-        Rendered::File(bytes) => file_matches(path, bytes, mode),
-        Rendered::Dir(files) => dir_matches(path, files, mode),
-    };
-    if same {
+    if matches(path, rendered, mode) {
         return Ok(false);
     }
     write(path, rendered, mode)?;
     Ok(true)
+}
+
+/// Whether `path` already holds `rendered` with `mode` (what a dry run
+/// compares).
+pub fn matches(path: &Path, rendered: &Rendered, mode: u32) -> bool {
+    match rendered {
+        Rendered::File(bytes) => file_matches(path, bytes, mode),
+        Rendered::Dir(files) => dir_matches(path, files, mode),
+    }
 }
 
 /// Writes `rendered` at `path`, whatever is there (no comparison).

@@ -151,9 +151,19 @@ fn is_absent(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::NotFound
 }
 
+/// A FIFO, socket or device: never opened in a way that could block, never
+/// read (guarantee 10).
+fn not_regular(path: &Path) -> SourceError {
+    unreadable(
+        path,
+        io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"),
+    )
+}
+
 fn read_path(path: &Path, out: &mut Vec<SourceFile>) -> Result<(), SourceError> {
     match fs::metadata(path) {
         Ok(meta) if meta.is_dir() => read_dir(path, out),
+        Ok(meta) if !meta.is_file() => Err(not_regular(path)),
         Ok(_) => {
             if let Some(file) = read_file(path, path)? {
                 out.push(file);
@@ -188,7 +198,8 @@ fn read_glob(pattern: &str, out: &mut Vec<SourceFile>) -> Result<(), SourceError
                     out.push(file);
                 }
             }
-            Ok(_) => {}
+            Ok(meta) if meta.is_dir() => {}
+            Ok(_) => return Err(not_regular(&path)),
             Err(e) if is_absent(&e) => {}
             Err(e) => return Err(unreadable(&path, e)),
         }
@@ -197,7 +208,7 @@ fn read_glob(pattern: &str, out: &mut Vec<SourceFile>) -> Result<(), SourceError
 }
 
 /// Reads a directory; a kubelet volume is read through `..data`, one
-/// generation at a time (TECH-NOTES: AtomicWriter).
+/// generation at a time (ARCHITECTURE.md, "Kubernetes volumes").
 fn read_dir(dir: &Path, out: &mut Vec<SourceFile>) -> Result<(), SourceError> {
     let data = dir.join(KUBELET_DATA);
     for _ in 0..GENERATION_ATTEMPTS {
@@ -266,21 +277,22 @@ fn read_entries(
     // What each entry holds, read in parallel for large directories.
     let read = crate::parallel::map(&names, |(name, kind)| {
         let shown = visible.join(name);
-        let is_file = match kind {
-            Some(t) if t.is_file() => Ok(true),
-            Some(t) if !t.is_symlink() => Ok(false),
-            _ => fs::metadata(dir.join(name)).map(|m| m.is_file()),
+        let kind = match kind {
+            Some(t) if !t.is_symlink() => Ok(*t),
+            _ => fs::metadata(dir.join(name)).map(|m| m.file_type()),
         };
-        let entry = match is_file {
-            Ok(true) => match open_at(&handle, name, &shown).and_then(|f| read_open(f, &shown)) {
+        let entry = match kind {
+            Ok(t) if t.is_dir() => Ok(Entry::Other),
+            // A FIFO, socket or device fails the bundle, as any unreadable
+            // file does; it is never opened.
+            Ok(t) if !t.is_file() => Err(not_regular(&shown)),
+            Ok(_) => match open_at(&handle, name, &shown).and_then(|f| read_open(f, &shown)) {
                 Ok(Some(bytes)) => decode(&bytes)
                     .map(Entry::File)
                     .map_err(|kind| SourceError::new(&shown, kind)),
                 Ok(None) => Ok(Entry::Vanished),
                 Err(e) => Err(e),
             },
-            // Subdirectories, FIFOs, sockets: not ours to read.
-            Ok(false) => Ok(Entry::Other),
             Err(e) if is_absent(&e) => Ok(Entry::Vanished),
             Err(e) => Err(unreadable(&shown, e)),
         };
@@ -309,10 +321,12 @@ enum Entry {
 /// Opens `name` in the directory `dir` for reading; `None` if absent.
 fn open_at(dir: &File, name: &std::ffi::OsStr, shown: &Path) -> Result<Option<File>, SourceError> {
     use nix::fcntl::{OFlag, openat};
+    // Non-blocking: a FIFO swapped in after the stat must not hang the
+    // open; `read_open` then refuses anything but a regular file.
     match openat(
         dir,
         name,
-        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK | OFlag::O_NOCTTY,
         nix::sys::stat::Mode::empty(),
     ) {
         Ok(fd) => Ok(Some(File::from(fd))),
@@ -334,13 +348,24 @@ pub fn read_file(path: &Path, shown: &Path) -> Result<Option<SourceFile>, Source
     }))
 }
 
-/// Reads at most [`MAX_FILE_SIZE`] bytes; `None` if the file is absent.
+/// Reads at most [`MAX_FILE_SIZE`] bytes of a regular file; `None` if the
+/// file is absent. A FIFO, socket or device is refused without blocking.
 pub fn read_bounded(path: &Path, shown: &Path) -> Result<Option<Vec<u8>>, SourceError> {
-    match File::open(path) {
+    match open_nonblocking(path) {
         Ok(file) => read_open(Some(file), shown),
         Err(e) if is_absent(&e) => Ok(None),
         Err(e) => Err(unreadable(shown, e)),
     }
+}
+
+/// Opens `path` for reading without ever blocking in `open()` (a FIFO with
+/// no writer would), and without taking it as a controlling terminal.
+pub fn open_nonblocking(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOCTTY)
+        .open(path)
 }
 
 /// Reads an open file, at most [`MAX_FILE_SIZE`] bytes.
@@ -354,6 +379,9 @@ fn read_open(file: Option<File>, shown: &Path) -> Result<Option<Vec<u8>>, Source
             shown,
             io::Error::new(io::ErrorKind::IsADirectory, "is a directory"),
         ));
+    }
+    if !meta.is_file() {
+        return Err(not_regular(shown));
     }
     if meta.len() > MAX_FILE_SIZE {
         return Err(SourceError::new(
@@ -533,6 +561,26 @@ mod tests {
         let pattern = format!("{}/*.pem", dir.path().display());
         let files = Source::parse(&pattern).expect("spec").read().expect("read");
         assert_eq!(files.len(), 1);
+    }
+
+    #[test]
+    fn fifos_are_refused_without_blocking() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fifo = dir.path().join("ca.pem");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
+        // As a file source, inside a directory, through a glob, and read
+        // directly: each refuses at once (a blocking open would hang here).
+        for source in [
+            Source::Path(fifo.clone()),
+            Source::Path(dir.path().to_path_buf()),
+            Source::parse(&format!("{}/*.pem", dir.path().display())).expect("glob"),
+        ] {
+            let err = source.read().expect_err("a FIFO");
+            assert_eq!(err.path, fifo);
+            assert!(err.to_string().contains("not a regular file"), "{err}");
+        }
+        let err = read_bounded(&fifo, &fifo).expect_err("a FIFO");
+        assert!(err.to_string().contains("not a regular file"), "{err}");
     }
 
     #[test]

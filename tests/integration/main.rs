@@ -8,6 +8,7 @@ mod atomicity;
 mod check;
 mod config;
 mod e2e;
+mod hang;
 mod observability;
 mod render;
 mod rotation;

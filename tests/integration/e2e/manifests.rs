@@ -1043,7 +1043,7 @@ fn dockerfiles_pass_hadolint() {
 #[test]
 fn the_systemd_unit_verifies() {
     let unit = fs::read_to_string(repo().join("docker/anchorage.service")).expect("unit");
-    // The contract the unit relies on (PRODUCT.md, observability and `run`).
+    // What the unit relies on (README.md, "Observability" and "Usage").
     for line in [
         "Type=notify",
         "ExecStart=/usr/local/bin/anchorage run --config /etc/anchorage/anchorage.toml",

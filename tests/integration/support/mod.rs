@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod daemon;
+pub mod hang;
 pub mod kubelet;
 pub mod pki;
 pub mod tls;
