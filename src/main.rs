@@ -17,14 +17,23 @@ use anchorage::reload::child::{ChildHandle, Supervisor};
 use anchorage::reload::{Reloader, Request};
 use anchorage::render::{self, BundleState, Mode};
 use anchorage::telemetry::status::Status;
-use anchorage::telemetry::{http, init_logs, metrics::Metrics, systemd};
+use anchorage::telemetry::{http, init_logs, metrics::Metrics, say, systemd};
 use anchorage::{check, keypair};
 
 const INVALID_INPUT: u8 = 1;
 const USAGE: u8 = 2;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // A usage error is one JSON line too when JSON logs were asked for.
+        Err(e) if e.use_stderr() && json_requested() => {
+            init_logs(LogFormat::Json);
+            error!("{}", e.render().to_string().trim());
+            return ExitCode::from(USAGE);
+        }
+        Err(e) => e.exit(),
+    };
     match cli.command {
         Command::Check(args) => {
             let format = args.log_format.unwrap_or_default();
@@ -35,7 +44,7 @@ fn main() -> ExitCode {
             match check::run(&args.paths, args.json, at, now, &mut stdout) {
                 Ok(code) => ExitCode::from(code as u8),
                 Err(e) => {
-                    fail(format, &format!("check: {e}"));
+                    say(&format!("check: {e}"));
                     ExitCode::from(INVALID_INPUT)
                 }
             }
@@ -45,13 +54,14 @@ fn main() -> ExitCode {
     }
 }
 
-/// The last word of a failed command: a plain line for people, or one JSON
-/// object like every other line in JSON mode.
-fn fail(format: LogFormat, message: &str) {
-    match format {
-        LogFormat::Text => eprintln!("anchorage: {message}"),
-        LogFormat::Json => error!("{message}"),
-    }
+/// Whether `--log-format json` (or its variable) is on a command line that
+/// did not parse.
+fn json_requested() -> bool {
+    let args: Vec<String> = std::env::args().collect();
+    args.windows(2)
+        .any(|w| w[0] == "--log-format" && w[1] == "json")
+        || args.iter().any(|a| a == "--log-format=json")
+        || std::env::var("ANCHORAGE_LOG_FORMAT").is_ok_and(|v| v == "json")
 }
 
 /// Loads the configuration, or says why not (exit 2).
@@ -59,7 +69,7 @@ fn load(flags: &Flags, has_child: bool) -> Result<Config, ExitCode> {
     Config::load(flags, has_child).map_err(|e| {
         let format = flags.log_format.unwrap_or_default();
         init_logs(format);
-        fail(format, &e.to_string());
+        say(&e.to_string());
         ExitCode::from(USAGE)
     })
 }
@@ -128,14 +138,11 @@ fn render_command(args: RenderArgs) -> ExitCode {
                     }
                 }
                 for (path, e) in &report.failed {
-                    fail(
-                        format,
-                        &format!(
-                            "bundle {}: cannot write {}: {e}",
-                            bundle.name,
-                            path.display()
-                        ),
-                    );
+                    say(&format!(
+                        "bundle {}: cannot write {}: {e}",
+                        bundle.name,
+                        path.display()
+                    ));
                     failed = true;
                 }
                 if let Some(outputs) = &report.reload
@@ -166,7 +173,7 @@ fn render_command(args: RenderArgs) -> ExitCode {
                     keypair::describe(&accepted)
                 ),
                 Err(held) => {
-                    fail(format, &format!("key pair {}: held: {held}", pair.name));
+                    say(&format!("key pair {}: held: {held}", pair.name));
                     failed = true;
                 }
             }
@@ -215,7 +222,7 @@ fn run_command(args: RunArgs) -> ExitCode {
             Some(addr) => match http::start(addr, metrics.clone(), status.0.clone()) {
                 Ok(server) => Some(server),
                 Err(e) => {
-                    fail(config.daemon.log_format, &e.to_string());
+                    say(&e.to_string());
                     return ExitCode::from(USAGE);
                 }
             },

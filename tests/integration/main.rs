@@ -9,6 +9,7 @@ mod check;
 mod config;
 mod e2e;
 mod hang;
+mod hardening;
 mod observability;
 mod render;
 mod rotation;
