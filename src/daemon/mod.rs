@@ -23,7 +23,6 @@ mod target;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -40,7 +39,7 @@ use crate::render::BundleState;
 use crate::source::Source;
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::status::{Pings, Status};
-use crate::watch::{Change, Routes, Watch, WatchError, WatchPoint, watch_points};
+use crate::watch::{Change, Events, Routes, Watch, WatchError, WatchPoint, watch_points};
 pub use target::{Kind, Target};
 use target::{Outcome, Work};
 
@@ -216,10 +215,10 @@ pub struct Daemon {
     /// routes' indices stand for (a snapshot kept while a refresh runs).
     routes: Routes,
     route_ids: Vec<u64>,
-    overflow: Arc<AtomicBool>,
     /// A refresh was asked for while one ran, or the watch set changed.
     rewatch: bool,
-    events: mpsc::Receiver<Change>,
+    /// inotify's queue, read on the loop (`None` when polling).
+    events: Option<Events>,
     /// Events seen but not debounced yet.
     pending: HashMap<u64, Dirty>,
     reloader: Reloader,
@@ -250,13 +249,11 @@ impl Daemon {
         child: ChildHandle,
         clock: Clock,
     ) -> Result<Self, StartError> {
-        let (tx, events) = mpsc::channel(4096);
-        let (watch, overflow) = match config.daemon.poll {
-            Some(_) => (WatchSlot::Off, Arc::default()),
+        let (watch, events) = match config.daemon.poll {
+            Some(_) => (WatchSlot::Off, None),
             None => {
-                let watch = Watch::new(tx).map_err(StartError::Watch)?;
-                let overflow = watch.overflow_flag();
-                (WatchSlot::Idle(Box::new(watch)), overflow)
+                let (watch, events) = Watch::new().map_err(StartError::Watch)?;
+                (WatchSlot::Idle(Box::new(watch)), Some(events))
             }
         };
         let mut daemon = Self {
@@ -267,7 +264,6 @@ impl Daemon {
             watch,
             routes: Routes::default(),
             route_ids: Vec::new(),
-            overflow,
             rewatch: true,
             events,
             pending: HashMap::new(),
@@ -325,12 +321,9 @@ impl Daemon {
                 }
                 Some(finished) = self.done.1.recv() => self.finished(finished),
                 Some((watch, ids, result)) = self.refreshed.1.recv() => self.refreshed(watch, ids, result),
-                Some(change) = self.events.recv() => {
+                change = recv_events(&mut self.events) => {
+                    // Everything already queued came with it: one burst.
                     self.note(change);
-                    // Everything already queued belongs to the same burst.
-                    while let Ok(change) = self.events.try_recv() {
-                        self.note(change);
-                    }
                     if self.pending.is_empty() {
                         continue;
                     }
@@ -401,15 +394,12 @@ impl Daemon {
                     }
                 }
             }
-            if self.overflow.swap(false, Ordering::Relaxed) {
-                warn!("watch events were dropped; re-reading every source");
-                self.mark_all();
-            }
             self.start_rewatch();
             self.dispatch();
         }
         // Stop watching, then let in-flight reloads finish.
         self.watch = WatchSlot::Off;
+        self.events = None;
         self.reloader.close(Some(SHUTDOWN_GRACE)).await;
     }
 
@@ -475,12 +465,12 @@ impl Daemon {
 
     /// A watch event: the sources it concerns wait for the debounce.
     fn note(&mut self, change: Change) {
-        self.metrics.watch_events.inc();
         match change {
-            Change::Paths(paths) if !matches!(self.watch, WatchSlot::Off) => {
+            Change::Events(events) => {
+                self.metrics.watch_events.inc_by(events.len() as u64);
                 let mut hit = HashSet::new();
-                for path in &paths {
-                    self.rewatch |= self.routes.bundles_for(path, &mut hit);
+                for event in &events {
+                    self.rewatch |= self.routes.route(event, &mut hit);
                 }
                 for (index, source) in hit {
                     if let Some(id) = self.route_ids.get(index) {
@@ -491,7 +481,8 @@ impl Daemon {
                     }
                 }
             }
-            _ => {
+            Change::Rescan => {
+                self.metrics.watch_events.inc();
                 self.rewatch = true;
                 for id in self.entries.keys() {
                     self.pending.insert(*id, Dirty::All);
@@ -842,6 +833,13 @@ fn request_keypair_reloads(
 async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn recv_events(events: &mut Option<Events>) -> Change {
+    match events {
+        Some(events) => events.recv().await,
         None => std::future::pending().await,
     }
 }

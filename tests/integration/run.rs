@@ -604,6 +604,59 @@ fn writes_beside_a_source_directory_do_not_render() {
     );
 }
 
+/// kubelet's swap is one rename that counts: its new generation, the
+/// `..data_tmp` link and the removal of the old generation are entries
+/// that are never read, so they start no run, even seen one by one.
+#[test]
+fn a_kubelet_swap_seen_step_by_step_starts_one_run() {
+    let (a, b, c) = (Ca::new("Step A"), Ca::new("Step B"), Ca::new("Step C"));
+    let mut setup = Setup::new(&[&a]);
+    let extra = setup.dir.path().join("extra");
+    fs::create_dir(&extra).expect("mkdir");
+    let daemon = setup.start(&["--source", s(&extra), "--debounce", "0"]);
+    setup.app.wait_reloads(1);
+    let runs = || daemon.log().matches("run started").count();
+    let before = runs();
+    setup
+        .volume
+        .write_pausing(&[("ca.crt", &pems(&[&a, &b]))], Duration::from_millis(40));
+    // The decisive event after the swap's last step: one rename into a
+    // plain source directory, one more run.
+    let staged = write(setup.dir.path(), "c.pem", c.pem());
+    fs::rename(&staged, extra.join("c.pem")).expect("rename");
+    wait_output(&setup.output, &expected_pem(&[&a, &b, &c]));
+    let started = runs() - before;
+    assert!(
+        (1..=2).contains(&started),
+        "{started} runs for one swap and one rename:\n{}",
+        daemon.log()
+    );
+}
+
+/// A glob with a wildcard in a directory: a directory created later is
+/// watched too, so a rewrite in place inside it is seen.
+#[test]
+fn a_glob_over_directories_sees_new_directories_and_rewrites_in_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a, b, c) = (Ca::new("Tree A"), Ca::new("Tree B"), Ca::new("Tree C"));
+    let tree = dir.path().join("tree");
+    write(&tree.join("one"), "ca.pem", a.pem());
+    let output = dir.path().join("ca.pem");
+    let glob = format!("{}/*/ca.pem", s(&tree));
+    let daemon = Daemon::start(
+        dir.path(),
+        &["--source", &glob, "--output", s(&output), "--debounce", "0"],
+    );
+    wait_output(&output, &expected_pem(&[&a]));
+    fs::create_dir(tree.join("two")).expect("mkdir");
+    write(&tree.join("two"), "ca.pem", b.pem());
+    wait_output(&output, &expected_pem(&[&a, &b]));
+    // In place: the only events are inside the new directory.
+    fs::write(tree.join("two/ca.pem"), c.pem()).expect("rewrite");
+    wait_output(&output, &expected_pem(&[&a, &c]));
+    assert_eq!(daemon.stop(), 0);
+}
+
 /// A file replaced by a directory is unreadable, not absent: the bundle is
 /// refused even though another source still holds a CA.
 #[test]
