@@ -319,7 +319,15 @@ impl Daemon {
                     info!("shutting down");
                     break;
                 }
-                Some(finished) = self.done.1.recv() => self.finished(finished),
+                Some(finished) = self.done.1.recv() => {
+                    self.finished(finished);
+                    // Runs that came back meanwhile: one status for all
+                    // (a thousand bundles at start are a thousand runs).
+                    while let Ok(finished) = self.done.1.try_recv() {
+                        self.finished(finished);
+                    }
+                    self.report_status();
+                }
                 Some((watch, ids, result)) = self.refreshed.1.recv() => self.refreshed(watch, ids, result),
                 change = recv_events(&mut self.events) => {
                     // Everything already queued came with it: one burst.
@@ -608,7 +616,6 @@ impl Daemon {
         };
         if entry.removed {
             self.entries.remove(&id);
-            self.publish_busy();
             return;
         }
         entry.busy_since = None;
@@ -686,6 +693,11 @@ impl Daemon {
                 }
             }
         }
+    }
+
+    /// After runs came back: which are still in flight, and the status
+    /// (started, ready, the summary line).
+    fn report_status(&self) {
         self.publish_busy();
         let started = self.entries.values().all(|e| !e.initial);
         let ready = self
