@@ -56,6 +56,22 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 /// watch set-up that hangs (a stuck filesystem) does not hold renders back.
 const WATCH_FIRST: Duration = Duration::from_secs(1);
 
+/// A run in flight longer than this no longer holds back others (see
+/// [`runs_at_once`]): a hung filesystem delays the other targets that long
+/// at most, and only when it holds every slot.
+const STUCK_RUN: Duration = Duration::from_millis(100);
+
+/// How many runs may be in flight at once (not counting stuck ones). Each
+/// takes a thread of the blocking pool: a thousand bundles started at once
+/// were hundreds of threads, their stacks and their allocator arenas, for
+/// work two cores do one after the other anyway.
+fn runs_at_once() -> usize {
+    std::thread::available_parallelism()
+        .map_or(2, std::num::NonZeroUsize::get)
+        .saturating_mul(2)
+        .max(4)
+}
+
 /// A failed write is retried after this, doubling up to [`MAX_RETRY`].
 const FIRST_RETRY: Duration = Duration::from_millis(500);
 const MAX_RETRY: Duration = Duration::from_secs(60);
@@ -313,6 +329,7 @@ impl Daemon {
                 .filter_map(|e| e.retry.map(|(at, _)| at))
                 .min();
             let held_until = self.hold_renders.then_some(watch_first);
+            let admit_at = self.admit_at();
             tokio::select! {
                 biased;
                 () = &mut shutdown => {
@@ -365,6 +382,8 @@ impl Daemon {
                     }
                 }
                 () = sleep_until(held_until) => self.hold_renders = false,
+                // A run in flight became stuck: it leaves its slot.
+                () = sleep_until(admit_at) => {}
                 () = sleep_until(resync_at) => {
                     // Compare with the disk again: repairs an output changed
                     // behind our back.
@@ -529,17 +548,45 @@ impl Daemon {
             .filter(|(_, e)| e.target.is_some() && e.dirty != Dirty::Clean)
             .map(|(id, _)| *id)
             .collect();
+        let mut room = runs_at_once().saturating_sub(self.running().count());
         let mut started = false;
-        for kind in [Kind::Bundle, Kind::KeyPair] {
+        'kinds: for kind in [Kind::Bundle, Kind::KeyPair] {
             for id in &ready {
-                if self.entries.get(id).is_some_and(|e| e.kind == kind) {
-                    started |= self.start(*id, now);
+                if room == 0 {
+                    break 'kinds;
+                }
+                if self.entries.get(id).is_some_and(|e| e.kind == kind) && self.start(*id, now) {
+                    started = true;
+                    room -= 1;
                 }
             }
         }
         if started {
             self.publish_busy();
         }
+    }
+
+    /// When each run in flight started, but for the stuck ones.
+    fn running(&self) -> impl Iterator<Item = Instant> + '_ {
+        let now = Instant::now();
+        self.entries
+            .values()
+            .filter_map(|e| e.busy_since)
+            .filter(move |since| now.saturating_duration_since(*since) < STUCK_RUN)
+    }
+
+    /// When a target waits for a slot: the moment the oldest run in flight
+    /// counts as stuck and gives up its slot.
+    fn admit_at(&self) -> Option<Instant> {
+        let waiting = !self.hold_renders
+            && self
+                .entries
+                .values()
+                .any(|e| e.target.is_some() && e.dirty != Dirty::Clean);
+        if !waiting {
+            return None;
+        }
+        self.running().min().map(|since| since + STUCK_RUN)
     }
 
     /// Starts the run of entry `id`; returns whether it did.

@@ -497,6 +497,48 @@ fn directory_recreated_glob_match_and_editor_rename_are_seen() {
     assert_eq!(daemon.stop(), 0);
 }
 
+/// Hundreds of bundles ready at once run a few at a time: each run in
+/// flight is a thread, and hundreds of threads cost memory and time for
+/// work the cores do one after the other anyway.
+#[test]
+fn hundreds_of_bundles_render_on_a_few_threads() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = Ca::new("Many A");
+    let src = write(&dir.path().join("src"), "a.pem", a.pem());
+    let out = dir.path().join("out");
+    let mut toml = String::from("[daemon]\ndebounce = \"0s\"\n");
+    for i in 0..300 {
+        toml.push_str(&format!(
+            "[[bundle]]\nname = \"b{i}\"\nsources = [\"{}\"]\n[[bundle.output]]\npath = \"{}/b{i}.pem\"\n",
+            s(&src),
+            s(&out)
+        ));
+    }
+    let config = write(dir.path(), "anchorage.toml", toml);
+    let daemon = Daemon::start(dir.path(), &["--config", s(&config)]);
+    eventually(Duration::from_secs(30), || {
+        let written = fs::read_dir(&out).map(|d| d.count()).unwrap_or(0);
+        if written == 300 {
+            Ok(())
+        } else {
+            Err(format!("{written} of 300 outputs written"))
+        }
+    });
+    // The blocking pool keeps its threads for seconds after their last
+    // run: the count now is the most that ran at once.
+    let status = fs::read_to_string(format!("/proc/{}/status", daemon.pid())).expect("status");
+    let threads: usize = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("Threads:");
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    assert!(
+        threads <= 2 * cores.max(2) + 6,
+        "{threads} threads for 300 bundles on {cores} cores"
+    );
+}
+
 #[test]
 fn sighup_rereads_the_config_and_keeps_it_when_invalid() {
     let dir = tempfile::tempdir().expect("tempdir");
