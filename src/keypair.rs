@@ -136,7 +136,7 @@ pub fn inspect(
         key_sha256: bundle::sha256(&key_bytes),
         subject: leaf.subject.clone(),
         not_after: leaf.not_after,
-        leaf: leaf.der,
+        leaf: leaf.der.clone(),
     })
 }
 

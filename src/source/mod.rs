@@ -430,10 +430,7 @@ pub fn decode(bytes: &[u8]) -> Result<Vec<CertBlock>, SourceErrorKind> {
     }
     // A DER certificate is a SEQUENCE; anything else is not ours.
     if bytes.first() == Some(&0x30) {
-        return Ok(vec![CertBlock {
-            der: bytes.to_vec(),
-            trusted: false,
-        }]);
+        return Ok(vec![CertBlock::new(bytes.to_vec(), false)]);
     }
     Err(SourceErrorKind::NotCertificate)
 }
