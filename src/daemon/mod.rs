@@ -59,7 +59,7 @@ const WATCH_FIRST: Duration = Duration::from_secs(1);
 /// A run in flight longer than this no longer holds back others (see
 /// [`runs_at_once`]): a hung filesystem delays the other targets that long
 /// at most, and only when it holds every slot.
-const STUCK_RUN: Duration = Duration::from_millis(100);
+const STUCK_RUN: Duration = Duration::from_secs(1);
 
 /// How many runs may be in flight at once (not counting stuck ones). Each
 /// takes a thread of the blocking pool: a thousand bundles started at once
