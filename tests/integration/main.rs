@@ -8,6 +8,7 @@ mod check;
 mod config;
 mod e2e;
 mod observability;
+mod ownership;
 mod render;
 mod rotation;
 mod run;
