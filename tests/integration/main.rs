@@ -12,3 +12,4 @@ mod observability;
 mod render;
 mod rotation;
 mod run;
+mod spiffe;
