@@ -188,9 +188,10 @@ impl Daemon {
                     .collect()
             })
             .chain(self.keypairs.iter().map(|k| {
-                [&k.config.cert, &k.config.key]
+                k.config
+                    .paths()
                     .into_iter()
-                    .flat_map(|p| watch_points(0, &Source::Path(p.clone())))
+                    .flat_map(|p| watch_points(0, &Source::Path(p.to_path_buf())))
                     .collect()
             }))
             .collect();
@@ -444,7 +445,7 @@ impl Daemon {
                         spec,
                         Request {
                             names: [name.clone()].into(),
-                            outputs: [pair.config.cert.clone()].into(),
+                            outputs: pair.config.outputs().into_iter().collect(),
                             startup: first,
                             expect: Some(accepted.leaf.clone()),
                             only_if_stale: first,

@@ -209,7 +209,7 @@ fn warn_subpaths(config: &Config) {
         config
             .keypairs
             .iter()
-            .flat_map(|k| [k.cert.clone(), k.key.clone()]),
+            .flat_map(|k| k.paths().into_iter().map(std::path::Path::to_path_buf)),
     );
     anchorage::source::mounts::warn_subpaths(&paths);
 }
