@@ -8,6 +8,7 @@ mod atomicity;
 mod check;
 mod config;
 mod e2e;
+mod kubernetes;
 mod observability;
 mod render;
 mod rotation;
