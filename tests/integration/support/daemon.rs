@@ -139,6 +139,10 @@ impl App {
         let script = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/integration/support")
             .join(name);
+        // The wait below is for the app's own pid file: one left from before
+        // would end it at once, and a SIGHUP could then reach the app before
+        // its handler is installed (Python's default for SIGHUP is to die).
+        let _ = fs::remove_file(&pid_file);
         let child = Command::new("python3")
             .args([
                 super::s(&script),
