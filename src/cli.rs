@@ -88,6 +88,27 @@ pub struct Flags {
     /// The private key of --cert.
     #[arg(long, env = "ANCHORAGE_KEY", value_name = "FILE", requires = "cert")]
     pub key: Option<PathBuf>,
+    /// A key pair from one PEM file: the private key and the chain, leaf
+    /// first (a podCertificate volume's credentialBundlePath).
+    #[arg(
+        long,
+        env = "ANCHORAGE_CREDENTIAL_BUNDLE",
+        value_name = "FILE",
+        conflicts_with_all = ["cert", "key"]
+    )]
+    pub credential_bundle: Option<PathBuf>,
+    /// Write the key pair's accepted chain and key there as tls.crt and
+    /// tls.key, in kubelet's layout, before its reload.
+    #[arg(long, env = "ANCHORAGE_SPLIT_DIR", value_name = "DIR")]
+    pub split_dir: Option<PathBuf>,
+    /// The mode of tls.key in --split-dir [default: 0600].
+    #[arg(
+        long,
+        env = "ANCHORAGE_KEY_MODE",
+        value_name = "MODE",
+        requires = "split_dir"
+    )]
+    pub key_mode: Option<String>,
     /// Write a PEM bundle there (repeatable).
     #[arg(
         long = "output",

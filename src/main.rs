@@ -162,21 +162,39 @@ fn render_command(args: RenderArgs) -> ExitCode {
             }
         }
     }
-    // A dry run validates the key pairs too: what `run` would accept.
-    if mode == Mode::DryRun {
-        for pair in &config.keypairs {
-            let chain_to = pair.chain_to.as_ref().and_then(|b| rendered.get(b));
+    // Key pairs: a dry run checks every one (what `run` would accept); a
+    // render writes the split_dir of those that have one (an init
+    // container then hands the app its tls.crt and tls.key).
+    for pair in &config.keypairs {
+        if mode == Mode::Write && pair.split.is_none() {
+            continue;
+        }
+        let chain_to = pair.chain_to.as_ref().and_then(|b| rendered.get(b));
+        if mode == Mode::DryRun {
             match keypair::inspect(pair, chain_to.map(|b| &**b), now) {
-                Ok(accepted) => println!(
+                Ok(checked) => println!(
                     "valid: key pair {} ({})",
                     pair.name,
-                    keypair::describe(&accepted)
+                    keypair::describe(&checked.accepted)
                 ),
                 Err(held) => {
                     say(&format!("key pair {}: held: {held}", pair.name));
                     failed = true;
                 }
             }
+            continue;
+        }
+        let mut state = keypair::KeyPairState::new(pair.clone());
+        match state.check(chain_to.map(|b| &**b), now) {
+            keypair::Outcome::Held(reason) => {
+                say(&format!("key pair {}: held: {reason}", pair.name));
+                failed = true;
+            }
+            _ => match &state.accepted {
+                Some(accepted) => info!(keypair = %pair.name,
+                    certificate = %keypair::describe(accepted), "key pair split"),
+                None => failed = true,
+            },
         }
     }
     if !due.is_empty() {
@@ -291,7 +309,7 @@ fn warn_subpaths(config: &Config) {
         config
             .keypairs
             .iter()
-            .flat_map(|k| [k.cert.clone(), k.key.clone()]),
+            .flat_map(|k| k.paths().into_iter().map(std::path::Path::to_path_buf)),
     );
     anchorage::source::mounts::warn_subpaths(&paths);
 }

@@ -87,8 +87,15 @@ pub struct RawReload {
 #[serde(deny_unknown_fields)]
 pub struct RawKeyPair {
     pub name: Option<Spanned<String>>,
-    pub cert: PathBuf,
-    pub key: PathBuf,
+    pub cert: Option<Spanned<PathBuf>>,
+    pub key: Option<Spanned<PathBuf>>,
+    /// The key and the chain in one PEM file (a podCertificate volume's
+    /// `credentialBundlePath`), instead of `cert` and `key`.
+    pub credential_bundle: Option<Spanned<PathBuf>>,
+    /// Where to write the accepted pair as `tls.crt` and `tls.key`.
+    pub split_dir: Option<Spanned<PathBuf>>,
+    /// The mode of `split_dir/tls.key` (default 0600).
+    pub key_mode: Option<Spanned<String>>,
     pub chain_to: Option<Spanned<String>>,
     #[serde(default)]
     pub reload: Vec<Spanned<RawReload>>,

@@ -160,9 +160,9 @@ impl Entry {
                 .iter()
                 .find(|k| k.name == self.name)
                 .map(|k| {
-                    [&k.cert, &k.key]
+                    k.paths()
                         .into_iter()
-                        .flat_map(|p| watch_points(0, &Source::Path(p.clone())))
+                        .flat_map(|p| watch_points(0, &Source::Path(p.to_path_buf())))
                         .collect()
                 })
                 .unwrap_or_default(),
@@ -827,7 +827,7 @@ fn request_keypair_reloads(
                     spec,
                     Request {
                         names: [name.clone()].into(),
-                        outputs: [pair.config.cert.clone()].into(),
+                        outputs: pair.config.outputs().into_iter().collect(),
                         startup: first,
                         expect: Some(accepted.leaf.clone()),
                         only_if_stale: first,

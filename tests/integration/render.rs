@@ -597,16 +597,33 @@ fn dry_run_says_what_would_change_and_writes_nothing() {
     };
     let out = run_args(&["--dry-run"]);
     out.expect_code(0);
-    assert!(out.stdout.contains(&format!("would change: {}", s(&pem))), "{}", out.stdout);
-    assert!(out.stdout.contains(&format!("would change: {}", s(&hashed))), "{}", out.stdout);
+    assert!(
+        out.stdout.contains(&format!("would change: {}", s(&pem))),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout
+            .contains(&format!("would change: {}", s(&hashed))),
+        "{}",
+        out.stdout
+    );
     assert!(!pem.exists() && !hashed.exists() && !marker.exists());
 
     run_args(&[]).expect_code(0);
     let before = fs::read(&pem).expect("pem");
     let out = run_args(&["--dry-run"]);
     out.expect_code(0);
-    assert!(out.stdout.contains(&format!("unchanged: {}", s(&pem))), "{}", out.stdout);
-    assert!(out.stdout.contains(&format!("unchanged: {}", s(&hashed))), "{}", out.stdout);
+    assert!(
+        out.stdout.contains(&format!("unchanged: {}", s(&pem))),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains(&format!("unchanged: {}", s(&hashed))),
+        "{}",
+        out.stdout
+    );
 
     // A bad source: exit 1, the output untouched.
     fs::write(&src, "-----BEGIN CERTIFICATE-----\nAAAA\n").expect("garbage");

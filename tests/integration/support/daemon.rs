@@ -123,15 +123,29 @@ pub struct App {
 
 impl App {
     pub fn start(dir: &Path, bundle: &Path) -> Self {
+        Self::start_script(dir, "hup_app.py", bundle)
+    }
+
+    /// An app that loads its key pair from `pair_dir`'s `tls.crt` and
+    /// `tls.key` on SIGHUP and logs whether they matched
+    /// (tests/integration/support/pair_app.py).
+    pub fn start_pair(dir: &Path, pair_dir: &Path) -> Self {
+        Self::start_script(dir, "pair_app.py", pair_dir)
+    }
+
+    fn start_script(dir: &Path, name: &str, bundle: &Path) -> Self {
         let pid_file = dir.join("app.pid");
         let log = dir.join("app.log");
-        let script = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/integration/support/hup_app.py"
-        );
+        let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/integration/support")
+            .join(name);
+        // The wait below is for the app's own pid file: one left from before
+        // would end it at once, and a SIGHUP could then reach the app before
+        // its handler is installed (Python's default for SIGHUP is to die).
+        let _ = fs::remove_file(&pid_file);
         let child = Command::new("python3")
             .args([
-                script,
+                super::s(&script),
                 super::s(&pid_file),
                 super::s(bundle),
                 super::s(&log),
@@ -155,6 +169,15 @@ impl App {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// One line per SIGHUP received, whole.
+    pub fn lines(&self) -> Vec<String> {
+        fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
     }
 
     /// One line per SIGHUP received: the sha256 of the bundle it read.
