@@ -64,6 +64,12 @@ impl Daemon {
         self.child.as_ref().expect("running").id()
     }
 
+    /// Where its log is: readable after [`Daemon::stop`], when the log is
+    /// final.
+    pub fn log_file(&self) -> &Path {
+        &self.log
+    }
+
     pub fn log(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
