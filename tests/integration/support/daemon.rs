@@ -64,6 +64,12 @@ impl Daemon {
         self.child.as_ref().expect("running").id()
     }
 
+    /// Where its log is: readable after [`Daemon::stop`], when the log is
+    /// final.
+    pub fn log_file(&self) -> &Path {
+        &self.log
+    }
+
     pub fn log(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -153,11 +159,14 @@ impl App {
             .stdin(Stdio::null())
             .spawn()
             .expect("start python3 app");
+        // Its own pid in the file, not merely a file: a test may have put
+        // another pid there first, and until the app writes it, it has no
+        // SIGHUP handler (a SIGHUP would kill it).
+        let pid = child.id().to_string();
         eventually(Duration::from_secs(10), || {
-            if pid_file.exists() {
-                Ok(())
-            } else {
-                Err("no pid file yet".into())
+            match fs::read_to_string(&pid_file) {
+                Ok(text) if text.trim() == pid => Ok(()),
+                _ => Err("the app has not written its pid yet".into()),
             }
         });
         Self {
