@@ -809,7 +809,9 @@ fn request_keypair_reloads(
 ) {
     let name = &pair.config.name;
     match outcome {
-        keypair::Outcome::Unchanged => {}
+        keypair::Outcome::Unchanged => {
+            debug!(keypair = %name, held = ?pair.held, "key pair checked; nothing new");
+        }
         keypair::Outcome::Held(reason) => {
             warn!(keypair = %name, reason = %reason, "key pair held; no reload");
         }

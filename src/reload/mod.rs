@@ -30,7 +30,7 @@ use std::time::Duration;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::telemetry::metrics::{ActionLabel, Metrics};
 use child::ChildHandle;
@@ -305,6 +305,7 @@ async fn worker(spec: ReloadSpec, slot: Arc<Slot>, shared: Shared) {
                 slot.done();
                 break;
             }
+            debug!(bundles = ?pending.names, action = %spec.action, attempt, "reloading");
             let started = Instant::now();
             let result = match attempt_once(&spec, &pending, &child).await {
                 Ok(detail) => prove(&spec, &pending, &metrics).await.map(|()| detail),
