@@ -13,7 +13,7 @@
 //! for a pair that passed every check, before the daemon asks for its
 //! reload (guarantee 8).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 use rustls::sign::CertifiedKey;
@@ -34,19 +34,123 @@ pub struct Accepted {
     pub not_after: i64,
 }
 
-/// Why a pair is not accepted (yet).
+/// Why a pair is not accepted (yet). Each names the file at fault; none
+/// ever quotes a key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Held {
-    /// Not valid before this instant (unix seconds): check again then.
-    Until(i64, String),
-    /// Until the files change.
-    Invalid(String),
+    /// A file of the pair does not exist (yet).
+    Missing {
+        path: PathBuf,
+    },
+    /// A file cannot be read or framed: the reader's own error.
+    Unreadable {
+        path: PathBuf,
+        reason: String,
+    },
+    NoCertificate {
+        path: PathBuf,
+    },
+    /// No private key, or one that cannot be used.
+    NoKey {
+        path: PathBuf,
+        reason: Option<String>,
+    },
+    /// More than one private key: which goes with the certificate?
+    Keys {
+        path: PathBuf,
+        count: usize,
+    },
+    /// The key is not the certificate's; `half_written`: two files, one
+    /// caught before the other.
+    Mismatch {
+        key: PathBuf,
+        cert: PathBuf,
+        subject: String,
+        half_written: bool,
+    },
+    /// Not valid before `not_before` (unix seconds): check again then.
+    NotYetValid {
+        path: PathBuf,
+        subject: String,
+        not_before: i64,
+    },
+    Expired {
+        path: PathBuf,
+        subject: String,
+        not_after: i64,
+    },
+    /// It does not chain to the bundle named by `chain_to`.
+    Unchained {
+        path: PathBuf,
+        reason: String,
+    },
+}
+
+impl Held {
+    /// When to check again with no file event, if the wait has an end.
+    pub fn until(&self) -> Option<i64> {
+        match self {
+            Self::NotYetValid { not_before, .. } => Some(*not_before),
+            _ => None,
+        }
+    }
 }
 
 impl std::fmt::Display for Held {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::Until(_, reason) | Self::Invalid(reason) => f.write_str(reason),
+            Self::Missing { path } => write!(f, "{}: does not exist", path.display()),
+            Self::Unreadable { reason, .. } => f.write_str(reason),
+            Self::NoCertificate { path } => write!(f, "{}: holds no certificate", path.display()),
+            Self::NoKey { path, reason: None } => {
+                write!(f, "{}: holds no usable private key", path.display())
+            }
+            Self::NoKey {
+                path,
+                reason: Some(reason),
+            } => write!(f, "{}: unsupported private key: {reason}", path.display()),
+            Self::Keys { path, count } => write!(
+                f,
+                "{}: holds {count} private keys; which one goes with the certificate is ambiguous",
+                path.display()
+            ),
+            Self::Mismatch {
+                key,
+                cert,
+                subject,
+                half_written: true,
+            } => write!(
+                f,
+                "{} does not match the certificate {} ({subject}): a pair caught half-written is held until it is consistent",
+                key.display(),
+                cert.display()
+            ),
+            Self::Mismatch { cert, subject, .. } => write!(
+                f,
+                "{}: the private key does not match the leaf certificate ({subject}); held until the bundle changes",
+                cert.display()
+            ),
+            Self::NotYetValid {
+                path,
+                subject,
+                not_before,
+            } => write!(
+                f,
+                "{}: {subject} is not valid before {}",
+                path.display(),
+                crate::check::rfc3339(*not_before)
+            ),
+            Self::Expired {
+                path,
+                subject,
+                not_after,
+            } => write!(
+                f,
+                "{}: {subject} expired at {}",
+                path.display(),
+                crate::check::rfc3339(*not_after)
+            ),
+            Self::Unchained { reason, .. } => f.write_str(reason),
         }
     }
 }
@@ -68,8 +172,13 @@ pub struct Checked {
 fn read(path: &Path) -> Result<Vec<u8>, Held> {
     match source::read_bounded(path, path) {
         Ok(Some(bytes)) => Ok(bytes),
-        Ok(None) => Err(Held::Invalid(format!("{}: does not exist", path.display()))),
-        Err(e) => Err(Held::Invalid(e.to_string())),
+        Ok(None) => Err(Held::Missing {
+            path: path.to_path_buf(),
+        }),
+        Err(e) => Err(Held::Unreadable {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        }),
     }
 }
 
@@ -113,19 +222,18 @@ fn private_key(bytes: &[u8], path: &Path) -> Result<PrivateKeyDer<'static>, Held
     let key = match keys.next() {
         Some(Ok(key)) => key,
         _ => {
-            return Err(Held::Invalid(format!(
-                "{}: holds no usable private key",
-                path.display()
-            )));
+            return Err(Held::NoKey {
+                path: path.to_path_buf(),
+                reason: None,
+            });
         }
     };
     let more = keys.count();
     if more > 0 {
-        return Err(Held::Invalid(format!(
-            "{}: holds {} private keys; which one goes with the certificate is ambiguous",
-            path.display(),
-            more + 1
-        )));
+        return Err(Held::Keys {
+            path: path.to_path_buf(),
+            count: more + 1,
+        });
     }
     Ok(key)
 }
@@ -139,74 +247,64 @@ pub fn inspect(
 ) -> Result<Checked, Held> {
     let material = read_material(&config.material)?;
     let (cert_path, key_path) = (material.cert_path, material.key_path);
-    let blocks = source::decode(&material.cert_bytes).map_err(|kind| {
-        Held::Invalid(
-            source::SourceError {
-                path: cert_path.to_path_buf(),
-                kind,
-            }
-            .to_string(),
-        )
+    let blocks = source::decode(&material.cert_bytes).map_err(|kind| Held::Unreadable {
+        path: cert_path.to_path_buf(),
+        reason: source::SourceError {
+            path: cert_path.to_path_buf(),
+            kind,
+        }
+        .to_string(),
     })?;
     let Some(first) = blocks.first() else {
-        return Err(Held::Invalid(format!(
-            "{}: holds no certificate",
-            cert_path.display()
-        )));
+        return Err(Held::NoCertificate {
+            path: cert_path.to_path_buf(),
+        });
     };
-    let leaf = Anchor::parse(first, cert_path.to_path_buf(), 0)
-        .map_err(|e| Held::Invalid(e.to_string()))?;
-    let key = private_key(material.key_bytes(), key_path)?;
-    let signing = rustls::crypto::ring::sign::any_supported_type(&key).map_err(|e| {
-        Held::Invalid(format!(
-            "{}: unsupported private key: {e}",
-            key_path.display()
-        ))
+    let leaf = Anchor::parse(first, cert_path.to_path_buf(), 0).map_err(|e| Held::Unreadable {
+        path: cert_path.to_path_buf(),
+        reason: e.to_string(),
     })?;
+    let key = private_key(material.key_bytes(), key_path)?;
+    let signing =
+        rustls::crypto::ring::sign::any_supported_type(&key).map_err(|e| Held::NoKey {
+            path: key_path.to_path_buf(),
+            reason: Some(e.to_string()),
+        })?;
     let chain: Vec<CertificateDer<'static>> = blocks
         .iter()
         .map(|b| CertificateDer::from(b.der.clone()))
         .collect();
-    CertifiedKey::new(chain, signing).keys_match().map_err(|_| {
-        Held::Invalid(match &config.material {
-            KeyMaterial::Files { .. } => format!(
-                "{} does not match the certificate {} ({}): a pair caught half-written is held until it is consistent",
-                key_path.display(),
-                cert_path.display(),
-                leaf.subject
-            ),
-            KeyMaterial::CredentialBundle(_) => format!(
-                "{}: the private key does not match the leaf certificate ({}); held until the bundle changes",
-                cert_path.display(),
-                leaf.subject
-            ),
-        })
-    })?;
+    CertifiedKey::new(chain, signing)
+        .keys_match()
+        .map_err(|_| Held::Mismatch {
+            key: key_path.to_path_buf(),
+            cert: cert_path.to_path_buf(),
+            subject: leaf.subject.clone(),
+            half_written: matches!(config.material, KeyMaterial::Files { .. }),
+        })?;
     if leaf.pending_at(now) {
-        return Err(Held::Until(
-            leaf.not_before,
-            format!(
-                "{}: {} is not valid before {}",
-                cert_path.display(),
-                leaf.subject,
-                crate::check::rfc3339(leaf.not_before)
-            ),
-        ));
+        return Err(Held::NotYetValid {
+            path: cert_path.to_path_buf(),
+            subject: leaf.subject.clone(),
+            not_before: leaf.not_before,
+        });
     }
     if leaf.expired_at(now) {
-        return Err(Held::Invalid(format!(
-            "{}: {} expired at {}",
-            cert_path.display(),
-            leaf.subject,
-            crate::check::rfc3339(leaf.not_after)
-        )));
+        return Err(Held::Expired {
+            path: cert_path.to_path_buf(),
+            subject: leaf.subject.clone(),
+            not_after: leaf.not_after,
+        });
     }
     if let Some(bundle) = chain_to {
         let chain = verify::Chain {
             path: cert_path.to_path_buf(),
             certs: blocks.iter().map(|b| b.der.clone()).collect(),
         };
-        verify::check(&chain, bundle, now).map_err(|e| Held::Invalid(e.to_string()))?;
+        verify::check(&chain, bundle, now).map_err(|e| Held::Unchained {
+            path: cert_path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
     }
     let split = config.split.as_ref().map(|_| split_files(&blocks, &key));
     Ok(Checked {
@@ -352,10 +450,7 @@ impl KeyPairState {
                 }
             }
             Err(held) => {
-                self.next_change = match &held {
-                    Held::Until(at, _) => Some(*at),
-                    Held::Invalid(_) => None,
-                };
+                self.next_change = held.until();
                 let reason = held.to_string();
                 if self.held.as_deref() == Some(&reason) {
                     return Outcome::Unchanged;
@@ -472,24 +567,35 @@ mod tests {
         let (a, b) = (issue("a.example"), issue("b.example"));
         let path = dir.path().join("credentialbundle.pem");
         fs::write(&path, format!("{}{}", b.key, a.chain.concat())).expect("write");
-        let Err(Held::Invalid(reason)) = inspect(&config(&path, None), None, now()) else {
+        let Err(held) = inspect(&config(&path, None), None, now()) else {
             panic!("a mismatched bundle was accepted");
         };
+        assert!(matches!(&held, Held::Mismatch { cert, half_written: false, .. } if *cert == path));
+        let reason = held.to_string();
         assert!(reason.contains("does not match"), "{reason}");
         assert!(reason.contains(path.to_str().expect("utf-8")), "{reason}");
         let body: String = b.key.lines().nth(1).expect("a key line").to_owned();
         assert!(!reason.contains(&body), "the key is quoted: {reason}");
 
         fs::write(&path, format!("{}{}{}", a.key, b.key, a.chain.concat())).expect("write");
-        let Err(Held::Invalid(reason)) = inspect(&config(&path, None), None, now()) else {
+        let Err(held) = inspect(&config(&path, None), None, now()) else {
             panic!("two keys were accepted");
         };
+        assert_eq!(
+            held,
+            Held::Keys {
+                path: path.clone(),
+                count: 2
+            }
+        );
+        let reason = held.to_string();
         assert!(reason.contains("2 private keys"), "{reason}");
 
         fs::write(&path, a.chain.concat()).expect("write");
-        let Err(Held::Invalid(reason)) = inspect(&config(&path, None), None, now()) else {
+        let Err(held) = inspect(&config(&path, None), None, now()) else {
             panic!("no key was accepted");
         };
+        let reason = held.to_string();
         assert!(reason.contains("no usable private key"), "{reason}");
     }
 

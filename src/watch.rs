@@ -183,29 +183,50 @@ pub struct Watch {
     overflow: Arc<AtomicBool>,
 }
 
-/// Why watching could not start or continue.
+/// Why watching could not start or continue, naming the directory.
 #[derive(Debug)]
-pub struct WatchError(pub String);
+pub enum WatchError {
+    /// `fs.inotify.max_user_watches` is exhausted.
+    WatchLimit { dir: PathBuf },
+    /// `fs.inotify.max_user_instances` is exhausted.
+    InstanceLimit { dir: PathBuf },
+    /// Any other failure to watch `dir`.
+    Failed { dir: PathBuf, reason: String },
+}
 
 impl std::fmt::Display for WatchError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        match self {
+            Self::WatchLimit { dir } => write!(
+                f,
+                "{}: the inotify watch limit is exhausted: raise fs.inotify.max_user_watches \
+                 (sysctl) or run with --poll",
+                dir.display()
+            ),
+            Self::InstanceLimit { dir } => write!(
+                f,
+                "{}: the inotify instance limit is exhausted: raise fs.inotify.max_user_instances \
+                 (sysctl) or run with --poll",
+                dir.display()
+            ),
+            Self::Failed { dir, reason } => write!(f, "{}: cannot watch: {reason}", dir.display()),
+        }
     }
 }
 
-fn describe(path: &Path, e: &notify::Error) -> String {
+impl std::error::Error for WatchError {}
+
+fn describe(path: &Path, e: &notify::Error) -> WatchError {
+    let dir = path.to_path_buf();
     match &e.kind {
-        notify::ErrorKind::MaxFilesWatch => format!(
-            "{}: the inotify watch limit is exhausted: raise fs.inotify.max_user_watches \
-             (sysctl) or run with --poll",
-            path.display()
-        ),
-        notify::ErrorKind::Io(io) if io.raw_os_error() == Some(nix::libc::EMFILE) => format!(
-            "{}: the inotify instance limit is exhausted: raise fs.inotify.max_user_instances \
-             (sysctl) or run with --poll",
-            path.display()
-        ),
-        _ => format!("{}: cannot watch: {e}", path.display()),
+        notify::ErrorKind::MaxFilesWatch => WatchError::WatchLimit { dir },
+        notify::ErrorKind::Io(io) if io.raw_os_error() == Some(nix::libc::EMFILE) => {
+            WatchError::InstanceLimit { dir }
+        }
+        _ => WatchError::Failed {
+            dir,
+            reason: e.to_string(),
+        },
     }
 }
 
@@ -237,7 +258,7 @@ impl Watch {
                 flag.store(true, Ordering::Relaxed);
             }
         })
-        .map_err(|e| WatchError(describe(Path::new("inotify"), &e)))?;
+        .map_err(|e| describe(Path::new("inotify"), &e))?;
         Ok(Self {
             watcher,
             watched: HashMap::new(),
@@ -335,9 +356,9 @@ impl Watch {
                     self.watched.insert(dir, state);
                 }
                 Err(e) if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) => {
-                    let message = describe(&dir, &e);
-                    error!("{message}");
-                    result = Err(WatchError(message));
+                    let error = describe(&dir, &e);
+                    error!("{error}");
+                    result = Err(error);
                 }
                 // Removed between the stat and the watch: the next refresh
                 // watches its ancestor.
