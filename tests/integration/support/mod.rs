@@ -203,3 +203,21 @@ pub fn spiffe_bundle(cas: &[&pki::Ca], jwt_keys: usize, sequence: u64) -> String
     }))
     .expect("json")
 }
+
+/// Waits until the PEM bundle at `path` holds `want` certificates.
+#[track_caller]
+pub fn wait_certs(path: &Path, want: usize) {
+    daemon::eventually(std::time::Duration::from_secs(20), || {
+        let got = std::fs::read(path)
+            .map(|b| pem_certs(&b).len())
+            .unwrap_or(0);
+        if got == want {
+            Ok(())
+        } else {
+            Err(format!(
+                "{}: {got} certificates, want {want}",
+                path.display()
+            ))
+        }
+    });
+}
