@@ -168,12 +168,12 @@ pub fn run(
         print_text(&findings.reports, at, now, out)?;
     }
     for error in &findings.errors {
-        eprintln!("anchorage: {error}");
+        crate::telemetry::say(&error.to_string());
     }
     let expired = at.is_some() && findings.reports.iter().any(|r| r.expired);
     let empty = findings.reports.is_empty() && findings.errors.is_empty();
     if empty {
-        eprintln!("anchorage: no certificate found");
+        crate::telemetry::say("no certificate found");
     }
     Ok(if findings.errors.is_empty() && !expired && !empty {
         0

@@ -46,6 +46,10 @@ pub struct RenderArgs {
     /// Run the reload actions of every output that changed.
     #[arg(long, env = "ANCHORAGE_RELOAD", value_parser = BoolishValueParser::new())]
     pub reload: bool,
+    /// Read and validate everything, print per output whether it would
+    /// change, write nothing and reload nothing.
+    #[arg(long, conflicts_with = "reload")]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Args)]
@@ -59,6 +63,9 @@ pub struct CheckArgs {
     /// Files, bundles or directories.
     #[arg(required = true, value_name = "PATH")]
     pub paths: Vec<PathBuf>,
+    /// Log format for errors on stderr: text or json.
+    #[arg(long, env = "ANCHORAGE_LOG_FORMAT", value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
 }
 
 /// The flags shared by `run` and `render`: one bundle, no config file needed.
@@ -81,6 +88,27 @@ pub struct Flags {
     /// The private key of --cert.
     #[arg(long, env = "ANCHORAGE_KEY", value_name = "FILE", requires = "cert")]
     pub key: Option<PathBuf>,
+    /// A key pair from one PEM file: the private key and the chain, leaf
+    /// first (a podCertificate volume's credentialBundlePath).
+    #[arg(
+        long,
+        env = "ANCHORAGE_CREDENTIAL_BUNDLE",
+        value_name = "FILE",
+        conflicts_with_all = ["cert", "key"]
+    )]
+    pub credential_bundle: Option<PathBuf>,
+    /// Write the key pair's accepted chain and key there as tls.crt and
+    /// tls.key, in kubelet's layout, before its reload.
+    #[arg(long, env = "ANCHORAGE_SPLIT_DIR", value_name = "DIR")]
+    pub split_dir: Option<PathBuf>,
+    /// The mode of tls.key in --split-dir [default: 0600].
+    #[arg(
+        long,
+        env = "ANCHORAGE_KEY_MODE",
+        value_name = "MODE",
+        requires = "split_dir"
+    )]
+    pub key_mode: Option<String>,
     /// Write a PEM bundle there (repeatable).
     #[arg(
         long = "output",
@@ -119,6 +147,15 @@ pub struct Flags {
         value_delimiter = ','
     )]
     pub https: Vec<String>,
+    /// Reload by updating FILE's modification time, never creating it
+    /// (repeatable): the poke for apps that watch their own config file.
+    #[arg(
+        long = "touch",
+        env = "ANCHORAGE_TOUCH",
+        value_name = "FILE",
+        value_delimiter = ','
+    )]
+    pub touches: Vec<PathBuf>,
     /// Reload a supervised child by restarting it instead of signalling it.
     #[arg(long, env = "ANCHORAGE_RESTART_CHILD", value_parser = BoolishValueParser::new())]
     pub restart_child: bool,

@@ -9,29 +9,42 @@ use std::sync::Arc;
 use clap::Parser;
 use tracing::{error, info};
 
-use anchorage::cli::{Cli, Command, Flags, RenderArgs, RunArgs};
-use anchorage::config::{Config, ReloadSpec};
+use anchorage::cli::{Cli, Command, Flags, LogFormat, RenderArgs, RunArgs};
+use anchorage::clock::Clock;
+use anchorage::config::Config;
 use anchorage::daemon::{self, Daemon};
-use anchorage::reload::child::Supervisor;
+use anchorage::reload::child::{ChildHandle, Supervisor};
+use anchorage::reload::{Reloader, Request};
+use anchorage::render::{self, BundleState, Mode};
 use anchorage::telemetry::status::Status;
-use anchorage::telemetry::{http, init_logs, metrics::Metrics, systemd};
-use anchorage::{check, reload, render};
+use anchorage::telemetry::{http, init_logs, metrics::Metrics, say, systemd};
+use anchorage::{check, keypair};
 
 const INVALID_INPUT: u8 = 1;
 const USAGE: u8 = 2;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // A usage error is one JSON line too when JSON logs were asked for.
+        Err(e) if e.use_stderr() && json_requested() => {
+            init_logs(LogFormat::Json);
+            error!("{}", e.render().to_string().trim());
+            return ExitCode::from(USAGE);
+        }
+        Err(e) => e.exit(),
+    };
     match cli.command {
         Command::Check(args) => {
-            init_logs(Default::default());
+            let format = args.log_format.unwrap_or_default();
+            init_logs(format);
             let now = time::OffsetDateTime::now_utc().unix_timestamp();
             let at = args.at.map(|t| t.unix_timestamp());
             let mut stdout = std::io::stdout().lock();
             match check::run(&args.paths, args.json, at, now, &mut stdout) {
                 Ok(code) => ExitCode::from(code as u8),
                 Err(e) => {
-                    eprintln!("anchorage: check: {e}");
+                    say(&format!("check: {e}"));
                     ExitCode::from(INVALID_INPUT)
                 }
             }
@@ -41,18 +54,30 @@ fn main() -> ExitCode {
     }
 }
 
+/// Whether `--log-format json` (or its variable) is on a command line that
+/// did not parse.
+fn json_requested() -> bool {
+    let args: Vec<String> = std::env::args().collect();
+    args.windows(2)
+        .any(|w| w[0] == "--log-format" && w[1] == "json")
+        || args.iter().any(|a| a == "--log-format=json")
+        || std::env::var("ANCHORAGE_LOG_FORMAT").is_ok_and(|v| v == "json")
+}
+
 /// Loads the configuration, or says why not (exit 2).
 fn load(flags: &Flags, has_child: bool) -> Result<Config, ExitCode> {
     Config::load(flags, has_child).map_err(|e| {
-        init_logs(flags.log_format.unwrap_or_default());
-        eprintln!("anchorage: {e}");
+        let format = flags.log_format.unwrap_or_default();
+        init_logs(format);
+        say(&e.to_string());
         ExitCode::from(USAGE)
     })
 }
 
 fn runtime() -> tokio::runtime::Runtime {
-    // One thread: the work is I/O-bound and small, and an idle sidecar
-    // should cost nothing.
+    // One thread for the event loop, signals, reload workers and the child:
+    // the work is small, and an idle sidecar should cost nothing. Reading
+    // and writing files goes to the blocking pool.
     match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -65,58 +90,133 @@ fn runtime() -> tokio::runtime::Runtime {
     }
 }
 
+/// Runs `future` to completion, then leaves behind whatever still blocks
+/// (a read stuck on a hung filesystem must not hold the exit).
+fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    let rt = runtime();
+    let output = rt.block_on(future);
+    rt.shutdown_background();
+    output
+}
+
 fn render_command(args: RenderArgs) -> ExitCode {
     let config = match load(&args.flags, false) {
         Ok(config) => config,
         Err(code) => return code,
     };
-    init_logs(config.daemon.log_format);
+    let format = config.daemon.log_format;
+    init_logs(format);
     warn_subpaths(&config);
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let mode = if args.dry_run {
+        Mode::DryRun
+    } else {
+        Mode::Write
+    };
     let mut failed = false;
-    // Each distinct action once, naming the bundles that changed.
-    let mut reloads: Vec<(ReloadSpec, Vec<String>, Vec<PathBuf>)> = Vec::new();
+    let mut due = Vec::new();
+    let mut rendered = std::collections::HashMap::new();
     for bundle in &config.bundles {
-        match render::render_once(bundle, config.daemon.state_dir.as_deref(), now) {
-            Ok(changed) => {
-                if changed && args.reload {
-                    let outputs: Vec<PathBuf> =
-                        bundle.outputs.iter().map(|o| o.path.clone()).collect();
-                    for spec in &bundle.reloads {
-                        match reloads.iter_mut().find(|(s, _, _)| s == spec) {
-                            Some((_, names, paths)) => {
-                                names.push(bundle.name.clone());
-                                paths.extend(outputs.iter().cloned());
-                            }
-                            None => reloads.push((
-                                spec.clone(),
-                                vec![bundle.name.clone()],
-                                outputs.clone(),
-                            )),
-                        }
+        let mut state = BundleState::new(bundle.clone(), config.daemon.state_dir.as_deref());
+        match state.render(None, now, mode) {
+            Ok(report) => {
+                render::log_report(&bundle.name, &report, mode);
+                if mode == Mode::DryRun {
+                    for spec in &bundle.outputs {
+                        let verdict = if report.changed.contains(&spec.path) {
+                            "would change"
+                        } else {
+                            "unchanged"
+                        };
+                        println!(
+                            "{}: {} ({}, bundle {})",
+                            verdict,
+                            spec.path.display(),
+                            spec.format.name(),
+                            bundle.name
+                        );
                     }
                 }
+                for (path, e) in &report.failed {
+                    say(&format!(
+                        "bundle {}: cannot write {}: {e}",
+                        bundle.name,
+                        path.display()
+                    ));
+                    failed = true;
+                }
+                if let Some(outputs) = &report.reload
+                    && args.reload
+                {
+                    due.push((bundle, outputs.clone()));
+                }
+                rendered.insert(bundle.name.clone(), report.bundle.clone());
             }
-            Err(e) => {
-                render::log_failure(&bundle.name, &e);
-                eprintln!("anchorage: bundle {}: {e}", bundle.name);
+            Err(refusal) => {
+                error!(bundle = %bundle.name, reason = refusal.reason(), error = %refusal,
+                    "bundle refused; outputs keep their previous content");
+                if format == LogFormat::Text {
+                    eprintln!("anchorage: bundle {}: refused: {refusal}", bundle.name);
+                }
                 failed = true;
             }
         }
     }
-    if !reloads.is_empty() {
-        let rt = runtime();
-        for (spec, bundles, outputs) in &reloads {
-            match rt.block_on(reload::run_once(spec, bundles, outputs)) {
-                Ok(detail) => {
-                    info!(bundles = ?bundles, action = spec.action.kind(), detail = %detail, "reloaded")
-                }
-                Err(e) => {
-                    error!(bundles = ?bundles, action = spec.action.kind(), error = %e, "reload failed");
+    // Key pairs: a dry run checks every one (what `run` would accept); a
+    // render writes the split_dir of those that have one (an init
+    // container then hands the app its tls.crt and tls.key).
+    for pair in &config.keypairs {
+        if mode == Mode::Write && pair.split.is_none() {
+            continue;
+        }
+        let chain_to = pair.chain_to.as_ref().and_then(|b| rendered.get(b));
+        if mode == Mode::DryRun {
+            match keypair::inspect(pair, chain_to.map(|b| &**b), now) {
+                Ok(checked) => println!(
+                    "valid: key pair {} ({})",
+                    pair.name,
+                    keypair::describe(&checked.accepted)
+                ),
+                Err(held) => {
+                    say(&format!("key pair {}: held: {held}", pair.name));
                     failed = true;
                 }
             }
+            continue;
         }
+        let mut state = keypair::KeyPairState::new(pair.clone());
+        match state.check(chain_to.map(|b| &**b), now) {
+            keypair::Outcome::Held(reason) => {
+                say(&format!("key pair {}: held: {reason}", pair.name));
+                failed = true;
+            }
+            _ => match &state.accepted {
+                Some(accepted) => info!(keypair = %pair.name,
+                    certificate = %keypair::describe(accepted), "key pair split"),
+                None => failed = true,
+            },
+        }
+    }
+    if !due.is_empty() {
+        // The reloader's own workers: each distinct action runs once, for
+        // every bundle that changed, with the retries it allows.
+        let failures = block_on(async {
+            let mut reloader = Reloader::new(Arc::new(Metrics::new()), ChildHandle::default());
+            for (bundle, outputs) in &due {
+                for spec in &bundle.reloads {
+                    reloader.request(
+                        spec,
+                        Request {
+                            names: [bundle.name.clone()].into(),
+                            outputs: outputs.clone(),
+                            ..Request::default()
+                        },
+                    );
+                }
+            }
+            reloader.close(None).await
+        });
+        failed |= failures > 0;
     }
     ExitCode::from(if failed { INVALID_INPUT } else { 0 })
 }
@@ -130,8 +230,8 @@ fn run_command(args: RunArgs) -> ExitCode {
     init_logs(config.daemon.log_format);
     warn_subpaths(&config);
     let flags = args.flags;
-    let reconfigure: daemon::Reconfigure = Box::new(move || Config::load(&flags, has_child));
-    runtime().block_on(async move {
+    let reconfigure: daemon::Reconfigure = Arc::new(move || Config::load(&flags, has_child));
+    block_on(async move {
         let metrics = Arc::new(Metrics::new());
         let status = Status::new();
         let mut reports = status.0.subscribe();
@@ -140,7 +240,7 @@ fn run_command(args: RunArgs) -> ExitCode {
             Some(addr) => match http::start(addr, metrics.clone(), status.0.clone()) {
                 Ok(server) => Some(server),
                 Err(e) => {
-                    eprintln!("anchorage: {e}");
+                    say(&e.to_string());
                     return ExitCode::from(USAGE);
                 }
             },
@@ -158,7 +258,7 @@ fn run_command(args: RunArgs) -> ExitCode {
             .as_ref()
             .map(Supervisor::handle)
             .unwrap_or_default();
-        let daemon = match Daemon::new(config, reconfigure, metrics, status, child) {
+        let daemon = match Daemon::new(config, reconfigure, metrics, status, child, Clock::System) {
             Ok(daemon) => daemon,
             Err(e) => {
                 error!(error = %e, "cannot start");
@@ -174,7 +274,7 @@ fn run_command(args: RunArgs) -> ExitCode {
         // they are forwarded to it, and anchorage ends when it does.
         let (done, exited) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
-            let _ = reports.wait_for(|r| r.cycles >= 1).await;
+            let _ = reports.wait_for(|r| r.started).await;
             let _ = done.send(supervisor.run().await);
         });
         let code = Arc::new(std::sync::atomic::AtomicI32::new(1));
@@ -209,7 +309,7 @@ fn warn_subpaths(config: &Config) {
         config
             .keypairs
             .iter()
-            .flat_map(|k| [k.cert.clone(), k.key.clone()]),
+            .flat_map(|k| k.paths().into_iter().map(std::path::Path::to_path_buf)),
     );
     anchorage::source::mounts::warn_subpaths(&paths);
 }

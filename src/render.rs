@@ -1,48 +1,249 @@
-//! One render pass of a bundle: read its sources, assemble, publish its
-//! outputs. `render` runs it once per bundle; the daemon runs it on change.
+//! One render of a bundle: read its sources, assemble, publish its outputs.
+//! This is the only render path: `anchorage render` runs it once per
+//! bundle, the daemon runs it on every change, off its event loop (it reads
+//! and writes files, and may block on a stuck filesystem).
+//!
+//! [`BundleState`] is what a bundle carries from one render to the next:
+//! each source's last read (so an event re-reads only what it concerned),
+//! the parsed certificates, the bytes last published at each output, the
+//! CAs retained after they vanished, and the outputs changed since the last
+//! complete publication, whose reload is still owed. A render never
+//! reloads: it says when a reload is due (every output holds the new
+//! content, guarantee 12), and its caller requests it.
 
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::bundle::retain::Retention;
-use crate::bundle::{self, Assembly, Dropped, Refusal, verify};
+use crate::bundle::{self, Assembly, Bundle, Dropped, ParseCache, Refusal, verify};
 use crate::check::rfc3339;
 use crate::config::BundleConfig;
-use crate::output;
-use crate::source::SourceFile;
+use crate::output::{self, Rendered, atomic};
+use crate::source::{SourceError, SourceFile};
 
-/// Reads every source of `bundle`; the first unusable one refuses it.
-pub fn read_sources(bundle: &BundleConfig) -> Result<Vec<SourceFile>, Refusal> {
-    // Hundreds of sources (one volume each) are read on all cores; the
-    // first unusable one, in the configured order, is the one reported.
-    let mut files = Vec::new();
-    for read in crate::parallel::map(&bundle.sources, crate::source::Source::read) {
-        files.extend(read?);
-    }
-    Ok(files)
+/// Past this many certificates, a render's log line counts the added and
+/// removed ones instead of listing them.
+const LISTED: usize = 20;
+
+/// Whether a render writes its outputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Write,
+    /// Compare with the disk, write nothing (`render --dry-run`).
+    DryRun,
 }
 
-/// Reads and validates `bundle` at `now` (unix seconds): the policy, the CAs
-/// retained after they vanished (with `retention`), `min_certs`, and the
+/// What a bundle carries from one render to the next.
+#[derive(Debug)]
+pub struct BundleState {
+    pub config: BundleConfig,
+    /// The last bundle accepted.
+    pub last: Option<Arc<Bundle>>,
+    /// The bytes last published at each output path; an output missing
+    /// here is compared with the disk before it is written.
+    published: HashMap<PathBuf, Rendered>,
+    /// CAs removed from the sources but still within `retain_removed`.
+    pub retention: Retention,
+    /// Each source's last read (`None`: to be read).
+    cache: Vec<Option<Vec<SourceFile>>>,
+    parsed: ParseCache,
+    /// Outputs changed since the last complete publication: their reload
+    /// is owed until every output holds the new content.
+    owed: BTreeSet<PathBuf>,
+}
+
+/// One render's outcome.
+#[derive(Debug)]
+pub struct Report {
+    pub bundle: Arc<Bundle>,
+    /// What it replaced.
+    pub previous: Option<Arc<Bundle>>,
+    /// Outputs written in this render (or, dry, that would be).
+    pub changed: Vec<PathBuf>,
+    /// Outputs that could not be written, and why; they are retried.
+    pub failed: Vec<(PathBuf, io::Error)>,
+    /// Every output holds the new content and some changed since the last
+    /// reload: the outputs to name in the reload.
+    pub reload: Option<BTreeSet<PathBuf>>,
+    /// The next instant (unix seconds) the bundle changes by itself: an
+    /// expiry, a not-before, the end of a retention.
+    pub next_change: Option<i64>,
+}
+
+impl BundleState {
+    pub fn new(config: BundleConfig, state_dir: Option<&Path>) -> Self {
+        Self {
+            retention: Retention::load(state_dir, &config.name),
+            config,
+            last: None,
+            published: HashMap::new(),
+            cache: Vec::new(),
+            parsed: ParseCache::default(),
+            owed: BTreeSet::new(),
+        }
+    }
+
+    /// Takes a new configuration of the same bundle (SIGHUP): what was
+    /// published at a path that is still an output stays known, so the same
+    /// bytes are not written or reloaded again; every source is read again.
+    pub fn reconfigure(&mut self, config: BundleConfig) {
+        let outputs: HashSet<&PathBuf> = config.outputs.iter().map(|o| &o.path).collect();
+        self.published.retain(|path, _| outputs.contains(path));
+        self.owed.retain(|path| outputs.contains(path));
+        self.cache.clear();
+        self.config = config;
+    }
+
+    /// Forgets what was published, so the next render compares with the
+    /// disk again (a resync repairs an output changed behind our back).
+    pub fn recheck_disk(&mut self) {
+        self.published.clear();
+    }
+
+    /// Reads the sources in `only` (all with `None`) afresh and the others
+    /// from their last read, assembles the bundle at `now` (unix seconds)
+    /// and publishes it as `mode` says.
+    pub fn render(
+        &mut self,
+        only: Option<&HashSet<usize>>,
+        now: i64,
+        mode: Mode,
+    ) -> Result<Report, Refusal> {
+        let files = self.read(only)?;
+        let assembly = assemble(
+            &self.config,
+            &files,
+            Some(&mut self.retention),
+            Some(&mut self.parsed),
+            now,
+        )?;
+        let retention_ends = self
+            .config
+            .retain_removed
+            .and_then(|grace| self.retention.next_change(grace));
+        let next_change = assembly
+            .next_change(self.config.policy.allow_expired)
+            .into_iter()
+            .chain(retention_ends)
+            .filter(|t| *t > now)
+            .min();
+        let (changed, failed) = self.publish(&assembly.bundle, mode);
+        let bundle = Arc::new(assembly.bundle);
+        // `last` is what the outputs hold: it moves on only once every
+        // output was written.
+        let previous = self.last.clone();
+        if failed.is_empty() && mode == Mode::Write {
+            self.last = Some(bundle.clone());
+        }
+        let reload = if failed.is_empty() && !self.owed.is_empty() && mode == Mode::Write {
+            Some(std::mem::take(&mut self.owed))
+        } else {
+            None
+        };
+        Ok(Report {
+            bundle,
+            previous,
+            changed,
+            failed,
+            reload,
+            next_change,
+        })
+    }
+
+    /// Reads the stale sources; the first unusable one refuses the bundle.
+    fn read(&mut self, only: Option<&HashSet<usize>>) -> Result<Vec<SourceFile>, Refusal> {
+        let sources = &self.config.sources;
+        self.cache.resize(sources.len(), None);
+        let stale: Vec<usize> = (0..sources.len())
+            .filter(|s| self.cache[*s].is_none() || only.is_none_or(|o| o.contains(s)))
+            .collect();
+        // Hundreds of sources (one volume each) are read on all cores; the
+        // first unusable one, in the configured order, is the one reported.
+        let read = crate::parallel::map(&stale, |s| sources[*s].read());
+        let mut failure = None;
+        for (s, result) in stale.into_iter().zip(read) {
+            // A file of the last read that is a directory now is unreadable,
+            // not absent: a half-done replacement must not shrink the trust
+            // set. The last read stays, so the refusal holds until it is a
+            // file again.
+            let replaced = self.cache[s]
+                .iter()
+                .flatten()
+                .find(|f| std::fs::metadata(&f.path).is_ok_and(|m| m.is_dir()));
+            if let Some(file) = replaced {
+                failure.get_or_insert(SourceError::directory_where_a_file_was(&file.path));
+                continue;
+            }
+            match result {
+                Ok(files) => self.cache[s] = Some(files),
+                Err(e) => {
+                    // Read again next time; the first failure is reported.
+                    self.cache[s] = None;
+                    failure.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = failure {
+            return Err(Refusal::Source(e));
+        }
+        Ok(self.cache.iter().flatten().flatten().cloned().collect())
+    }
+
+    /// Publishes every output: all are tried, whatever one of them does.
+    fn publish(
+        &mut self,
+        bundle: &Bundle,
+        mode: Mode,
+    ) -> (Vec<PathBuf>, Vec<(PathBuf, io::Error)>) {
+        let mut changed = Vec::new();
+        let mut failed = Vec::new();
+        for spec in &self.config.outputs {
+            let rendered = output::render(bundle, &spec.format);
+            let known = self.published.get(&spec.path);
+            let result = match (known, mode) {
+                (Some(previous), _) if *previous == rendered => Ok(false),
+                (_, Mode::DryRun) => Ok(!atomic::matches(&spec.path, &rendered, spec.mode)),
+                // Known to differ: write without comparing with the disk.
+                (Some(_), Mode::Write) => {
+                    atomic::write(&spec.path, &rendered, spec.mode).map(|()| true)
+                }
+                (None, Mode::Write) => atomic::publish(&spec.path, &rendered, spec.mode),
+            };
+            match result {
+                Ok(did_change) => {
+                    if did_change {
+                        changed.push(spec.path.clone());
+                        if mode == Mode::Write {
+                            self.owed.insert(spec.path.clone());
+                        }
+                    }
+                    if mode == Mode::Write {
+                        self.published.insert(spec.path.clone(), rendered);
+                    }
+                }
+                Err(e) => {
+                    self.published.remove(&spec.path);
+                    failed.push((spec.path.clone(), e));
+                }
+            }
+        }
+        (changed, failed)
+    }
+}
+
+/// Validates files already read at `now` (unix seconds): the policy, the
+/// CAs retained after they vanished (with `retention`), `min_certs`, and the
 /// `verify` certificates, read afresh. Logs what the policy dropped or kept
 /// early.
 pub fn assemble(
     bundle: &BundleConfig,
-    retention: Option<&mut Retention>,
-    now: i64,
-) -> Result<Assembly, Refusal> {
-    let files = read_sources(bundle)?;
-    assemble_files(bundle, &files, retention, None, now)
-}
-
-/// [`assemble`] from files already read (the daemon keeps each source's
-/// last read and reads again only the sources an event concerned).
-pub fn assemble_files(
-    bundle: &BundleConfig,
     files: &[SourceFile],
     retention: Option<&mut Retention>,
-    cache: Option<&mut bundle::ParseCache>,
+    cache: Option<&mut ParseCache>,
     now: i64,
 ) -> Result<Assembly, Refusal> {
     let mut assembly = bundle::collect_cached(files, &bundle.policy, now, cache)?;
@@ -102,52 +303,85 @@ fn log_policy(name: &str, assembly: &Assembly) {
     }
 }
 
-/// Publishes every output of `bundle`; returns whether any changed. Stops at
-/// the first output that cannot be written (the others keep their content).
-pub fn publish(bundle: &BundleConfig, assembly: &Assembly) -> io::Result<bool> {
-    let mut changed = false;
-    for spec in &bundle.outputs {
-        changed |= output::publish(spec, &assembly.bundle)?;
+/// One line per render: the certificates added and removed, which outputs
+/// changed and which could not be written. A render that changed nothing
+/// is no news (a poll or resync tick): DEBUG.
+pub fn log_report(name: &str, report: &Report, mode: Mode) {
+    let before: HashSet<[u8; 32]> = report
+        .previous
+        .iter()
+        .flat_map(|b| b.anchors().iter().map(|a| a.sha256))
+        .collect();
+    let after: HashSet<[u8; 32]> = report.bundle.anchors().iter().map(|a| a.sha256).collect();
+    let describe = |b: &Bundle, keep: &dyn Fn(&[u8; 32]) -> bool| -> Vec<String> {
+        b.anchors()
+            .iter()
+            .filter(|a| keep(&a.sha256))
+            .map(|a| format!("{} ({})", a.subject, a.fingerprint()))
+            .collect()
+    };
+    let added = summarise(describe(&report.bundle, &|h| !before.contains(h)));
+    let removed = summarise(
+        report
+            .previous
+            .as_ref()
+            .map(|p| describe(p, &|h| !after.contains(h)))
+            .unwrap_or_default(),
+    );
+    let changed: Vec<String> = report
+        .changed
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect();
+    let certificates = report.bundle.len();
+    let outcome = match (mode, report.changed.is_empty()) {
+        (Mode::DryRun, true) => "would not change",
+        (Mode::DryRun, false) => "would change",
+        (Mode::Write, true) => "unchanged",
+        (Mode::Write, false) => "changed",
+    };
+    if report.changed.is_empty() && report.failed.is_empty() && mode == Mode::Write {
+        debug!(bundle = name, certificates, outcome, "rendered");
+        return;
     }
-    Ok(changed)
-}
-
-/// `anchorage render` for one bundle: returns whether its outputs changed.
-pub fn render_once(
-    bundle: &BundleConfig,
-    state_dir: Option<&std::path::Path>,
-    now: i64,
-) -> Result<bool, RenderError> {
-    let mut retention = Retention::load(state_dir, &bundle.name);
-    let assembly = assemble(bundle, Some(&mut retention), now).map_err(RenderError::Refused)?;
-    let changed = publish(bundle, &assembly).map_err(RenderError::Output)?;
     info!(
-        bundle = %bundle.name,
-        certificates = assembly.bundle.len(),
-        changed,
+        bundle = name,
+        certificates,
+        added = %added,
+        removed = %removed,
+        outputs_changed = ?changed,
+        outcome,
         "rendered"
     );
-    Ok(changed)
-}
-
-#[derive(Debug)]
-pub enum RenderError {
-    Refused(Refusal),
-    Output(io::Error),
-}
-
-impl std::fmt::Display for RenderError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Refused(r) => write!(f, "refused: {r}"),
-            Self::Output(e) => write!(f, "cannot write output: {e}"),
-        }
+    for (path, e) in &report.failed {
+        warn!(bundle = name, output = %path.display(), error = %e,
+            "cannot write output; it keeps its previous content, the write is retried, no reload until every output is written");
     }
 }
 
-impl std::error::Error for RenderError {}
+/// `[a, b]`, or past [`LISTED`] entries the first few and a count.
+fn summarise(items: Vec<String>) -> String {
+    if items.len() <= LISTED {
+        return format!("{items:?}");
+    }
+    let total = items.len();
+    let shown: Vec<&String> = items.iter().take(5).collect();
+    format!(
+        "{shown:?} and {} more ({total} in all)",
+        total - shown.len()
+    )
+}
 
-/// Logs a failed render, naming the bundle.
-pub fn log_failure(bundle: &str, error: &RenderError) {
-    warn!(bundle, error = %error, "render failed; outputs keep their previous content");
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_lists_are_summarised_with_a_count() {
+        let items: Vec<String> = (0..1000).map(|i| format!("CA {i}")).collect();
+        let line = summarise(items);
+        assert!(line.contains("995 more (1000 in all)"), "{line}");
+        assert!(line.len() < 200, "{line}");
+        assert_eq!(summarise(vec!["a".into()]), "[\"a\"]");
+    }
 }

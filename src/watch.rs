@@ -4,7 +4,7 @@
 //! Directories are watched, never files: kubelet replaces a volume by
 //! renaming a `..data` symlink, editors write and rename, and a watch on a
 //! file would follow it to an inode that is never modified again
-//! (TECH-NOTES). An event only says "something here changed"; the daemon
+//! (ARCHITECTURE.md, "Kubernetes volumes"). An event only says "something here changed"; the daemon
 //! re-reads and compares content, so event kinds do not matter, except that
 //! access events (kubelet opens the old generation on every sync) are
 //! dropped. The notify callback never blocks: it `try_send`s, and a full
@@ -163,7 +163,7 @@ impl Resolver {
 
 /// Who an event in a watched directory concerns.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Route {
+pub struct Route {
     bundle: usize,
     source: usize,
     only: Option<OsString>,
@@ -177,35 +177,56 @@ pub struct Watch {
     watched: HashMap<PathBuf, (bool, (u64, u64))>,
     /// Watched directory -> the bundles it matters to, with the entry that
     /// matters (or all) and whether its subtree counts.
-    routes: HashMap<PathBuf, Vec<Route>>,
+    routes: Routes,
     /// Per bundle, the points it wants.
     wanted: Vec<Vec<WatchPoint>>,
     overflow: Arc<AtomicBool>,
 }
 
-/// Why watching could not start or continue.
+/// Why watching could not start or continue, naming the directory.
 #[derive(Debug)]
-pub struct WatchError(pub String);
+pub enum WatchError {
+    /// `fs.inotify.max_user_watches` is exhausted.
+    WatchLimit { dir: PathBuf },
+    /// `fs.inotify.max_user_instances` is exhausted.
+    InstanceLimit { dir: PathBuf },
+    /// Any other failure to watch `dir`.
+    Failed { dir: PathBuf, reason: String },
+}
 
 impl std::fmt::Display for WatchError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        match self {
+            Self::WatchLimit { dir } => write!(
+                f,
+                "{}: the inotify watch limit is exhausted: raise fs.inotify.max_user_watches \
+                 (sysctl) or run with --poll",
+                dir.display()
+            ),
+            Self::InstanceLimit { dir } => write!(
+                f,
+                "{}: the inotify instance limit is exhausted: raise fs.inotify.max_user_instances \
+                 (sysctl) or run with --poll",
+                dir.display()
+            ),
+            Self::Failed { dir, reason } => write!(f, "{}: cannot watch: {reason}", dir.display()),
+        }
     }
 }
 
-fn describe(path: &Path, e: &notify::Error) -> String {
+impl std::error::Error for WatchError {}
+
+fn describe(path: &Path, e: &notify::Error) -> WatchError {
+    let dir = path.to_path_buf();
     match &e.kind {
-        notify::ErrorKind::MaxFilesWatch => format!(
-            "{}: the inotify watch limit is exhausted: raise fs.inotify.max_user_watches \
-             (sysctl) or run with --poll",
-            path.display()
-        ),
-        notify::ErrorKind::Io(io) if io.raw_os_error() == Some(nix::libc::EMFILE) => format!(
-            "{}: the inotify instance limit is exhausted: raise fs.inotify.max_user_instances \
-             (sysctl) or run with --poll",
-            path.display()
-        ),
-        _ => format!("{}: cannot watch: {e}", path.display()),
+        notify::ErrorKind::MaxFilesWatch => WatchError::WatchLimit { dir },
+        notify::ErrorKind::Io(io) if io.raw_os_error() == Some(nix::libc::EMFILE) => {
+            WatchError::InstanceLimit { dir }
+        }
+        _ => WatchError::Failed {
+            dir,
+            reason: e.to_string(),
+        },
     }
 }
 
@@ -237,20 +258,21 @@ impl Watch {
                 flag.store(true, Ordering::Relaxed);
             }
         })
-        .map_err(|e| WatchError(describe(Path::new("inotify"), &e)))?;
+        .map_err(|e| describe(Path::new("inotify"), &e))?;
         Ok(Self {
             watcher,
             watched: HashMap::new(),
-            routes: HashMap::new(),
+            routes: Routes::default(),
             wanted: Vec::new(),
             overflow,
         })
     }
 
-    /// Sets what each bundle wants watched and starts watching it.
-    pub fn set(&mut self, wanted: Vec<Vec<WatchPoint>>) -> Result<(), WatchError> {
+    /// Sets what each bundle wants watched and starts watching it; returns
+    /// the bundles that gained a watch (see [`Watch::refresh`]).
+    pub fn set(&mut self, wanted: Vec<Vec<WatchPoint>>) -> Result<HashSet<usize>, WatchError> {
         self.wanted = wanted;
-        self.refresh().map(|_| ())
+        self.refresh()
     }
 
     /// Whether events were dropped since the last call.
@@ -334,19 +356,45 @@ impl Watch {
                     self.watched.insert(dir, state);
                 }
                 Err(e) if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) => {
-                    let message = describe(&dir, &e);
-                    error!("{message}");
-                    result = Err(WatchError(message));
+                    let error = describe(&dir, &e);
+                    error!("{error}");
+                    result = Err(error);
                 }
                 // Removed between the stat and the watch: the next refresh
                 // watches its ancestor.
                 Err(e) => debug!(error = %describe(&dir, &e), "watch skipped"),
             }
         }
-        self.routes = routes;
+        self.routes = Routes(Arc::new(routes));
         result.map(|()| gained)
     }
 
+    /// Who each watched directory's events concern, as of the last refresh:
+    /// a snapshot the event loop keeps while a refresh runs elsewhere.
+    pub fn routes(&self) -> Routes {
+        self.routes.clone()
+    }
+
+    /// Set when events were dropped (a full queue, an inotify overflow).
+    pub fn overflow_flag(&self) -> Arc<AtomicBool> {
+        self.overflow.clone()
+    }
+
+    /// How many directories are watched.
+    pub fn len(&self) -> usize {
+        self.watched.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.watched.is_empty()
+    }
+}
+
+/// Watched directory -> who its events concern.
+#[derive(Debug, Clone, Default)]
+pub struct Routes(Arc<HashMap<PathBuf, Vec<Route>>>);
+
+impl Routes {
     /// The bundles an event at `path` may concern: routes of its directory
     /// (all of it, or this very entry), of the path itself (a watched
     /// directory that changed), and of recursive watches above it.
@@ -357,7 +405,7 @@ impl Watch {
     /// see above.
     pub fn bundles_for(&self, path: &Path, out: &mut HashSet<(usize, usize)>) -> bool {
         let mut structural = false;
-        if let Some(routes) = self.routes.get(path) {
+        if let Some(routes) = self.0.get(path) {
             structural = true;
             out.extend(
                 routes
@@ -370,7 +418,7 @@ impl Watch {
         let mut ancestor = path.parent();
         let mut direct = true;
         while let Some(dir) = ancestor {
-            if let Some(routes) = self.routes.get(dir) {
+            if let Some(routes) = self.0.get(dir) {
                 for route in routes {
                     let entry = direct && route.only.is_some() && route.only.as_deref() == name;
                     // A file inside a kubelet volume changes when `..data`
@@ -392,15 +440,6 @@ impl Watch {
             ancestor = dir.parent();
         }
         structural
-    }
-
-    /// How many directories are watched.
-    pub fn len(&self) -> usize {
-        self.watched.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.watched.is_empty()
     }
 }
 

@@ -55,7 +55,7 @@ pub struct RawDaemon {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawBundle {
-    pub name: Option<String>,
+    pub name: Option<Spanned<String>>,
     #[serde(default)]
     pub sources: Vec<Spanned<String>>,
     pub retain_removed: Option<Dur>,
@@ -83,27 +83,40 @@ pub struct RawOutput {
 #[serde(deny_unknown_fields)]
 pub struct RawReload {
     pub signal: Option<Spanned<String>>,
-    pub pid_file: Option<PathBuf>,
-    pub process: Option<String>,
+    pub pid_file: Option<Spanned<String>>,
+    pub process: Option<Spanned<String>>,
     /// Signal the child started with `run -- CHILD`.
     pub child: Option<bool>,
     /// Restart the child started with `run -- CHILD`.
     pub restart_child: Option<bool>,
     pub exec: Option<Spanned<Command>>,
     pub http: Option<Spanned<String>>,
-    pub method: Option<String>,
+    pub method: Option<Spanned<String>>,
+    /// `Authorization: Bearer <content>` for an http reload, read each call.
+    pub bearer_token_file: Option<Spanned<String>>,
+    /// Update this file's modification time.
+    pub touch: Option<Spanned<String>>,
     pub timeout: Option<Dur>,
     pub retries: Option<u32>,
     pub probe: Option<Spanned<String>>,
     pub probe_timeout: Option<Dur>,
+    /// Two runs of the action are at least this far apart.
+    pub min_interval: Option<Dur>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawKeyPair {
-    pub name: Option<String>,
-    pub cert: PathBuf,
-    pub key: PathBuf,
+    pub name: Option<Spanned<String>>,
+    pub cert: Option<Spanned<PathBuf>>,
+    pub key: Option<Spanned<PathBuf>>,
+    /// The key and the chain in one PEM file (a podCertificate volume's
+    /// `credentialBundlePath`), instead of `cert` and `key`.
+    pub credential_bundle: Option<Spanned<PathBuf>>,
+    /// Where to write the accepted pair as `tls.crt` and `tls.key`.
+    pub split_dir: Option<Spanned<PathBuf>>,
+    /// The mode of `split_dir/tls.key` (default 0600).
+    pub key_mode: Option<Spanned<String>>,
     pub chain_to: Option<Spanned<String>>,
     #[serde(default)]
     pub reload: Vec<Spanned<RawReload>>,

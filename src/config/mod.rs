@@ -6,24 +6,30 @@
 //! flag): the process exits 2 on it, at start, and never later.
 
 mod file;
+mod keypair;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use nix::sys::signal::Signal;
 use toml::Spanned;
 
 use crate::bundle::Policy;
 use crate::cli::{Flags, LogFormat};
 use crate::output::{Format, OutputSpec};
+use crate::reload::spec::{self, At, Draft};
+pub use crate::reload::spec::{
+    DEFAULT_PROBE_TIMEOUT, DEFAULT_RELOAD_TIMEOUT, Probe, ReloadAction, ReloadSpec, SignalTarget,
+    parse_signal,
+};
 use crate::source::Source;
-use file::{Command, RawBundle, RawDaemon, RawFile, RawKeyPair, RawReload};
+use file::{Command, RawBundle, RawDaemon, RawFile, RawReload};
+pub use keypair::{
+    DEFAULT_KEY_MODE, KeyMaterial, KeyPairConfig, SPLIT_CERT, SPLIT_CERT_MODE, SPLIT_KEY, SplitDir,
+};
 
 pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(200);
 pub const DEFAULT_RESYNC: Duration = Duration::from_secs(300);
-pub const DEFAULT_RELOAD_TIMEOUT: Duration = Duration::from_secs(30);
-pub const DEFAULT_PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_MODE: u32 = 0o644;
 /// The bundle (and key pair) made from flags alone.
 pub const FLAG_BUNDLE: &str = "default";
@@ -59,72 +65,6 @@ pub struct BundleConfig {
     pub policy: Policy,
     pub outputs: Vec<OutputSpec>,
     pub reloads: Vec<ReloadSpec>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct KeyPairConfig {
-    pub name: String,
-    pub cert: PathBuf,
-    pub key: PathBuf,
-    /// The name of a bundle the certificate must chain to.
-    pub chain_to: Option<String>,
-    pub reloads: Vec<ReloadSpec>,
-}
-
-/// One reload action and how it is run.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct ReloadSpec {
-    pub action: ReloadAction,
-    /// Bounds each exec run or HTTP call.
-    pub timeout: Duration,
-    /// Retries after the first attempt; `None`: until a newer render supersedes.
-    pub retries: Option<u32>,
-    pub probe: Option<Probe>,
-    pub probe_timeout: Duration,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum ReloadAction {
-    Signal {
-        signal: Signal,
-        target: SignalTarget,
-    },
-    /// argv, run without a shell.
-    Exec(Vec<String>),
-    Http {
-        url: String,
-        method: String,
-    },
-    /// Restart the supervised child.
-    RestartChild,
-}
-
-impl ReloadAction {
-    /// The metrics `action` label.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Self::Signal { .. } => "signal",
-            Self::Exec(_) => "exec",
-            Self::Http { .. } => "http",
-            Self::RestartChild => "restart",
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum SignalTarget {
-    PidFile(PathBuf),
-    Process(String),
-    Child,
-}
-
-/// How a reload is proven (guarantee 6).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Probe {
-    /// A TLS address that must serve the new certificate.
-    Tls(String),
-    /// An HTTP URL that must answer 2xx.
-    Http(String),
 }
 
 /// A configuration that cannot be used. Exit code 2.
@@ -192,11 +132,11 @@ impl Config {
     pub fn load(flags: &Flags, has_child: bool) -> Result<Self, ConfigError> {
         let (raw, text) = match &flags.config {
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+                let text = read_config(path).map_err(|message| ConfigError {
                     file: Some(path.clone()),
                     line: None,
                     key: "--config".into(),
-                    message: format!("cannot read: {e}"),
+                    message,
                 })?;
                 (parse_file(path, &text)?, text)
             }
@@ -215,6 +155,36 @@ impl Config {
         };
         build(flags, raw, &origin, has_child)
     }
+}
+
+/// A config file is small: anything over this is a mistake (`/dev/zero`).
+pub const MAX_CONFIG_SIZE: u64 = 1024 * 1024;
+
+/// Reads the config file: a regular file of at most [`MAX_CONFIG_SIZE`]
+/// bytes, never opened in a way that blocks (a FIFO), re-read on SIGHUP.
+fn read_config(path: &Path) -> Result<String, String> {
+    use std::io::Read;
+    let file = crate::source::open_nonblocking(path).map_err(|e| format!("cannot read: {e}"))?;
+    let meta = file.metadata().map_err(|e| format!("cannot read: {e}"))?;
+    if !meta.is_file() {
+        return Err("cannot read: not a regular file".into());
+    }
+    if meta.len() > MAX_CONFIG_SIZE {
+        return Err(format!(
+            "{} bytes is over the {MAX_CONFIG_SIZE}-byte limit for a config file",
+            meta.len()
+        ));
+    }
+    let mut text = String::new();
+    file.take(MAX_CONFIG_SIZE + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| format!("cannot read: {e}"))?;
+    if text.len() as u64 > MAX_CONFIG_SIZE {
+        return Err(format!(
+            "over the {MAX_CONFIG_SIZE}-byte limit for a config file"
+        ));
+    }
+    Ok(text)
 }
 
 fn parse_file(path: &Path, text: &str) -> Result<RawFile, ConfigError> {
@@ -264,6 +234,23 @@ fn build(
             "bundle flags apply to a single bundle, but the config has several [[bundle]] tables",
         );
     }
+    // Where each name and output was written, for the duplicate checks.
+    let mut name_spans: Vec<Option<std::ops::Range<usize>>> = Vec::new();
+    let mut output_spans: Vec<Vec<std::ops::Range<usize>>> = Vec::new();
+    for b in &raw.bundle {
+        name_spans.push(b.get_ref().name.as_ref().map(Spanned::span));
+        output_spans.push(b.get_ref().output.iter().map(Spanned::span).collect());
+    }
+    let pair_spans: Vec<Option<std::ops::Range<usize>>> = raw
+        .keypair
+        .iter()
+        .map(|k| k.get_ref().name.as_ref().map(Spanned::span))
+        .collect();
+    let keypair_split_spans: Vec<Option<std::ops::Range<usize>>> = raw
+        .keypair
+        .iter()
+        .map(|k| k.get_ref().split_dir.as_ref().map(Spanned::span))
+        .collect();
     for (i, spanned) in raw.bundle.into_iter().enumerate() {
         let span = spanned.span();
         let overrides = if bundle_flags { Some(flags) } else { None };
@@ -285,7 +272,7 @@ fn build(
             );
         }
         let raw = RawBundle {
-            name: Some(FLAG_BUNDLE.into()),
+            name: Some(Spanned::new(0..0, FLAG_BUNDLE.into())),
             sources: Vec::new(),
             retain_removed: None,
             verify: Vec::new(),
@@ -307,40 +294,38 @@ fn build(
     let mut keypairs = Vec::new();
     for (i, spanned) in raw.keypair.into_iter().enumerate() {
         let span = spanned.span();
-        keypairs.push(keypair(i, spanned.into_inner(), span, origin, has_child)?);
+        keypairs.push(keypair::from_raw(
+            i,
+            spanned.into_inner(),
+            span,
+            origin,
+            has_child,
+        )?);
     }
-    if let (Some(cert), Some(key)) = (&flags.cert, &flags.key) {
-        keypairs.push(KeyPairConfig {
-            name: FLAG_BUNDLE.into(),
-            cert: cert.clone(),
-            key: key.clone(),
-            chain_to: None,
-            reloads: flag_reloads,
-        });
-    }
+    keypairs.extend(keypair::from_flags(flags, &flag_reloads)?);
 
     if bundles.is_empty() && keypairs.is_empty() {
         return origin.error(
             None,
             "--source",
-            "nothing to do: give --source, --cert/--key, or a --config with [[bundle]] or [[keypair]]",
+            "nothing to do: give --source, --cert/--key, --credential-bundle, or a --config with [[bundle]] or [[keypair]]",
         );
     }
     let mut names = std::collections::HashSet::new();
-    for name in bundles.iter().map(|b| &b.name) {
+    for (i, name) in bundles.iter().map(|b| &b.name).enumerate() {
         if !names.insert(name.clone()) {
             return origin.error(
-                None,
+                name_spans.get(i).cloned().flatten(),
                 "bundle.name",
                 format!("the name {name:?} is used twice"),
             );
         }
     }
     let mut pair_names = std::collections::HashSet::new();
-    for pair in &keypairs {
+    for (i, pair) in keypairs.iter().enumerate() {
         if !pair_names.insert(pair.name.clone()) {
             return origin.error(
-                None,
+                pair_spans.get(i).cloned().flatten(),
                 "keypair.name",
                 format!("the name {:?} is used twice", pair.name),
             );
@@ -353,6 +338,53 @@ fn build(
                 "keypair.chain_to",
                 format!("no bundle is named {chain:?}"),
             );
+        }
+    }
+    // Two outputs at one path: the last render would win and the other
+    // bundle's CAs would vanish without a word.
+    let mut paths: std::collections::HashMap<PathBuf, String> = std::collections::HashMap::new();
+    for (b, bundle) in bundles.iter().enumerate() {
+        for (o, out) in bundle.outputs.iter().enumerate() {
+            let span = output_spans.get(b).and_then(|s| s.get(o)).cloned();
+            let owner = format!("bundle {:?}", bundle.name);
+            if let Some(first) = paths.insert(out.path.clone(), owner.clone()) {
+                let key = if span.is_some() {
+                    "bundle.output.path"
+                } else {
+                    "--output"
+                };
+                return origin.error(
+                    span,
+                    key,
+                    format!(
+                        "{} is already an output of {first}; two outputs cannot share a path",
+                        out.path.display()
+                    ),
+                );
+            }
+        }
+    }
+    // A split directory is an output too, and so are the two files in it.
+    for (k, pair) in keypairs.iter().enumerate() {
+        let Some(split) = &pair.split else { continue };
+        let span = keypair_split_spans.get(k).cloned().flatten();
+        let owner = format!("key pair {:?}", pair.name);
+        for path in [split.dir.clone(), split.cert(), split.key()] {
+            if let Some(first) = paths.insert(path.clone(), owner.clone()) {
+                let key = if span.is_some() {
+                    "keypair.split_dir"
+                } else {
+                    "--split-dir"
+                };
+                return origin.error(
+                    span,
+                    key,
+                    format!(
+                        "{} is already an output of {first}; two outputs cannot share a path",
+                        path.display()
+                    ),
+                );
+            }
         }
     }
     Ok(Config {
@@ -413,7 +445,10 @@ fn bundle(
     origin: &Origin<'_>,
     has_child: bool,
 ) -> Result<BundleConfig, ConfigError> {
-    let name = raw.name.clone().unwrap_or_else(|| format!("bundle{index}"));
+    let name = raw
+        .name
+        .as_ref()
+        .map_or_else(|| format!("bundle{index}"), |n| n.get_ref().clone());
     let mut sources = Vec::new();
     for spec in &raw.sources {
         sources.push(parse_source(
@@ -559,42 +594,14 @@ fn parse_source(
 }
 
 fn parse_mode(text: &str) -> Result<u32, String> {
-    match u32::from_str_radix(text.trim_start_matches("0o"), 8) {
-        Ok(mode) if mode <= 0o7777 => Ok(mode),
+    // Octal digits only, as chmod takes them: "0644", "644", "0600".
+    let digits =
+        !text.is_empty() && text.len() <= 5 && text.bytes().all(|b| (b'0'..=b'7').contains(&b));
+    match u32::from_str_radix(text, 8) {
+        Ok(mode) if digits && mode <= 0o7777 => Ok(mode),
         _ => Err(format!(
             "{text:?} is not an octal file mode such as \"0644\""
         )),
-    }
-}
-
-/// Parses `HUP`, `SIGHUP`, `hup` or a number.
-pub fn parse_signal(name: &str) -> Result<Signal, String> {
-    let upper = name.trim().to_ascii_uppercase();
-    if let Ok(n) = upper.parse::<i32>() {
-        return Signal::try_from(n).map_err(|_| format!("{name:?} is not a signal number"));
-    }
-    let full = if upper.starts_with("SIG") {
-        upper
-    } else {
-        format!("SIG{upper}")
-    };
-    full.parse()
-        .map_err(|_| format!("{name:?} is not a signal name (HUP, USR1, TERM, ...)"))
-}
-
-fn split_command(line: &str) -> Result<Vec<String>, String> {
-    match shlex::split(line) {
-        Some(argv) if !argv.is_empty() => Ok(argv),
-        Some(_) => Err("an empty command".into()),
-        None => Err(format!("{line:?} has an unterminated quote or escape")),
-    }
-}
-
-fn check_url(url: &str) -> Result<(), String> {
-    if url.starts_with("http://") && url.len() > "http://".len() {
-        Ok(())
-    } else {
-        Err(format!("{url:?} is not an http:// URL"))
     }
 }
 
@@ -605,168 +612,74 @@ fn reload(
     key: &str,
     has_child: bool,
 ) -> Result<ReloadSpec, ConfigError> {
-    let err_at = |s: Option<std::ops::Range<usize>>, k: &str, m: String| {
-        origin.error::<ReloadSpec>(s, &format!("{key}.{k}"), m)
-    };
-    let signal = match &raw.signal {
-        Some(s) => match parse_signal(s.get_ref()) {
-            Ok(sig) => Some(sig),
-            Err(m) => return err_at(Some(s.span()), "signal", m),
-        },
-        None => None,
-    };
-    let mut actions = Vec::new();
-    if let Some(pid_file) = raw.pid_file {
-        actions.push(ReloadAction::Signal {
-            signal: signal.unwrap_or(Signal::SIGHUP),
-            target: SignalTarget::PidFile(pid_file),
-        });
-    }
-    if let Some(process) = raw.process {
-        actions.push(ReloadAction::Signal {
-            signal: signal.unwrap_or(Signal::SIGHUP),
-            target: SignalTarget::Process(process),
-        });
-    }
-    if raw.child == Some(true) {
-        actions.push(ReloadAction::Signal {
-            signal: signal.unwrap_or(Signal::SIGHUP),
-            target: SignalTarget::Child,
-        });
-    }
-    if raw.restart_child == Some(true) {
-        actions.push(ReloadAction::RestartChild);
-    }
-    if let Some(exec) = raw.exec {
-        let exec_span = exec.span();
-        let argv = match exec.into_inner() {
-            Command::Argv(argv) if !argv.is_empty() => argv,
-            Command::Argv(_) => return err_at(Some(exec_span), "exec", "an empty command".into()),
-            Command::Line(line) => match split_command(&line) {
-                Ok(argv) => argv,
-                Err(m) => return err_at(Some(exec_span), "exec", m),
-            },
-        };
-        actions.push(ReloadAction::Exec(argv));
-    }
-    if let Some(url) = raw.http {
-        if let Err(m) = check_url(url.get_ref()) {
-            return err_at(Some(url.span()), "http", m);
-        }
-        actions.push(ReloadAction::Http {
-            url: url.into_inner(),
-            method: raw
-                .method
-                .unwrap_or_else(|| "POST".into())
-                .to_ascii_uppercase(),
-        });
-    }
-    let action = match actions.len() {
-        1 => actions.remove(0),
-        0 => {
-            return err_at(
-                Some(span),
-                "target",
-                "a reload needs a target: pid_file, process, child, restart_child, exec or http"
-                    .into(),
-            );
-        }
-        _ => {
-            return err_at(
-                Some(span),
-                "target",
-                "a reload has one target; write one [[reload]] table per action".into(),
-            );
-        }
-    };
-    if matches!(
-        action,
-        ReloadAction::RestartChild
-            | ReloadAction::Signal {
-                target: SignalTarget::Child,
-                ..
-            }
-    ) && !has_child
-    {
-        return err_at(
-            Some(span),
-            "child",
-            "there is no child: start one with `run ... -- CHILD`".into(),
-        );
-    }
-    let probe = match raw.probe {
-        None => None,
-        Some(p) if p.get_ref().starts_with("http://") => Some(Probe::Http(p.into_inner())),
-        Some(p) if p.get_ref().contains(':') => Some(Probe::Tls(p.into_inner())),
-        Some(p) => {
-            return err_at(
-                Some(p.span()),
-                "probe",
-                format!(
-                    "{:?} is neither a HOST:PORT to probe with TLS nor an http:// URL",
-                    p.get_ref()
-                ),
-            );
-        }
-    };
-    Ok(ReloadSpec {
-        action,
-        timeout: raw.timeout.map_or(DEFAULT_RELOAD_TIMEOUT, |d| d.0),
+    let at = |s: Spanned<String>| At::new(s.get_ref().clone(), Some(s.span()));
+    let draft = Draft {
+        signal: raw.signal.map(at),
+        pid_file: raw
+            .pid_file
+            .map(|p| At::new(p.get_ref().into(), Some(p.span()))),
+        process: raw.process.map(at),
+        child: raw.child == Some(true),
+        restart_child: raw.restart_child == Some(true),
+        exec: raw.exec.map(|e| {
+            let span = e.span();
+            let command = match e.into_inner() {
+                Command::Argv(argv) => spec::Command::Argv(argv),
+                Command::Line(line) => spec::Command::Line(line),
+            };
+            At::new(command, Some(span))
+        }),
+        http: raw.http.map(at),
+        method: raw.method.map(at),
+        bearer_token_file: raw
+            .bearer_token_file
+            .map(|p| At::new(p.get_ref().into(), Some(p.span()))),
+        touch: raw
+            .touch
+            .map(|p| At::new(p.get_ref().into(), Some(p.span()))),
+        timeout: raw.timeout.map(|d| d.0),
         retries: raw.retries,
-        probe,
-        probe_timeout: raw.probe_timeout.map_or(DEFAULT_PROBE_TIMEOUT, |d| d.0),
-    })
+        probe: raw.probe.map(at),
+        probe_timeout: raw.probe_timeout.map(|d| d.0),
+        min_interval: raw.min_interval.map(|d| d.0),
+        span: Some(span),
+    };
+    spec::build(draft, has_child)
+        .or_else(|e| origin.error(e.span, &format!("{key}.{}", e.field), e.message))
 }
 
-fn keypair(
-    index: usize,
-    raw: RawKeyPair,
-    _span: std::ops::Range<usize>,
-    origin: &Origin<'_>,
-    has_child: bool,
-) -> Result<KeyPairConfig, ConfigError> {
-    let mut reloads = Vec::new();
-    for r in raw.reload {
-        let span = r.span();
-        reloads.push(reload(
-            r.into_inner(),
-            span,
-            origin,
-            "keypair.reload",
-            has_child,
-        )?);
-    }
-    Ok(KeyPairConfig {
-        name: raw.name.unwrap_or_else(|| format!("keypair{index}")),
-        cert: raw.cert,
-        key: raw.key,
-        chain_to: raw.chain_to.map(Spanned::into_inner),
-        reloads,
-    })
-}
-
-/// The reload actions the flags describe.
+/// The reload actions the flags describe, one draft per target, built by
+/// the same [`spec::build`] as the file's.
 fn flag_reloads(flags: &Flags, has_child: bool) -> Result<Vec<ReloadSpec>, ConfigError> {
     let no_file = Origin {
         file: None,
         text: "",
     };
-    let signal = match &flags.signal {
-        Some(name) => parse_signal(name).or_else(|m| no_file.error(None, "--signal", m))?,
-        None => Signal::SIGHUP,
+    let signal = flags.signal.clone().map(|s| At::new(s, None));
+    let with_signal = |draft: Draft| Draft {
+        signal: signal.clone(),
+        ..draft
     };
-    let mut actions = Vec::new();
+    let mut drafts: Vec<(&str, Draft)> = Vec::new();
     if let Some(pid_file) = &flags.pid_file {
-        actions.push(ReloadAction::Signal {
-            signal,
-            target: SignalTarget::PidFile(pid_file.clone()),
-        });
+        let pid_file = Some(At::new(pid_file.clone(), None));
+        drafts.push((
+            "--pid-file",
+            with_signal(Draft {
+                pid_file,
+                ..Draft::default()
+            }),
+        ));
     }
     if let Some(process) = &flags.process {
-        actions.push(ReloadAction::Signal {
-            signal,
-            target: SignalTarget::Process(process.clone()),
-        });
+        let process = Some(At::new(process.clone(), None));
+        drafts.push((
+            "--process",
+            with_signal(Draft {
+                process,
+                ..Draft::default()
+            }),
+        ));
     }
     // The variable is a comma-separated list; a flag keeps its commas.
     let from_env: Vec<String> = match std::env::var("ANCHORAGE_EXEC") {
@@ -779,51 +692,68 @@ fn flag_reloads(flags: &Flags, has_child: bool) -> Result<Vec<ReloadSpec>, Confi
         _ => Vec::new(),
     };
     for line in flags.execs.iter().chain(&from_env) {
-        let argv = split_command(line).or_else(|m| no_file.error(None, "--exec", m))?;
-        actions.push(ReloadAction::Exec(argv));
+        let exec = Some(At::new(spec::Command::Line(line.clone()), None));
+        drafts.push((
+            "--exec",
+            Draft {
+                exec,
+                ..Draft::default()
+            },
+        ));
     }
     for url in &flags.https {
-        check_url(url).or_else(|m| no_file.error(None, "--http", m))?;
-        actions.push(ReloadAction::Http {
-            url: url.clone(),
-            method: "POST".into(),
-        });
+        let http = Some(At::new(url.clone(), None));
+        drafts.push((
+            "--http",
+            Draft {
+                http,
+                ..Draft::default()
+            },
+        ));
+    }
+    for file in &flags.touches {
+        let touch = Some(At::new(file.clone(), None));
+        drafts.push((
+            "--touch",
+            Draft {
+                touch,
+                ..Draft::default()
+            },
+        ));
     }
     if flags.restart_child {
-        if !has_child {
-            return no_file.error(
-                None,
-                "--restart-child",
-                "there is no child: start one with `run ... -- CHILD`",
-            );
-        }
-        actions.push(ReloadAction::RestartChild);
+        let draft = Draft {
+            restart_child: true,
+            ..Draft::default()
+        };
+        drafts.push(("--restart-child", draft));
     } else if has_child && flags.pid_file.is_none() && flags.process.is_none() {
         // A supervised child is the natural target of --signal.
-        actions.push(ReloadAction::Signal {
-            signal,
-            target: SignalTarget::Child,
-        });
+        drafts.push((
+            "--signal",
+            with_signal(Draft {
+                child: true,
+                ..Draft::default()
+            }),
+        ));
     }
-    if flags.signal.is_some()
-        && !actions
-            .iter()
-            .any(|a| matches!(a, ReloadAction::Signal { .. }))
-    {
+    if signal.is_some() && !drafts.iter().any(|(_, d)| d.signal.is_some()) {
         return no_file.error(
             None,
             "--signal",
             "--signal needs --pid-file, --process or a child to send it to",
         );
     }
-    Ok(actions
+    drafts
         .into_iter()
-        .map(|action| ReloadSpec {
-            action,
-            timeout: DEFAULT_RELOAD_TIMEOUT,
-            retries: None,
-            probe: None,
-            probe_timeout: DEFAULT_PROBE_TIMEOUT,
+        .map(|(flag, draft)| {
+            spec::build(draft, has_child).or_else(|e| {
+                let flag = match e.field {
+                    "signal" => "--signal",
+                    _ => flag,
+                };
+                no_file.error(None, flag, e.message)
+            })
         })
-        .collect())
+        .collect()
 }

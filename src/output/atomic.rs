@@ -18,6 +18,11 @@
 //!   earlier version's output). Anything else, or a file where the directory
 //!   should be, is refused before a byte is written, and nothing is deleted.
 //!
+//! - A key pair's `split_dir` always gets kubelet's layout, each file with
+//!   its own mode ([`publish_generation`]), so a reader that opens
+//!   `tls.crt` and `tls.key` through their links never pairs one
+//!   generation's certificate with another's key.
+//!
 //! Nothing here ever writes into the live output in place.
 
 use std::ffi::OsStr;
@@ -46,15 +51,20 @@ const MARKER_TEXT: &[u8] =
 /// Writes `rendered` at `path` unless the same bytes (and mode) are already
 /// there. Returns whether the output changed on disk.
 pub fn publish(path: &Path, rendered: &Rendered, mode: u32) -> io::Result<bool> {
-    let same = match rendered {
-        Rendered::File(bytes) => file_matches(path, bytes, mode),
-        Rendered::Dir(files) => dir_matches(path, files, mode),
-    };
-    if same {
+    if matches(path, rendered, mode) {
         return Ok(false);
     }
     write(path, rendered, mode)?;
     Ok(true)
+}
+
+/// Whether `path` already holds `rendered` with `mode` (what a dry run
+/// compares).
+pub fn matches(path: &Path, rendered: &Rendered, mode: u32) -> bool {
+    match rendered {
+        Rendered::File(bytes) => file_matches(path, bytes, mode),
+        Rendered::Dir(files) => dir_matches(path, files, mode),
+    }
 }
 
 /// Writes `rendered` at `path`, whatever is there (no comparison).
@@ -129,22 +139,23 @@ pub fn write_file(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
 
 /// Publishes a directory of files atomically.
 pub fn write_dir(path: &Path, files: &[(String, Vec<u8>)], mode: u32) -> io::Result<()> {
+    let entries = with_mode(files, mode);
     if is_symlink(&path.join(DATA)) {
-        return write_generation(path, files, mode);
+        return write_generation(path, &entries);
     }
     // Decided before anything is written: a refusal leaves no trace.
     match ownership(path)? {
         Ownership::Ours => {}
         // Its other files stay; ours go in through `..data` beside them.
         Ownership::Foreign(_) if crate::source::mounts::is_mount_point(path) => {
-            return write_generation(path, files, mode);
+            return write_generation(path, &entries);
         }
         Ownership::Foreign(reason) => return Err(refusal(path, &reason)),
     }
     let parent = parent_of(path);
     fs::create_dir_all(parent).map_err(|e| context(parent, "create directory", e))?;
     let tmp = temp_beside(path, "new");
-    if let Err(e) = fill_dir(&tmp, files, mode, true) {
+    if let Err(e) = fill_dir(&tmp, &entries, Some(mode)) {
         let _ = fs::remove_dir_all(&tmp);
         return Err(e);
     }
@@ -166,7 +177,7 @@ pub fn write_dir(path: &Path, files: &[(String, Vec<u8>)], mode: u32) -> io::Res
             Err(e) if e.raw_os_error() == Some(nix::libc::EBUSY) => {
                 // A mount point: publish inside it instead.
                 let _ = fs::remove_dir_all(&tmp);
-                return write_generation(path, files, mode);
+                return write_generation(path, &entries);
             }
             Err(e) => {
                 let _ = fs::remove_dir_all(&tmp);
@@ -256,9 +267,20 @@ fn refusal(path: &Path, reason: &str) -> io::Error {
     )
 }
 
-/// Creates directory `dir` holding `files` (and [`MARKER`] with `marker`),
-/// all data synced.
-fn fill_dir(dir: &Path, files: &[(String, Vec<u8>)], mode: u32, marker: bool) -> io::Result<()> {
+/// One file of a directory: its name, bytes and mode.
+type Entry<'a> = (&'a str, &'a [u8], u32);
+
+/// The files of a directory output, all with one mode.
+fn with_mode(files: &[(String, Vec<u8>)], mode: u32) -> Vec<Entry<'_>> {
+    files
+        .iter()
+        .map(|(name, bytes)| (name.as_str(), bytes.as_slice(), mode))
+        .collect()
+}
+
+/// Creates directory `dir` holding `files` (and [`MARKER`] with that mode,
+/// if `marker`), all data synced.
+fn fill_dir(dir: &Path, files: &[Entry<'_>], marker: Option<u32>) -> io::Result<()> {
     use nix::fcntl::{OFlag, openat};
     use nix::sys::stat::Mode;
     fs::create_dir(dir).map_err(|e| context(dir, "create directory", e))?;
@@ -268,17 +290,12 @@ fn fill_dir(dir: &Path, files: &[(String, Vec<u8>)], mode: u32, marker: bool) ->
     // Thousands of files: created relative to the directory (no path walk
     // each), given their mode at creation, and chmod'ed only where the
     // umask took bits away.
-    let chmod = umask().is_none_or(|mask| mode & mask != 0);
     let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_CLOEXEC;
-    let written = crate::parallel::map(files, |(name, bytes)| -> io::Result<()> {
+    let written = crate::parallel::map(files, |&(name, bytes, mode)| -> io::Result<()> {
         let path = dir.join(name);
-        let fd = openat(
-            &handle,
-            name.as_str(),
-            flags,
-            Mode::from_bits_truncate(mode),
-        )
-        .map_err(|e| context(&path, "create", e.into()))?;
+        let chmod = umask().is_none_or(|mask| mode & mask != 0);
+        let fd = openat(&handle, name, flags, Mode::from_bits_truncate(mode))
+            .map_err(|e| context(&path, "create", e.into()))?;
         let mut file = File::from(fd);
         file.write_all(bytes)
             .map_err(|e| context(&path, "write", e))?;
@@ -289,8 +306,9 @@ fn fill_dir(dir: &Path, files: &[(String, Vec<u8>)], mode: u32, marker: bool) ->
         Ok(())
     });
     written.into_iter().collect::<io::Result<()>>()?;
-    if marker {
+    if let Some(mode) = marker {
         let path = dir.join(MARKER);
+        let chmod = umask().is_none_or(|mask| mode & mask != 0);
         let fd = openat(&handle, MARKER, flags, Mode::from_bits_truncate(mode))
             .map_err(|e| context(&path, "create", e.into()))?;
         let mut file = File::from(fd);
@@ -353,9 +371,40 @@ fn is_symlink(path: &Path) -> bool {
     fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink())
 }
 
+/// Publishes `files` (name, bytes, mode) inside `dir` in kubelet's layout,
+/// creating `dir` if it is missing, unless exactly these files are already
+/// live there. Returns whether anything changed on disk.
+///
+/// A visible name that exists and is not a link through `..data` was not
+/// written here: it is refused, never replaced (guarantee 11).
+pub fn publish_generation(dir: &Path, files: &[(&str, &[u8], u32)]) -> io::Result<bool> {
+    if generation_matches(dir, files) {
+        return Ok(false);
+    }
+    fs::create_dir_all(dir).map_err(|e| context(dir, "create directory", e))?;
+    write_generation(dir, files)?;
+    Ok(true)
+}
+
+/// The first visible name of `files` in `dir` that exists and is not a
+/// link through `..data`: a file anchorage did not write there.
+fn foreign_visible(dir: &Path, files: &[Entry<'_>]) -> io::Result<Option<PathBuf>> {
+    for (name, _, _) in files {
+        let visible = dir.join(name);
+        match fs::symlink_metadata(&visible) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(context(&visible, "stat", e)),
+            Ok(_) if fs::read_link(&visible).is_ok_and(|t| t == Path::new(DATA).join(name)) => {}
+            Ok(_) => return Ok(Some(visible)),
+        }
+    }
+    Ok(None)
+}
+
 /// Publishes inside a directory that cannot itself be replaced, the way
-/// kubelet's AtomicWriter does.
-fn write_generation(dir: &Path, files: &[(String, Vec<u8>)], mode: u32) -> io::Result<()> {
+/// kubelet's AtomicWriter does. Refuses (and writes nothing) where a
+/// visible name is a file anchorage did not write.
+fn write_generation(dir: &Path, files: &[Entry<'_>]) -> io::Result<()> {
     static GENERATION: AtomicU64 = AtomicU64::new(0);
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -364,22 +413,18 @@ fn write_generation(dir: &Path, files: &[(String, Vec<u8>)], mode: u32) -> io::R
     let n = GENERATION.fetch_add(1, Ordering::Relaxed);
     let name = format!("{GENERATION_PREFIX}{stamp}_{}_{n}", std::process::id());
     let generation = dir.join(&name);
-    // A mount point keeps its other files, but a visible name we would
-    // publish must not replace a file of someone else's.
-    for (file, _) in files {
-        let link = dir.join(file);
-        match fs::read_link(&link) {
-            Ok(target) if target.starts_with(DATA) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            _ => {
-                return Err(refusal(
-                    dir,
-                    &format!("{file:?} inside it is a file anchorage did not write"),
-                ));
-            }
-        }
+    // A mount point or a split dir keeps its other files, but a visible
+    // name published here must never replace a file of someone else's.
+    if let Some(visible) = foreign_visible(dir, files)? {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!(
+                "{}: exists and was not written by anchorage; it is never replaced",
+                visible.display()
+            ),
+        ));
     }
-    if let Err(e) = fill_dir(&generation, files, mode, false) {
+    if let Err(e) = fill_dir(&generation, files, None) {
         let _ = fs::remove_dir_all(&generation);
         return Err(e);
     }
@@ -389,7 +434,7 @@ fn write_generation(dir: &Path, files: &[(String, Vec<u8>)], mode: u32) -> io::R
     fs::rename(&data_tmp, dir.join(DATA)).map_err(|e| context(dir, "publish ..data", e))?;
 
     // Visible names: link the new ones, drop the ones that went.
-    for (file, _) in files {
+    for (file, _, _) in files {
         let link = dir.join(file);
         let target = Path::new(DATA).join(file);
         if fs::read_link(&link).is_ok_and(|t| t == target) {
@@ -402,7 +447,7 @@ fn write_generation(dir: &Path, files: &[(String, Vec<u8>)], mode: u32) -> io::R
             context(&link, "rename link into place", e)
         })?;
     }
-    let wanted: std::collections::HashSet<&str> = files.iter().map(|(n, _)| n.as_str()).collect();
+    let wanted: std::collections::HashSet<&str> = files.iter().map(|(n, _, _)| *n).collect();
     for entry in fs::read_dir(dir).map_err(|e| context(dir, "list", e))? {
         let entry = entry.map_err(|e| context(dir, "list", e))?;
         let entry_name = entry.file_name();
@@ -438,13 +483,24 @@ fn file_matches(path: &Path, bytes: &[u8], mode: u32) -> bool {
 
 /// Whether the directory output at `path` holds exactly these files.
 fn dir_matches(path: &Path, files: &[(String, Vec<u8>)], mode: u32) -> bool {
+    let layout = is_symlink(&path.join(DATA));
+    entries_match(path, &with_mode(files, mode), layout)
+}
+
+/// Whether `dir` is in kubelet's layout with exactly these files live.
+fn generation_matches(dir: &Path, files: &[Entry<'_>]) -> bool {
+    is_symlink(&dir.join(DATA)) && entries_match(dir, files, true)
+}
+
+/// Whether the directory at `path` holds exactly these files (through
+/// `..data` and its visible links when `layout`).
+fn entries_match(path: &Path, files: &[Entry<'_>], layout: bool) -> bool {
     let Ok(meta) = fs::symlink_metadata(path) else {
         return false;
     };
     if !meta.is_dir() {
         return false;
     }
-    let layout = is_symlink(&path.join(DATA));
     let content = if layout {
         match fs::read_link(path.join(DATA)) {
             Ok(generation) => path.join(generation),
@@ -467,7 +523,7 @@ fn dir_matches(path: &Path, files: &[(String, Vec<u8>)], mode: u32) -> bool {
         })
         .count();
     count == files.len()
-        && files.iter().all(|(name, bytes)| {
+        && files.iter().all(|&(name, bytes, mode)| {
             file_matches(&content.join(name), bytes, mode)
                 && (!layout
                     || fs::read_link(path.join(name))
@@ -579,11 +635,70 @@ mod tests {
     }
 
     #[test]
+    fn a_split_pair_is_published_with_a_mode_per_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = dir.path().join("tls");
+        let mode = |name: &str| {
+            fs::metadata(out.join(name))
+                .expect("stat")
+                .permissions()
+                .mode()
+                & 0o7777
+        };
+        let first: [(&str, &[u8], u32); 2] =
+            [("tls.crt", b"chain 1", 0o644), ("tls.key", b"key 1", 0o600)];
+        assert!(publish_generation(&out, &first).expect("publish"));
+        assert_eq!(
+            read_all(&out),
+            files(&[("tls.crt", "chain 1"), ("tls.key", "key 1")])
+        );
+        assert!(is_symlink(&out.join("tls.key")));
+        assert_eq!((mode("tls.crt"), mode("tls.key")), (0o644, 0o600));
+        // The same files: nothing is written.
+        let data = fs::read_link(out.join(DATA)).expect("..data");
+        assert!(!publish_generation(&out, &first).expect("publish"));
+        assert_eq!(fs::read_link(out.join(DATA)).expect("..data"), data);
+        // A new pair, another key mode: a new generation, the old one gone.
+        let second: [(&str, &[u8], u32); 2] =
+            [("tls.crt", b"chain 2", 0o644), ("tls.key", b"key 2", 0o640)];
+        assert!(publish_generation(&out, &second).expect("publish"));
+        assert_eq!(
+            read_all(&out),
+            files(&[("tls.crt", "chain 2"), ("tls.key", "key 2")])
+        );
+        assert_eq!(mode("tls.key"), 0o640);
+        let hidden: Vec<_> = fs::read_dir(&out)
+            .expect("list")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".."))
+            .collect();
+        assert_eq!(hidden.len(), 2, "{hidden:?}");
+    }
+
+    #[test]
+    fn a_split_pair_never_replaces_a_file_it_did_not_write() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        fs::write(dir.path().join("tls.key"), b"someone else's key").expect("write");
+        let pair: [(&str, &[u8], u32); 2] =
+            [("tls.crt", b"chain", 0o644), ("tls.key", b"key", 0o600)];
+        let err = publish_generation(dir.path(), &pair).expect_err("refused");
+        assert!(
+            err.to_string().contains("not written by anchorage"),
+            "{err}"
+        );
+        assert_eq!(
+            fs::read(dir.path().join("tls.key")).expect("read"),
+            b"someone else's key"
+        );
+        assert!(!dir.path().join(DATA).exists());
+    }
+
+    #[test]
     fn generation_layout_publishes_through_data() {
         let dir = tempfile::tempdir().expect("tempdir");
         let out = dir.path();
         let first = files(&[("a.0", "A"), ("b.0", "B")]);
-        write_generation(out, &first, 0o644).expect("publish");
+        write_generation(out, &with_mode(&first, 0o644)).expect("publish");
         assert_eq!(read_all(out), first);
         assert!(is_symlink(&out.join("a.0")));
         assert!(dir_matches(out, &first, 0o644));
@@ -686,11 +801,12 @@ mod tests {
         let out = dir.path();
         fs::write(out.join("a.0"), b"theirs").expect("write");
         fs::write(out.join("keep"), b"keep").expect("write");
-        let err = write_generation(out, &files(&[("a.0", "A")]), 0o644).expect_err("collision");
+        let err = write_generation(out, &with_mode(&files(&[("a.0", "A")]), 0o644))
+            .expect_err("collision");
         assert!(err.to_string().contains("a.0"), "{err}");
         assert_eq!(listing(out), ["a.0", "keep"]);
         fs::remove_file(out.join("a.0")).expect("rm");
-        write_generation(out, &files(&[("a.0", "A")]), 0o644).expect("publish");
+        write_generation(out, &with_mode(&files(&[("a.0", "A")]), 0o644)).expect("publish");
         assert_eq!(fs::read(out.join("keep")).expect("read"), b"keep");
         assert_eq!(fs::read(out.join("a.0")).expect("read"), b"A");
     }

@@ -16,7 +16,7 @@ pub use format::render;
 
 use crate::bundle::Bundle;
 
-/// The formats an output can take (PRODUCT.md, "Outputs").
+/// The formats an output can take (README.md, "Outputs").
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Format {
     /// The certificates as PEM blocks, nothing else.

@@ -188,19 +188,49 @@ mod tests {
     #[tokio::test]
     async fn timeout_kills_the_process_group() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let marker = dir.path().join("grandchild-ran");
-        // A grandchild that would write the marker after the timeout.
-        let script = format!("(sleep 2; touch {}) & sleep 30", marker.display());
-        let started = std::time::Instant::now();
-        let err = run(
-            &argv(&["sh", "-c", &script]),
-            &[],
-            Duration::from_millis(300),
-        )
-        .await;
-        assert!(matches!(err, Err(Failure::Failed(m)) if m.contains("killed")));
-        assert!(started.elapsed() < Duration::from_secs(10));
-        std::thread::sleep(Duration::from_millis(2500));
-        assert!(!marker.exists(), "the process group outlived the timeout");
+        let pid_file = dir.path().join("grandchild.pid");
+        // A grandchild that would outlive the timeout by far; its pid is
+        // published once it runs.
+        let script = format!(
+            "sleep 60 & echo $! > {0}.tmp && mv {0}.tmp {0}; wait",
+            pid_file.display()
+        );
+        // The shell must have started the grandchild before the timeout
+        // for the test to prove anything: on a loaded machine that can take
+        // longer, so the timeout grows until it did.
+        let mut timeout = Duration::from_millis(300);
+        let grandchild: i32 = loop {
+            let started = std::time::Instant::now();
+            let err = run(&argv(&["sh", "-c", &script]), &[], timeout).await;
+            assert!(matches!(err, Err(Failure::Failed(m)) if m.contains("killed")));
+            assert!(started.elapsed() < timeout + Duration::from_secs(10));
+            if let Ok(pid) = std::fs::read_to_string(&pid_file) {
+                break pid.trim().parse().expect("a pid");
+            }
+            assert!(
+                timeout < Duration::from_secs(20),
+                "the shell never started its grandchild"
+            );
+            timeout *= 4;
+        };
+        // It dies with the group: gone, or a zombie until whoever inherited
+        // it reaps it.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let state = std::fs::read_to_string(format!("/proc/{grandchild}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    let (_, rest) = stat.rsplit_once(')')?;
+                    rest.split_whitespace().next().map(str::to_owned)
+                });
+            match state.as_deref() {
+                None | Some("Z" | "X") => break,
+                Some(state) => assert!(
+                    std::time::Instant::now() < deadline,
+                    "the process group outlived the timeout: pid {grandchild} is in state {state}"
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }

@@ -158,7 +158,7 @@ pub async fn http(url: &str, timeout: Duration) -> Result<(), Failure> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        match super::http::call("GET", url, left.max(Duration::from_millis(100))).await {
+        match super::http::call("GET", url, None, left.max(Duration::from_millis(100))).await {
             Ok(_) => return Ok(()),
             Err(e) if tokio::time::Instant::now() + RETRY_EVERY >= deadline => return Err(e),
             Err(_) => tokio::time::sleep(RETRY_EVERY).await,

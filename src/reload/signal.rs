@@ -74,17 +74,13 @@ pub fn send(
 }
 
 fn read_pid_file(path: &Path) -> Result<u32, Failure> {
-    let text = match fs::read_to_string(path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+    // Bounded and never blocking: a pid file is a few bytes of a regular file.
+    let text = match crate::source::read_bounded(path, path) {
+        Ok(Some(bytes)) => String::from_utf8_lossy(&bytes).into_owned(),
+        Ok(None) => {
             return Err(Failure::Absent(format!("{}: no pid file", path.display())));
         }
-        Err(e) => {
-            return Err(Failure::Failed(format!(
-                "{}: cannot read: {e}",
-                path.display()
-            )));
-        }
+        Err(e) => return Err(Failure::Failed(e.to_string())),
     };
     text.trim()
         .parse::<u32>()

@@ -8,12 +8,14 @@
 
 pub mod mounts;
 pub mod pem;
+pub mod spiffe;
 
 use std::fs::{self, File};
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 pub use pem::{CertBlock, FrameError};
+pub use spiffe::SpiffeError;
 
 /// A source file larger than this is refused, not read whole (guarantee 9).
 pub const MAX_FILE_SIZE: u64 = 16 * 1024 * 1024;
@@ -93,6 +95,8 @@ pub enum SourceErrorKind {
     NotCertificate,
     /// A certificate block is damaged.
     Damaged(FrameError),
+    /// A JSON file that is not a usable SPIFFE bundle.
+    DamagedSpiffe(SpiffeError),
 }
 
 impl SourceError {
@@ -118,7 +122,7 @@ impl SourceError {
             SourceErrorKind::TooLarge { .. } => "too_large",
             SourceErrorKind::Empty => "empty",
             SourceErrorKind::NotCertificate => "not_certificate",
-            SourceErrorKind::Damaged(_) => "damaged",
+            SourceErrorKind::Damaged(_) | SourceErrorKind::DamagedSpiffe(_) => "damaged",
         }
     }
 }
@@ -137,6 +141,7 @@ impl std::fmt::Display for SourceError {
                 write!(f, "{path}: holds no PEM block and is not a DER certificate")
             }
             SourceErrorKind::Damaged(e) => write!(f, "{path}: {e}"),
+            SourceErrorKind::DamagedSpiffe(e) => write!(f, "{path}: {e}"),
         }
     }
 }
@@ -151,9 +156,19 @@ fn is_absent(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::NotFound
 }
 
+/// A FIFO, socket or device: never opened in a way that could block, never
+/// read (guarantee 10).
+fn not_regular(path: &Path) -> SourceError {
+    unreadable(
+        path,
+        io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"),
+    )
+}
+
 fn read_path(path: &Path, out: &mut Vec<SourceFile>) -> Result<(), SourceError> {
     match fs::metadata(path) {
         Ok(meta) if meta.is_dir() => read_dir(path, out),
+        Ok(meta) if !meta.is_file() => Err(not_regular(path)),
         Ok(_) => {
             if let Some(file) = read_file(path, path)? {
                 out.push(file);
@@ -188,7 +203,8 @@ fn read_glob(pattern: &str, out: &mut Vec<SourceFile>) -> Result<(), SourceError
                     out.push(file);
                 }
             }
-            Ok(_) => {}
+            Ok(meta) if meta.is_dir() => {}
+            Ok(_) => return Err(not_regular(&path)),
             Err(e) if is_absent(&e) => {}
             Err(e) => return Err(unreadable(&path, e)),
         }
@@ -197,7 +213,7 @@ fn read_glob(pattern: &str, out: &mut Vec<SourceFile>) -> Result<(), SourceError
 }
 
 /// Reads a directory; a kubelet volume is read through `..data`, one
-/// generation at a time (TECH-NOTES: AtomicWriter).
+/// generation at a time (ARCHITECTURE.md, "Kubernetes volumes").
 fn read_dir(dir: &Path, out: &mut Vec<SourceFile>) -> Result<(), SourceError> {
     let data = dir.join(KUBELET_DATA);
     for _ in 0..GENERATION_ATTEMPTS {
@@ -266,21 +282,22 @@ fn read_entries(
     // What each entry holds, read in parallel for large directories.
     let read = crate::parallel::map(&names, |(name, kind)| {
         let shown = visible.join(name);
-        let is_file = match kind {
-            Some(t) if t.is_file() => Ok(true),
-            Some(t) if !t.is_symlink() => Ok(false),
-            _ => fs::metadata(dir.join(name)).map(|m| m.is_file()),
+        let kind = match kind {
+            Some(t) if !t.is_symlink() => Ok(*t),
+            _ => fs::metadata(dir.join(name)).map(|m| m.file_type()),
         };
-        let entry = match is_file {
-            Ok(true) => match open_at(&handle, name, &shown).and_then(|f| read_open(f, &shown)) {
+        let entry = match kind {
+            Ok(t) if t.is_dir() => Ok(Entry::Other),
+            // A FIFO, socket or device fails the bundle, as any unreadable
+            // file does; it is never opened.
+            Ok(t) if !t.is_file() => Err(not_regular(&shown)),
+            Ok(_) => match open_at(&handle, name, &shown).and_then(|f| read_open(f, &shown)) {
                 Ok(Some(bytes)) => decode(&bytes)
                     .map(Entry::File)
                     .map_err(|kind| SourceError::new(&shown, kind)),
                 Ok(None) => Ok(Entry::Vanished),
                 Err(e) => Err(e),
             },
-            // Subdirectories, FIFOs, sockets: not ours to read.
-            Ok(false) => Ok(Entry::Other),
             Err(e) if is_absent(&e) => Ok(Entry::Vanished),
             Err(e) => Err(unreadable(&shown, e)),
         };
@@ -309,10 +326,12 @@ enum Entry {
 /// Opens `name` in the directory `dir` for reading; `None` if absent.
 fn open_at(dir: &File, name: &std::ffi::OsStr, shown: &Path) -> Result<Option<File>, SourceError> {
     use nix::fcntl::{OFlag, openat};
+    // Non-blocking: a FIFO swapped in after the stat must not hang the
+    // open; `read_open` then refuses anything but a regular file.
     match openat(
         dir,
         name,
-        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK | OFlag::O_NOCTTY,
         nix::sys::stat::Mode::empty(),
     ) {
         Ok(fd) => Ok(Some(File::from(fd))),
@@ -334,13 +353,24 @@ pub fn read_file(path: &Path, shown: &Path) -> Result<Option<SourceFile>, Source
     }))
 }
 
-/// Reads at most [`MAX_FILE_SIZE`] bytes; `None` if the file is absent.
+/// Reads at most [`MAX_FILE_SIZE`] bytes of a regular file; `None` if the
+/// file is absent. A FIFO, socket or device is refused without blocking.
 pub fn read_bounded(path: &Path, shown: &Path) -> Result<Option<Vec<u8>>, SourceError> {
-    match File::open(path) {
+    match open_nonblocking(path) {
         Ok(file) => read_open(Some(file), shown),
         Err(e) if is_absent(&e) => Ok(None),
         Err(e) => Err(unreadable(shown, e)),
     }
+}
+
+/// Opens `path` for reading without ever blocking in `open()` (a FIFO with
+/// no writer would), and without taking it as a controlling terminal.
+pub fn open_nonblocking(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOCTTY)
+        .open(path)
 }
 
 /// Reads an open file, at most [`MAX_FILE_SIZE`] bytes.
@@ -354,6 +384,9 @@ fn read_open(file: Option<File>, shown: &Path) -> Result<Option<Vec<u8>>, Source
             shown,
             io::Error::new(io::ErrorKind::IsADirectory, "is a directory"),
         ));
+    }
+    if !meta.is_file() {
+        return Err(not_regular(shown));
     }
     if meta.len() > MAX_FILE_SIZE {
         return Err(SourceError::new(
@@ -391,8 +424,14 @@ fn read_open(file: Option<File>, shown: &Path) -> Result<Option<Vec<u8>>, Source
     Ok(Some(bytes))
 }
 
-/// Frames a file's bytes: PEM blocks, or one DER certificate.
+/// Frames a file's bytes: a SPIFFE bundle (JSON), PEM blocks, or one DER
+/// certificate.
 pub fn decode(bytes: &[u8]) -> Result<Vec<CertBlock>, SourceErrorKind> {
+    // Before PEM: a JSON document may quote a PEM block in a string, and is
+    // still JSON.
+    if spiffe::looks_like_json(bytes) {
+        return spiffe::frame(bytes).map_err(SourceErrorKind::DamagedSpiffe);
+    }
     if pem::looks_like_pem(bytes) {
         let framed = pem::frame(bytes).map_err(SourceErrorKind::Damaged)?;
         return Ok(framed.certificates);
@@ -533,6 +572,77 @@ mod tests {
         let pattern = format!("{}/*.pem", dir.path().display());
         let files = Source::parse(&pattern).expect("spec").read().expect("read");
         assert_eq!(files.len(), 1);
+    }
+
+    #[test]
+    fn fifos_are_refused_without_blocking() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fifo = dir.path().join("ca.pem");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
+        // As a file source, inside a directory, through a glob, and read
+        // directly: each refuses at once (a blocking open would hang here).
+        for source in [
+            Source::Path(fifo.clone()),
+            Source::Path(dir.path().to_path_buf()),
+            Source::parse(&format!("{}/*.pem", dir.path().display())).expect("glob"),
+        ] {
+            let err = source.read().expect_err("a FIFO");
+            assert_eq!(err.path, fifo);
+            assert!(err.to_string().contains("not a regular file"), "{err}");
+        }
+        let err = read_bounded(&fifo, &fifo).expect_err("a FIFO");
+        assert!(err.to_string().contains("not a regular file"), "{err}");
+    }
+
+    #[test]
+    fn spiffe_bundle_in_a_kubelet_volume_is_read_beside_pem() {
+        use base64::Engine as _;
+        let der = {
+            let key = rcgen::KeyPair::generate().expect("key");
+            let params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+            params.self_signed(&key).expect("cert").der().to_vec()
+        };
+        let json = format!(
+            r#"{{"keys": [{{"use": "x509-svid", "x5c": ["{}"]}}, {{"use": "jwt-svid", "kid": "a"}}]}}"#,
+            base64::engine::general_purpose::STANDARD.encode(&der)
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let generation = dir.path().join("..2026_11_22_10_00_00.1");
+        fs::create_dir(&generation).expect("mkdir");
+        write(&generation.join("bundle.spiffe"), json.as_bytes());
+        write(
+            &generation.join("ca.crt"),
+            b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        );
+        std::os::unix::fs::symlink("..2026_11_22_10_00_00.1", dir.path().join("..data"))
+            .expect("symlink");
+        let files = Source::Path(dir.path().to_path_buf()).read().expect("read");
+        assert_eq!(files.len(), 2);
+        assert_eq!(files[0].path, dir.path().join("bundle.spiffe"));
+        assert_eq!(files[0].blocks.len(), 1);
+        assert_eq!(files[0].blocks[0].der, der);
+        assert_eq!(files[1].blocks.len(), 1);
+
+        // A damaged one refuses the read, naming the file and the reason.
+        write(
+            &generation.join("bundle.spiffe"),
+            br#"{"keys": [{"use": "x509-svid""#,
+        );
+        let err = Source::Path(dir.path().to_path_buf())
+            .read()
+            .expect_err("damaged");
+        assert_eq!(err.reason(), "damaged");
+        assert_eq!(err.path, dir.path().join("bundle.spiffe"));
+        assert!(err.to_string().contains("not valid JSON"), "{err}");
+    }
+
+    #[test]
+    fn json_that_is_not_a_spiffe_bundle_is_damaged() {
+        let err = decode(b"  {\"ca\": \"-----BEGIN CERTIFICATE-----\\nAAAA\"}").expect_err("json");
+        assert!(matches!(
+            err,
+            SourceErrorKind::DamagedSpiffe(SpiffeError::NotBundle)
+        ));
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! `TRUSTED CERTIFICATE` blocks as unknown, and a `-----BEGIN` line inside an
 //! unterminated block silently restarts framing, so a truncated certificate
 //! followed by a good one would vanish without an error. A trust bundle must
-//! never shrink silently (PRODUCT.md, guarantee 2), so the framing lives here;
+//! never shrink silently (guarantee 2, ARCHITECTURE.md), so the framing lives here;
 //! base64 decoding is the `base64` crate's.
 //!
 //! Private-key blocks are recognised only by their labels and are never

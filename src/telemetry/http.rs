@@ -39,6 +39,10 @@ use tracing::{debug, info, warn};
 use super::metrics::{self, Metrics};
 use super::status::Status;
 
+/// A render or check running longer than this is reported stuck by
+/// `/readyz`.
+const STUCK_AFTER: Duration = Duration::from_secs(5);
+
 /// How long `/healthz` waits for the event loop to answer a ping. A healthy
 /// loop answers in microseconds; a second tolerates a slow render.
 pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
@@ -287,7 +291,23 @@ impl Endpoints {
                 }
             }
             _ => {
-                if self.status.is_ready() {
+                let stuck = self.status.stuck(STUCK_AFTER);
+                if !stuck.is_empty() {
+                    // Guarantee 10: the stuck bundle is named, with how long.
+                    let names: Vec<String> = stuck
+                        .iter()
+                        .map(|(name, running)| {
+                            format!(
+                                "{name}: its render has run for {}s (a source may hang)",
+                                running.as_secs()
+                            )
+                        })
+                        .collect();
+                    text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("not ready: stuck: {}\n", names.join("; ")),
+                    )
+                } else if self.status.is_ready() {
                     text(StatusCode::OK, "ok\n".into())
                 } else {
                     let summary = self.status.subscribe().borrow().summary.clone();

@@ -1,4 +1,4 @@
-//! The Prometheus metrics (PRODUCT.md, Observability). One [`Metrics`] per
+//! The Prometheus metrics (README.md, "Observability"). One [`Metrics`] per
 //! process, shared by the event loop and the reload workers; `/metrics`
 //! encodes it (OpenMetrics text, see [`CONTENT_TYPE`]).
 //!
@@ -151,6 +151,9 @@ pub struct Metrics {
     pub last_success: Family<BundleLabel, Gauge>,
     pub watch_events: Counter,
     pub probes: Family<ProbeLabels, Counter>,
+    pub write_failures: Family<BundleLabel, Counter>,
+    pub reloads_deferred: Family<ActionLabel, Counter>,
+    pub reload_panics: Counter,
 }
 
 impl Default for Metrics {
@@ -208,6 +211,24 @@ impl Metrics {
         );
         let probes = Family::default();
         registry.register("probes", "Reload probes by outcome", probes.clone());
+        let write_failures = Family::default();
+        registry.register(
+            "output_write_failures",
+            "Output writes that failed (retried with backoff)",
+            write_failures.clone(),
+        );
+        let reloads_deferred = Family::default();
+        registry.register(
+            "reloads_deferred",
+            "Reload runs held back to honour min_interval",
+            reloads_deferred.clone(),
+        );
+        let reload_panics = Counter::default();
+        registry.register(
+            "reload_worker_panics",
+            "Reload workers that panicked (restarted, their reload re-queued)",
+            reload_panics.clone(),
+        );
         Self {
             registry,
             renders,
@@ -220,6 +241,9 @@ impl Metrics {
             last_success,
             watch_events,
             probes,
+            write_failures,
+            reloads_deferred,
+            reload_panics,
         }
     }
 
@@ -249,6 +273,14 @@ impl Metrics {
                 bundle: bundle.to_owned(),
                 action,
                 result: if success { "success" } else { "failure" },
+            })
+            .inc();
+    }
+
+    pub fn write_failed(&self, bundle: &str) {
+        self.write_failures
+            .get_or_create(&BundleLabel {
+                bundle: bundle.to_owned(),
             })
             .inc();
     }

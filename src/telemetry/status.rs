@@ -3,16 +3,20 @@
 //! `STATUS=`. The health endpoints and the systemd notifier read it; only the
 //! event loop writes it.
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
 
 /// After each render cycle.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Report {
-    /// Render cycles so far.
+    /// Renders and checks finished so far.
     pub cycles: u64,
+    /// Every bundle and key pair has been through its first render or
+    /// check (rendered or refused): a supervised child starts then.
+    pub started: bool,
     pub ready: bool,
     /// One line for people, e.g. `peers: 3 certificates; web: refused (damaged)`.
     pub summary: String,
@@ -20,6 +24,9 @@ pub struct Report {
 
 pub struct Status {
     ready: AtomicBool,
+    /// The bundles and key pairs whose render or check is running, and
+    /// since when: one that runs long is stuck (a hung filesystem).
+    busy: Mutex<Vec<(String, Instant)>>,
     pings: mpsc::Sender<oneshot::Sender<()>>,
     reports: watch::Sender<Report>,
 }
@@ -32,6 +39,7 @@ impl Status {
         let (tx, rx) = mpsc::channel(16);
         let status = Self {
             ready: AtomicBool::new(false),
+            busy: Mutex::new(Vec::new()),
             pings: tx,
             reports: watch::Sender::new(Report::default()),
         };
@@ -53,17 +61,35 @@ impl Status {
         matches!(tokio::time::timeout(timeout, rx).await, Ok(Ok(())))
     }
 
+    /// The renders or checks that have run for longer than `limit`, with
+    /// how long: `/readyz` names them.
+    pub fn stuck(&self, limit: Duration) -> Vec<(String, Duration)> {
+        self.busy
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(name, since)| (name.clone(), since.elapsed()))
+            .filter(|(_, running)| *running > limit)
+            .collect()
+    }
+
+    /// Called by the event loop whenever a render or check starts or ends.
+    pub fn set_busy(&self, busy: Vec<(String, Instant)>) {
+        *self.busy.lock().unwrap_or_else(|e| e.into_inner()) = busy;
+    }
+
     pub fn subscribe(&self) -> watch::Receiver<Report> {
         self.reports.subscribe()
     }
 
-    /// Called by the event loop after each render cycle.
-    pub fn rendered(&self, ready: bool, summary: String) {
+    /// Called by the event loop after each render or check.
+    pub fn rendered(&self, started: bool, ready: bool, summary: String) {
         if ready {
             self.ready.store(true, Ordering::Relaxed);
         }
         self.reports.send_modify(|r| {
             r.cycles += 1;
+            r.started |= started;
             r.ready |= ready;
             r.summary = summary;
         });

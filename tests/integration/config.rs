@@ -208,3 +208,199 @@ fn boolean_variables_accept_the_usual_spellings() {
         );
     }
 }
+
+/// A URL's password never reaches an error (guarantee 14), whether the URL
+/// came from a flag or from the file.
+#[test]
+fn url_passwords_are_never_printed() {
+    let out = run(&[
+        "render",
+        "--source",
+        "/x",
+        "--http",
+        "https://alice:SECRETPW@127.0.0.1/x",
+    ]);
+    out.expect_code(2);
+    assert!(out.stderr.contains("--http"), "{}", out.stderr);
+    assert!(!out.stderr.contains("SECRETPW"), "{}", out.stderr);
+    let err = config_error(
+        "[[bundle]]\nsources = [\"/x\"]\n[[bundle.reload]]\nhttp = \"http://alice:SECRETPW@127.0.0.1:99999/x\"\n",
+    );
+    assert!(err.contains(":4:") && err.contains("http"), "{err}");
+    assert!(!err.contains("SECRETPW"), "{err}");
+}
+
+/// Each is refused at start, not retried forever at reload time.
+#[test]
+fn reload_targets_that_can_never_work_are_configuration_errors() {
+    for (flag, value) in [
+        ("--process", ""),
+        ("--process", "/usr/sbin/nginx"),
+        ("--http", "http://127.0.0.1:99999/x"),
+        ("--http", "http://127.0.0.1/a b"),
+        ("--http", "http:///x"),
+    ] {
+        let out = run(&["render", "--source", "/x", flag, value]);
+        out.expect_code(2);
+        assert!(
+            out.stderr.contains(flag),
+            "{flag} {value:?}: {}",
+            out.stderr
+        );
+    }
+    let err = config_error(
+        "[[bundle]]\nsources = [\"/x\"]\n[[bundle.output]]\npath = \"/o\"\nmode = \"0o644\"\n",
+    );
+    assert!(err.contains(":5:") && err.contains("mode"), "{err}");
+    let err = config_error(
+        "[[bundle]]\nsources = [\"/x\"]\n[[bundle.reload]]\nexec = \"true\"\nbearer_token_file = \"/t\"\n",
+    );
+    assert!(err.contains("bearer_token_file"), "{err}");
+}
+
+/// Two outputs at one path: the last render would silently win.
+#[test]
+fn two_outputs_at_one_path_are_a_configuration_error() {
+    let err = config_error(
+        "[[bundle]]\nname = \"a\"\nsources = [\"/x\"]\n[[bundle.output]]\npath = \"/shared/ca.pem\"\n\n\
+         [[bundle]]\nname = \"b\"\nsources = [\"/y\"]\n[[bundle.output]]\npath = \"/shared/ca.pem\"\nformat = \"pem\"\n",
+    );
+    assert!(err.contains(":10:"), "{err}");
+    assert!(
+        err.contains("/shared/ca.pem") && err.contains("\"a\""),
+        "{err}"
+    );
+    let out = run(&[
+        "render",
+        "--source",
+        "/x",
+        "--output",
+        "/o/ca",
+        "--hashed-dir",
+        "/o/ca",
+    ]);
+    out.expect_code(2);
+    assert!(out.stderr.contains("/o/ca"), "{}", out.stderr);
+}
+
+#[test]
+fn duplicate_names_carry_their_line() {
+    let err = config_error(
+        "[[bundle]]\nname = \"x\"\nsources = [\"/a\"]\n\n[[bundle]]\nname = \"x\"\nsources = [\"/b\"]\n",
+    );
+    assert!(err.contains(":6:") && err.contains("bundle.name"), "{err}");
+    let err = config_error(
+        "[[keypair]]\nname = \"k\"\ncert = \"/c\"\nkey = \"/k\"\n[[keypair]]\nname = \"k\"\ncert = \"/c2\"\nkey = \"/k2\"\n",
+    );
+    assert!(err.contains(":6:") && err.contains("keypair.name"), "{err}");
+}
+
+/// A key pair comes from two files or from one credential bundle, never
+/// both; key_mode belongs to a split directory.
+#[test]
+fn a_key_pair_names_its_files_one_way() {
+    let err = config_error(
+        "[[keypair]]\nname = \"pod\"\ncert = \"/c\"\nkey = \"/k\"\ncredential_bundle = \"/b.pem\"\n",
+    );
+    assert!(
+        err.contains(":5:")
+            && err.contains("keypair.credential_bundle")
+            && err.contains("not both"),
+        "{err}"
+    );
+    let err = config_error("[[keypair]]\nname = \"pod\"\nchain_to = \"x\"\n");
+    assert!(
+        err.contains(":1:") && err.contains("credential_bundle"),
+        "{err}"
+    );
+    let err = config_error("[[keypair]]\nname = \"pod\"\n\ncert = \"/c\"\n");
+    assert!(err.contains(":4:") && err.contains("no key"), "{err}");
+    let err = config_error(
+        "[[keypair]]\ncredential_bundle = \"/pod/credentialbundle.pem\"\nkey_mode = \"0640\"\n",
+    );
+    assert!(
+        err.contains(":3:") && err.contains("keypair.key_mode"),
+        "{err}"
+    );
+    let err = config_error(
+        "[[keypair]]\ncredential_bundle = \"/pod/b.pem\"\nsplit_dir = \"/shared/tls\"\nkey_mode = \"rw\"\n",
+    );
+    assert!(err.contains(":4:") && err.contains("octal"), "{err}");
+
+    let out = run(&[
+        "render",
+        "--credential-bundle",
+        "/pod/b.pem",
+        "--cert",
+        "/c",
+        "--key",
+        "/k",
+    ]);
+    out.expect_code(2);
+    assert!(out.stderr.contains("--credential-bundle"), "{}", out.stderr);
+    let out = run(&["render", "--source", "/x", "--split-dir", "/shared/tls"]);
+    out.expect_code(2);
+    assert!(
+        out.stderr.contains("--split-dir") && out.stderr.contains("needs a key pair"),
+        "{}",
+        out.stderr
+    );
+    let out = run(&[
+        "render",
+        "--credential-bundle",
+        "/pod/b.pem",
+        "--key-mode",
+        "0640",
+    ]);
+    out.expect_code(2);
+}
+
+/// A split directory is an output: no other output may sit at it or at
+/// its two files, and it may not be where the pair is read from.
+#[test]
+fn a_split_dir_at_another_output_is_a_configuration_error() {
+    let bundle = "[[bundle]]\nname = \"ca\"\nsources = [\"/x\"]\n[[bundle.output]]\npath = \"/shared/tls/tls.crt\"\n\n";
+    let err = config_error(&format!(
+        "{bundle}[[keypair]]\nname = \"pod\"\ncredential_bundle = \"/pod/b.pem\"\nsplit_dir = \"/shared/tls\"\n"
+    ));
+    assert!(
+        err.contains(":10:") && err.contains("keypair.split_dir"),
+        "{err}"
+    );
+    assert!(
+        err.contains("/shared/tls/tls.crt") && err.contains("bundle \"ca\""),
+        "{err}"
+    );
+    let err = config_error(
+        "[[keypair]]\nname = \"a\"\ncredential_bundle = \"/a/b.pem\"\nsplit_dir = \"/shared/tls\"\n\
+         [[keypair]]\nname = \"b\"\ncredential_bundle = \"/b/b.pem\"\nsplit_dir = \"/shared/tls\"\n",
+    );
+    assert!(
+        err.contains(":8:") && err.contains("key pair \"a\""),
+        "{err}"
+    );
+    let out = run(&[
+        "render",
+        "--source",
+        "/x",
+        "--hashed-dir",
+        "/shared/tls",
+        "--credential-bundle",
+        "/pod/b.pem",
+        "--split-dir",
+        "/shared/tls",
+    ]);
+    out.expect_code(2);
+    assert!(
+        out.stderr.contains("--split-dir") && out.stderr.contains("two outputs"),
+        "{}",
+        out.stderr
+    );
+    let err = config_error(
+        "[[keypair]]\ncredential_bundle = \"/var/run/pod-cert/b.pem\"\nsplit_dir = \"/var/run/pod-cert\"\n",
+    );
+    assert!(
+        err.contains(":3:") && err.contains("where /var/run/pod-cert/b.pem is read from"),
+        "{err}"
+    );
+}

@@ -3,12 +3,17 @@
 
 mod support;
 
+mod actions;
 mod atomicity;
 mod check;
 mod config;
 mod e2e;
+mod hang;
+mod hardening;
+mod kubernetes;
 mod observability;
 mod ownership;
 mod render;
 mod rotation;
 mod run;
+mod spiffe;

@@ -7,7 +7,6 @@
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -32,10 +31,10 @@ fn workdir() -> (tempfile::TempDir, PathBuf) {
     (dir, logs)
 }
 
-struct Answer {
-    status: u16,
+pub(crate) struct Answer {
+    pub(crate) status: u16,
     headers: String,
-    body: String,
+    pub(crate) body: String,
 }
 
 impl Answer {
@@ -50,7 +49,7 @@ impl Answer {
 }
 
 /// A tiny HTTP/1.1 GET; `Err` when nothing answers (not started yet).
-fn get(addr: SocketAddr, path: &str) -> Result<Answer, String> {
+pub(crate) fn get(addr: SocketAddr, path: &str) -> Result<Answer, String> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
         .map_err(|e| format!("connect {addr}: {e}"))?;
     stream
@@ -172,7 +171,7 @@ fn scrape_until(
 }
 
 #[track_caller]
-fn wait_status(addr: SocketAddr, path: &str, want: u16) -> Answer {
+pub(crate) fn wait_status(addr: SocketAddr, path: &str, want: u16) -> Answer {
     eventually(Duration::from_secs(15), || {
         let answer = get(addr, path)?;
         if answer.status == want {
@@ -470,21 +469,6 @@ impl NotifySocket {
         })
     }
 
-    /// Waits until no `WATCHDOG=1` has arrived for `quiet`.
-    #[track_caller]
-    fn wait_watchdog_silence(&self, quiet: Duration) {
-        eventually(Duration::from_secs(15), || {
-            let last = self.with_line("WATCHDOG=1").last().map(|n| n.0);
-            match last {
-                Some(at) if at.elapsed() < quiet => Err(format!(
-                    "a watchdog ping came {:?} ago: the pings go on",
-                    at.elapsed()
-                )),
-                _ => Ok(()),
-            }
-        });
-    }
-
     fn setup(&self, command: &mut Command) {
         command
             .env("NOTIFY_SOCKET", &self.path)
@@ -542,82 +526,6 @@ fn systemd_hears_ready_status_watchdog_and_stopping() {
         .filter(|n| n.0 > stopping[0].0)
         .count();
     assert_eq!(later, 0, "a watchdog ping after STOPPING=1");
-}
-
-#[test]
-fn a_stuck_event_loop_fails_healthz_and_stops_the_watchdog() {
-    let (dir, logs) = workdir();
-    let sources = dir.path().join("src");
-    let source = write(&sources, "ca.pem", Ca::new("Before Freeze").pem());
-    let output = dir.path().join("out/ca.pem");
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-    let notify = NotifySocket::bind(logs.join("notify.sock"), output.clone());
-    let daemon = Daemon::start_with(
-        &logs,
-        &[
-            "--source",
-            s(&source),
-            "--output",
-            s(&output),
-            "--debounce",
-            "0",
-            "--listen",
-            &addr.to_string(),
-        ],
-        |c| notify.setup(c),
-    );
-    notify.wait_line("READY=1", 1);
-    wait_status(addr, "/healthz", 200);
-    notify.wait_line("WATCHDOG=1", 2);
-
-    // The source becomes a FIFO: opening it blocks until a writer comes, as
-    // a read from a hung NFS server does. A second name keeps a way to it.
-    let stage = dir.path().join("stage");
-    fs::create_dir_all(&stage).expect("mkdir");
-    let fifo = stage.join("fifo");
-    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o644)).expect("mkfifo");
-    let writer_end = stage.join("writer-end");
-    fs::hard_link(&fifo, &writer_end).expect("link");
-    fs::rename(&fifo, &source).expect("rename the FIFO over the source");
-
-    let stuck = wait_status(addr, "/healthz", 503);
-    assert!(
-        stuck.body.contains("event loop not answering"),
-        "{}",
-        stuck.body
-    );
-    // /metrics does not need the event loop.
-    scrape(addr, &logs).expect("/metrics while stuck");
-    notify.wait_watchdog_silence(Duration::from_secs(1));
-    daemon.wait_log("withholding systemd watchdog pings", 1);
-
-    // A regular file takes the FIFO's name, then a writer feeds the blocked
-    // read and closes: the loop goes on and renders what it read.
-    let thawed = Ca::new("After Freeze");
-    put(&sources, "ca.pem", thawed.pem());
-    let mut pipe = eventually(Duration::from_secs(5), || {
-        fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
-            .open(&writer_end)
-            .map_err(|e| format!("open the FIFO for writing: {e}"))
-    });
-    pipe.write_all(thawed.pem().as_bytes())
-        .expect("feed the FIFO");
-    drop(pipe);
-
-    wait_status(addr, "/healthz", 200);
-    let resumed = notify.with_line("WATCHDOG=1").len();
-    notify.wait_line("WATCHDOG=1", resumed + 2);
-    eventually(Duration::from_secs(15), || {
-        let certs = pem_certs(&fs::read(&output).map_err(|e| e.to_string())?);
-        if certs == vec![thawed.der()] {
-            Ok(())
-        } else {
-            Err(format!("{} certificates, not the thawed CA", certs.len()))
-        }
-    });
-    assert_eq!(daemon.stop(), 0);
 }
 
 /// Idle connections held open (and reopened when the server drops them,

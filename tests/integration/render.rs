@@ -177,7 +177,12 @@ fn unchanged_set_is_not_rewritten() {
     let before = fs::metadata(&out_file).expect("stat");
     let out = render_pem(&src, &out_file);
     out.expect_code(0);
-    assert!(out.stderr.contains("changed=false"), "{}", out.stderr);
+    // An unchanged render is no news: not at the default level.
+    assert!(
+        !out.stderr.contains("outcome=\"changed\""),
+        "{}",
+        out.stderr
+    );
     let after = fs::metadata(&out_file).expect("stat");
     assert_eq!(
         (before.ino(), before.mtime_nsec()),
@@ -565,4 +570,74 @@ fn pkcs12_and_jks_truststores_are_deterministic_and_read_by_java_and_openssl() {
             );
         }
     }
+}
+
+/// `render --dry-run`: everything validated, per output whether it would
+/// change, nothing written, nothing reloaded; exit codes as `render`.
+#[test]
+fn dry_run_says_what_would_change_and_writes_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = write(dir.path(), "ca.pem", Ca::new("Dry").pem());
+    let pem = dir.path().join("out/ca.pem");
+    let hashed = dir.path().join("out/hashed");
+    let marker = dir.path().join("reloaded");
+    let args = |extra: &[&str]| {
+        let mut v = vec![
+            "render",
+            "--source",
+            s(&src),
+            "--output",
+            s(&pem),
+            "--hashed-dir",
+            s(&hashed),
+            "--exec",
+        ];
+        let exec = format!("touch {}", s(&marker));
+        let mut out: Vec<String> = v.drain(..).map(str::to_owned).collect();
+        out.push(exec);
+        out.extend(extra.iter().map(|a| (*a).to_owned()));
+        out
+    };
+    let run_args = |extra: &[&str]| {
+        let owned = args(extra);
+        let refs: Vec<&str> = owned.iter().map(String::as_str).collect();
+        run(&refs)
+    };
+    let out = run_args(&["--dry-run"]);
+    out.expect_code(0);
+    assert!(
+        out.stdout.contains(&format!("would change: {}", s(&pem))),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout
+            .contains(&format!("would change: {}", s(&hashed))),
+        "{}",
+        out.stdout
+    );
+    assert!(!pem.exists() && !hashed.exists() && !marker.exists());
+
+    run_args(&[]).expect_code(0);
+    let before = fs::read(&pem).expect("pem");
+    let out = run_args(&["--dry-run"]);
+    out.expect_code(0);
+    assert!(
+        out.stdout.contains(&format!("unchanged: {}", s(&pem))),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains(&format!("unchanged: {}", s(&hashed))),
+        "{}",
+        out.stdout
+    );
+
+    // A bad source: exit 1, the output untouched.
+    fs::write(&src, "-----BEGIN CERTIFICATE-----\nAAAA\n").expect("garbage");
+    run_args(&["--dry-run"]).expect_code(1);
+    assert_eq!(fs::read(&pem).expect("pem"), before);
+    // --dry-run and --reload together make no sense: a usage error.
+    run_args(&["--dry-run", "--reload"]).expect_code(2);
+    assert!(!marker.exists(), "a dry run reloaded");
 }

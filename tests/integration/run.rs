@@ -330,6 +330,7 @@ fn a_failing_http_reload_is_retried_while_a_later_change_still_renders() {
 #[test]
 fn pid_file_naming_a_dead_pid_is_retried_until_the_app_is_back() {
     let dir = tempfile::tempdir().expect("tempdir");
+    let _dump = crate::support::DumpLogsOnFailure(dir.path().to_path_buf());
     let a = Ca::new("Dead A");
     let src = write(&dir.path().join("src"), "ca.pem", a.pem());
     let output = dir.path().join("ca.pem");

@@ -2,13 +2,16 @@
 //! platforms that run them, and every anchorage configuration they embed
 //! loaded and rendered by the real binary.
 //!
-//! - `k8s-examples/`: every object against the Kubernetes schemas of
-//!   releases with native sidecars (`kubernetes-validate --strict`); the
-//!   trust-manager `Bundle`, a CRD those schemas lack, against a JSON schema
-//!   written from its CRD (`jsonschema`); and the shape every example
-//!   promises (a hardened native sidecar, probes that reach `--listen`,
-//!   outputs on a volume the app mounts, the app's uid where a signal is
-//!   sent, no subPath anywhere).
+//! - `k8s-examples/`: every object against the Kubernetes schemas of each
+//!   release its file says it needs or later (`kubernetes-validate
+//!   --strict`, 1.30, 1.33 and 1.37); the trust-manager `Bundle`, a CRD
+//!   those schemas lack, against a JSON schema written from its CRD
+//!   (`jsonschema`); the MutatingAdmissionPolicy applied to the workloads
+//!   it matches, as the API server would (CEL by cel-python, then a
+//!   server-side-apply merge), so that the injected sidecar passes the same
+//!   checks; and the shape every example promises (a hardened native
+//!   sidecar, probes that reach `--listen`, outputs on a volume the app
+//!   mounts, the app's uid where a signal is sent, no subPath anywhere).
 //! - `docker/`: the Dockerfiles with hadolint, the systemd unit with
 //!   `systemd-analyze verify` (skipped, with a note, where it cannot run),
 //!   `compose.yaml` against the Compose Specification's schema.
@@ -29,11 +32,42 @@ use tempfile::TempDir;
 use crate::support::pki::{Ca, Leaf};
 use crate::support::{Outcome, anchorage, s};
 
-/// The Kubernetes releases every example must validate against: 1.30 (native
+/// The Kubernetes releases the examples are validated against: 1.30 (native
 /// sidecars are beta and on by default since 1.29; kubernetes-validate's 1.30
-/// schemas carry `restartPolicy` on init containers) and 1.33, where native
-/// sidecars are stable.
-const KUBERNETES_VERSIONS: &[&str] = &["1.30.0", "1.33.0"];
+/// schemas carry `restartPolicy` on init containers), 1.33, where native
+/// sidecars are stable, and 1.37 (ClusterTrustBundle and podCertificate
+/// projections GA; MutatingAdmissionPolicy v1 since 1.36). Each file is
+/// validated against every one of them at or above the release its header
+/// says it needs ("Needs Kubernetes >= 1.37").
+const KUBERNETES_VERSIONS: &[&str] = &["1.30.0", "1.33.0", "1.37.0"];
+
+/// The release a manifest says it needs, from its header.
+fn needs(file: &Path) -> (u32, u32) {
+    let text = fs::read_to_string(file).expect("manifest");
+    let version = text
+        .lines()
+        .take_while(|l| l.starts_with('#'))
+        .find_map(|l| l.split("Needs Kubernetes >= ").nth(1))
+        .unwrap_or_else(|| {
+            panic!(
+                "{}: no \"Needs Kubernetes >= X.Y\" in its header",
+                rel(file)
+            )
+        });
+    release(version.split_whitespace().next().unwrap_or_default())
+}
+
+/// "1.37" or "1.37.0" as (1, 37).
+fn release(text: &str) -> (u32, u32) {
+    let mut parts = text.trim_end_matches(['.', ',', ')']).split('.');
+    let mut next = || {
+        parts
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("a release X.Y")
+    };
+    (next(), next())
+}
 
 /// The API group of the one CRD the examples use (trust-manager's Bundle).
 const TRUST_MANAGER: &str = "trust.cert-manager.io/";
@@ -109,6 +143,8 @@ fn python(what: &str, script: &str, args: &[&OsStr]) -> Outcome {
 struct Doc {
     file: PathBuf,
     doc: Value,
+    /// A MutatingAdmissionPolicy of the examples changed it (see [`admitted`]).
+    injected: bool,
 }
 
 impl Doc {
@@ -145,8 +181,127 @@ json.dump(out, sys.stdout)
         .map(|d| Doc {
             file: PathBuf::from(d["file"].as_str().expect("file")),
             doc: d["doc"].clone(),
+            injected: false,
         })
         .collect()
+}
+
+// ---------------------------------------------------------------------------
+// Admission: the MutatingAdmissionPolicy of the examples, applied
+
+/// Runs the examples' MutatingAdmissionPolicies over `pods` as the API
+/// server would (tests/integration/support/mutating_admission.py): for each
+/// pod, the mutated pod, or `None` when no policy matched it.
+fn admit(docs: &[Doc], pods: &[Value]) -> Vec<Option<Value>> {
+    let script = repo().join("tests/integration/support/mutating_admission.py");
+    let mut results: Vec<Option<Value>> = vec![None; pods.len()];
+    for policy in docs
+        .iter()
+        .filter(|d| d.kind() == "MutatingAdmissionPolicy")
+    {
+        let binding = docs
+            .iter()
+            .find(|d| {
+                d.kind() == "MutatingAdmissionPolicyBinding"
+                    && d.doc["spec"]["policyName"].as_str() == Some(policy.name())
+            })
+            .unwrap_or_else(|| panic!("{}: no binding", policy.at()));
+        // A pod another policy already changed is what this one sees.
+        let current: Vec<Value> = pods
+            .iter()
+            .zip(&results)
+            .map(|(pod, done)| done.clone().unwrap_or_else(|| pod.clone()))
+            .collect();
+        let request = serde_json::json!({
+            "policy": policy.doc,
+            "binding": binding.doc,
+            "pods": current,
+        });
+        let mut child = Command::new("python3")
+            .arg(&script)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3");
+        std::io::Write::write_all(
+            child.stdin.as_mut().expect("stdin"),
+            request.to_string().as_bytes(),
+        )
+        .expect("write request");
+        drop(child.stdin.take());
+        let out = Outcome::of(child.wait_with_output().expect("admission"));
+        assert_eq!(
+            out.code,
+            0,
+            "{}: the policy could not be applied (a missing module: run scripts/install-test-deps)\n{}",
+            policy.at(),
+            out.stderr
+        );
+        let mutated: Vec<Value> = serde_json::from_str(&out.stdout).expect("admitted pods");
+        for (slot, pod) in results.iter_mut().zip(mutated) {
+            if !pod.is_null() {
+                *slot = Some(pod);
+            }
+        }
+    }
+    results
+}
+
+/// The pod a workload's template makes, as it reaches admission, with the
+/// labels of its namespace (from a Namespace object of the examples).
+fn pod_of(docs: &[Doc], doc: &Doc) -> Option<Value> {
+    let template = match doc.kind() {
+        "Pod" => return Some(doc.doc.clone()),
+        "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet" | "Job" => {
+            &doc.doc["spec"]["template"]
+        }
+        "CronJob" => &doc.doc["spec"]["jobTemplate"]["spec"]["template"],
+        _ => return None,
+    };
+    let namespace = doc.doc["metadata"]["namespace"]
+        .as_str()
+        .unwrap_or("default");
+    let labels = docs
+        .iter()
+        .find(|d| d.kind() == "Namespace" && d.name() == namespace)
+        .map(|d| d.doc["metadata"]["labels"].clone())
+        .unwrap_or_else(|| serde_json::json!({}));
+    let mut metadata = template["metadata"].clone();
+    metadata["namespace"] = Value::from(namespace);
+    Some(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": metadata,
+        "spec": template["spec"],
+        "__namespace_labels": labels,
+    }))
+}
+
+/// The documents as the API server stores what they create: each workload
+/// whose pods a policy of the examples mutates gets the mutated pod spec in
+/// its template (and is marked `injected`).
+fn admitted(mut docs: Vec<Doc>) -> Vec<Doc> {
+    let workloads: Vec<(usize, Value)> = docs
+        .iter()
+        .enumerate()
+        .filter_map(|(i, d)| pod_of(&docs, d).map(|p| (i, p)))
+        .collect();
+    let pods: Vec<Value> = workloads.iter().map(|(_, p)| p.clone()).collect();
+    let results = admit(&docs, &pods);
+    for ((i, _), result) in workloads.into_iter().zip(results) {
+        let Some(pod) = result else { continue };
+        let doc = &mut docs[i];
+        match doc.doc["kind"].as_str().unwrap_or_default() {
+            "Pod" => doc.doc["spec"] = pod["spec"].clone(),
+            "CronJob" => {
+                doc.doc["spec"]["jobTemplate"]["spec"]["template"]["spec"] = pod["spec"].clone()
+            }
+            _ => doc.doc["spec"]["template"]["spec"] = pod["spec"].clone(),
+        }
+        doc.injected = true;
+    }
+    docs
 }
 
 /// Fails with every problem found, not just the first.
@@ -164,22 +319,44 @@ fn assert_none(problems: &[String], what: &str) {
 
 #[test]
 fn kubernetes_manifests_pass_the_kubernetes_schemas() {
-    let files = k8s_yaml();
-    let docs = load_yaml(&files);
-    let crds = docs
-        .iter()
-        .filter(|d| {
-            d.doc["apiVersion"]
-                .as_str()
-                .is_some_and(|v| v.starts_with(TRUST_MANAGER))
-        })
-        .count();
+    let all = k8s_yaml();
+    // The workloads as admitted (an injected sidecar included), beside the
+    // files, so that what the API server stores is validated too.
+    let tmp = TempDir::new().expect("tempdir");
+    let mut admitted_files = Vec::new();
+    for doc in admitted(load_yaml(&all)).iter().filter(|d| d.injected) {
+        let name = format!("admitted-{}-{}.yaml", doc.kind(), doc.name());
+        let path = tmp.path().join(name);
+        fs::write(&path, doc.doc.to_string()).expect("write admitted");
+        admitted_files.push((path, needs(&doc.file)));
+    }
+    assert!(
+        !admitted_files.is_empty(),
+        "the MutatingAdmissionPolicy example matched no workload"
+    );
     let version = python(
         "kubernetes-validate",
         "from importlib.metadata import version; print(version('kubernetes-validate'))",
         &[],
     );
     for k8s in KUBERNETES_VERSIONS {
+        let at = release(k8s);
+        let mut files: Vec<PathBuf> = all.iter().filter(|f| needs(f) <= at).cloned().collect();
+        files.extend(
+            admitted_files
+                .iter()
+                .filter(|(_, min)| *min <= at)
+                .map(|(f, _)| f.clone()),
+        );
+        let docs = load_yaml(&files);
+        let crds = docs
+            .iter()
+            .filter(|d| {
+                d.doc["apiVersion"]
+                    .as_str()
+                    .is_some_and(|v| v.starts_with(TRUST_MANAGER))
+            })
+            .count();
         let out = tool(
             Command::new("python3")
                 .args([
@@ -214,8 +391,9 @@ fn kubernetes_manifests_pass_the_kubernetes_schemas() {
             "every object but the CRDs must be validated against {k8s}:\n{output}"
         );
         eprintln!(
-            "kubernetes-validate {} --strict -k {k8s}: {passed} objects passed, {crds} CRD object(s) left to the Bundle schema",
-            version.stdout.trim()
+            "kubernetes-validate {} --strict -k {k8s}: {passed} objects of {} files passed, {crds} CRD object(s) left to the Bundle schema",
+            version.stdout.trim(),
+            files.len()
         );
     }
 }
@@ -334,6 +512,10 @@ struct Plan {
     /// Certificates and keys read besides the sources (verify, key pairs).
     reads: Vec<String>,
     outputs: Vec<String>,
+    /// Credential bundles (a key and its chain in one file) read.
+    credential_bundles: Vec<String>,
+    /// Key pairs' split directories: written like outputs, by `run` only.
+    split_dirs: Vec<String>,
     pid_files: Vec<String>,
     signals: bool,
     min_certs: usize,
@@ -398,6 +580,12 @@ fn toml_plan(text: &str) -> Plan {
                 plan.reads.push(path.to_owned());
             }
         }
+        if let Some(path) = pair.get("credential_bundle").and_then(toml::Value::as_str) {
+            plan.credential_bundles.push(path.to_owned());
+        }
+        if let Some(path) = pair.get("split_dir").and_then(toml::Value::as_str) {
+            plan.split_dirs.push(path.to_owned());
+        }
         reloads.extend(
             pair.get("reload")
                 .and_then(toml::Value::as_array)
@@ -430,6 +618,8 @@ fn flag_plan(argv: &[String], env: &[(String, String)]) -> Plan {
             "--source" => plan.sources.push(value()),
             "--output" | "--hashed-dir" => plan.outputs.push(value()),
             "--verify" | "--cert" | "--key" => plan.reads.push(value()),
+            "--credential-bundle" => plan.credential_bundles.push(value()),
+            "--split-dir" => plan.split_dirs.push(value()),
             "--listen" => plan.listen = Some(value()),
             "--min-certs" => plan.min_certs = value().parse().expect("--min-certs"),
             "--pid-file" => {
@@ -643,13 +833,19 @@ fn plumbing_problems(pod: &Value, side: &Value, plan: &Plan) -> Vec<String> {
              listen {listen:?}, probe port {port:?}"
         )),
     }
-    for path in plan.sources.iter().chain(&plan.reads) {
+    for path in plan
+        .sources
+        .iter()
+        .chain(&plan.reads)
+        .chain(&plan.credential_bundles)
+    {
         if volume_at(side, path).is_none() && path != IMAGE_ROOTS {
             problems.push(format!("anchorage reads {path}, which no volume provides"));
         }
     }
-    // Outputs land on a writable emptyDir that an app container mounts.
-    for path in &plan.outputs {
+    // Outputs (and split key pairs) land on a writable emptyDir that an
+    // app container mounts.
+    for path in plan.outputs.iter().chain(&plan.split_dirs) {
         let Some((name, read_only, _)) = volume_at(side, path) else {
             problems.push(format!("output {path} is on no volume"));
             continue;
@@ -738,9 +934,107 @@ fn toml_from_config_map(
         .ok_or_else(|| format!("--config {path}: ConfigMap {map_name} has no key {key:?}"))
 }
 
+/// The policy injects where it is asked to, once, and nowhere else.
+#[test]
+fn the_sidecar_policy_injects_only_into_pods_that_ask() {
+    let files = files_under(&repo().join("k8s-examples/sidecar-injection"), &|n| {
+        n.ends_with(".yaml")
+    });
+    let docs = load_yaml(&files);
+    let workload = docs
+        .iter()
+        .find(|d| d.kind() == "Deployment")
+        .expect("the example workload");
+    let asking = pod_of(&docs, workload).expect("its pod");
+    let variant = |edit: &dyn Fn(&mut Value)| {
+        let mut pod = asking.clone();
+        edit(&mut pod);
+        pod
+    };
+    let label = "anchorage.example.com/inject";
+    let cases = [
+        ("asks", asking.clone()),
+        (
+            "no label",
+            variant(&|p| {
+                p["metadata"]["labels"]
+                    .as_object_mut()
+                    .expect("labels")
+                    .remove(label);
+            }),
+        ),
+        (
+            "a namespace that did not opt in",
+            variant(&|p| p["__namespace_labels"] = serde_json::json!({})),
+        ),
+        (
+            "no source volume named",
+            variant(&|p| {
+                p["metadata"]["annotations"]
+                    .as_object_mut()
+                    .expect("annotations")
+                    .remove("anchorage.example.com/source-volume");
+            }),
+        ),
+        (
+            "no reload asked",
+            variant(&|p| {
+                let annotations = p["metadata"]["annotations"].as_object_mut().expect("a");
+                annotations.remove("anchorage.example.com/process");
+                annotations.remove("anchorage.example.com/signal");
+                annotations.remove("anchorage.example.com/run-as-user");
+            }),
+        ),
+    ];
+    let pods: Vec<Value> = cases.iter().map(|(_, p)| p.clone()).collect();
+    let results = admit(&docs, &pods);
+    let injected: Vec<(&str, bool)> = cases
+        .iter()
+        .zip(&results)
+        .map(|((what, _), r)| (*what, r.is_some()))
+        .collect();
+    assert_eq!(
+        injected,
+        [
+            ("asks", true),
+            ("no label", false),
+            ("a namespace that did not opt in", false),
+            ("no source volume named", false),
+            ("no reload asked", true),
+        ]
+    );
+    let sidecar = |pod: &Value| -> Value {
+        list(&pod["spec"]["initContainers"])
+            .iter()
+            .find(|c| c["name"] == "anchorage")
+            .cloned()
+            .expect("an anchorage init container")
+    };
+    let signalling = results[0].clone().expect("injected");
+    let quiet = results[4].clone().expect("injected");
+    // Signalling: the app's uid and its processes in sight; not signalling:
+    // neither.
+    assert_eq!(signalling["spec"]["shareProcessNamespace"], true);
+    assert_eq!(sidecar(&signalling)["securityContext"]["runAsUser"], 10001);
+    assert!(strs(&sidecar(&signalling)["args"]).contains(&"--process".to_owned()));
+    assert_eq!(quiet["spec"]["shareProcessNamespace"], false);
+    assert_eq!(sidecar(&quiet)["securityContext"]["runAsUser"], 65532);
+    assert!(!strs(&sidecar(&quiet)["args"]).contains(&"--process".to_owned()));
+    // Admitted again (a re-invocation, or a pod with its own anchorage):
+    // left alone, so the app's containers are not mounted twice.
+    let again = admit(&docs, std::slice::from_ref(&signalling));
+    assert!(again[0].is_none(), "the policy matched its own result");
+    let mounts = list(&signalling["spec"]["containers"][0]["volumeMounts"]);
+    assert_eq!(mounts.len(), 1, "{mounts:?}");
+    eprintln!(
+        "MutatingAdmissionPolicy: {} cases admitted as expected",
+        cases.len() + 1
+    );
+}
+
 #[test]
 fn every_example_runs_anchorage_as_a_hardened_native_sidecar() {
-    let docs = load_yaml(&k8s_yaml());
+    let docs = admitted(load_yaml(&k8s_yaml()));
     let mut problems = Vec::new();
     let found = sidecars(&docs, &mut problems);
     assert_none(&problems, "the examples break their promises");
@@ -806,7 +1100,14 @@ fn rebase_toml(root: &Path, text: &str) -> String {
             continue;
         };
         for item in items.iter_mut().filter_map(toml::Value::as_table_mut) {
-            for key in ["sources", "verify", "cert", "key"] {
+            for key in [
+                "sources",
+                "verify",
+                "cert",
+                "key",
+                "credential_bundle",
+                "split_dir",
+            ] {
                 move_key(item, key);
             }
             for sub in ["output", "reload"] {
@@ -852,6 +1153,12 @@ fn lay_fixtures(plan: &Plan) {
         };
         fs::write(path, pem).expect("write");
     }
+    // As a podCertificate projection writes it: the key, then the chain.
+    for bundle in &plan.credential_bundles {
+        let path = Path::new(bundle);
+        fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        fs::write(path, leaf.key.serialize_pem() + &leaf.cert.pem()).expect("write");
+    }
 }
 
 /// Renders `config` once against temp paths: the configuration must load
@@ -881,6 +1188,8 @@ fn render_rebased(at: &str, config: &Config) {
                         | "--verify"
                         | "--cert"
                         | "--key"
+                        | "--credential-bundle"
+                        | "--split-dir"
                         | "--pid-file"
                         | "--state-dir"
                 );
@@ -927,7 +1236,7 @@ fn render_rebased(at: &str, config: &Config) {
 
 #[test]
 fn every_embedded_configuration_loads_and_renders() {
-    let docs = load_yaml(&k8s_yaml());
+    let docs = admitted(load_yaml(&k8s_yaml()));
     // The shape is the test above's business: here, only the configurations.
     let mut problems = Vec::new();
     let mut configs: Vec<(String, Config)> = sidecars(&docs, &mut problems)
@@ -995,6 +1304,53 @@ fn embedded_app_files_parse() {
             }
         }
     }
+    // The trust material the examples embed is read by anchorage itself:
+    // SPIFFE bundles in ConfigMaps, ClusterTrustBundles' PEM.
+    for doc in &docs {
+        let embedded: Vec<(String, String)> = match doc.kind() {
+            "ConfigMap" => doc.doc["data"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(k, _)| k.ends_with(".spiffe"))
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+                .collect(),
+            "ClusterTrustBundle" => vec![(
+                "trustBundle".into(),
+                doc.doc["spec"]["trustBundle"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            )],
+            _ => continue,
+        };
+        for (key, text) in embedded {
+            let path = tmp.path().join(format!("{}-{key}", doc.name()));
+            fs::write(&path, text).expect("write");
+            let out = Outcome::of(
+                anchorage()
+                    .args(["check", "--json"])
+                    .arg(&path)
+                    .output()
+                    .expect("anchorage check"),
+            );
+            assert_eq!(
+                out.code,
+                0,
+                "{}: {key} is not read by anchorage check\n{}",
+                doc.at(),
+                out.stderr
+            );
+            let reports: Value = serde_json::from_str(&out.stdout).expect("check --json");
+            assert!(
+                list(&reports).iter().all(|r| r["is_ca"] == true) && !list(&reports).is_empty(),
+                "{}: {key} holds something other than CAs: {}",
+                doc.at(),
+                out.stdout
+            );
+            checked += 1;
+        }
+    }
     eprintln!("{checked} embedded app files parsed");
 }
 
@@ -1043,7 +1399,7 @@ fn dockerfiles_pass_hadolint() {
 #[test]
 fn the_systemd_unit_verifies() {
     let unit = fs::read_to_string(repo().join("docker/anchorage.service")).expect("unit");
-    // The contract the unit relies on (PRODUCT.md, observability and `run`).
+    // What the unit relies on (README.md, "Observability" and "Usage").
     for line in [
         "Type=notify",
         "ExecStart=/usr/local/bin/anchorage run --config /etc/anchorage/anchorage.toml",

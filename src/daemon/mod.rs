@@ -1,0 +1,859 @@
+//! The daemon's event loop: sources -> bundle -> outputs -> reload, on every
+//! real change, until shutdown.
+//!
+//! The loop itself never blocks (guarantee 10). It keeps one [`Entry`] per
+//! bundle and key pair and hands their work (reading, parsing, writing,
+//! fsync, state saving) to the blocking pool, one run per target at a time:
+//! a target whose run is in flight stalls only itself, and a change that
+//! arrives meanwhile makes exactly one more run when it returns. Watch
+//! refreshes and SIGHUP's config read go to the blocking pool the same way.
+//!
+//! It wakes on a watch event (debounced: `debounce` after the last event, at
+//! least every `debounce_max` under churn), on the next expiry or not-before
+//! instant (guarantee 7, on the wall clock of [`crate::clock`]), on a failed
+//! write's retry (guarantee 12), on the resync or poll timer, on SIGHUP, on
+//! a finished run, and on shutdown. With nothing to do it sleeps.
+//!
+//! Reload actions are handed to [`crate::reload::Reloader`] workers once
+//! every output of the bundle holds the new content. On shutdown the loop
+//! stops watching and gives in-flight reloads a grace period.
+
+mod target;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{debug, error, info, warn};
+
+use crate::bundle::Bundle;
+use crate::clock::Clock;
+use crate::config::{Config, ConfigError};
+use crate::keypair::{self, KeyPairState};
+use crate::reload::child::ChildHandle;
+use crate::reload::{Probe, Reloader, Request};
+use crate::render::BundleState;
+use crate::source::Source;
+use crate::telemetry::metrics::Metrics;
+use crate::telemetry::status::{Pings, Status};
+use crate::watch::{Change, Routes, Watch, WatchError, WatchPoint, watch_points};
+pub use target::{Kind, Target};
+use target::{Outcome, Work};
+
+/// How the daemon gets a fresh configuration on SIGHUP (it reads a file:
+/// it runs on the blocking pool).
+pub type Reconfigure = Arc<dyn Fn() -> Result<Config, ConfigError> + Send + Sync>;
+
+/// How long in-flight reloads get to finish on shutdown: SIGTERM ends the
+/// daemon within 5 s (guarantee 10).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
+/// How long the first render waits for the watches to be set: what changes
+/// after the watch is set is seen, so reading first would read twice. A
+/// watch set-up that hangs (a stuck filesystem) does not hold renders back.
+const WATCH_FIRST: Duration = Duration::from_secs(1);
+
+/// A failed write is retried after this, doubling up to [`MAX_RETRY`].
+const FIRST_RETRY: Duration = Duration::from_millis(500);
+const MAX_RETRY: Duration = Duration::from_secs(60);
+
+/// Which sources of a target must be read again.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+enum Dirty {
+    #[default]
+    Clean,
+    /// These sources (an empty set: none, only render again).
+    Sources(HashSet<usize>),
+    All,
+}
+
+impl Dirty {
+    fn add(&mut self, other: Dirty) {
+        *self = match (std::mem::take(self), other) {
+            (Dirty::All, _) | (_, Dirty::All) => Dirty::All,
+            (Dirty::Clean, d) | (d, Dirty::Clean) => d,
+            (Dirty::Sources(mut a), Dirty::Sources(b)) => {
+                a.extend(b);
+                Dirty::Sources(a)
+            }
+        };
+    }
+
+    fn source(index: usize) -> Self {
+        Dirty::Sources([index].into())
+    }
+}
+
+/// Per bundle or key pair: its state (away while its run is in flight)
+/// and the loop's bookkeeping.
+#[derive(Debug)]
+struct Entry {
+    kind: Kind,
+    name: String,
+    /// `None` while its run is in flight on the blocking pool.
+    target: Option<Target>,
+    busy_since: Option<Instant>,
+    dirty: Dirty,
+    /// Compare outputs with the disk at the next render (resync).
+    recheck_disk: bool,
+    /// Its first run has not finished: a reload target that does not exist
+    /// yet is skipped, not retried.
+    initial: bool,
+    /// The next render was caused by an expiry: its reload is not held
+    /// back by `min_interval`.
+    urgent: bool,
+    /// The next instant (unix seconds) it changes by itself.
+    next_change: Option<i64>,
+    /// A bundle: rendered once; its last accepted bundle (for `chain_to`).
+    rendered: bool,
+    last: Option<Arc<Bundle>>,
+    refusal: Option<&'static str>,
+    /// A failed write's retry: when, and how many so far.
+    retry: Option<(Instant, u32)>,
+    /// A new configuration that arrived while the run was in flight.
+    reconfigured: Option<Target>,
+    /// Gone from the configuration while its run was in flight.
+    removed: bool,
+}
+
+impl Entry {
+    fn new(target: Target) -> Self {
+        Self {
+            kind: target.kind(),
+            name: target.name().to_owned(),
+            target: Some(target),
+            busy_since: None,
+            dirty: Dirty::All,
+            recheck_disk: false,
+            initial: true,
+            urgent: false,
+            next_change: None,
+            rendered: false,
+            last: None,
+            refusal: None,
+            retry: None,
+            reconfigured: None,
+            removed: false,
+        }
+    }
+
+    fn watch_points(&self, config: &Config) -> Vec<WatchPoint> {
+        match self.kind {
+            Kind::Bundle => config
+                .bundles
+                .iter()
+                .find(|b| b.name == self.name)
+                .map(|b| {
+                    b.sources
+                        .iter()
+                        .enumerate()
+                        .flat_map(|(i, source)| watch_points(i, source))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            Kind::KeyPair => config
+                .keypairs
+                .iter()
+                .find(|k| k.name == self.name)
+                .map(|k| {
+                    k.paths()
+                        .into_iter()
+                        .flat_map(|p| watch_points(0, &Source::Path(p.to_path_buf())))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// Where the watcher is.
+enum WatchSlot {
+    /// Polling: nothing is watched.
+    Off,
+    Idle(Box<Watch>),
+    /// Its refresh runs on the blocking pool.
+    Busy,
+}
+
+/// A run that came back from the blocking pool.
+struct Finished {
+    id: u64,
+    target: Target,
+    outcome: Outcome,
+}
+
+/// A watch refresh that came back: the watcher, the entry ids its bundle
+/// indices stand for, and the targets that gained a watch.
+type Refreshed = (Box<Watch>, Vec<u64>, Result<HashSet<usize>, WatchError>);
+
+/// Why the daemon could not start.
+#[derive(Debug)]
+pub enum StartError {
+    Watch(WatchError),
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Watch(e) => write!(f, "cannot watch the sources: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for StartError {}
+
+pub struct Daemon {
+    config: Config,
+    entries: BTreeMap<u64, Entry>,
+    next_id: u64,
+    clock: Clock,
+    watch: WatchSlot,
+    /// Who each watched directory's events concern, and the entry ids the
+    /// routes' indices stand for (a snapshot kept while a refresh runs).
+    routes: Routes,
+    route_ids: Vec<u64>,
+    overflow: Arc<AtomicBool>,
+    /// A refresh was asked for while one ran, or the watch set changed.
+    rewatch: bool,
+    events: mpsc::Receiver<Change>,
+    /// Events seen but not debounced yet.
+    pending: HashMap<u64, Dirty>,
+    reloader: Reloader,
+    metrics: Arc<Metrics>,
+    status: Arc<Status>,
+    pings: Pings,
+    reconfigure: Reconfigure,
+    done: (
+        mpsc::UnboundedSender<Finished>,
+        mpsc::UnboundedReceiver<Finished>,
+    ),
+    refreshed: (
+        mpsc::UnboundedSender<Refreshed>,
+        mpsc::UnboundedReceiver<Refreshed>,
+    ),
+    /// Held until the watches are set (or [`WATCH_FIRST`] passed).
+    hold_renders: bool,
+}
+
+impl Daemon {
+    /// Starts the watcher (nothing is watched, read or rendered until
+    /// [`Daemon::run`]).
+    pub fn new(
+        config: Config,
+        reconfigure: Reconfigure,
+        metrics: Arc<Metrics>,
+        (status, pings): (Arc<Status>, Pings),
+        child: ChildHandle,
+        clock: Clock,
+    ) -> Result<Self, StartError> {
+        let (tx, events) = mpsc::channel(4096);
+        let (watch, overflow) = match config.daemon.poll {
+            Some(_) => (WatchSlot::Off, Arc::default()),
+            None => {
+                let watch = Watch::new(tx).map_err(StartError::Watch)?;
+                let overflow = watch.overflow_flag();
+                (WatchSlot::Idle(Box::new(watch)), overflow)
+            }
+        };
+        let mut daemon = Self {
+            config: config.clone(),
+            entries: BTreeMap::new(),
+            next_id: 0,
+            clock,
+            watch,
+            routes: Routes::default(),
+            route_ids: Vec::new(),
+            overflow,
+            rewatch: true,
+            events,
+            pending: HashMap::new(),
+            reloader: Reloader::new(metrics.clone(), child),
+            metrics,
+            status,
+            pings,
+            reconfigure,
+            done: mpsc::unbounded_channel(),
+            refreshed: mpsc::unbounded_channel(),
+            hold_renders: true,
+        };
+        daemon.apply(config);
+        Ok(daemon)
+    }
+
+    /// Renders once, then renders and reloads on every change until
+    /// `shutdown` resolves.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let mut hangup =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        let (reread_tx, mut reread_rx) = mpsc::unbounded_channel();
+
+        self.start_rewatch();
+        let watch_first = Instant::now() + WATCH_FIRST;
+        if matches!(self.watch, WatchSlot::Off) {
+            self.hold_renders = false;
+        }
+        self.dispatch();
+
+        let mut wall = self.clock.timer();
+        let mut burst: Option<(Instant, Instant)> = None; // (first, last) event
+        let mut resync_at = self.config.daemon.resync.map(|d| Instant::now() + d);
+        let mut poll_at = self.config.daemon.poll.map(|d| Instant::now() + d);
+        loop {
+            let debounce_at = burst.map(|(first, last)| {
+                (last + self.config.daemon.debounce).min(first + self.config.daemon.debounce_max)
+            });
+            let expiry_at = self.entries.values().filter_map(|e| e.next_change).min();
+            // Only an idle, clean entry waits for its retry: once marked or
+            // running, the retry is under way.
+            let retry_at = self
+                .entries
+                .values()
+                .filter(|e| e.target.is_some() && e.dirty == Dirty::Clean)
+                .filter_map(|e| e.retry.map(|(at, _)| at))
+                .min();
+            let held_until = self.hold_renders.then_some(watch_first);
+            tokio::select! {
+                biased;
+                () = &mut shutdown => {
+                    info!("shutting down");
+                    break;
+                }
+                Some(finished) = self.done.1.recv() => self.finished(finished),
+                Some((watch, ids, result)) = self.refreshed.1.recv() => self.refreshed(watch, ids, result),
+                Some(change) = self.events.recv() => {
+                    self.note(change);
+                    // Everything already queued belongs to the same burst.
+                    while let Ok(change) = self.events.try_recv() {
+                        self.note(change);
+                    }
+                    if self.pending.is_empty() {
+                        continue;
+                    }
+                    let now = Instant::now();
+                    burst = Some((burst.map_or(now, |(first, _)| first), now));
+                    if self.config.daemon.debounce.is_zero() {
+                        burst = None;
+                        self.settle();
+                    }
+                }
+                () = sleep_until(debounce_at) => {
+                    burst = None;
+                    self.settle();
+                }
+                () = wall.wait(expiry_at) => {
+                    let now = self.clock.now();
+                    for entry in self.entries.values_mut() {
+                        if entry.next_change.is_some_and(|t| t <= now) {
+                            entry.next_change = None;
+                            entry.urgent = true;
+                            entry.dirty.add(Dirty::Sources(HashSet::new()));
+                        }
+                    }
+                }
+                () = sleep_until(retry_at) => {
+                    let now = Instant::now();
+                    for entry in self.entries.values_mut() {
+                        if entry.retry.is_some_and(|(at, _)| at <= now) {
+                            entry.dirty.add(Dirty::Sources(HashSet::new()));
+                        }
+                    }
+                }
+                () = sleep_until(held_until) => self.hold_renders = false,
+                () = sleep_until(resync_at) => {
+                    // Compare with the disk again: repairs an output changed
+                    // behind our back.
+                    for entry in self.entries.values_mut() {
+                        entry.recheck_disk = true;
+                    }
+                    self.mark_all();
+                    resync_at = self.config.daemon.resync.map(|d| Instant::now() + d);
+                }
+                () = sleep_until(poll_at) => {
+                    self.mark_all();
+                    poll_at = self.config.daemon.poll.map(|d| Instant::now() + d);
+                }
+                Some(reply) = self.pings.recv() => {
+                    let _ = reply.send(());
+                    continue;
+                }
+                Some(()) = recv_signal(&mut hangup) => {
+                    let reconfigure = self.reconfigure.clone();
+                    let tx = reread_tx.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let _ = tx.send(reconfigure());
+                    });
+                }
+                Some(result) = reread_rx.recv() => {
+                    match result {
+                        Ok(config) => {
+                            info!("SIGHUP: configuration re-read");
+                            self.apply(config);
+                            resync_at = self.config.daemon.resync.map(|d| Instant::now() + d);
+                            poll_at = self.config.daemon.poll.map(|d| Instant::now() + d);
+                        }
+                        Err(e) => error!(error = %e,
+                            "SIGHUP: the new configuration is invalid; keeping the running one"),
+                    }
+                }
+            }
+            if self.overflow.swap(false, Ordering::Relaxed) {
+                warn!("watch events were dropped; re-reading every source");
+                self.mark_all();
+            }
+            self.start_rewatch();
+            self.dispatch();
+        }
+        // Stop watching, then let in-flight reloads finish.
+        self.watch = WatchSlot::Off;
+        self.reloader.close(Some(SHUTDOWN_GRACE)).await;
+    }
+
+    /// Takes a configuration: new bundles and key pairs get an entry, those
+    /// still configured keep their state (same bytes at the same path: no
+    /// rewrite, no reload), those gone are dropped.
+    fn apply(&mut self, config: Config) {
+        let state_dir = config.daemon.state_dir.clone();
+        let mut wanted: Vec<Target> = config
+            .bundles
+            .iter()
+            .cloned()
+            .map(|c| Target::Bundle(Box::new(BundleState::new(c, state_dir.as_deref()))))
+            .chain(
+                config
+                    .keypairs
+                    .iter()
+                    .cloned()
+                    .map(|c| Target::KeyPair(Box::new(KeyPairState::new(c)))),
+            )
+            .collect();
+        let keep: HashSet<(Kind, String)> = wanted
+            .iter()
+            .map(|t| (t.kind(), t.name().to_owned()))
+            .collect();
+        self.entries.retain(|_, entry| {
+            if keep.contains(&(entry.kind, entry.name.clone())) {
+                return true;
+            }
+            // In flight: dropped when it comes back.
+            entry.removed = true;
+            entry.target.is_none()
+        });
+        for fresh in wanted.drain(..) {
+            let existing = self
+                .entries
+                .values_mut()
+                .find(|e| e.kind == fresh.kind() && e.name == fresh.name() && !e.removed);
+            match existing {
+                Some(entry) => {
+                    match &mut entry.target {
+                        Some(target) => reconfigure_target(target, fresh),
+                        None => entry.reconfigured = Some(fresh),
+                    }
+                    entry.dirty = Dirty::All;
+                }
+                None => {
+                    self.entries.insert(self.next_id, Entry::new(fresh));
+                    self.next_id += 1;
+                }
+            }
+        }
+        let specs: Vec<_> = config
+            .bundles
+            .iter()
+            .flat_map(|b| &b.reloads)
+            .chain(config.keypairs.iter().flat_map(|k| &k.reloads))
+            .collect();
+        self.reloader.retain(&specs);
+        self.config = config;
+        self.rewatch = true;
+    }
+
+    /// A watch event: the sources it concerns wait for the debounce.
+    fn note(&mut self, change: Change) {
+        self.metrics.watch_events.inc();
+        match change {
+            Change::Paths(paths) if !matches!(self.watch, WatchSlot::Off) => {
+                let mut hit = HashSet::new();
+                for path in &paths {
+                    self.rewatch |= self.routes.bundles_for(path, &mut hit);
+                }
+                for (index, source) in hit {
+                    if let Some(id) = self.route_ids.get(index) {
+                        self.pending
+                            .entry(*id)
+                            .or_default()
+                            .add(Dirty::source(source));
+                    }
+                }
+            }
+            _ => {
+                self.rewatch = true;
+                for id in self.entries.keys() {
+                    self.pending.insert(*id, Dirty::All);
+                }
+            }
+        }
+    }
+
+    /// The debounce is over: what the events concerned is to be read.
+    fn settle(&mut self) {
+        for (id, dirty) in self.pending.drain() {
+            if let Some(entry) = self.entries.get_mut(&id) {
+                entry.dirty.add(dirty);
+            }
+        }
+    }
+
+    /// Marks everything to be read again; the watches are checked too.
+    fn mark_all(&mut self) {
+        self.rewatch = true;
+        for entry in self.entries.values_mut() {
+            entry.dirty = Dirty::All;
+        }
+    }
+
+    /// Starts the run of every dirty target that is not already running.
+    /// Bundles first: a key pair may chain to one that is about to change.
+    fn dispatch(&mut self) {
+        if self.hold_renders {
+            return;
+        }
+        let now = self.clock.now();
+        let ready: Vec<u64> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.target.is_some() && e.dirty != Dirty::Clean)
+            .map(|(id, _)| *id)
+            .collect();
+        let mut started = false;
+        for kind in [Kind::Bundle, Kind::KeyPair] {
+            for id in &ready {
+                if self.entries.get(id).is_some_and(|e| e.kind == kind) {
+                    started |= self.start(*id, now);
+                }
+            }
+        }
+        if started {
+            self.publish_busy();
+        }
+    }
+
+    /// Starts the run of entry `id`; returns whether it did.
+    fn start(&mut self, id: u64, now: i64) -> bool {
+        let work = {
+            let Some(entry) = self.entries.get(&id) else {
+                return false;
+            };
+            match entry.kind {
+                Kind::Bundle => Work::Render {
+                    only: match &entry.dirty {
+                        Dirty::All | Dirty::Clean => None,
+                        Dirty::Sources(s) => Some(s.clone()),
+                    },
+                    recheck_disk: entry.recheck_disk,
+                },
+                Kind::KeyPair => {
+                    let chain = match &entry.target {
+                        Some(Target::KeyPair(k)) => k.config.chain_to.clone(),
+                        _ => None,
+                    };
+                    let chain_to = chain.as_ref().and_then(|name| {
+                        self.entries
+                            .values()
+                            .find(|e| e.kind == Kind::Bundle && &e.name == name)
+                            .and_then(|e| e.last.clone())
+                    });
+                    if chain.is_some() && chain_to.is_none() {
+                        warn!(keypair = %entry.name,
+                            "held: the bundle it must chain to has not rendered yet");
+                        if let Some(entry) = self.entries.get_mut(&id) {
+                            entry.dirty = Dirty::Clean;
+                        }
+                        return false;
+                    }
+                    Work::Check { chain_to }
+                }
+            }
+        };
+        let Some(entry) = self.entries.get_mut(&id) else {
+            return false;
+        };
+        let Some(mut target) = entry.target.take() else {
+            return false;
+        };
+        debug!(name = %entry.name, kind = ?entry.kind, ?work, "run started");
+        entry.dirty = Dirty::Clean;
+        entry.recheck_disk = false;
+        entry.busy_since = Some(Instant::now());
+        let metrics = self.metrics.clone();
+        let done = self.done.0.clone();
+        tokio::task::spawn_blocking(move || {
+            let outcome = target::run(&mut target, work, now, &metrics);
+            let _ = done.send(Finished {
+                id,
+                target,
+                outcome,
+            });
+        });
+        true
+    }
+
+    /// A run came back: its outcome is recorded and its reloads requested.
+    fn finished(
+        &mut self,
+        Finished {
+            id,
+            target,
+            outcome,
+        }: Finished,
+    ) {
+        let Some(entry) = self.entries.get_mut(&id) else {
+            return;
+        };
+        if entry.removed {
+            self.entries.remove(&id);
+            self.publish_busy();
+            return;
+        }
+        entry.busy_since = None;
+        let initial = std::mem::replace(&mut entry.initial, false);
+        let urgent = std::mem::take(&mut entry.urgent);
+        let mut target = target;
+        let mut chained_changed = None;
+        match outcome {
+            Outcome::Rendered(Ok(report)) => {
+                entry.refusal = None;
+                entry.next_change = report.next_change;
+                if report.failed.is_empty() {
+                    entry.retry = None;
+                    let first = !entry.rendered;
+                    entry.rendered = true;
+                    let changed = report
+                        .previous
+                        .as_ref()
+                        .is_none_or(|p| **p != *report.bundle);
+                    entry.last = Some(report.bundle.clone());
+                    if changed || first {
+                        chained_changed = Some(entry.name.clone());
+                    }
+                } else {
+                    entry.refusal = Some("output");
+                    let attempt = entry.retry.map_or(1, |(_, n)| n + 1);
+                    let wait = FIRST_RETRY
+                        .saturating_mul(1 << (attempt - 1).min(8))
+                        .min(MAX_RETRY);
+                    entry.retry = Some((Instant::now() + wait, attempt));
+                }
+                if let (Some(outputs), Target::Bundle(state)) = (&report.reload, &target) {
+                    for spec in &state.config.reloads {
+                        self.reloader.request(
+                            spec,
+                            Request {
+                                names: [entry.name.clone()].into(),
+                                outputs: outputs.clone(),
+                                startup: initial,
+                                urgent,
+                                ..Request::default()
+                            },
+                        );
+                    }
+                }
+            }
+            Outcome::Rendered(Err(refusal)) => {
+                entry.next_change = None;
+                entry.refusal = Some(refusal.reason());
+            }
+            Outcome::Checked(result) => {
+                if let Target::KeyPair(pair) = &target {
+                    entry.next_change = pair.next_change;
+                    if matches!(result, keypair::Outcome::Held(_)) {
+                        self.metrics.refused(&entry.name, "keypair");
+                    }
+                    request_keypair_reloads(&mut self.reloader, pair, result, urgent);
+                }
+            }
+        }
+        if let Some(fresh) = entry.reconfigured.take() {
+            reconfigure_target(&mut target, fresh);
+            entry.dirty = Dirty::All;
+        }
+        entry.target = Some(target);
+        // Key pairs that chain to a bundle that changed are checked again.
+        if let Some(bundle) = chained_changed {
+            for e in self.entries.values_mut() {
+                let chains = matches!(&e.target, Some(Target::KeyPair(k))
+                    if k.config.chain_to.as_deref() == Some(bundle.as_str()))
+                    || matches!(&e.reconfigured, Some(Target::KeyPair(k))
+                    if k.config.chain_to.as_deref() == Some(bundle.as_str()));
+                if e.kind == Kind::KeyPair && (chains || e.target.is_none()) {
+                    e.dirty.add(Dirty::All);
+                }
+            }
+        }
+        self.publish_busy();
+        let started = self.entries.values().all(|e| !e.initial);
+        let ready = self
+            .entries
+            .values()
+            .filter(|e| e.kind == Kind::Bundle)
+            .all(|e| e.rendered);
+        self.status.rendered(started, ready, self.summary());
+    }
+
+    /// Tells the health endpoints which runs are in flight, and since when.
+    fn publish_busy(&self) {
+        let busy = self
+            .entries
+            .values()
+            .filter_map(|e| e.busy_since.map(|since| (e.name.clone(), since.into_std())))
+            .collect();
+        self.status.set_busy(busy);
+    }
+
+    /// One line for systemd's STATUS=: each bundle and its state.
+    fn summary(&self) -> String {
+        self.entries
+            .values()
+            .filter(|e| e.kind == Kind::Bundle)
+            .map(|e| match (&e.last, &e.refusal) {
+                (_, Some(reason)) => format!("{}: refused ({reason})", e.name),
+                (Some(bundle), None) => format!("{}: {} certificates", e.name, bundle.len()),
+                (None, None) => format!("{}: not rendered", e.name),
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    /// Starts a watch refresh on the blocking pool if one is due and none
+    /// runs; the routes in use stay until it comes back.
+    fn start_rewatch(&mut self) {
+        if !self.rewatch {
+            return;
+        }
+        let WatchSlot::Idle(_) = &self.watch else {
+            if matches!(self.watch, WatchSlot::Off) {
+                self.rewatch = false;
+            }
+            return;
+        };
+        let WatchSlot::Idle(mut watch) = std::mem::replace(&mut self.watch, WatchSlot::Busy) else {
+            return;
+        };
+        self.rewatch = false;
+        let ids: Vec<u64> = self.entries.keys().copied().collect();
+        let wanted: Vec<Vec<WatchPoint>> = self
+            .entries
+            .values()
+            .map(|e| e.watch_points(&self.config))
+            .collect();
+        let tx = self.refreshed.0.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = watch.set(wanted);
+            let _ = tx.send((watch, ids, result));
+        });
+    }
+
+    /// A refresh came back: its routes replace the old ones, and targets
+    /// that gained a watch are read again (what changed before the watch
+    /// existed was not seen).
+    fn refreshed(
+        &mut self,
+        watch: Box<Watch>,
+        ids: Vec<u64>,
+        result: Result<HashSet<usize>, WatchError>,
+    ) {
+        let first = self.route_ids.is_empty() && self.hold_renders;
+        self.routes = watch.routes();
+        self.route_ids = ids;
+        info!(directories = watch.len(), "watching");
+        self.watch = WatchSlot::Idle(watch);
+        match result {
+            Ok(gained) if !first => {
+                for index in gained {
+                    let id = self.route_ids.get(index).copied();
+                    if let Some(entry) = id.and_then(|id| self.entries.get_mut(&id)) {
+                        entry.dirty.add(Dirty::All);
+                    }
+                }
+            }
+            Ok(_) => {}
+            Err(e) => error!(error = %e,
+                "watching is incomplete; changes may be seen only at the next resync"),
+        }
+        self.hold_renders = false;
+    }
+}
+
+/// A new configuration for a target of the same name: a bundle keeps what
+/// it published and retained; a key pair keeps the pair it accepted.
+fn reconfigure_target(target: &mut Target, fresh: Target) {
+    match (target, fresh) {
+        (Target::Bundle(state), Target::Bundle(fresh)) => state.reconfigure(fresh.config),
+        (Target::KeyPair(pair), Target::KeyPair(fresh)) => pair.config = fresh.config,
+        (target, fresh) => *target = fresh,
+    }
+}
+
+/// A key pair's check: a real change reloads (at start, only where a
+/// probe shows the app serving another certificate).
+fn request_keypair_reloads(
+    reloader: &mut Reloader,
+    pair: &KeyPairState,
+    outcome: keypair::Outcome,
+    urgent: bool,
+) {
+    let name = &pair.config.name;
+    match outcome {
+        keypair::Outcome::Unchanged => {
+            debug!(keypair = %name, held = ?pair.held, "key pair checked; nothing new");
+        }
+        keypair::Outcome::Held(reason) => {
+            warn!(keypair = %name, reason = %reason, "key pair held; no reload");
+        }
+        keypair::Outcome::Changed { first } => {
+            let Some(accepted) = &pair.accepted else {
+                return;
+            };
+            info!(keypair = %name, certificate = %keypair::describe(accepted), first,
+                outcome = if first { "loaded" } else { "changed" }, "key pair checked");
+            for spec in &pair.config.reloads {
+                if first && !matches!(spec.probe, Some(Probe::Tls(_))) {
+                    continue;
+                }
+                reloader.request(
+                    spec,
+                    Request {
+                        names: [name.clone()].into(),
+                        outputs: pair.config.outputs().into_iter().collect(),
+                        startup: first,
+                        expect: Some(accepted.leaf.clone()),
+                        only_if_stale: first,
+                        urgent,
+                    },
+                );
+            }
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn recv_signal(signal: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
+    match signal {
+        Some(s) => s.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests;

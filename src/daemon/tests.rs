@@ -1,0 +1,234 @@
+//! The daemon's timing on tokio's paused clock: expiry, retention and
+//! not-before holds are tested in virtual hours, not real seconds. Files and
+//! inotify are real; only time is not.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+use tokio::sync::oneshot;
+
+use super::*;
+use crate::cli::Flags;
+
+/// A self-signed CA valid from `from` to `until` (unix seconds), as PEM.
+fn ca(name: &str, from: i64, until: i64) -> String {
+    let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.not_before = time::OffsetDateTime::from_unix_timestamp(from).expect("time");
+    params.not_after = time::OffsetDateTime::from_unix_timestamp(until).expect("time");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let key = KeyPair::generate().expect("key");
+    params.self_signed(&key).expect("sign").pem()
+}
+
+fn certificates(path: &Path) -> usize {
+    std::fs::read_to_string(path)
+        .map(|t| t.matches("BEGIN CERTIFICATE").count())
+        .unwrap_or(0)
+}
+
+/// A daemon on `flags`, on a virtual clock that reads `start` now.
+struct Running {
+    metrics: Arc<Metrics>,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    fn start(flags: Flags, start: i64) -> Self {
+        let config = Config::load(&flags, false).expect("config");
+        let (status, pings) = Status::new();
+        let metrics = Arc::new(Metrics::new());
+        let daemon = Daemon::new(
+            config,
+            Arc::new(|| {
+                Err(ConfigError {
+                    file: None,
+                    line: None,
+                    key: "test".into(),
+                    message: "no reload in tests".into(),
+                })
+            }),
+            metrics.clone(),
+            (status, pings),
+            ChildHandle::default(),
+            Clock::starting_at(start),
+        )
+        .expect("daemon");
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(daemon.run(async {
+            let _ = stopped.await;
+        }));
+        Self {
+            metrics,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = self.task.await;
+    }
+}
+
+/// Waits (on tokio's clock) until `check` holds; the virtual seconds it took.
+async fn until(what: &str, check: impl Fn() -> bool) -> Duration {
+    let started = tokio::time::Instant::now();
+    for _ in 0..20_000 {
+        if check() {
+            return started.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("never: {what}");
+}
+
+/// Waits in real time (on the blocking pool, which holds tokio's paused
+/// clock still) until `check` holds: for what comes from outside tokio, an
+/// inotify event, which paused time would otherwise jump past.
+async fn real_until(what: &str, check: impl Fn() -> bool) {
+    for _ in 0..1_000 {
+        if check() {
+            return;
+        }
+        tokio::task::spawn_blocking(|| std::thread::sleep(Duration::from_millis(10)))
+            .await
+            .expect("sleep");
+    }
+    panic!("never: {what}");
+}
+
+fn real_now() -> i64 {
+    Clock::System.now()
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_expiring_ca_leaves_within_a_second_of_its_expiry() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let now = real_now();
+    let expires = now + 3 * 3600;
+    std::fs::write(
+        dir.path().join("ca.pem"),
+        ca("Lasting", now - 60, now + 86_400 * 365) + &ca("Expiring", now - 60, expires),
+    )
+    .expect("write");
+    let output = dir.path().join("out.pem");
+    let flags = Flags {
+        sources: vec![dir.path().join("ca.pem").display().to_string()],
+        outputs: vec![output.clone()],
+        debounce: Some(Duration::ZERO),
+        ..Flags::default()
+    };
+    let clock = Clock::starting_at(now);
+    let daemon = Running::start(flags, now);
+    until("both CAs rendered", || certificates(&output) == 2).await;
+    // Hours pass with no file event; just before the instant it is there...
+    tokio::time::sleep(Duration::from_secs((expires - clock.now() - 1) as u64)).await;
+    assert_eq!(certificates(&output), 2);
+    // ...and from the first second after its notAfter it is gone.
+    let took = until("the expired CA dropped", || certificates(&output) == 1).await;
+    assert!(
+        took <= Duration::from_secs(3),
+        "dropped {took:?} after the second before"
+    );
+    assert!(clock.now() > expires);
+    daemon.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_removed_ca_is_retained_until_its_grace_ends() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let now = real_now();
+    let year = now + 86_400 * 365;
+    let (old, new) = (
+        ca("Old Root", now - 60, year),
+        ca("New Root", now - 60, year),
+    );
+    let source = dir.path().join("src");
+    std::fs::create_dir_all(&source).expect("mkdir");
+    std::fs::write(source.join("old.pem"), &old).expect("write");
+    std::fs::write(source.join("new.pem"), &new).expect("write");
+    let output = dir.path().join("out.pem");
+    let flags = Flags {
+        sources: vec![source.display().to_string()],
+        outputs: vec![output.clone()],
+        debounce: Some(Duration::ZERO),
+        retain_removed: Some(Duration::from_secs(72 * 3600)),
+        ..Flags::default()
+    };
+    let clock = Clock::starting_at(now);
+    let daemon = Running::start(flags, now);
+    until("both rendered", || certificates(&output) == 2).await;
+    let events = daemon.metrics.watch_events.get();
+    std::fs::remove_file(source.join("old.pem")).expect("rm");
+    let removed_at = clock.now();
+    real_until("the removal seen", || {
+        daemon.metrics.watch_events.get() > events
+    })
+    .await;
+    // Removed from the sources, still trusted for 72 hours.
+    tokio::time::sleep(Duration::from_secs(72 * 3600 - 10)).await;
+    assert_eq!(certificates(&output), 2, "dropped before its grace ended");
+    until("the grace ended", || certificates(&output) == 1).await;
+    let gone_after = clock.now() - removed_at;
+    assert!(
+        (72 * 3600..=72 * 3600 + 2).contains(&gone_after),
+        "dropped {gone_after} s after its removal"
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_key_pair_not_valid_yet_is_reloaded_at_its_not_before() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let now = real_now();
+    let valid_from = now + 6 * 3600;
+    let key = KeyPair::generate().expect("key");
+    let mut params = CertificateParams::new(vec!["app.test".to_owned()]).expect("params");
+    params.not_before = time::OffsetDateTime::from_unix_timestamp(valid_from).expect("time");
+    params.not_after = time::OffsetDateTime::from_unix_timestamp(now + 86_400 * 30).expect("time");
+    let cert = params.self_signed(&key).expect("sign");
+    std::fs::write(dir.path().join("tls.crt"), cert.pem()).expect("write");
+    std::fs::write(dir.path().join("tls.key"), key.serialize_pem()).expect("write");
+    let poke = dir.path().join("dynamic.yml");
+    std::fs::write(&poke, "").expect("write");
+    let flags = Flags {
+        cert: Some(dir.path().join("tls.crt")),
+        key: Some(dir.path().join("tls.key")),
+        touches: vec![poke],
+        debounce: Some(Duration::ZERO),
+        ..Flags::default()
+    };
+    let clock = Clock::starting_at(now);
+    let daemon = Running::start(flags, now);
+    let reloads = || {
+        daemon
+            .metrics
+            .reloads
+            .get_or_create(&crate::telemetry::metrics::ReloadLabels {
+                bundle: "default".into(),
+                action: "touch",
+                result: "success",
+            })
+            .get()
+    };
+    // Held, with no file event to come: nothing until its notBefore...
+    tokio::time::sleep(Duration::from_secs((valid_from - now - 2) as u64)).await;
+    assert_eq!(reloads(), 0, "reloaded before its notBefore");
+    // ...then the timer alone accepts it and reloads, once.
+    until("reloaded at its notBefore", || reloads() == 1).await;
+    assert!(
+        clock.now() >= valid_from && clock.now() <= valid_from + 2,
+        "{}",
+        clock.now() - valid_from
+    );
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    assert_eq!(reloads(), 1, "one real change, one reload");
+    daemon.stop().await;
+}

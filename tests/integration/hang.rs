@@ -1,0 +1,267 @@
+//! Guarantee 10, nothing blocks the loop: a source that hangs (a FIFO, a
+//! read stuck on a hung network filesystem) stalls only its own bundle.
+//! Other bundles keep rendering, `/healthz` keeps answering, `/readyz`
+//! names the stuck bundle, a supervised child still gets its SIGTERM, and
+//! SIGTERM ends the daemon within 5 s.
+
+use std::fs;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::observability::{get, wait_status};
+use crate::support::daemon::{Daemon, eventually};
+use crate::support::hang::HangingFs;
+use crate::support::kubelet::Volume;
+use crate::support::pki::Ca;
+use crate::support::{anchorage, free_port, pems, s, wait_certs, write};
+
+/// Two bundles: `a` reads `a_source`, `healthy` reads a kubelet volume.
+fn two_bundles(dir: &Path, a_source: &Path, volume: &Volume) -> std::path::PathBuf {
+    write(
+        dir,
+        "anchorage.toml",
+        format!(
+            "[daemon]\ndebounce = \"0s\"\n\
+             [[bundle]]\nname = \"a\"\nsources = [{:?}]\n[[bundle.output]]\npath = {:?}\n\
+             [[bundle]]\nname = \"healthy\"\nsources = [{:?}]\n[[bundle.output]]\npath = {:?}\n",
+            s(a_source),
+            s(&dir.join("out/a.pem")),
+            s(&volume.dir),
+            s(&dir.join("out/healthy.pem")),
+        ),
+    )
+}
+
+/// SIGTERM, then the time until the daemon exited.
+fn stop_timed(daemon: Daemon) -> (i32, Duration) {
+    let started = Instant::now();
+    let code = daemon.stop();
+    (code, started.elapsed())
+}
+
+#[test]
+fn a_fifo_source_stalls_only_its_own_bundle() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a_source = write(&dir.path().join("a"), "ca.pem", Ca::new("A One").pem());
+    let mut volume = Volume::new(&dir.path().join("secret"));
+    volume.write(&[("ca.crt", &pems(&[&Ca::new("Healthy One")]))]);
+    let config = two_bundles(dir.path(), &a_source, &volume);
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let daemon = Daemon::start(
+        dir.path(),
+        &["--config", s(&config), "--listen", &addr.to_string()],
+    );
+    wait_certs(&dir.path().join("out/a.pem"), 1);
+    wait_certs(&dir.path().join("out/healthy.pem"), 1);
+    let last_good = fs::read(dir.path().join("out/a.pem")).expect("a.pem");
+
+    // The source becomes a FIFO with no writer: a blocking open would hang.
+    fs::remove_file(&a_source).expect("rm");
+    nix::unistd::mkfifo(&a_source, nix::sys::stat::Mode::from_bits_truncate(0o644))
+        .expect("mkfifo");
+    daemon.wait_log("not a regular file", 1);
+    assert!(daemon.log().contains(s(&a_source)), "{}", daemon.log());
+    wait_status(addr, "/healthz", 200);
+    // The other bundle keeps rendering.
+    volume.write(&[(
+        "ca.crt",
+        &pems(&[&Ca::new("Healthy One"), &Ca::new("Healthy Two")]),
+    )]);
+    wait_certs(&dir.path().join("out/healthy.pem"), 2);
+    assert_eq!(
+        fs::read(dir.path().join("out/a.pem")).expect("a"),
+        last_good
+    );
+
+    // SIGHUP with the config turned into a FIFO: logged, the running one kept.
+    fs::remove_file(&config).expect("rm config");
+    nix::unistd::mkfifo(&config, nix::sys::stat::Mode::from_bits_truncate(0o644)).expect("mkfifo");
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    daemon.wait_log("the new configuration is invalid", 1);
+    wait_status(addr, "/healthz", 200);
+
+    // A regular file takes the FIFO's place: the bundle recovers.
+    fs::remove_file(&a_source).expect("rm fifo");
+    write(
+        &dir.path().join("a"),
+        "ca.pem",
+        pems(&[&Ca::new("A One"), &Ca::new("A Two")]),
+    );
+    wait_certs(&dir.path().join("out/a.pem"), 2);
+
+    let (code, took) = stop_timed(daemon);
+    assert_eq!(code, 0);
+    assert!(took < Duration::from_secs(5), "SIGTERM took {took:?}");
+}
+
+/// Runs `anchorage ARGS` and fails if it has not exited within 10 s (a
+/// blocking open of a FIFO never would).
+fn run_bounded(args: &[&str]) -> (i32, String) {
+    let mut child = anchorage()
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start anchorage");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if child.try_wait().expect("wait").is_some() {
+            let out = child.wait_with_output().expect("output");
+            let text = String::from_utf8_lossy(&out.stderr).into_owned()
+                + &String::from_utf8_lossy(&out.stdout);
+            return (out.status.code().unwrap_or(-1), text);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("anchorage {args:?} hangs on a FIFO");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn check_render_and_config_on_a_fifo_exit_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fifo = dir.path().join("ca.pem");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o644)).expect("mkfifo");
+    let out = dir.path().join("out.pem");
+
+    let (code, text) = run_bounded(&["check", s(&fifo)]);
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains(s(&fifo)) && text.contains("not a regular file"),
+        "{text}"
+    );
+
+    let (code, text) = run_bounded(&["render", "--source", s(&fifo), "--output", s(&out)]);
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains(s(&fifo)) && text.contains("not a regular file"),
+        "{text}"
+    );
+    assert!(!out.exists());
+
+    let (code, text) = run_bounded(&["render", "--config", s(&fifo)]);
+    assert_eq!(code, 2, "{text}");
+    assert!(
+        text.contains(s(&fifo)) && text.contains("not a regular file"),
+        "{text}"
+    );
+
+    // Over 1 MiB is a configuration error, never read whole.
+    let (code, text) = run_bounded(&["render", "--config", "/dev/zero"]);
+    assert_eq!(code, 2, "{text}");
+    let big = write(dir.path(), "big.toml", vec![b'#'; 2 * 1024 * 1024]);
+    let (code, text) = run_bounded(&["render", "--config", s(&big)]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("limit"), "{text}");
+}
+
+#[test]
+fn a_hung_read_stalls_only_its_bundle_and_the_daemon_still_stops() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some(hung) = HangingFs::mount(dir.path()) else {
+        return;
+    };
+    let mut volume = Volume::new(&dir.path().join("secret"));
+    volume.write(&[("ca.crt", &pems(&[&Ca::new("Beside One")]))]);
+    let config = two_bundles(dir.path(), &hung.file(), &volume);
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let daemon = Daemon::start(
+        dir.path(),
+        &["--config", s(&config), "--listen", &addr.to_string()],
+    );
+    wait_certs(&dir.path().join("out/healthy.pem"), 1);
+    // /readyz names the stuck bundle and how long it has run.
+    let body = eventually(Duration::from_secs(20), || {
+        let answer = get(addr, "/readyz")?;
+        if answer.status == 503 && answer.body.contains("a: its render has run for") {
+            Ok(answer.body)
+        } else {
+            Err(format!("{} {}", answer.status, answer.body))
+        }
+    });
+    assert!(!body.contains("healthy: its render"), "{body}");
+    wait_status(addr, "/healthz", 200);
+    // Other bundles keep rendering while the read hangs.
+    volume.write(&[(
+        "ca.crt",
+        &pems(&[&Ca::new("Beside One"), &Ca::new("Beside Two")]),
+    )]);
+    wait_certs(&dir.path().join("out/healthy.pem"), 2);
+    wait_status(addr, "/healthz", 200);
+
+    let (code, took) = stop_timed(daemon);
+    assert_eq!(code, 0);
+    assert!(took < Duration::from_secs(5), "SIGTERM took {took:?}");
+}
+
+#[test]
+fn a_supervised_child_gets_sigterm_while_a_read_hangs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some(hung) = HangingFs::mount(dir.path()) else {
+        return;
+    };
+    // The source is a symlink, first to a real file, then into the hung
+    // filesystem: the child starts after the first render, then the read
+    // hangs.
+    let real = write(
+        &dir.path().join("real"),
+        "ca.pem",
+        Ca::new("Child One").pem(),
+    );
+    let src = dir.path().join("src");
+    fs::create_dir_all(&src).expect("mkdir");
+    std::os::unix::fs::symlink(&real, src.join("ca.pem")).expect("symlink");
+    let marker = dir.path().join("child-got-term");
+    let started = dir.path().join("child-started");
+    let script = format!(
+        "trap 'touch {m}; exit 0' TERM; touch {st}; while :; do sleep 0.05; done",
+        m = s(&marker),
+        st = s(&started)
+    );
+    let output = dir.path().join("out.pem");
+    let daemon = Daemon::start(
+        dir.path(),
+        &[
+            "--source",
+            s(&src),
+            "--output",
+            s(&output),
+            "--debounce",
+            "0",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
+    );
+    eventually(Duration::from_secs(20), || {
+        if started.exists() {
+            Ok(())
+        } else {
+            Err("the child has not started".to_owned())
+        }
+    });
+    // Swing the link into the hung filesystem; the render's read hangs.
+    let next = src.join("..next");
+    std::os::unix::fs::symlink(hung.file(), &next).expect("symlink");
+    fs::rename(&next, src.join("ca.pem")).expect("rename");
+    // The second run of the bundle starts, and its read hangs.
+    daemon.wait_log("run started", 2);
+    let sent = SystemTime::now();
+    let (code, took) = stop_timed(daemon);
+    let got = fs::metadata(&marker)
+        .and_then(|m| m.modified())
+        .expect("the child got SIGTERM");
+    let forwarded = got.duration_since(sent).unwrap_or_default();
+    assert!(
+        forwarded < Duration::from_secs(1),
+        "forwarded after {forwarded:?}"
+    );
+    assert_eq!(code, 0, "the child's exit code");
+    assert!(took < Duration::from_secs(5), "SIGTERM took {took:?}");
+}
