@@ -188,6 +188,28 @@ pub fn write_dir(path: &Path, files: &[(String, Vec<u8>)], mode: u32) -> io::Res
     sync_dir(parent)
 }
 
+/// Why `rendered` would be refused at `path` (guarantee 11), found without
+/// writing anything: what `render --dry-run` reports. A file output is
+/// never refused here.
+pub fn check_writable(path: &Path, rendered: &Rendered) -> io::Result<()> {
+    let Rendered::Dir(files) = rendered else {
+        return Ok(());
+    };
+    let entries = with_mode(files, 0);
+    let inside = is_symlink(&path.join(DATA));
+    if !inside {
+        match ownership(path)? {
+            Ownership::Ours => return Ok(()),
+            Ownership::Foreign(_) if crate::source::mounts::is_mount_point(path) => {}
+            Ownership::Foreign(reason) => return Err(refusal(path, &reason)),
+        }
+    }
+    match foreign_visible(path, &entries)? {
+        Some(visible) => Err(not_ours(&visible)),
+        None => Ok(()),
+    }
+}
+
 /// Whether a directory output may replace what is at its path.
 enum Ownership {
     Ours,
@@ -401,6 +423,17 @@ fn foreign_visible(dir: &Path, files: &[Entry<'_>]) -> io::Result<Option<PathBuf
     Ok(None)
 }
 
+/// The error for a visible name that is a file anchorage did not write.
+fn not_ours(visible: &Path) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::AlreadyExists,
+        format!(
+            "{}: exists and was not written by anchorage; it is never replaced",
+            visible.display()
+        ),
+    )
+}
+
 /// Publishes inside a directory that cannot itself be replaced, the way
 /// kubelet's AtomicWriter does. Refuses (and writes nothing) where a
 /// visible name is a file anchorage did not write.
@@ -416,13 +449,7 @@ fn write_generation(dir: &Path, files: &[Entry<'_>]) -> io::Result<()> {
     // A mount point or a split dir keeps its other files, but a visible
     // name published here must never replace a file of someone else's.
     if let Some(visible) = foreign_visible(dir, files)? {
-        return Err(io::Error::new(
-            io::ErrorKind::AlreadyExists,
-            format!(
-                "{}: exists and was not written by anchorage; it is never replaced",
-                visible.display()
-            ),
-        ));
+        return Err(not_ours(&visible));
     }
     if let Err(e) = fill_dir(&generation, files, None) {
         let _ = fs::remove_dir_all(&generation);

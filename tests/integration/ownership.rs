@@ -335,3 +335,48 @@ fn the_marker_is_not_read_as_a_certificate() {
         assert_eq!(pem_certs(&fs::read(&pem).expect("read")), [ca.der()]);
     }
 }
+
+/// `render --dry-run` says what `render` would do: refused over a foreign
+/// directory (exit 1), nothing written either way.
+#[test]
+fn dry_run_reports_the_refusal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = write(dir.path(), "ca.pem", Ca::new("Dry").pem());
+    let certs = dir.path().join("certs");
+    foreign_trust_dir(&certs);
+    let before = tree(&certs);
+    let out = run(&[
+        "render",
+        "--dry-run",
+        "--source",
+        s(&src),
+        "--hashed-dir",
+        s(&certs),
+    ]);
+    assert_refused(&out, &certs);
+    assert!(
+        out.stdout
+            .contains(&format!("would be refused: {}", s(&certs))),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(tree(&certs), before);
+
+    let empty = dir.path().join("empty");
+    fs::create_dir(&empty).expect("mkdir");
+    let out = run(&[
+        "render",
+        "--dry-run",
+        "--source",
+        s(&src),
+        "--hashed-dir",
+        s(&empty),
+    ]);
+    out.expect_code(0);
+    assert!(
+        out.stdout.contains(&format!("would change: {}", s(&empty))),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(fs::read_dir(&empty).expect("list").count(), 0);
+}
