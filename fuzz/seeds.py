@@ -9,6 +9,9 @@ machine already have, so the repository carries no binary seeds.
   config        the TOML of the README, the examples and the config tests
   subject_hash  the subject and issuer Names (DER) of those certificates,
                 and hand-made names with every string type OpenSSL maps
+  spiffe        SPIFFE bundles (JWK Sets) of those certificates, with JWT
+                keys beside them, and damaged the ways the tests damage them
+                (also seeds for source, which reads them too)
 
 Usage: seeds.py CORPUS_DIR   (writes CORPUS_DIR/<target>/<sha1>)
 """
@@ -220,6 +223,33 @@ def subject_seeds(corpus, certs):
     put(corpus, "subject_hash", name([(cn, el(0x0C, b"b")), (ou, el(0x0C, b"a"))], []))
 
 
+def spiffe_seeds(corpus, certs):
+    import json
+
+    def bundle(ders, extra=None, **top):
+        keys = [{"use": "x509-svid", "kty": "EC", "x5c": [base64.b64encode(d).decode()]} for d in ders]
+        keys += extra or []
+        doc = {"keys": keys, "spiffe_sequence": 7, "spiffe_refresh_hint": 300}
+        doc.update(top)
+        return json.dumps(doc, indent=2)
+
+    jwt = {"use": "jwt-svid", "kty": "EC", "kid": "k1", "crv": "P-256", "x": "AAAA", "y": "BBBB"}
+    seeds = ['{"keys": []}', "{}", '{"keys": {}}', '{"keys": [1]}', "{", '{"keys": [{"use": "x509-svid"}]}']
+    for der in certs[:6]:
+        seeds.append(bundle([der]))
+        seeds.append(bundle([der], [jwt]))
+        seeds.append("\ufeff" + bundle([der]))
+        text = bundle([der])
+        seeds.append(text.replace('"x5c": [\n        "', '"x5c": [\n        "*'))
+        seeds.append(text[: len(text) // 2])
+    if len(certs) >= 3:
+        seeds.append(bundle(certs[:3], [jwt]))
+        seeds.append(json.dumps({"keys": [{"use": "x509-svid", "x5c": [base64.b64encode(d).decode() for d in certs[:3]]}]}))
+    for text in seeds:
+        put(corpus, "spiffe", text)
+        put(corpus, "source", text)
+
+
 def config_seeds(corpus):
     texts = []
     with open(os.path.join(ROOT, "README.md")) as f:
@@ -262,8 +292,9 @@ def main():
     certs = made + system_cas()
     source_seeds(corpus, certs, trusted)
     subject_seeds(corpus, certs)
+    spiffe_seeds(corpus, certs)
     config_seeds(corpus)
-    for target in ("source", "config", "subject_hash"):
+    for target in ("source", "config", "subject_hash", "spiffe"):
         count = len(os.listdir(os.path.join(corpus, target)))
         print("%s: %d seeds" % (target, count))
 
