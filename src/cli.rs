@@ -53,6 +53,10 @@ pub struct CheckArgs {
     /// Print one JSON array with an object per certificate.
     #[arg(long)]
     pub json: bool,
+    /// Exit 1 if a strict verifier (openssl verify -x509_strict, Python 3.13)
+    /// would refuse a CA.
+    #[arg(long)]
+    pub strict: bool,
     /// Judge expiry at this time (RFC 3339) and exit 1 if a certificate is expired then.
     #[arg(long, value_name = "RFC3339", value_parser = parse_rfc3339)]
     pub at: Option<time::OffsetDateTime>,

@@ -28,7 +28,7 @@ fn main() -> ExitCode {
             let now = time::OffsetDateTime::now_utc().unix_timestamp();
             let at = args.at.map(|t| t.unix_timestamp());
             let mut stdout = std::io::stdout().lock();
-            match check::run(&args.paths, args.json, at, now, &mut stdout) {
+            match check::run(&args.paths, args.json, args.strict, at, now, &mut stdout) {
                 Ok(code) => ExitCode::from(code as u8),
                 Err(e) => {
                     eprintln!("anchorage: check: {e}");

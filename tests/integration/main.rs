@@ -11,3 +11,4 @@ mod observability;
 mod render;
 mod rotation;
 mod run;
+mod strict;
