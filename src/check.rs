@@ -4,6 +4,8 @@
 //! never applies the bundle policy: an expired or non-CA certificate is
 //! shown, flagged, not dropped.
 
+use std::borrow::Cow;
+use std::fmt::Write as _;
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -223,14 +225,14 @@ fn print_text(
     }
     let when = at.unwrap_or(now);
     for (i, r) in reports.iter().enumerate() {
-        writeln!(out, "#{} {}", i + 1, r.subject)?;
+        writeln!(out, "#{} {}", i + 1, escape_controls(&r.subject))?;
         writeln!(
             out,
             "  file:         {} (certificate {})",
-            r.path.display(),
+            escape_controls(&r.path.display().to_string()),
             r.index
         )?;
-        writeln!(out, "  issuer:       {}", r.issuer)?;
+        writeln!(out, "  issuer:       {}", escape_controls(&r.issuer))?;
         writeln!(out, "  serial:       {}", r.serial)?;
         writeln!(out, "  not before:   {}", r.not_before)?;
         let state = if r.expired { "  EXPIRED" } else { "" };
@@ -256,7 +258,7 @@ fn print_text(
         .iter()
         .enumerate()
         .map(|(i, r)| {
-            let path = r.path.display().to_string();
+            let path = escape_controls(&r.path.display().to_string()).into_owned();
             let file = if per_path.get(r.path.as_path()).is_some_and(|&n| n > 1) {
                 format!("{path} [{}]", r.index)
             } else {
@@ -275,7 +277,7 @@ fn print_text(
             }
             [
                 (i + 1).to_string(),
-                shorten(&r.subject, SUBJECT_WIDTH),
+                shorten(&escape_controls(&r.subject), SUBJECT_WIDTH),
                 expires,
                 yes_no(r.is_ca).to_owned(),
                 strict.to_owned(),
@@ -360,6 +362,34 @@ fn print_text(
     Ok(())
 }
 
+/// `text` with its control characters escaped, so a subject cannot move
+/// the cursor, recolour the terminal or forge a line: `\n`, `\r`, `\t`,
+/// other C0 controls and DEL as `\x1b`, C1 controls as `\u{9b}`: what
+/// `openssl x509 -nameopt esc_ctrl` escapes, in C notation (OpenSSL writes
+/// `\1B`).
+pub fn escape_controls(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            // Writing into a String cannot fail.
+            c if c.is_ascii_control() => {
+                let _ = write!(out, "\\x{:02x}", u32::from(c));
+            }
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{{{:x}}}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
 fn yes_no(b: bool) -> &'static str {
     if b { "yes" } else { "no" }
 }
@@ -418,6 +448,15 @@ mod tests {
         assert_eq!(span(3 * 3600 + 5), "3 hours");
         assert_eq!(span(42 * 86_400 + 7), "42 days");
         assert_eq!(span(800 * 86_400), "2 years");
+    }
+
+    #[test]
+    fn control_characters_are_escaped() {
+        assert_eq!(escape_controls("CN=plain"), "CN=plain");
+        assert_eq!(
+            escape_controls("CN=\u{1b}[31mred\nforged\r\t\u{7f}\u{9b}é"),
+            "CN=\\x1b[31mred\\nforged\\r\\t\\x7f\\u{9b}é"
+        );
     }
 
     #[test]
