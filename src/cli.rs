@@ -28,6 +28,8 @@ pub enum Command {
     Render(RenderArgs),
     /// Inspect certificate files, bundles or directories.
     Check(CheckArgs),
+    /// Ask a running daemon's listener whether it is ready (exit 0) or not (1).
+    Health(HealthArgs),
 }
 
 #[derive(Debug, Args)]
@@ -63,6 +65,21 @@ pub struct CheckArgs {
     /// Files, bundles or directories.
     #[arg(required = true, value_name = "PATH")]
     pub paths: Vec<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct HealthArgs {
+    /// The daemon's listen address (an unspecified host such as 0.0.0.0
+    /// means loopback).
+    #[arg(long, env = "ANCHORAGE_LISTEN", value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Take the address from this config file's [daemon] listen.
+    #[arg(long, env = "ANCHORAGE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Ask /healthz (the event loop answers) instead of /readyz (every
+    /// bundle rendered once).
+    #[arg(long)]
+    pub live: bool,
 }
 
 /// The flags shared by `run` and `render`: one bundle, no config file needed.

@@ -14,7 +14,7 @@ use anchorage::config::{Config, ReloadSpec};
 use anchorage::daemon::{self, Daemon};
 use anchorage::reload::child::Supervisor;
 use anchorage::telemetry::status::Status;
-use anchorage::telemetry::{http, init_logs, metrics::Metrics, systemd};
+use anchorage::telemetry::{health_check, http, init_logs, metrics::Metrics, systemd};
 use anchorage::{check, reload, render};
 
 const INVALID_INPUT: u8 = 1;
@@ -36,6 +36,11 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Health(args) => ExitCode::from(health_check::run(
+            args.listen.as_deref(),
+            args.config.as_deref(),
+            args.live,
+        )),
         Command::Render(args) => render_command(args),
         Command::Run(args) => run_command(args),
     }

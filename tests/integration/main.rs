@@ -7,6 +7,7 @@ mod atomicity;
 mod check;
 mod config;
 mod e2e;
+mod health;
 mod observability;
 mod render;
 mod rotation;
