@@ -12,4 +12,5 @@ mod observability;
 mod render;
 mod rotation;
 mod run;
+mod static_image;
 mod strict;
