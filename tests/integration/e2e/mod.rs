@@ -7,3 +7,5 @@ mod manifests;
 mod nats;
 mod nginx;
 mod pm2;
+mod proxy;
+mod traefik;
