@@ -2,6 +2,7 @@
 //! takes new trust, through a whole CA rotation written kubelet-style.
 
 mod erlang;
+mod haproxy;
 mod java;
 mod manifests;
 mod nats;
