@@ -1,6 +1,7 @@
 //! End-to-end: each app a user runs, reloaded by anchorage the way that app
 //! takes new trust, through a whole CA rotation written kubelet-style.
 
+mod caddy;
 mod erlang;
 mod haproxy;
 mod java;
