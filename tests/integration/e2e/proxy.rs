@@ -107,14 +107,18 @@ impl Process {
 
 impl Drop for Process {
     fn drop(&mut self) {
+        // SIGTERM: a master stops its workers, then exits.
         let pid = self.pid() as i32;
-        let orphans = descendants(pid);
         let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
+        while Instant::now() < deadline {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
-        for p in orphans.into_iter().chain(descendants(pid)) {
+        // Still running: its children are still its own, found by ppid.
+        for p in descendants(pid) {
             let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
         }
         let _ = self.child.kill();
