@@ -16,7 +16,7 @@ use nix::unistd::Pid;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tracing::info;
 
-use super::Failure;
+use super::{Absent, Failure};
 
 /// sysexits.h: a temporary failure; the command asks to be retried later.
 pub const EX_TEMPFAIL: i32 = 75;
@@ -54,7 +54,10 @@ pub async fn run(
         // A command that is not there (yet) is an absent target: at start
         // it is skipped, later it is retried.
         if e.kind() == std::io::ErrorKind::NotFound {
-            Failure::Absent(format!("cannot start {program:?}: {e}"))
+            Failure::Absent(Absent::NoProgram {
+                program: program.clone(),
+                reason: e.to_string(),
+            })
         } else {
             Failure::Failed(format!("cannot start {program:?}: {e}"))
         }
@@ -64,9 +67,12 @@ pub async fn run(
     let stderr = Capture::start(child.stderr.take());
     let result = match tokio::time::timeout(timeout, child.wait()).await {
         Ok(Ok(status)) if status.success() => Ok(()),
-        Ok(Ok(status)) if status.code() == Some(EX_TEMPFAIL) => Err(Failure::Absent(format!(
-            "{program:?} says the app is not there yet (exit {EX_TEMPFAIL}, EX_TEMPFAIL)"
-        ))),
+        Ok(Ok(status)) if status.code() == Some(EX_TEMPFAIL) => {
+            Err(Failure::Absent(Absent::NotThereYet {
+                program: program.clone(),
+                said: None,
+            }))
+        }
         Ok(Ok(status)) => Err(Failure::Failed(format!("{program:?} failed: {status}"))),
         Ok(Err(e)) => Err(Failure::Failed(format!("{program:?}: wait: {e}"))),
         Err(_) => {
@@ -92,10 +98,13 @@ pub async fn run(
         (Failure::Failed(message), Some(last)) => {
             Failure::Failed(format!("{message}: {}", last.trim()))
         }
-        (Failure::Absent(message), Some(last)) => {
-            Failure::Absent(format!("{message}: {}", last.trim()))
+        (Failure::Absent(Absent::NotThereYet { program, .. }), Some(last)) => {
+            Failure::Absent(Absent::NotThereYet {
+                program,
+                said: Some(last.trim().to_owned()),
+            })
         }
-        (failure, None) => failure,
+        (failure, _) => failure,
     })
 }
 
@@ -167,7 +176,7 @@ mod tests {
         )
         .await;
         assert!(
-            matches!(&err, Err(Failure::Absent(m)) if m.ends_with("node app is down")),
+            matches!(&err, Err(Failure::Absent(Absent::NotThereYet { said: Some(m), .. })) if m.ends_with("node app is down")),
             "{err:?}"
         );
         let err = run(&argv(&["sh", "-c", "exit 74"]), &[], Duration::from_secs(5)).await;
