@@ -17,7 +17,7 @@ use anchorage::reload::child::{ChildHandle, Supervisor};
 use anchorage::reload::{Reloader, Request};
 use anchorage::render::{self, BundleState, Mode};
 use anchorage::telemetry::status::Status;
-use anchorage::telemetry::{http, init_logs, metrics::Metrics, say, systemd};
+use anchorage::telemetry::{health_check, http, init_logs, metrics::Metrics, say, systemd};
 use anchorage::{check, keypair};
 
 const INVALID_INPUT: u8 = 1;
@@ -41,7 +41,7 @@ fn main() -> ExitCode {
             let now = time::OffsetDateTime::now_utc().unix_timestamp();
             let at = args.at.map(|t| t.unix_timestamp());
             let mut stdout = std::io::stdout().lock();
-            match check::run(&args.paths, args.json, at, now, &mut stdout) {
+            match check::run(&args.paths, args.json, args.strict, at, now, &mut stdout) {
                 Ok(code) => ExitCode::from(code as u8),
                 Err(e) => {
                     say(&format!("check: {e}"));
@@ -49,6 +49,11 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Health(args) => ExitCode::from(health_check::run(
+            args.listen.as_deref(),
+            args.config.as_deref(),
+            args.live,
+        )),
         Command::Render(args) => render_command(args),
         Command::Run(args) => run_command(args),
     }

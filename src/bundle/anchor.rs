@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use x509_parser::prelude::{FromDer, X509Certificate, X509Version};
 
+use super::strict::{self, Reason};
 use super::subject_hash::subject_hash;
 use crate::source::CertBlock;
 
@@ -26,6 +27,8 @@ pub struct Anchor {
     pub not_after: i64,
     /// CA by OpenSSL's rules (see [`is_ca`]).
     pub is_ca: bool,
+    /// Why a strict verifier would refuse it as a CA; empty when it would not.
+    pub strict: Vec<Reason>,
     pub subject_hash: u32,
     /// Where it was first found, for logs and `check`.
     pub origin: PathBuf,
@@ -75,6 +78,7 @@ impl Anchor {
         };
         let sha256 = sha256(&der);
         let is_ca = is_ca(&cert).map_err(fail)?;
+        let strict = strict::reasons(&cert, is_ca);
         Ok(Self {
             sha256,
             subject: cert.subject().to_string(),
@@ -83,6 +87,7 @@ impl Anchor {
             not_before: cert.validity().not_before.timestamp(),
             not_after: cert.validity().not_after.timestamp(),
             is_ca,
+            strict,
             subject_hash: subject_hash(cert.subject().as_raw()),
             der,
             origin,

@@ -162,7 +162,7 @@ pub const MAX_CONFIG_SIZE: u64 = 1024 * 1024;
 
 /// Reads the config file: a regular file of at most [`MAX_CONFIG_SIZE`]
 /// bytes, never opened in a way that blocks (a FIFO), re-read on SIGHUP.
-fn read_config(path: &Path) -> Result<String, String> {
+pub fn read_config(path: &Path) -> Result<String, String> {
     use std::io::Read;
     let file = crate::source::open_nonblocking(path).map_err(|e| format!("cannot read: {e}"))?;
     let meta = file.metadata().map_err(|e| format!("cannot read: {e}"))?;

