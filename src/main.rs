@@ -128,7 +128,9 @@ fn render_command(args: RenderArgs) -> ExitCode {
                 render::log_report(&bundle.name, &report, mode);
                 if mode == Mode::DryRun {
                     for spec in &bundle.outputs {
-                        let verdict = if report.changed.contains(&spec.path) {
+                        let verdict = if report.failed.iter().any(|(p, _)| *p == spec.path) {
+                            "would be refused"
+                        } else if report.changed.contains(&spec.path) {
                             "would change"
                         } else {
                             "unchanged"

@@ -13,6 +13,7 @@ mod hardening;
 mod health;
 mod kubernetes;
 mod observability;
+mod ownership;
 mod render;
 mod rotation;
 mod run;
