@@ -4,6 +4,8 @@
 //! never applies the bundle policy: an expired or non-CA certificate is
 //! shown, flagged, not dropped.
 
+use std::borrow::Cow;
+use std::fmt::Write as _;
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -30,6 +32,9 @@ pub struct Report {
     pub is_ca: bool,
     pub subject_hash: String,
     pub expired: bool,
+    /// Why a strict verifier (`openssl verify -x509_strict`, Python 3.13)
+    /// would refuse it as a CA; empty when it would not, or when it is no CA.
+    pub strict: Vec<String>,
     /// `not_before` and `not_after` in unix seconds, for the table.
     #[serde(skip)]
     pub not_before_unix: i64,
@@ -147,15 +152,18 @@ fn report(anchor: &Anchor, at: i64) -> Report {
         is_ca: anchor.is_ca,
         subject_hash: hash_hex(anchor.subject_hash),
         expired: anchor.expired_at(at),
+        strict: anchor.strict.iter().map(ToString::to_string).collect(),
         not_before_unix: anchor.not_before,
         not_after_unix: anchor.not_after,
     }
 }
 
-/// Runs `check`: prints the findings and returns the exit code.
+/// Runs `check`: prints the findings and returns the exit code. With
+/// `strict`, a CA that a strict verifier refuses makes it 1.
 pub fn run(
     paths: &[PathBuf],
     json: bool,
+    strict: bool,
     at: Option<i64>,
     now: i64,
     out: &mut dyn Write,
@@ -175,11 +183,25 @@ pub fn run(
     if empty {
         crate::telemetry::say("no certificate found");
     }
-    Ok(if findings.errors.is_empty() && !expired && !empty {
-        0
-    } else {
-        1
-    })
+    let refused = findings
+        .reports
+        .iter()
+        .filter(|r| !r.strict.is_empty())
+        .count();
+    if strict && refused > 0 {
+        eprintln!(
+            "anchorage: {refused} CA{} would be refused by a strict verifier (openssl verify -x509_strict, Python 3.13)",
+            if refused == 1 { "" } else { "s" }
+        );
+    }
+    let strict_failed = strict && refused > 0;
+    Ok(
+        if findings.errors.is_empty() && !expired && !empty && !strict_failed {
+            0
+        } else {
+            1
+        },
+    )
 }
 
 /// A certificate that expires within this many seconds is marked `!`: a
@@ -203,20 +225,25 @@ fn print_text(
     }
     let when = at.unwrap_or(now);
     for (i, r) in reports.iter().enumerate() {
-        writeln!(out, "#{} {}", i + 1, r.subject)?;
+        writeln!(out, "#{} {}", i + 1, escape_controls(&r.subject))?;
         writeln!(
             out,
             "  file:         {} (certificate {})",
-            r.path.display(),
+            escape_controls(&r.path.display().to_string()),
             r.index
         )?;
-        writeln!(out, "  issuer:       {}", r.issuer)?;
+        writeln!(out, "  issuer:       {}", escape_controls(&r.issuer))?;
         writeln!(out, "  serial:       {}", r.serial)?;
         writeln!(out, "  not before:   {}", r.not_before)?;
         let state = if r.expired { "  EXPIRED" } else { "" };
         writeln!(out, "  not after:    {}{state}", r.not_after)?;
         writeln!(out, "  sha256:       {}", r.sha256)?;
         writeln!(out, "  CA:           {}", yes_no(r.is_ca))?;
+        if !r.strict.is_empty() {
+            writeln!(out, "  strict:       REFUSED: {}", r.strict.join("; "))?;
+        } else if r.is_ca {
+            writeln!(out, "  strict:       ok")?;
+        }
         writeln!(out, "  subject hash: {}", r.subject_hash)?;
         writeln!(out)?;
     }
@@ -226,15 +253,23 @@ fn print_text(
     for r in reports {
         *per_path.entry(r.path.as_path()).or_default() += 1;
     }
-    let header = ["#", "SUBJECT", "EXPIRES", "CA", "HASH", "FILE"];
-    let rows: Vec<[String; 6]> = reports
+    let header = ["#", "SUBJECT", "EXPIRES", "CA", "STRICT", "HASH", "FILE"];
+    let rows: Vec<[String; 7]> = reports
         .iter()
         .enumerate()
         .map(|(i, r)| {
+            let path = escape_controls(&r.path.display().to_string()).into_owned();
             let file = if per_path.get(r.path.as_path()).is_some_and(|&n| n > 1) {
-                format!("{} [{}]", r.path.display(), r.index)
+                format!("{path} [{}]", r.index)
             } else {
-                r.path.display().to_string()
+                path
+            };
+            let strict = if !r.strict.is_empty() {
+                "REFUSED"
+            } else if r.is_ca {
+                "ok"
+            } else {
+                "-"
             };
             let mut expires = expires_in(r, when);
             if expires_soon(r, when) {
@@ -242,9 +277,10 @@ fn print_text(
             }
             [
                 (i + 1).to_string(),
-                shorten(&r.subject, SUBJECT_WIDTH),
+                shorten(&escape_controls(&r.subject), SUBJECT_WIDTH),
                 expires,
                 yes_no(r.is_ca).to_owned(),
+                strict.to_owned(),
                 r.subject_hash.clone(),
                 file,
             ]
@@ -292,7 +328,13 @@ fn print_text(
     let soon = numbered(&|r| expires_soon(r, when));
     let expired = numbered(&|r| r.expired);
     let pending = numbered(&|r| when < r.not_before_unix);
-    if !soon.is_empty() || !expired.is_empty() || !pending.is_empty() || at.is_some() {
+    let refused = numbered(&|r| !r.strict.is_empty());
+    if !soon.is_empty()
+        || !expired.is_empty()
+        || !pending.is_empty()
+        || !refused.is_empty()
+        || at.is_some()
+    {
         writeln!(out)?;
     }
     if !soon.is_empty() {
@@ -308,10 +350,44 @@ fn print_text(
     if !pending.is_empty() {
         writeln!(out, "not valid yet: {pending}")?;
     }
+    if !refused.is_empty() {
+        writeln!(
+            out,
+            "REFUSED by a strict verifier (openssl verify -x509_strict, Python 3.13): {refused} (the reasons are in the details above)"
+        )?;
+    }
     if let Some(at) = at {
         writeln!(out, "times are relative to --at {}", rfc3339(at))?;
     }
     Ok(())
+}
+
+/// `text` with its control characters escaped, so a subject cannot move
+/// the cursor, recolour the terminal or forge a line: `\n`, `\r`, `\t`,
+/// other C0 controls and DEL as `\x1b`, C1 controls as `\u{9b}`: what
+/// `openssl x509 -nameopt esc_ctrl` escapes, in C notation (OpenSSL writes
+/// `\1B`).
+pub fn escape_controls(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            // Writing into a String cannot fail.
+            c if c.is_ascii_control() => {
+                let _ = write!(out, "\\x{:02x}", u32::from(c));
+            }
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{{{:x}}}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
 }
 
 fn yes_no(b: bool) -> &'static str {
@@ -372,6 +448,15 @@ mod tests {
         assert_eq!(span(3 * 3600 + 5), "3 hours");
         assert_eq!(span(42 * 86_400 + 7), "42 days");
         assert_eq!(span(800 * 86_400), "2 years");
+    }
+
+    #[test]
+    fn control_characters_are_escaped() {
+        assert_eq!(escape_controls("CN=plain"), "CN=plain");
+        assert_eq!(
+            escape_controls("CN=\u{1b}[31mred\nforged\r\t\u{7f}\u{9b}é"),
+            "CN=\\x1b[31mred\\nforged\\r\\t\\x7f\\u{9b}é"
+        );
     }
 
     #[test]

@@ -28,6 +28,8 @@ pub enum Command {
     Render(RenderArgs),
     /// Inspect certificate files, bundles or directories.
     Check(CheckArgs),
+    /// Ask a running daemon's listener whether it is ready (exit 0) or not (1).
+    Health(HealthArgs),
 }
 
 #[derive(Debug, Args)]
@@ -57,6 +59,10 @@ pub struct CheckArgs {
     /// Print one JSON array with an object per certificate.
     #[arg(long)]
     pub json: bool,
+    /// Exit 1 if a strict verifier (openssl verify -x509_strict, Python 3.13)
+    /// would refuse a CA.
+    #[arg(long)]
+    pub strict: bool,
     /// Judge expiry at this time (RFC 3339) and exit 1 if a certificate is expired then.
     #[arg(long, value_name = "RFC3339", value_parser = parse_rfc3339)]
     pub at: Option<time::OffsetDateTime>,
@@ -66,6 +72,21 @@ pub struct CheckArgs {
     /// Log format for errors on stderr: text or json.
     #[arg(long, env = "ANCHORAGE_LOG_FORMAT", value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
+}
+
+#[derive(Debug, Args)]
+pub struct HealthArgs {
+    /// The daemon's listen address (an unspecified host such as 0.0.0.0
+    /// means loopback).
+    #[arg(long, env = "ANCHORAGE_LISTEN", value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Take the address from this config file's [daemon] listen.
+    #[arg(long, env = "ANCHORAGE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Ask /healthz (the event loop answers) instead of /readyz (every
+    /// bundle rendered once).
+    #[arg(long)]
+    pub live: bool,
 }
 
 /// The flags shared by `run` and `render`: one bundle, no config file needed.
@@ -88,6 +109,27 @@ pub struct Flags {
     /// The private key of --cert.
     #[arg(long, env = "ANCHORAGE_KEY", value_name = "FILE", requires = "cert")]
     pub key: Option<PathBuf>,
+    /// A key pair from one PEM file: the private key and the chain, leaf
+    /// first (a podCertificate volume's credentialBundlePath).
+    #[arg(
+        long,
+        env = "ANCHORAGE_CREDENTIAL_BUNDLE",
+        value_name = "FILE",
+        conflicts_with_all = ["cert", "key"]
+    )]
+    pub credential_bundle: Option<PathBuf>,
+    /// Write the key pair's accepted chain and key there as tls.crt and
+    /// tls.key, in kubelet's layout, before its reload.
+    #[arg(long, env = "ANCHORAGE_SPLIT_DIR", value_name = "DIR")]
+    pub split_dir: Option<PathBuf>,
+    /// The mode of tls.key in --split-dir [default: 0600].
+    #[arg(
+        long,
+        env = "ANCHORAGE_KEY_MODE",
+        value_name = "MODE",
+        requires = "split_dir"
+    )]
+    pub key_mode: Option<String>,
     /// Write a PEM bundle there (repeatable).
     #[arg(
         long = "output",

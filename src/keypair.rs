@@ -1,22 +1,27 @@
 //! Key pairs: a server's own certificate and key (rotated by cert-manager or
-//! ACME), watched like sources, never rendered, only checked. A pair is
-//! accepted when the key matches the certificate (RSA, ECDSA, Ed25519: the
-//! public keys compared as SubjectPublicKeyInfo), the certificate is within
-//! its validity window and, with `chain_to`, chains to that bundle. A pair
-//! caught half-written is held until it is consistent; one not valid yet is
-//! held until its `notBefore`.
+//! ACME, or issued to the pod by kubelet's `podCertificate` projection),
+//! watched like sources, never rendered, only checked. A pair is read from
+//! two files or from one credential bundle (the key and the chain, leaf
+//! first), and accepted when the key matches the certificate (RSA, ECDSA,
+//! Ed25519: the public keys compared as SubjectPublicKeyInfo), the
+//! certificate is within its validity window and, with `chain_to`, chains
+//! to that bundle. A pair caught half-written is held until it is
+//! consistent; one not valid yet is held until its `notBefore`.
 //!
-//! The key's bytes are read into memory to check them and never logged,
-//! copied or kept: only their SHA-256 is.
+//! The key's bytes are read into memory to check them and are never logged.
+//! They are copied to one place only: the pair's `split_dir`, written here
+//! for a pair that passed every check, before the daemon asks for its
+//! reload (guarantee 8).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 use rustls::sign::CertifiedKey;
 
 use crate::bundle::{self, Anchor, Bundle, verify};
-use crate::config::KeyPairConfig;
-use crate::source;
+use crate::config::{KeyMaterial, KeyPairConfig, SPLIT_CERT, SPLIT_CERT_MODE, SPLIT_KEY, SplitDir};
+use crate::output::atomic;
+use crate::source::{self, CertBlock};
 
 /// A pair that passed every check.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,29 +34,208 @@ pub struct Accepted {
     pub not_after: i64,
 }
 
-/// Why a pair is not accepted (yet).
+/// Why a pair is not accepted (yet). Each names the file at fault; none
+/// ever quotes a key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Held {
-    /// Not valid before this instant (unix seconds): check again then.
-    Until(i64, String),
-    /// Until the files change.
-    Invalid(String),
+    /// A file of the pair does not exist (yet).
+    Missing {
+        path: PathBuf,
+    },
+    /// A file cannot be read or framed: the reader's own error.
+    Unreadable {
+        path: PathBuf,
+        reason: String,
+    },
+    NoCertificate {
+        path: PathBuf,
+    },
+    /// No private key, or one that cannot be used.
+    NoKey {
+        path: PathBuf,
+        reason: Option<String>,
+    },
+    /// More than one private key: which goes with the certificate?
+    Keys {
+        path: PathBuf,
+        count: usize,
+    },
+    /// The key is not the certificate's; `half_written`: two files, one
+    /// caught before the other.
+    Mismatch {
+        key: PathBuf,
+        cert: PathBuf,
+        subject: String,
+        half_written: bool,
+    },
+    /// Not valid before `not_before` (unix seconds): check again then.
+    NotYetValid {
+        path: PathBuf,
+        subject: String,
+        not_before: i64,
+    },
+    Expired {
+        path: PathBuf,
+        subject: String,
+        not_after: i64,
+    },
+    /// It does not chain to the bundle named by `chain_to`.
+    Unchained {
+        path: PathBuf,
+        reason: String,
+    },
+}
+
+impl Held {
+    /// When to check again with no file event, if the wait has an end.
+    pub fn until(&self) -> Option<i64> {
+        match self {
+            Self::NotYetValid { not_before, .. } => Some(*not_before),
+            _ => None,
+        }
+    }
 }
 
 impl std::fmt::Display for Held {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::Until(_, reason) | Self::Invalid(reason) => f.write_str(reason),
+            Self::Missing { path } => write!(f, "{}: does not exist", path.display()),
+            Self::Unreadable { reason, .. } => f.write_str(reason),
+            Self::NoCertificate { path } => write!(f, "{}: holds no certificate", path.display()),
+            Self::NoKey { path, reason: None } => {
+                write!(f, "{}: holds no usable private key", path.display())
+            }
+            Self::NoKey {
+                path,
+                reason: Some(reason),
+            } => write!(f, "{}: unsupported private key: {reason}", path.display()),
+            Self::Keys { path, count } => write!(
+                f,
+                "{}: holds {count} private keys; which one goes with the certificate is ambiguous",
+                path.display()
+            ),
+            Self::Mismatch {
+                key,
+                cert,
+                subject,
+                half_written: true,
+            } => write!(
+                f,
+                "{} does not match the certificate {} ({subject}): a pair caught half-written is held until it is consistent",
+                key.display(),
+                cert.display()
+            ),
+            Self::Mismatch { cert, subject, .. } => write!(
+                f,
+                "{}: the private key does not match the leaf certificate ({subject}); held until the bundle changes",
+                cert.display()
+            ),
+            Self::NotYetValid {
+                path,
+                subject,
+                not_before,
+            } => write!(
+                f,
+                "{}: {subject} is not valid before {}",
+                path.display(),
+                crate::check::rfc3339(*not_before)
+            ),
+            Self::Expired {
+                path,
+                subject,
+                not_after,
+            } => write!(
+                f,
+                "{}: {subject} expired at {}",
+                path.display(),
+                crate::check::rfc3339(*not_after)
+            ),
+            Self::Unchained { reason, .. } => f.write_str(reason),
         }
     }
+}
+
+/// The two files of a `split_dir`, as PEM. Deliberately not `Debug`: it
+/// holds the private key.
+pub struct SplitFiles {
+    chain: Vec<u8>,
+    key: Vec<u8>,
+}
+
+/// What one read of the pair found, checked.
+pub struct Checked {
+    pub accepted: Accepted,
+    /// The PEM of the split files, when the pair has a `split_dir`.
+    pub split: Option<SplitFiles>,
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, Held> {
     match source::read_bounded(path, path) {
         Ok(Some(bytes)) => Ok(bytes),
-        Ok(None) => Err(Held::Invalid(format!("{}: does not exist", path.display()))),
-        Err(e) => Err(Held::Invalid(e.to_string())),
+        Ok(None) => Err(Held::Missing {
+            path: path.to_path_buf(),
+        }),
+        Err(e) => Err(Held::Unreadable {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        }),
     }
+}
+
+/// The pair as read from disk, before any check.
+struct Material<'a> {
+    cert_path: &'a Path,
+    key_path: &'a Path,
+    cert_bytes: Vec<u8>,
+    /// For a credential bundle, the same file as `cert_bytes`.
+    key_bytes: Option<Vec<u8>>,
+}
+
+impl Material<'_> {
+    fn key_bytes(&self) -> &[u8] {
+        self.key_bytes.as_deref().unwrap_or(&self.cert_bytes)
+    }
+}
+
+fn read_material(material: &KeyMaterial) -> Result<Material<'_>, Held> {
+    match material {
+        KeyMaterial::Files { cert, key } => Ok(Material {
+            cert_path: cert,
+            key_path: key,
+            cert_bytes: read(cert)?,
+            key_bytes: Some(read(key)?),
+        }),
+        // One read of one file: key and chain from the same generation.
+        KeyMaterial::CredentialBundle(bundle) => Ok(Material {
+            cert_path: bundle,
+            key_path: bundle,
+            cert_bytes: read(bundle)?,
+            key_bytes: None,
+        }),
+    }
+}
+
+/// The one private key in `bytes`. Never quotes the key: errors name the
+/// file only.
+fn private_key(bytes: &[u8], path: &Path) -> Result<PrivateKeyDer<'static>, Held> {
+    let mut keys = PrivateKeyDer::pem_slice_iter(bytes);
+    let key = match keys.next() {
+        Some(Ok(key)) => key,
+        _ => {
+            return Err(Held::NoKey {
+                path: path.to_path_buf(),
+                reason: None,
+            });
+        }
+    };
+    let more = keys.count();
+    if more > 0 {
+        return Err(Held::Keys {
+            path: path.to_path_buf(),
+            count: more + 1,
+        });
+    }
+    Ok(key)
 }
 
 /// Checks the pair on disk at `now`; `chain_to` is the bundle it must chain
@@ -60,84 +244,119 @@ pub fn inspect(
     config: &KeyPairConfig,
     chain_to: Option<&Bundle>,
     now: i64,
-) -> Result<Accepted, Held> {
-    let cert_bytes = read(&config.cert)?;
-    let key_bytes = read(&config.key)?;
-    let blocks = source::decode(&cert_bytes).map_err(|kind| {
-        Held::Invalid(
-            source::SourceError {
-                path: config.cert.clone(),
-                kind,
-            }
-            .to_string(),
-        )
+) -> Result<Checked, Held> {
+    let material = read_material(&config.material)?;
+    let (cert_path, key_path) = (material.cert_path, material.key_path);
+    let blocks = source::decode(&material.cert_bytes).map_err(|kind| Held::Unreadable {
+        path: cert_path.to_path_buf(),
+        reason: source::SourceError {
+            path: cert_path.to_path_buf(),
+            kind,
+        }
+        .to_string(),
     })?;
     let Some(first) = blocks.first() else {
-        return Err(Held::Invalid(format!(
-            "{}: holds no certificate",
-            config.cert.display()
-        )));
+        return Err(Held::NoCertificate {
+            path: cert_path.to_path_buf(),
+        });
     };
-    let leaf =
-        Anchor::parse(first, config.cert.clone(), 0).map_err(|e| Held::Invalid(e.to_string()))?;
-    // Never quote the key: the error names the file only.
-    let key = PrivateKeyDer::from_pem_slice(&key_bytes).map_err(|_| {
-        Held::Invalid(format!(
-            "{}: holds no usable private key",
-            config.key.display()
-        ))
+    let leaf = Anchor::parse(first, cert_path.to_path_buf(), 0).map_err(|e| Held::Unreadable {
+        path: cert_path.to_path_buf(),
+        reason: e.to_string(),
     })?;
-    let signing = rustls::crypto::ring::sign::any_supported_type(&key).map_err(|e| {
-        Held::Invalid(format!(
-            "{}: unsupported private key: {e}",
-            config.key.display()
-        ))
-    })?;
+    let key = private_key(material.key_bytes(), key_path)?;
+    let signing =
+        rustls::crypto::ring::sign::any_supported_type(&key).map_err(|e| Held::NoKey {
+            path: key_path.to_path_buf(),
+            reason: Some(e.to_string()),
+        })?;
     let chain: Vec<CertificateDer<'static>> = blocks
         .iter()
         .map(|b| CertificateDer::from(b.der.clone()))
         .collect();
-    CertifiedKey::new(chain, signing).keys_match().map_err(|_| {
-        Held::Invalid(format!(
-            "{} does not match the certificate {} ({}): a pair caught half-written is held until it is consistent",
-            config.key.display(),
-            config.cert.display(),
-            leaf.subject
-        ))
-    })?;
+    CertifiedKey::new(chain, signing)
+        .keys_match()
+        .map_err(|_| Held::Mismatch {
+            key: key_path.to_path_buf(),
+            cert: cert_path.to_path_buf(),
+            subject: leaf.subject.clone(),
+            half_written: matches!(config.material, KeyMaterial::Files { .. }),
+        })?;
     if leaf.pending_at(now) {
-        return Err(Held::Until(
-            leaf.not_before,
-            format!(
-                "{}: {} is not valid before {}",
-                config.cert.display(),
-                leaf.subject,
-                crate::check::rfc3339(leaf.not_before)
-            ),
-        ));
+        return Err(Held::NotYetValid {
+            path: cert_path.to_path_buf(),
+            subject: leaf.subject.clone(),
+            not_before: leaf.not_before,
+        });
     }
     if leaf.expired_at(now) {
-        return Err(Held::Invalid(format!(
-            "{}: {} expired at {}",
-            config.cert.display(),
-            leaf.subject,
-            crate::check::rfc3339(leaf.not_after)
-        )));
+        return Err(Held::Expired {
+            path: cert_path.to_path_buf(),
+            subject: leaf.subject.clone(),
+            not_after: leaf.not_after,
+        });
     }
     if let Some(bundle) = chain_to {
         let chain = verify::Chain {
-            path: config.cert.clone(),
+            path: cert_path.to_path_buf(),
             certs: blocks.iter().map(|b| b.der.clone()).collect(),
         };
-        verify::check(&chain, bundle, now).map_err(|e| Held::Invalid(e.to_string()))?;
+        verify::check(&chain, bundle, now).map_err(|e| Held::Unchained {
+            path: cert_path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
     }
-    Ok(Accepted {
-        cert_sha256: bundle::sha256(&cert_bytes),
-        key_sha256: bundle::sha256(&key_bytes),
-        subject: leaf.subject.clone(),
-        not_after: leaf.not_after,
-        leaf: leaf.der.clone(),
+    let split = config.split.as_ref().map(|_| split_files(&blocks, &key));
+    Ok(Checked {
+        accepted: Accepted {
+            cert_sha256: bundle::sha256(&material.cert_bytes),
+            key_sha256: bundle::sha256(material.key_bytes()),
+            subject: leaf.subject.clone(),
+            not_after: leaf.not_after,
+            leaf: leaf.der.clone(),
+        },
+        split,
     })
+}
+
+/// `tls.crt` (the chain, leaf first, as it was read) and `tls.key` (the
+/// key in the PEM form its encoding calls for).
+fn split_files(blocks: &[CertBlock], key: &PrivateKeyDer<'_>) -> SplitFiles {
+    let mut chain = Vec::new();
+    for block in blocks {
+        let label = if block.trusted {
+            "TRUSTED CERTIFICATE"
+        } else {
+            "CERTIFICATE"
+        };
+        source::pem::encode(label, &block.der, &mut chain);
+    }
+    let label = match key {
+        PrivateKeyDer::Pkcs1(_) => "RSA PRIVATE KEY",
+        PrivateKeyDer::Sec1(_) => "EC PRIVATE KEY",
+        _ => "PRIVATE KEY",
+    };
+    let mut pem = Vec::new();
+    source::pem::encode(label, key.secret_der(), &mut pem);
+    SplitFiles { chain, key: pem }
+}
+
+/// Writes the split pair unless it is already live there; returns whether
+/// it wrote.
+fn publish_split(split: &SplitDir, files: &SplitFiles) -> std::io::Result<bool> {
+    atomic::publish_generation(
+        &split.dir,
+        &[
+            (SPLIT_CERT, &files.chain, SPLIT_CERT_MODE),
+            (SPLIT_KEY, &files.key, split.key_mode),
+        ],
+    )
+}
+
+/// How long to wait before writing a split directory again after the
+/// `failures`-th failure in a row: 1 s, doubling, at most a minute.
+fn write_backoff(failures: u32) -> i64 {
+    (1i64 << failures.saturating_sub(1).min(6)).min(60)
 }
 
 /// The state the daemon keeps per pair.
@@ -148,8 +367,11 @@ pub struct KeyPairState {
     /// Checked once: the first acceptance after that is a change.
     pub initialized: bool,
     pub held: Option<String>,
-    /// When to check again with no file event (a notBefore, an expiry).
+    /// When to check again with no file event (a notBefore, an expiry, a
+    /// split directory write to retry).
     pub next_change: Option<i64>,
+    /// Failed writes of the split directory in a row.
+    pub write_failures: u32,
 }
 
 /// What one check of a pair concluded.
@@ -171,6 +393,7 @@ impl KeyPairState {
             initialized: false,
             held: None,
             next_change: None,
+            write_failures: 0,
         }
     }
 
@@ -179,23 +402,55 @@ impl KeyPairState {
         let first = !self.initialized;
         self.initialized = true;
         match inspect(&self.config, chain_to, now) {
-            Ok(accepted) => {
-                self.held = None;
-                self.next_change = Some(accepted.not_after.saturating_add(1));
+            Ok(Checked { accepted, split }) => {
                 let same = self.accepted.as_ref().is_some_and(|a| {
                     a.cert_sha256 == accepted.cert_sha256 && a.key_sha256 == accepted.key_sha256
                 });
+                // The split pair is in place before the change is reported,
+                // so before any reload runs (guarantee 5). An unchanged pair
+                // is compared with the disk too: a split directory changed
+                // behind our back is repaired.
+                let mut replaced = false;
+                if let (Some(dir), Some(files)) = (&self.config.split, &split) {
+                    let had_pair = std::fs::symlink_metadata(dir.dir.join("..data")).is_ok();
+                    match publish_split(dir, files) {
+                        Ok(wrote) => {
+                            self.write_failures = 0;
+                            replaced = wrote && had_pair;
+                            if wrote && same {
+                                tracing::info!(keypair = %self.config.name, split_dir = %dir.dir.display(),
+                                    "split directory repaired; the pair is unchanged, no reload");
+                            }
+                        }
+                        Err(e) => {
+                            // Retried on a timer, with no file event needed
+                            // (guarantee 12); the app keeps the pair it has.
+                            self.write_failures = self.write_failures.saturating_add(1);
+                            self.next_change =
+                                Some(now.saturating_add(write_backoff(self.write_failures)));
+                            let reason = format!("cannot write the split directory: {e}");
+                            if self.held.as_deref() == Some(&reason) {
+                                return Outcome::Unchanged;
+                            }
+                            self.held = Some(reason.clone());
+                            return Outcome::Held(reason);
+                        }
+                    }
+                }
+                self.held = None;
+                self.next_change = Some(accepted.not_after.saturating_add(1));
                 if same {
                     return Outcome::Unchanged;
                 }
                 self.accepted = Some(accepted);
-                Outcome::Changed { first }
+                // At start, a split directory that held another pair was
+                // read by the app: it must reload, as after any change.
+                Outcome::Changed {
+                    first: first && !replaced,
+                }
             }
             Err(held) => {
-                self.next_change = match &held {
-                    Held::Until(at, _) => Some(*at),
-                    Held::Invalid(_) => None,
-                };
+                self.next_change = held.until();
                 let reason = held.to_string();
                 if self.held.as_deref() == Some(&reason) {
                     return Outcome::Unchanged;
@@ -214,4 +469,235 @@ pub fn describe(accepted: &Accepted) -> String {
         accepted.subject,
         bundle::fingerprint(&accepted.leaf)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::config::DEFAULT_KEY_MODE;
+
+    struct Issued {
+        chain: Vec<String>,
+        key: String,
+    }
+
+    /// A CA, an intermediate and a leaf it issues, valid now: the chain is
+    /// leaf first.
+    fn issue(cn: &str) -> Issued {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let mut ca = CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_key = KeyPair::generate().expect("key");
+        let mut mid = CertificateParams::new(Vec::<String>::new()).expect("params");
+        mid.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let mid_key = KeyPair::generate().expect("key");
+        let mid_cert = mid
+            .signed_by(&mid_key, &Issuer::from_params(&ca, &ca_key))
+            .expect("intermediate");
+        let leaf_key = KeyPair::generate().expect("key");
+        let mut leaf = CertificateParams::new(vec![cn.to_owned()]).expect("params");
+        leaf.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        let leaf_cert = leaf
+            .signed_by(&leaf_key, &Issuer::from_params(&mid, &mid_key))
+            .expect("leaf");
+        Issued {
+            chain: vec![leaf_cert.pem(), mid_cert.pem()],
+            key: leaf_key.serialize_pem(),
+        }
+    }
+
+    /// kubelet's credential bundle: the key, then the chain, leaf first.
+    fn credential_bundle(issued: &Issued) -> String {
+        format!("{}{}", issued.key, issued.chain.concat())
+    }
+
+    fn config(bundle: &Path, split: Option<&Path>) -> KeyPairConfig {
+        KeyPairConfig {
+            name: "pod".into(),
+            material: KeyMaterial::CredentialBundle(bundle.to_path_buf()),
+            split: split.map(|dir| SplitDir {
+                dir: dir.to_path_buf(),
+                key_mode: DEFAULT_KEY_MODE,
+            }),
+            chain_to: None,
+            reloads: Vec::new(),
+        }
+    }
+
+    fn now() -> i64 {
+        time::OffsetDateTime::now_utc().unix_timestamp()
+    }
+
+    fn held(outcome: Outcome) -> String {
+        match outcome {
+            Outcome::Held(reason) => reason,
+            Outcome::Unchanged => panic!("unchanged, not held"),
+            Outcome::Changed { .. } => panic!("changed, not held"),
+        }
+    }
+
+    #[test]
+    fn a_credential_bundle_is_read_with_its_key_first_or_last() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let issued = issue("pod.example");
+        let path = dir.path().join("credentialbundle.pem");
+        fs::write(&path, credential_bundle(&issued)).expect("write");
+        let split = dir.path().join("split");
+        let checked = inspect(&config(&path, Some(&split)), None, now()).expect("accepted");
+        assert!(checked.accepted.subject.contains("pod.example"));
+        let files = checked.split.expect("split files");
+        assert_eq!(
+            String::from_utf8(files.chain).expect("pem"),
+            issued.chain.concat().replace("\r\n", "\n")
+        );
+        assert!(files.key.starts_with(b"-----BEGIN PRIVATE KEY-----\n"));
+
+        // The key after the chain is found too.
+        fs::write(&path, format!("{}{}", issued.chain.concat(), issued.key)).expect("write");
+        inspect(&config(&path, None), None, now()).expect("accepted");
+    }
+
+    #[test]
+    fn a_mismatched_or_ambiguous_bundle_is_held_without_quoting_the_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (a, b) = (issue("a.example"), issue("b.example"));
+        let path = dir.path().join("credentialbundle.pem");
+        fs::write(&path, format!("{}{}", b.key, a.chain.concat())).expect("write");
+        let Err(held) = inspect(&config(&path, None), None, now()) else {
+            panic!("a mismatched bundle was accepted");
+        };
+        assert!(matches!(&held, Held::Mismatch { cert, half_written: false, .. } if *cert == path));
+        let reason = held.to_string();
+        assert!(reason.contains("does not match"), "{reason}");
+        assert!(reason.contains(path.to_str().expect("utf-8")), "{reason}");
+        let body: String = b.key.lines().nth(1).expect("a key line").to_owned();
+        assert!(!reason.contains(&body), "the key is quoted: {reason}");
+
+        fs::write(&path, format!("{}{}{}", a.key, b.key, a.chain.concat())).expect("write");
+        let Err(held) = inspect(&config(&path, None), None, now()) else {
+            panic!("two keys were accepted");
+        };
+        assert_eq!(
+            held,
+            Held::Keys {
+                path: path.clone(),
+                count: 2
+            }
+        );
+        let reason = held.to_string();
+        assert!(reason.contains("2 private keys"), "{reason}");
+
+        fs::write(&path, a.chain.concat()).expect("write");
+        let Err(held) = inspect(&config(&path, None), None, now()) else {
+            panic!("no key was accepted");
+        };
+        let reason = held.to_string();
+        assert!(reason.contains("no usable private key"), "{reason}");
+    }
+
+    #[test]
+    fn the_split_pair_is_written_only_for_an_accepted_pair() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("credentialbundle.pem");
+        let split = dir.path().join("shared/tls");
+        let mut state = KeyPairState::new(config(&path, Some(&split)));
+        let read_split = || {
+            (
+                fs::read_to_string(split.join("tls.crt")).unwrap_or_default(),
+                fs::read_to_string(split.join("tls.key")).unwrap_or_default(),
+            )
+        };
+
+        // A mismatched bundle first: held, nothing written.
+        let (a, b) = (issue("a.example"), issue("b.example"));
+        fs::write(&path, format!("{}{}", b.key, a.chain.concat())).expect("write");
+        held(state.check(None, now()));
+        assert!(!split.exists(), "a held pair was written");
+
+        // A good one: written (key at 0600) before the change is reported.
+        fs::write(&path, credential_bundle(&a)).expect("write");
+        assert!(matches!(
+            state.check(None, now()),
+            Outcome::Changed { first: false }
+        ));
+        assert_eq!(read_split(), (a.chain.concat(), a.key.clone()));
+        let mode = fs::metadata(split.join("tls.key"))
+            .expect("stat")
+            .permissions()
+            .mode()
+            & 0o7777;
+        assert_eq!(mode, 0o600);
+        assert!(matches!(state.check(None, now()), Outcome::Unchanged));
+
+        // A mismatched rotation: held, the split pair stays the last good.
+        fs::write(&path, format!("{}{}", a.key, b.chain.concat())).expect("write");
+        held(state.check(None, now()));
+        assert_eq!(read_split(), (a.chain.concat(), a.key.clone()));
+
+        // Removed behind our back: repaired, and no change reported.
+        fs::write(&path, credential_bundle(&a)).expect("write");
+        assert!(matches!(state.check(None, now()), Outcome::Unchanged));
+        fs::remove_file(split.join("tls.key")).expect("rm");
+        assert!(matches!(state.check(None, now()), Outcome::Unchanged));
+        assert_eq!(read_split(), (a.chain.concat(), a.key.clone()));
+    }
+
+    #[test]
+    fn at_start_a_split_dir_holding_another_pair_counts_as_a_change() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("credentialbundle.pem");
+        let split = dir.path().join("tls");
+        let (a, b) = (issue("a.example"), issue("b.example"));
+
+        // A fresh split directory at start: the app reads it when it starts.
+        fs::write(&path, credential_bundle(&a)).expect("write");
+        let mut state = KeyPairState::new(config(&path, Some(&split)));
+        assert!(matches!(
+            state.check(None, now()),
+            Outcome::Changed { first: true }
+        ));
+        // The same pair after a restart: nothing written, no reload.
+        let mut state = KeyPairState::new(config(&path, Some(&split)));
+        assert!(matches!(
+            state.check(None, now()),
+            Outcome::Changed { first: true }
+        ));
+        // Rotated while anchorage was down: the app holds the old pair.
+        fs::write(&path, credential_bundle(&b)).expect("write");
+        let mut state = KeyPairState::new(config(&path, Some(&split)));
+        assert!(matches!(
+            state.check(None, now()),
+            Outcome::Changed { first: false }
+        ));
+    }
+
+    #[test]
+    fn a_failed_split_write_is_held_and_retried_on_a_timer() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("credentialbundle.pem");
+        fs::write(&path, credential_bundle(&issue("a.example"))).expect("write");
+        // A regular file where the split directory's key goes.
+        let split: PathBuf = dir.path().join("tls");
+        fs::create_dir(&split).expect("mkdir");
+        fs::write(split.join("tls.key"), "not ours").expect("write");
+        let mut state = KeyPairState::new(config(&path, Some(&split)));
+        let t = now();
+        let reason = held(state.check(None, t));
+        assert!(reason.contains("not written by anchorage"), "{reason}");
+        assert_eq!(state.next_change, Some(t + 1));
+        assert!(matches!(state.check(None, t), Outcome::Unchanged));
+        assert_eq!(state.next_change, Some(t + 2));
+        assert!(state.accepted.is_none());
+
+        fs::remove_file(split.join("tls.key")).expect("rm");
+        assert!(matches!(
+            state.check(None, t),
+            Outcome::Changed { first: false }
+        ));
+        assert_eq!(state.write_failures, 0);
+    }
 }

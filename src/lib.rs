@@ -9,8 +9,8 @@
 //! 1. [`config`]: flags, `ANCHORAGE_*` variables and the TOML file become one
 //!    validated [`config::Config`]; nothing is read or written before it exists.
 //! 2. [`source`]: each source (file, directory, kubelet volume, glob) is read
-//!    into raw certificate blocks; PEM framing, DER, size limits, private keys
-//!    skipped; never a FIFO or a device.
+//!    into raw certificate blocks; PEM framing, DER, SPIFFE bundles (JSON),
+//!    size limits, private keys skipped; never a FIFO or a device.
 //! 3. [`bundle`]: blocks are parsed into [`bundle::Anchor`]s, the policy keeps
 //!    CAs that are still valid, dedupes by SHA-256 and orders them, giving a
 //!    [`bundle::Bundle`] or a [`bundle::Refusal`].

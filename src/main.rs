@@ -17,7 +17,7 @@ use anchorage::reload::child::{ChildHandle, Supervisor};
 use anchorage::reload::{Reloader, Request};
 use anchorage::render::{self, BundleState, Mode};
 use anchorage::telemetry::status::Status;
-use anchorage::telemetry::{http, init_logs, metrics::Metrics, say, systemd};
+use anchorage::telemetry::{health_check, http, init_logs, metrics::Metrics, say, systemd};
 use anchorage::{check, keypair};
 
 const INVALID_INPUT: u8 = 1;
@@ -41,7 +41,7 @@ fn main() -> ExitCode {
             let now = time::OffsetDateTime::now_utc().unix_timestamp();
             let at = args.at.map(|t| t.unix_timestamp());
             let mut stdout = std::io::stdout().lock();
-            match check::run(&args.paths, args.json, at, now, &mut stdout) {
+            match check::run(&args.paths, args.json, args.strict, at, now, &mut stdout) {
                 Ok(code) => ExitCode::from(code as u8),
                 Err(e) => {
                     say(&format!("check: {e}"));
@@ -49,6 +49,11 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Health(args) => ExitCode::from(health_check::run(
+            args.listen.as_deref(),
+            args.config.as_deref(),
+            args.live,
+        )),
         Command::Render(args) => render_command(args),
         Command::Run(args) => run_command(args),
     }
@@ -123,7 +128,9 @@ fn render_command(args: RenderArgs) -> ExitCode {
                 render::log_report(&bundle.name, &report, mode);
                 if mode == Mode::DryRun {
                     for spec in &bundle.outputs {
-                        let verdict = if report.changed.contains(&spec.path) {
+                        let verdict = if report.failed.iter().any(|(p, _)| *p == spec.path) {
+                            "would be refused"
+                        } else if report.changed.contains(&spec.path) {
                             "would change"
                         } else {
                             "unchanged"
@@ -162,21 +169,39 @@ fn render_command(args: RenderArgs) -> ExitCode {
             }
         }
     }
-    // A dry run validates the key pairs too: what `run` would accept.
-    if mode == Mode::DryRun {
-        for pair in &config.keypairs {
-            let chain_to = pair.chain_to.as_ref().and_then(|b| rendered.get(b));
+    // Key pairs: a dry run checks every one (what `run` would accept); a
+    // render writes the split_dir of those that have one (an init
+    // container then hands the app its tls.crt and tls.key).
+    for pair in &config.keypairs {
+        if mode == Mode::Write && pair.split.is_none() {
+            continue;
+        }
+        let chain_to = pair.chain_to.as_ref().and_then(|b| rendered.get(b));
+        if mode == Mode::DryRun {
             match keypair::inspect(pair, chain_to.map(|b| &**b), now) {
-                Ok(accepted) => println!(
+                Ok(checked) => println!(
                     "valid: key pair {} ({})",
                     pair.name,
-                    keypair::describe(&accepted)
+                    keypair::describe(&checked.accepted)
                 ),
                 Err(held) => {
                     say(&format!("key pair {}: held: {held}", pair.name));
                     failed = true;
                 }
             }
+            continue;
+        }
+        let mut state = keypair::KeyPairState::new(pair.clone());
+        match state.check(chain_to.map(|b| &**b), now) {
+            keypair::Outcome::Held(reason) => {
+                say(&format!("key pair {}: held: {reason}", pair.name));
+                failed = true;
+            }
+            _ => match &state.accepted {
+                Some(accepted) => info!(keypair = %pair.name,
+                    certificate = %keypair::describe(accepted), "key pair split"),
+                None => failed = true,
+            },
         }
     }
     if !due.is_empty() {
@@ -291,7 +316,7 @@ fn warn_subpaths(config: &Config) {
         config
             .keypairs
             .iter()
-            .flat_map(|k| [k.cert.clone(), k.key.clone()]),
+            .flat_map(|k| k.paths().into_iter().map(std::path::Path::to_path_buf)),
     );
     anchorage::source::mounts::warn_subpaths(&paths);
 }

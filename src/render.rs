@@ -210,7 +210,8 @@ impl BundleState {
             let known = self.published.get(&spec.path);
             let result = match (known, mode) {
                 (Some(previous), _) if *previous == rendered => Ok(false),
-                (_, Mode::DryRun) => Ok(!atomic::matches(&spec.path, &rendered, spec.mode)),
+                (_, Mode::DryRun) => atomic::check_writable(&spec.path, &rendered)
+                    .map(|()| !atomic::matches(&spec.path, &rendered, spec.mode)),
                 // Known to differ: write without comparing with the disk.
                 (Some(_), Mode::Write) => {
                     atomic::write(&spec.path, &rendered, spec.mode).map(|()| true)

@@ -234,29 +234,48 @@ pub struct Watch {
     wanted: Vec<Vec<WatchPoint>>,
 }
 
-/// Why watching could not start or continue.
+/// Why watching could not start or continue, naming the directory.
 #[derive(Debug)]
-pub struct WatchError(pub String);
+pub enum WatchError {
+    /// `fs.inotify.max_user_watches` is exhausted.
+    WatchLimit { dir: PathBuf },
+    /// `fs.inotify.max_user_instances` is exhausted.
+    InstanceLimit { dir: PathBuf },
+    /// Any other failure to watch `dir`.
+    Failed { dir: PathBuf, reason: String },
+}
 
 impl std::fmt::Display for WatchError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        match self {
+            Self::WatchLimit { dir } => write!(
+                f,
+                "{}: the inotify watch limit is exhausted: raise fs.inotify.max_user_watches \
+                 (sysctl) or run with --poll",
+                dir.display()
+            ),
+            Self::InstanceLimit { dir } => write!(
+                f,
+                "{}: the inotify instance limit is exhausted: raise fs.inotify.max_user_instances \
+                 (sysctl) or run with --poll",
+                dir.display()
+            ),
+            Self::Failed { dir, reason } => write!(f, "{}: cannot watch: {reason}", dir.display()),
+        }
     }
 }
 
-fn describe(path: &Path, e: Errno) -> String {
+impl std::error::Error for WatchError {}
+
+fn describe(path: &Path, e: Errno) -> WatchError {
+    let dir = path.to_path_buf();
     match e {
-        Errno::ENOSPC => format!(
-            "{}: the inotify watch limit is exhausted: raise fs.inotify.max_user_watches \
-             (sysctl) or run with --poll",
-            path.display()
-        ),
-        Errno::EMFILE => format!(
-            "{}: the inotify instance limit is exhausted: raise fs.inotify.max_user_instances \
-             (sysctl) or run with --poll",
-            path.display()
-        ),
-        _ => format!("{}: cannot watch: {}", path.display(), io::Error::from(e)),
+        Errno::ENOSPC => WatchError::WatchLimit { dir },
+        Errno::EMFILE => WatchError::InstanceLimit { dir },
+        _ => WatchError::Failed {
+            dir,
+            reason: io::Error::from(e).to_string(),
+        },
     }
 }
 
@@ -265,14 +284,16 @@ impl Watch {
     /// read it (on the event loop: call from within the tokio runtime).
     pub fn new() -> Result<(Self, Events), WatchError> {
         let inotify = Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK)
-            .map_err(|e| WatchError(describe(Path::new("inotify"), e)))?;
+            .map_err(|e| describe(Path::new("inotify"), e))?;
         let inotify = Arc::new(inotify);
         // Deprecated because a safe function can be handed a raw fd it does
         // not own; the queue owns its fd (a share of the instance), so the
         // fd outlives the registration.
         #[allow(deprecated)]
-        let fd = AsyncFd::new(Queue(inotify.clone()))
-            .map_err(|e| WatchError(format!("inotify: cannot poll: {e}")))?;
+        let fd = AsyncFd::new(Queue(inotify.clone())).map_err(|e| WatchError::Failed {
+            dir: PathBuf::from("inotify"),
+            reason: format!("cannot poll: {e}"),
+        })?;
         let watch = Self {
             inotify,
             watched: HashMap::new(),
@@ -377,9 +398,9 @@ impl Watch {
                     self.watched.insert(dir, Watched { wd, id, routed_at });
                 }
                 Err(e @ Errno::ENOSPC) => {
-                    let message = describe(&dir, e);
-                    error!("{message}");
-                    result = Err(WatchError(message));
+                    let error = describe(&dir, e);
+                    error!("{error}");
+                    result = Err(error);
                 }
                 // Removed (or replaced by a file) between the stat and the
                 // watch: the next refresh watches its ancestor.

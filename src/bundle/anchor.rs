@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use x509_parser::prelude::{FromDer, X509Certificate, X509Version};
 
+use super::strict::{self, Reason};
 use super::subject_hash::subject_hash;
 use crate::source::CertBlock;
 
@@ -46,6 +47,8 @@ pub struct Facts {
     pub not_after: i64,
     /// CA by OpenSSL's rules (see [`is_ca`]).
     pub is_ca: bool,
+    /// Why a strict verifier would refuse it as a CA; empty when it would not.
+    pub strict: Vec<Reason>,
     pub subject_hash: u32,
 }
 
@@ -95,6 +98,7 @@ impl Anchor {
             _ => sha256(&der),
         };
         let is_ca = is_ca(&cert).map_err(fail)?;
+        let strict = strict::reasons(&cert, is_ca);
         let facts = Facts {
             sha256,
             subject: cert.subject().to_string(),
@@ -103,6 +107,7 @@ impl Anchor {
             not_before: cert.validity().not_before.timestamp(),
             not_after: cert.validity().not_after.timestamp(),
             is_ca,
+            strict,
             subject_hash: subject_hash(cert.subject().as_raw()),
             der,
         };

@@ -8,6 +8,7 @@
 
 mod anchor;
 pub mod retain;
+pub mod strict;
 pub mod subject_hash;
 pub mod verify;
 

@@ -609,15 +609,19 @@ mod tests {
 
     // ---- talking to the openssl binary ----
 
-    fn have_openssl() -> bool {
+    /// The comparisons with OpenSSL are the point of these tests: openssl is
+    /// a declared test dependency (scripts/install-test-deps), so a machine
+    /// without it fails them instead of passing them unchecked.
+    #[track_caller]
+    fn require_openssl() {
         let found = Command::new("openssl")
             .arg("version")
             .output()
             .is_ok_and(|out| out.status.success());
-        if !found {
-            eprintln!("NOTE: no usable `openssl` on PATH; skipping the comparison with OpenSSL");
-        }
-        found
+        assert!(
+            found,
+            "no usable `openssl` on PATH: run scripts/install-test-deps"
+        );
     }
 
     /// `openssl x509 -noout -subject_hash` for each certificate, run from one
@@ -724,9 +728,7 @@ mod tests {
             eprintln!("NOTE: {SYSTEM_BUNDLE} not found; skipping");
             return;
         }
-        if !have_openssl() {
-            return;
-        }
+        require_openssl();
         let ders: Vec<Vec<u8>> = CertificateDer::pem_file_iter(bundle)
             .expect("open bundle")
             .map(|cert| cert.expect("PEM block").to_vec())
@@ -944,9 +946,7 @@ mod tests {
 
     #[test]
     fn matches_openssl_on_openssl_req_certificates() {
-        if !have_openssl() {
-            return;
-        }
+        require_openssl();
         let dir = tempfile::tempdir().expect("temp dir");
         let key = dir.path().join("key.pem");
         let status = Command::new("openssl")
@@ -1033,9 +1033,7 @@ mod tests {
         };
         use rcgen::{CertificateParams, DistinguishedName, DnType, DnValue, KeyPair};
 
-        if !have_openssl() {
-            return;
-        }
+        require_openssl();
         let values: Vec<Vec<(DnType, DnValue)>> = vec![
             vec![
                 (
@@ -1437,9 +1435,7 @@ mod tests {
     fn matches_openssl_on_crafted_names() {
         use rcgen::{CertificateParams, KeyPair};
 
-        if !have_openssl() {
-            return;
-        }
+        require_openssl();
         let key = KeyPair::generate().expect("key");
         let base = CertificateParams::default()
             .self_signed(&key)

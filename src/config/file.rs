@@ -1,13 +1,34 @@
 //! The TOML config file as written: raw serde structs with spans, so that
 //! every error can name the file, the line and the key.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
-use crate::cli::LogFormat;
+use super::{Config, ConfigError, Origin};
+use crate::cli::{Flags, LogFormat};
+
+impl Config {
+    /// [`Config::load`] from text already read: `text` is taken to be the
+    /// content of the file at `path` (which is never opened), and the flags
+    /// apply on top of it. The whole parse and validation, for text that is
+    /// not on disk (the fuzz targets feed it).
+    pub fn from_text(
+        flags: &Flags,
+        path: &Path,
+        text: &str,
+        has_child: bool,
+    ) -> Result<Self, ConfigError> {
+        let raw = super::parse_file(path, text)?;
+        let origin = Origin {
+            file: Some(path),
+            text,
+        };
+        super::build(flags, raw, &origin, has_child)
+    }
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -87,8 +108,15 @@ pub struct RawReload {
 #[serde(deny_unknown_fields)]
 pub struct RawKeyPair {
     pub name: Option<Spanned<String>>,
-    pub cert: PathBuf,
-    pub key: PathBuf,
+    pub cert: Option<Spanned<PathBuf>>,
+    pub key: Option<Spanned<PathBuf>>,
+    /// The key and the chain in one PEM file (a podCertificate volume's
+    /// `credentialBundlePath`), instead of `cert` and `key`.
+    pub credential_bundle: Option<Spanned<PathBuf>>,
+    /// Where to write the accepted pair as `tls.crt` and `tls.key`.
+    pub split_dir: Option<Spanned<PathBuf>>,
+    /// The mode of `split_dir/tls.key` (default 0600).
+    pub key_mode: Option<Spanned<String>>,
     pub chain_to: Option<Spanned<String>>,
     #[serde(default)]
     pub reload: Vec<Spanned<RawReload>>,
@@ -112,5 +140,38 @@ impl<'de> Deserialize<'de> for Dur {
         crate::cli::parse_duration(&s)
             .map(Dur)
             .map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flags(path: &Path) -> Flags {
+        Flags {
+            config: Some(path.to_path_buf()),
+            ..Flags::default()
+        }
+    }
+
+    #[test]
+    fn text_is_read_as_the_named_file() {
+        let path = Path::new("/etc/anchorage/anchorage.toml");
+        let config = Config::from_text(
+            &flags(path),
+            path,
+            "[[bundle]]\nname = \"peers\"\nsources = [\"/certs\"]\n",
+            false,
+        )
+        .expect("valid");
+        assert_eq!(config.bundles.len(), 1);
+        assert_eq!(config.bundles[0].name, "peers");
+        let err = Config::from_text(&flags(path), path, "[daemon]\n\nresync = \"soon\"\n", false)
+            .expect_err("a bad duration");
+        assert!(
+            err.to_string()
+                .starts_with("/etc/anchorage/anchorage.toml:3: resync"),
+            "{err}"
+        );
     }
 }

@@ -6,6 +6,7 @@
 //! flag): the process exits 2 on it, at start, and never later.
 
 mod file;
+mod keypair;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -22,7 +23,10 @@ pub use crate::reload::spec::{
     parse_signal,
 };
 use crate::source::Source;
-use file::{Command, RawBundle, RawDaemon, RawFile, RawKeyPair, RawReload};
+use file::{Command, RawBundle, RawDaemon, RawFile, RawReload};
+pub use keypair::{
+    DEFAULT_KEY_MODE, KeyMaterial, KeyPairConfig, SPLIT_CERT, SPLIT_CERT_MODE, SPLIT_KEY, SplitDir,
+};
 
 pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(200);
 pub const DEFAULT_RESYNC: Duration = Duration::from_secs(300);
@@ -60,16 +64,6 @@ pub struct BundleConfig {
     pub verify: Vec<PathBuf>,
     pub policy: Policy,
     pub outputs: Vec<OutputSpec>,
-    pub reloads: Vec<ReloadSpec>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct KeyPairConfig {
-    pub name: String,
-    pub cert: PathBuf,
-    pub key: PathBuf,
-    /// The name of a bundle the certificate must chain to.
-    pub chain_to: Option<String>,
     pub reloads: Vec<ReloadSpec>,
 }
 
@@ -168,7 +162,7 @@ pub const MAX_CONFIG_SIZE: u64 = 1024 * 1024;
 
 /// Reads the config file: a regular file of at most [`MAX_CONFIG_SIZE`]
 /// bytes, never opened in a way that blocks (a FIFO), re-read on SIGHUP.
-fn read_config(path: &Path) -> Result<String, String> {
+pub fn read_config(path: &Path) -> Result<String, String> {
     use std::io::Read;
     let file = crate::source::open_nonblocking(path).map_err(|e| format!("cannot read: {e}"))?;
     let meta = file.metadata().map_err(|e| format!("cannot read: {e}"))?;
@@ -252,6 +246,11 @@ fn build(
         .iter()
         .map(|k| k.get_ref().name.as_ref().map(Spanned::span))
         .collect();
+    let keypair_split_spans: Vec<Option<std::ops::Range<usize>>> = raw
+        .keypair
+        .iter()
+        .map(|k| k.get_ref().split_dir.as_ref().map(Spanned::span))
+        .collect();
     for (i, spanned) in raw.bundle.into_iter().enumerate() {
         let span = spanned.span();
         let overrides = if bundle_flags { Some(flags) } else { None };
@@ -295,23 +294,21 @@ fn build(
     let mut keypairs = Vec::new();
     for (i, spanned) in raw.keypair.into_iter().enumerate() {
         let span = spanned.span();
-        keypairs.push(keypair(i, spanned.into_inner(), span, origin, has_child)?);
+        keypairs.push(keypair::from_raw(
+            i,
+            spanned.into_inner(),
+            span,
+            origin,
+            has_child,
+        )?);
     }
-    if let (Some(cert), Some(key)) = (&flags.cert, &flags.key) {
-        keypairs.push(KeyPairConfig {
-            name: FLAG_BUNDLE.into(),
-            cert: cert.clone(),
-            key: key.clone(),
-            chain_to: None,
-            reloads: flag_reloads,
-        });
-    }
+    keypairs.extend(keypair::from_flags(flags, &flag_reloads)?);
 
     if bundles.is_empty() && keypairs.is_empty() {
         return origin.error(
             None,
             "--source",
-            "nothing to do: give --source, --cert/--key, or a --config with [[bundle]] or [[keypair]]",
+            "nothing to do: give --source, --cert/--key, --credential-bundle, or a --config with [[bundle]] or [[keypair]]",
         );
     }
     let mut names = std::collections::HashSet::new();
@@ -362,6 +359,29 @@ fn build(
                     format!(
                         "{} is already an output of {first}; two outputs cannot share a path",
                         out.path.display()
+                    ),
+                );
+            }
+        }
+    }
+    // A split directory is an output too, and so are the two files in it.
+    for (k, pair) in keypairs.iter().enumerate() {
+        let Some(split) = &pair.split else { continue };
+        let span = keypair_split_spans.get(k).cloned().flatten();
+        let owner = format!("key pair {:?}", pair.name);
+        for path in [split.dir.clone(), split.cert(), split.key()] {
+            if let Some(first) = paths.insert(path.clone(), owner.clone()) {
+                let key = if span.is_some() {
+                    "keypair.split_dir"
+                } else {
+                    "--split-dir"
+                };
+                return origin.error(
+                    span,
+                    key,
+                    format!(
+                        "{} is already an output of {first}; two outputs cannot share a path",
+                        path.display()
                     ),
                 );
             }
@@ -626,35 +646,6 @@ fn reload(
     };
     spec::build(draft, has_child)
         .or_else(|e| origin.error(e.span, &format!("{key}.{}", e.field), e.message))
-}
-
-fn keypair(
-    index: usize,
-    raw: RawKeyPair,
-    _span: std::ops::Range<usize>,
-    origin: &Origin<'_>,
-    has_child: bool,
-) -> Result<KeyPairConfig, ConfigError> {
-    let mut reloads = Vec::new();
-    for r in raw.reload {
-        let span = r.span();
-        reloads.push(reload(
-            r.into_inner(),
-            span,
-            origin,
-            "keypair.reload",
-            has_child,
-        )?);
-    }
-    Ok(KeyPairConfig {
-        name: raw
-            .name
-            .map_or_else(|| format!("keypair{index}"), Spanned::into_inner),
-        cert: raw.cert,
-        key: raw.key,
-        chain_to: raw.chain_to.map(Spanned::into_inner),
-        reloads,
-    })
 }
 
 /// The reload actions the flags describe, one draft per target, built by

@@ -175,9 +175,9 @@ impl Entry {
                 .iter()
                 .find(|k| k.name == self.name)
                 .map(|k| {
-                    [&k.cert, &k.key]
+                    k.paths()
                         .into_iter()
-                        .flat_map(|p| watch_points(0, &Source::Path(p.clone())))
+                        .flat_map(|p| watch_points(0, &Source::Path(p.to_path_buf())))
                         .collect()
                 })
                 .unwrap_or_default(),
@@ -712,6 +712,8 @@ impl Daemon {
             Outcome::Rendered(Err(refusal)) => {
                 entry.next_change = None;
                 entry.refusal = Some(refusal.reason());
+                // Nothing to write until the sources change.
+                entry.retry = None;
             }
             Outcome::Checked(result) => {
                 if let Target::KeyPair(pair) = &target {
@@ -859,7 +861,9 @@ fn request_keypair_reloads(
 ) {
     let name = &pair.config.name;
     match outcome {
-        keypair::Outcome::Unchanged => {}
+        keypair::Outcome::Unchanged => {
+            debug!(keypair = %name, held = ?pair.held, "key pair checked; nothing new");
+        }
         keypair::Outcome::Held(reason) => {
             warn!(keypair = %name, reason = %reason, "key pair held; no reload");
         }
@@ -877,7 +881,7 @@ fn request_keypair_reloads(
                     spec,
                     Request {
                         names: [name.clone()].into(),
-                        outputs: [pair.config.cert.clone()].into(),
+                        outputs: pair.config.outputs().into_iter().collect(),
                         startup: first,
                         expect: Some(accepted.leaf.clone()),
                         only_if_stale: first,

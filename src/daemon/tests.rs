@@ -89,6 +89,21 @@ async fn until(what: &str, check: impl Fn() -> bool) -> Duration {
     panic!("never: {what}");
 }
 
+/// Waits in real time (on the blocking pool, which holds tokio's paused
+/// clock still) until `check` holds: for what comes from outside tokio, an
+/// inotify event, which paused time would otherwise jump past.
+async fn real_until(what: &str, check: impl Fn() -> bool) {
+    for _ in 0..1_000 {
+        if check() {
+            return;
+        }
+        tokio::task::spawn_blocking(|| std::thread::sleep(Duration::from_millis(10)))
+            .await
+            .expect("sleep");
+    }
+    panic!("never: {what}");
+}
+
 fn real_now() -> i64 {
     Clock::System.now()
 }
@@ -150,8 +165,13 @@ async fn a_removed_ca_is_retained_until_its_grace_ends() {
     let clock = Clock::starting_at(now);
     let daemon = Running::start(flags, now);
     until("both rendered", || certificates(&output) == 2).await;
+    let events = daemon.metrics.watch_events.get();
     std::fs::remove_file(source.join("old.pem")).expect("rm");
     let removed_at = clock.now();
+    real_until("the removal seen", || {
+        daemon.metrics.watch_events.get() > events
+    })
+    .await;
     // Removed from the sources, still trusted for 72 hours.
     tokio::time::sleep(Duration::from_secs(72 * 3600 - 10)).await;
     assert_eq!(certificates(&output), 2, "dropped before its grace ended");

@@ -12,6 +12,16 @@
 //!   shared with the app) gets kubelet's layout instead: each generation in a
 //!   hidden `..anchorage_*` directory inside it, published by renaming a
 //!   `..data` symlink, the visible names being symlinks through `..data`.
+//! - A directory output replaces only what anchorage wrote (guarantee 11): a
+//!   missing or empty directory, one holding the [`MARKER`] each generation
+//!   carries, or one holding only names a directory format produces (an
+//!   earlier version's output). Anything else, or a file where the directory
+//!   should be, is refused before a byte is written, and nothing is deleted.
+//!
+//! - A key pair's `split_dir` always gets kubelet's layout, each file with
+//!   its own mode ([`publish_generation`]), so a reader that opens
+//!   `tls.crt` and `tls.key` through their links never pairs one
+//!   generation's certificate with another's key.
 //!
 //! Nothing here ever writes into the live output in place.
 
@@ -30,6 +40,13 @@ const DATA_TMP: &str = "..data_tmp";
 /// Our generations inside a mount point; never a name kubelet uses.
 const GENERATION_PREFIX: &str = "..anchorage_";
 const DIR_MODE: u32 = 0o755;
+/// Written into every swapped directory generation: it says the directory
+/// is anchorage's to replace. Its name starts with `..`, so source
+/// directories, `check` and kubelet-aware readers skip it, as shells and
+/// OpenSSL's hashed lookup skip any dot-file.
+pub const MARKER: &str = "..anchorage";
+const MARKER_TEXT: &[u8] =
+    b"This directory is written by anchorage and replaced as a whole at every change.\n";
 
 /// Writes `rendered` at `path` unless the same bytes (and mode) are already
 /// there. Returns whether the output changed on disk.
@@ -122,13 +139,23 @@ pub fn write_file(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
 
 /// Publishes a directory of files atomically.
 pub fn write_dir(path: &Path, files: &[(String, Vec<u8>)], mode: u32) -> io::Result<()> {
+    let entries = with_mode(files, mode);
     if is_symlink(&path.join(DATA)) {
-        return write_generation(path, files, mode);
+        return write_generation(path, &entries);
+    }
+    // Decided before anything is written: a refusal leaves no trace.
+    match ownership(path)? {
+        Ownership::Ours => {}
+        // Its other files stay; ours go in through `..data` beside them.
+        Ownership::Foreign(_) if crate::source::mounts::is_mount_point(path) => {
+            return write_generation(path, &entries);
+        }
+        Ownership::Foreign(reason) => return Err(refusal(path, &reason)),
     }
     let parent = parent_of(path);
     fs::create_dir_all(parent).map_err(|e| context(parent, "create directory", e))?;
     let tmp = temp_beside(path, "new");
-    if let Err(e) = fill_dir(&tmp, files, mode) {
+    if let Err(e) = fill_dir(&tmp, &entries, Some(mode)) {
         let _ = fs::remove_dir_all(&tmp);
         return Err(e);
     }
@@ -144,13 +171,13 @@ pub fn write_dir(path: &Path, files: &[(String, Vec<u8>)], mode: u32) -> io::Res
             return Err(context(path, "stat", e));
         }
         Ok(_) => match exchange(&tmp, path) {
-            // `tmp` now holds the previous output (a directory, or a symlink
-            // or file someone placed there): remove it.
+            // `tmp` now holds the previous output (our directory, or a
+            // symlink someone placed there): remove it.
             Ok(()) => remove_any(&tmp).map_err(|e| context(&tmp, "remove old output", e))?,
             Err(e) if e.raw_os_error() == Some(nix::libc::EBUSY) => {
                 // A mount point: publish inside it instead.
                 let _ = fs::remove_dir_all(&tmp);
-                return write_generation(path, files, mode);
+                return write_generation(path, &entries);
             }
             Err(e) => {
                 let _ = fs::remove_dir_all(&tmp);
@@ -161,8 +188,121 @@ pub fn write_dir(path: &Path, files: &[(String, Vec<u8>)], mode: u32) -> io::Res
     sync_dir(parent)
 }
 
-/// Creates directory `dir` holding `files`, all data synced.
-fn fill_dir(dir: &Path, files: &[(String, Vec<u8>)], mode: u32) -> io::Result<()> {
+/// Why `rendered` would be refused at `path` (guarantee 11), found without
+/// writing anything: what `render --dry-run` reports. A file output is
+/// never refused here.
+pub fn check_writable(path: &Path, rendered: &Rendered) -> io::Result<()> {
+    let Rendered::Dir(files) = rendered else {
+        return Ok(());
+    };
+    let entries = with_mode(files, 0);
+    let inside = is_symlink(&path.join(DATA));
+    if !inside {
+        match ownership(path)? {
+            Ownership::Ours => return Ok(()),
+            Ownership::Foreign(_) if crate::source::mounts::is_mount_point(path) => {}
+            Ownership::Foreign(reason) => return Err(refusal(path, &reason)),
+        }
+    }
+    match foreign_visible(path, &entries)? {
+        Some(visible) => Err(not_ours(&visible)),
+        None => Ok(()),
+    }
+}
+
+/// Whether a directory output may replace what is at its path.
+enum Ownership {
+    Ours,
+    /// Not ours, and why (for the refusal).
+    Foreign(String),
+}
+
+/// Whether the thing at `path` is anchorage's to replace: nothing, a
+/// symlink (replaced, never followed, guarantee 1), an empty directory, a
+/// directory holding [`MARKER`], or one holding only regular files named as
+/// a directory format names them (an output of an earlier version, which
+/// wrote no marker).
+fn ownership(path: &Path) -> io::Result<Ownership> {
+    let meta = match fs::symlink_metadata(path) {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Ownership::Ours),
+        Err(e) => return Err(context(path, "stat", e)),
+    };
+    let kind = meta.file_type();
+    if kind.is_symlink() {
+        return Ok(Ownership::Ours);
+    }
+    if !kind.is_dir() {
+        let what = if kind.is_file() {
+            "a regular file"
+        } else {
+            "a special file"
+        };
+        return Ok(Ownership::Foreign(format!(
+            "{what} is there, not a directory anchorage wrote"
+        )));
+    }
+    // The first foreign name in order, so the message is stable.
+    let mut foreign: Option<std::ffi::OsString> = None;
+    let mut others = 0usize;
+    for entry in fs::read_dir(path).map_err(|e| context(path, "list", e))? {
+        let entry = entry.map_err(|e| context(path, "list", e))?;
+        let name = entry.file_name();
+        if name == MARKER {
+            return Ok(Ownership::Ours);
+        }
+        let legacy = name.to_str().is_some_and(super::format::is_dir_output_name)
+            && entry.file_type().is_ok_and(|t| t.is_file());
+        if legacy {
+            continue;
+        }
+        match &foreign {
+            Some(first) if *first <= name => others += 1,
+            Some(_) => {
+                others += 1;
+                foreign = Some(name);
+            }
+            None => foreign = Some(name),
+        }
+    }
+    Ok(match foreign {
+        None => Ownership::Ours,
+        Some(name) => Ownership::Foreign(match others {
+            0 => format!("the directory holds {name:?}, which anchorage did not write"),
+            n => format!(
+                "the directory holds {name:?} and {n} other name(s) anchorage did not write"
+            ),
+        }),
+    })
+}
+
+/// The error a refused directory output returns: the path, the reason, and
+/// what the user can do.
+fn refusal(path: &Path, reason: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::AlreadyExists,
+        format!(
+            "{}: refusing to replace it: {reason}; nothing was changed (remove it, or choose a \
+             new or empty directory)",
+            path.display()
+        ),
+    )
+}
+
+/// One file of a directory: its name, bytes and mode.
+type Entry<'a> = (&'a str, &'a [u8], u32);
+
+/// The files of a directory output, all with one mode.
+fn with_mode(files: &[(String, Vec<u8>)], mode: u32) -> Vec<Entry<'_>> {
+    files
+        .iter()
+        .map(|(name, bytes)| (name.as_str(), bytes.as_slice(), mode))
+        .collect()
+}
+
+/// Creates directory `dir` holding `files` (and [`MARKER`] with that mode,
+/// if `marker`), all data synced.
+fn fill_dir(dir: &Path, files: &[Entry<'_>], marker: Option<u32>) -> io::Result<()> {
     use nix::fcntl::{OFlag, openat};
     use nix::sys::stat::Mode;
     fs::create_dir(dir).map_err(|e| context(dir, "create directory", e))?;
@@ -172,17 +312,12 @@ fn fill_dir(dir: &Path, files: &[(String, Vec<u8>)], mode: u32) -> io::Result<()
     // Thousands of files: created relative to the directory (no path walk
     // each), given their mode at creation, and chmod'ed only where the
     // umask took bits away.
-    let chmod = umask().is_none_or(|mask| mode & mask != 0);
     let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_CLOEXEC;
-    let written = crate::parallel::map(files, |(name, bytes)| -> io::Result<()> {
+    let written = crate::parallel::map(files, |&(name, bytes, mode)| -> io::Result<()> {
         let path = dir.join(name);
-        let fd = openat(
-            &handle,
-            name.as_str(),
-            flags,
-            Mode::from_bits_truncate(mode),
-        )
-        .map_err(|e| context(&path, "create", e.into()))?;
+        let chmod = umask().is_none_or(|mask| mode & mask != 0);
+        let fd = openat(&handle, name, flags, Mode::from_bits_truncate(mode))
+            .map_err(|e| context(&path, "create", e.into()))?;
         let mut file = File::from(fd);
         file.write_all(bytes)
             .map_err(|e| context(&path, "write", e))?;
@@ -193,6 +328,19 @@ fn fill_dir(dir: &Path, files: &[(String, Vec<u8>)], mode: u32) -> io::Result<()
         Ok(())
     });
     written.into_iter().collect::<io::Result<()>>()?;
+    if let Some(mode) = marker {
+        let path = dir.join(MARKER);
+        let chmod = umask().is_none_or(|mask| mode & mask != 0);
+        let fd = openat(&handle, MARKER, flags, Mode::from_bits_truncate(mode))
+            .map_err(|e| context(&path, "create", e.into()))?;
+        let mut file = File::from(fd);
+        file.write_all(MARKER_TEXT)
+            .map_err(|e| context(&path, "write", e))?;
+        if chmod {
+            file.set_permissions(Permissions::from_mode(mode))
+                .map_err(|e| context(&path, "chmod", e))?;
+        }
+    }
     // One syncfs instead of a fsync per file: thousands of certificates
     // would otherwise mean thousands of journal commits.
     nix::unistd::syncfs(&handle).map_err(|e| context(dir, "sync", e.into()))?;
@@ -245,9 +393,51 @@ fn is_symlink(path: &Path) -> bool {
     fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink())
 }
 
+/// Publishes `files` (name, bytes, mode) inside `dir` in kubelet's layout,
+/// creating `dir` if it is missing, unless exactly these files are already
+/// live there. Returns whether anything changed on disk.
+///
+/// A visible name that exists and is not a link through `..data` was not
+/// written here: it is refused, never replaced (guarantee 11).
+pub fn publish_generation(dir: &Path, files: &[(&str, &[u8], u32)]) -> io::Result<bool> {
+    if generation_matches(dir, files) {
+        return Ok(false);
+    }
+    fs::create_dir_all(dir).map_err(|e| context(dir, "create directory", e))?;
+    write_generation(dir, files)?;
+    Ok(true)
+}
+
+/// The first visible name of `files` in `dir` that exists and is not a
+/// link through `..data`: a file anchorage did not write there.
+fn foreign_visible(dir: &Path, files: &[Entry<'_>]) -> io::Result<Option<PathBuf>> {
+    for (name, _, _) in files {
+        let visible = dir.join(name);
+        match fs::symlink_metadata(&visible) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(context(&visible, "stat", e)),
+            Ok(_) if fs::read_link(&visible).is_ok_and(|t| t == Path::new(DATA).join(name)) => {}
+            Ok(_) => return Ok(Some(visible)),
+        }
+    }
+    Ok(None)
+}
+
+/// The error for a visible name that is a file anchorage did not write.
+fn not_ours(visible: &Path) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::AlreadyExists,
+        format!(
+            "{}: exists and was not written by anchorage; it is never replaced",
+            visible.display()
+        ),
+    )
+}
+
 /// Publishes inside a directory that cannot itself be replaced, the way
-/// kubelet's AtomicWriter does.
-fn write_generation(dir: &Path, files: &[(String, Vec<u8>)], mode: u32) -> io::Result<()> {
+/// kubelet's AtomicWriter does. Refuses (and writes nothing) where a
+/// visible name is a file anchorage did not write.
+fn write_generation(dir: &Path, files: &[Entry<'_>]) -> io::Result<()> {
     static GENERATION: AtomicU64 = AtomicU64::new(0);
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -256,7 +446,12 @@ fn write_generation(dir: &Path, files: &[(String, Vec<u8>)], mode: u32) -> io::R
     let n = GENERATION.fetch_add(1, Ordering::Relaxed);
     let name = format!("{GENERATION_PREFIX}{stamp}_{}_{n}", std::process::id());
     let generation = dir.join(&name);
-    if let Err(e) = fill_dir(&generation, files, mode) {
+    // A mount point or a split dir keeps its other files, but a visible
+    // name published here must never replace a file of someone else's.
+    if let Some(visible) = foreign_visible(dir, files)? {
+        return Err(not_ours(&visible));
+    }
+    if let Err(e) = fill_dir(&generation, files, None) {
         let _ = fs::remove_dir_all(&generation);
         return Err(e);
     }
@@ -266,7 +461,7 @@ fn write_generation(dir: &Path, files: &[(String, Vec<u8>)], mode: u32) -> io::R
     fs::rename(&data_tmp, dir.join(DATA)).map_err(|e| context(dir, "publish ..data", e))?;
 
     // Visible names: link the new ones, drop the ones that went.
-    for (file, _) in files {
+    for (file, _, _) in files {
         let link = dir.join(file);
         let target = Path::new(DATA).join(file);
         if fs::read_link(&link).is_ok_and(|t| t == target) {
@@ -279,7 +474,7 @@ fn write_generation(dir: &Path, files: &[(String, Vec<u8>)], mode: u32) -> io::R
             context(&link, "rename link into place", e)
         })?;
     }
-    let wanted: std::collections::HashSet<&str> = files.iter().map(|(n, _)| n.as_str()).collect();
+    let wanted: std::collections::HashSet<&str> = files.iter().map(|(n, _, _)| *n).collect();
     for entry in fs::read_dir(dir).map_err(|e| context(dir, "list", e))? {
         let entry = entry.map_err(|e| context(dir, "list", e))?;
         let entry_name = entry.file_name();
@@ -315,13 +510,24 @@ fn file_matches(path: &Path, bytes: &[u8], mode: u32) -> bool {
 
 /// Whether the directory output at `path` holds exactly these files.
 fn dir_matches(path: &Path, files: &[(String, Vec<u8>)], mode: u32) -> bool {
+    let layout = is_symlink(&path.join(DATA));
+    entries_match(path, &with_mode(files, mode), layout)
+}
+
+/// Whether `dir` is in kubelet's layout with exactly these files live.
+fn generation_matches(dir: &Path, files: &[Entry<'_>]) -> bool {
+    is_symlink(&dir.join(DATA)) && entries_match(dir, files, true)
+}
+
+/// Whether the directory at `path` holds exactly these files (through
+/// `..data` and its visible links when `layout`).
+fn entries_match(path: &Path, files: &[Entry<'_>], layout: bool) -> bool {
     let Ok(meta) = fs::symlink_metadata(path) else {
         return false;
     };
     if !meta.is_dir() {
         return false;
     }
-    let layout = is_symlink(&path.join(DATA));
     let content = if layout {
         match fs::read_link(path.join(DATA)) {
             Ok(generation) => path.join(generation),
@@ -335,10 +541,16 @@ fn dir_matches(path: &Path, files: &[(String, Vec<u8>)], mode: u32) -> bool {
     };
     let count = entries
         .filter_map(Result::ok)
-        .filter(|e| !layout || !e.file_name().as_encoded_bytes().starts_with(b".."))
+        .filter(|e| {
+            if layout {
+                !e.file_name().as_encoded_bytes().starts_with(b"..")
+            } else {
+                e.file_name() != MARKER
+            }
+        })
         .count();
     count == files.len()
-        && files.iter().all(|(name, bytes)| {
+        && files.iter().all(|&(name, bytes, mode)| {
             file_matches(&content.join(name), bytes, mode)
                 && (!layout
                     || fs::read_link(path.join(name))
@@ -450,11 +662,70 @@ mod tests {
     }
 
     #[test]
+    fn a_split_pair_is_published_with_a_mode_per_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = dir.path().join("tls");
+        let mode = |name: &str| {
+            fs::metadata(out.join(name))
+                .expect("stat")
+                .permissions()
+                .mode()
+                & 0o7777
+        };
+        let first: [(&str, &[u8], u32); 2] =
+            [("tls.crt", b"chain 1", 0o644), ("tls.key", b"key 1", 0o600)];
+        assert!(publish_generation(&out, &first).expect("publish"));
+        assert_eq!(
+            read_all(&out),
+            files(&[("tls.crt", "chain 1"), ("tls.key", "key 1")])
+        );
+        assert!(is_symlink(&out.join("tls.key")));
+        assert_eq!((mode("tls.crt"), mode("tls.key")), (0o644, 0o600));
+        // The same files: nothing is written.
+        let data = fs::read_link(out.join(DATA)).expect("..data");
+        assert!(!publish_generation(&out, &first).expect("publish"));
+        assert_eq!(fs::read_link(out.join(DATA)).expect("..data"), data);
+        // A new pair, another key mode: a new generation, the old one gone.
+        let second: [(&str, &[u8], u32); 2] =
+            [("tls.crt", b"chain 2", 0o644), ("tls.key", b"key 2", 0o640)];
+        assert!(publish_generation(&out, &second).expect("publish"));
+        assert_eq!(
+            read_all(&out),
+            files(&[("tls.crt", "chain 2"), ("tls.key", "key 2")])
+        );
+        assert_eq!(mode("tls.key"), 0o640);
+        let hidden: Vec<_> = fs::read_dir(&out)
+            .expect("list")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".."))
+            .collect();
+        assert_eq!(hidden.len(), 2, "{hidden:?}");
+    }
+
+    #[test]
+    fn a_split_pair_never_replaces_a_file_it_did_not_write() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        fs::write(dir.path().join("tls.key"), b"someone else's key").expect("write");
+        let pair: [(&str, &[u8], u32); 2] =
+            [("tls.crt", b"chain", 0o644), ("tls.key", b"key", 0o600)];
+        let err = publish_generation(dir.path(), &pair).expect_err("refused");
+        assert!(
+            err.to_string().contains("not written by anchorage"),
+            "{err}"
+        );
+        assert_eq!(
+            fs::read(dir.path().join("tls.key")).expect("read"),
+            b"someone else's key"
+        );
+        assert!(!dir.path().join(DATA).exists());
+    }
+
+    #[test]
     fn generation_layout_publishes_through_data() {
         let dir = tempfile::tempdir().expect("tempdir");
         let out = dir.path();
         let first = files(&[("a.0", "A"), ("b.0", "B")]);
-        write_generation(out, &first, 0o644).expect("publish");
+        write_generation(out, &with_mode(&first, 0o644)).expect("publish");
         assert_eq!(read_all(out), first);
         assert!(is_symlink(&out.join("a.0")));
         assert!(dir_matches(out, &first, 0o644));
@@ -473,5 +744,97 @@ mod tests {
             })
             .count();
         assert_eq!(generations, 1);
+    }
+
+    fn listing(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .expect("list")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn foreign_directory_is_refused_and_left_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = dir.path().join("certs");
+        fs::create_dir_all(out.join("sub")).expect("mkdir");
+        fs::write(out.join("sub/deep"), b"deep").expect("write");
+        fs::write(out.join("4042bcee.0"), b"theirs").expect("write");
+        fs::write(out.join("notes.txt"), b"notes").expect("write");
+        let err = publish(&out, &Rendered::Dir(files(&[("a.0", "A")])), 0o644)
+            .expect_err("a foreign directory");
+        let text = err.to_string();
+        assert!(text.contains(&*out.to_string_lossy()), "{text}");
+        assert!(text.contains("notes.txt"), "{text}");
+        assert_eq!(listing(&out), ["4042bcee.0", "notes.txt", "sub"]);
+        assert_eq!(fs::read(out.join("sub/deep")).expect("read"), b"deep");
+        assert_eq!(fs::read(out.join("4042bcee.0")).expect("read"), b"theirs");
+        // Refused before anything was built beside it.
+        assert_eq!(listing(dir.path()), ["certs"]);
+    }
+
+    #[test]
+    fn file_where_a_directory_output_goes_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = dir.path().join("certs");
+        fs::write(&out, b"a file").expect("write");
+        let err =
+            write(&out, &Rendered::Dir(files(&[("a.0", "A")])), 0o644).expect_err("a regular file");
+        assert!(err.to_string().contains("regular file"), "{err}");
+        assert_eq!(fs::read(&out).expect("read"), b"a file");
+        assert_eq!(listing(dir.path()), ["certs"]);
+    }
+
+    #[test]
+    fn own_output_carries_the_marker_and_is_replaced() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = dir.path().join("certs");
+        publish(&out, &Rendered::Dir(files(&[("a.0", "A")])), 0o644).expect("publish");
+        assert_eq!(listing(&out), [MARKER, "a.0"]);
+        // The marker is not part of the comparison.
+        assert!(dir_matches(&out, &files(&[("a.0", "A")]), 0o644));
+        // Whatever else was put in it since, the marker says it is ours.
+        fs::write(out.join("added"), b"x").expect("write");
+        publish(&out, &Rendered::Dir(files(&[("b.0", "B")])), 0o644).expect("publish");
+        assert_eq!(listing(&out), [MARKER, "b.0"]);
+    }
+
+    #[test]
+    fn empty_and_earlier_version_directories_are_replaced() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let empty = dir.path().join("empty");
+        fs::create_dir(&empty).expect("mkdir");
+        publish(&empty, &Rendered::Dir(files(&[("a.0", "A")])), 0o644).expect("empty");
+        let old = dir.path().join("old");
+        fs::create_dir(&old).expect("mkdir");
+        fs::write(old.join("0a1b2c3d.0"), b"old").expect("write");
+        fs::write(old.join("ca-certificates.crt"), b"old").expect("write");
+        publish(&old, &Rendered::Dir(files(&[("a.0", "A")])), 0o644).expect("earlier output");
+        assert_eq!(listing(&old), [MARKER, "a.0"]);
+        // The same names as symlinks were not written by anchorage.
+        let linked = dir.path().join("linked");
+        fs::create_dir(&linked).expect("mkdir");
+        std::os::unix::fs::symlink("elsewhere", linked.join("0a1b2c3d.0")).expect("symlink");
+        publish(&linked, &Rendered::Dir(files(&[("a.0", "A")])), 0o644)
+            .expect_err("a symlink anchorage did not write");
+        assert_eq!(listing(&linked), ["0a1b2c3d.0"]);
+    }
+
+    #[test]
+    fn generation_never_replaces_a_foreign_visible_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = dir.path();
+        fs::write(out.join("a.0"), b"theirs").expect("write");
+        fs::write(out.join("keep"), b"keep").expect("write");
+        let err = write_generation(out, &with_mode(&files(&[("a.0", "A")]), 0o644))
+            .expect_err("collision");
+        assert!(err.to_string().contains("a.0"), "{err}");
+        assert_eq!(listing(out), ["a.0", "keep"]);
+        fs::remove_file(out.join("a.0")).expect("rm");
+        write_generation(out, &with_mode(&files(&[("a.0", "A")]), 0o644)).expect("publish");
+        assert_eq!(fs::read(out.join("keep")).expect("read"), b"keep");
+        assert_eq!(fs::read(out.join("a.0")).expect("read"), b"A");
     }
 }

@@ -62,6 +62,30 @@ fn openssl_dir(bundle: &Bundle) -> Vec<(String, Vec<u8>)> {
     files
 }
 
+/// Whether `name` is one a directory format produces: `<8 hex>.<N>` or
+/// the bundle file of an openssl-dir, `<SHA-256 hex>.der` of a der-dir. A
+/// directory holding only such names is an earlier output of anchorage.
+pub fn is_dir_output_name(name: &str) -> bool {
+    fn lower_hex(s: &str, len: usize) -> bool {
+        s.len() == len && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    }
+    if name == OPENSSL_DIR_BUNDLE {
+        return true;
+    }
+    if let Some(hash) = name.strip_suffix(".der") {
+        return lower_hex(hash, 64);
+    }
+    match name.split_once('.') {
+        Some((hash, n)) => {
+            lower_hex(hash, 8)
+                && !n.is_empty()
+                && n.bytes().all(|b| b.is_ascii_digit())
+                && (n == "0" || !n.starts_with('0'))
+        }
+        None => false,
+    }
+}
+
 fn der_dir(bundle: &Bundle) -> Vec<(String, Vec<u8>)> {
     // Named by fingerprint: unique, and stable while the certificate stays.
     bundle
@@ -69,4 +93,34 @@ fn der_dir(bundle: &Bundle) -> Vec<(String, Vec<u8>)> {
         .iter()
         .map(|a| (format!("{}.der", a.fingerprint()), a.der.clone()))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_dir_output_name;
+
+    #[test]
+    fn directory_output_names_are_recognised() {
+        for ours in [
+            "4042bcee.0",
+            "4042bcee.12",
+            "ca-certificates.crt",
+            &format!("{}.der", "ab".repeat(32)),
+        ] {
+            assert!(is_dir_output_name(ours), "{ours}");
+        }
+        for theirs in [
+            "ISRG_Root_X1.pem",
+            "4042BCEE.0",
+            "4042bcee.r0",
+            "4042bcee.01",
+            "4042bcee.",
+            "4042bce.0",
+            "java",
+            ".hidden",
+            &format!("{}.der", "ab".repeat(31)),
+        ] {
+            assert!(!is_dir_output_name(theirs), "{theirs}");
+        }
+    }
 }

@@ -17,7 +17,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
-use super::Failure;
+use super::{Absent, Failure};
 
 /// A restart request: the grace before SIGKILL, and where to say how it went.
 type Restart = (Duration, oneshot::Sender<Result<u32, String>>);
@@ -43,11 +43,11 @@ impl ChildHandle {
         let (reply, answer) = oneshot::channel();
         tx.send((grace, reply))
             .await
-            .map_err(|_| Failure::Absent("the child has exited".into()))?;
+            .map_err(|_| Failure::Absent(Absent::NoChild))?;
         match answer.await {
             Ok(Ok(pid)) => Ok(pid),
             Ok(Err(e)) => Err(Failure::Failed(e)),
-            Err(_) => Err(Failure::Absent("the child has exited".into())),
+            Err(_) => Err(Failure::Absent(Absent::NoChild)),
         }
     }
 }

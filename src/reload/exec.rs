@@ -2,6 +2,10 @@
 //! group, bounded by a timeout at which the whole group is killed. Its
 //! output is captured and logged as anchorage's own lines (so JSON logs stay
 //! one object per line), and the last line of its stderr explains a failure.
+//!
+//! Exit code 75 (`EX_TEMPFAIL`, sysexits.h) says "the app is not there yet":
+//! an absent target, skipped at start like a missing pid file, a failure
+//! that is retried later.
 
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -12,7 +16,10 @@ use nix::unistd::Pid;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tracing::info;
 
-use super::Failure;
+use super::{Absent, Failure};
+
+/// sysexits.h: a temporary failure; the command asks to be retried later.
+pub const EX_TEMPFAIL: i32 = 75;
 
 /// How much of a command's output is kept (the end of it).
 const OUTPUT_CAP: usize = 16 * 1024;
@@ -20,7 +27,8 @@ const OUTPUT_CAP: usize = 16 * 1024;
 /// started (PM2's) may hold the pipe open for ever.
 const OUTPUT_GRACE: Duration = Duration::from_millis(200);
 
-/// Runs `argv` with `env` added; success is exit code 0 within `timeout`.
+/// Runs `argv` with `env` added; success is exit code 0 within `timeout`,
+/// and exit code [`EX_TEMPFAIL`] is an absent target.
 pub async fn run(
     argv: &[String],
     env: &[(&str, String)],
@@ -46,7 +54,10 @@ pub async fn run(
         // A command that is not there (yet) is an absent target: at start
         // it is skipped, later it is retried.
         if e.kind() == std::io::ErrorKind::NotFound {
-            Failure::Absent(format!("cannot start {program:?}: {e}"))
+            Failure::Absent(Absent::NoProgram {
+                program: program.clone(),
+                reason: e.to_string(),
+            })
         } else {
             Failure::Failed(format!("cannot start {program:?}: {e}"))
         }
@@ -56,17 +67,23 @@ pub async fn run(
     let stderr = Capture::start(child.stderr.take());
     let result = match tokio::time::timeout(timeout, child.wait()).await {
         Ok(Ok(status)) if status.success() => Ok(()),
-        Ok(Ok(status)) => Err(format!("{program:?} failed: {status}")),
-        Ok(Err(e)) => Err(format!("{program:?}: wait: {e}")),
+        Ok(Ok(status)) if status.code() == Some(EX_TEMPFAIL) => {
+            Err(Failure::Absent(Absent::NotThereYet {
+                program: program.clone(),
+                said: None,
+            }))
+        }
+        Ok(Ok(status)) => Err(Failure::Failed(format!("{program:?} failed: {status}"))),
+        Ok(Err(e)) => Err(Failure::Failed(format!("{program:?}: wait: {e}"))),
         Err(_) => {
             if let Some(group) = group {
                 let _ = killpg(group, Signal::SIGKILL);
             }
             let _ = child.wait().await;
-            Err(format!(
+            Err(Failure::Failed(format!(
                 "{program:?} did not finish within {}; its process group was killed",
                 humantime::format_duration(timeout)
-            ))
+            )))
         }
     };
     let out = stdout.finish().await;
@@ -76,12 +93,19 @@ pub async fn run(
             info!(command = %program, stream, "{}", line.trim_end());
         }
     }
-    result.map_err(
-        |message| match err.lines().rev().find(|l| !l.trim().is_empty()) {
-            Some(last) => Failure::Failed(format!("{message}: {}", last.trim())),
-            None => Failure::Failed(message),
-        },
-    )
+    let last = err.lines().rev().find(|l| !l.trim().is_empty());
+    result.map_err(|failure| match (failure, last) {
+        (Failure::Failed(message), Some(last)) => {
+            Failure::Failed(format!("{message}: {}", last.trim()))
+        }
+        (Failure::Absent(Absent::NotThereYet { program, .. }), Some(last)) => {
+            Failure::Absent(Absent::NotThereYet {
+                program,
+                said: Some(last.trim().to_owned()),
+            })
+        }
+        (failure, _) => failure,
+    })
 }
 
 /// The end of one output stream, read as it comes.
@@ -144,6 +168,22 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn ex_tempfail_is_an_absent_target() {
+        let err = run(
+            &argv(&["sh", "-c", "echo 'node app is down' >&2; exit 75"]),
+            &[],
+            Duration::from_secs(5),
+        )
+        .await;
+        assert!(
+            matches!(&err, Err(Failure::Absent(Absent::NotThereYet { said: Some(m), .. })) if m.ends_with("node app is down")),
+            "{err:?}"
+        );
+        let err = run(&argv(&["sh", "-c", "exit 74"]), &[], Duration::from_secs(5)).await;
+        assert!(matches!(err, Err(Failure::Failed(_))), "{err:?}");
+    }
+
+    #[tokio::test]
     async fn a_daemon_holding_the_pipe_does_not_hang_the_reload() {
         let started = std::time::Instant::now();
         run(
@@ -188,19 +228,49 @@ mod tests {
     #[tokio::test]
     async fn timeout_kills_the_process_group() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let marker = dir.path().join("grandchild-ran");
-        // A grandchild that would write the marker after the timeout.
-        let script = format!("(sleep 2; touch {}) & sleep 30", marker.display());
-        let started = std::time::Instant::now();
-        let err = run(
-            &argv(&["sh", "-c", &script]),
-            &[],
-            Duration::from_millis(300),
-        )
-        .await;
-        assert!(matches!(err, Err(Failure::Failed(m)) if m.contains("killed")));
-        assert!(started.elapsed() < Duration::from_secs(10));
-        std::thread::sleep(Duration::from_millis(2500));
-        assert!(!marker.exists(), "the process group outlived the timeout");
+        let pid_file = dir.path().join("grandchild.pid");
+        // A grandchild that would outlive the timeout by far; its pid is
+        // published once it runs.
+        let script = format!(
+            "sleep 60 & echo $! > {0}.tmp && mv {0}.tmp {0}; wait",
+            pid_file.display()
+        );
+        // The shell must have started the grandchild before the timeout
+        // for the test to prove anything: on a loaded machine that can take
+        // longer, so the timeout grows until it did.
+        let mut timeout = Duration::from_millis(300);
+        let grandchild: i32 = loop {
+            let started = std::time::Instant::now();
+            let err = run(&argv(&["sh", "-c", &script]), &[], timeout).await;
+            assert!(matches!(err, Err(Failure::Failed(m)) if m.contains("killed")));
+            assert!(started.elapsed() < timeout + Duration::from_secs(10));
+            if let Ok(pid) = std::fs::read_to_string(&pid_file) {
+                break pid.trim().parse().expect("a pid");
+            }
+            assert!(
+                timeout < Duration::from_secs(20),
+                "the shell never started its grandchild"
+            );
+            timeout *= 4;
+        };
+        // It dies with the group: gone, or a zombie until whoever inherited
+        // it reaps it.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let state = std::fs::read_to_string(format!("/proc/{grandchild}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    let (_, rest) = stat.rsplit_once(')')?;
+                    rest.split_whitespace().next().map(str::to_owned)
+                });
+            match state.as_deref() {
+                None | Some("Z" | "X") => break,
+                Some(state) => assert!(
+                    std::time::Instant::now() < deadline,
+                    "the process group outlived the timeout: pid {grandchild} is in state {state}"
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }

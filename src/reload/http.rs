@@ -18,7 +18,7 @@ use hyper::{Method, Request, Uri};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
-use super::Failure;
+use super::{Absent, Failure};
 
 pub use super::spec::redact;
 
@@ -122,7 +122,9 @@ async fn call_inner(
     let method: Method = method.parse().map_err(|_| fail("bad method".into()))?;
     let stream = TcpStream::connect((host, port)).await.map_err(|e| {
         if e.kind() == std::io::ErrorKind::ConnectionRefused {
-            Failure::Absent(format!("{shown}: connection refused"))
+            Failure::Absent(Absent::Refused {
+                address: shown.clone(),
+            })
         } else {
             fail(format!("connect: {e}"))
         }

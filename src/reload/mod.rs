@@ -30,7 +30,7 @@ use std::time::Duration;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::telemetry::metrics::{ActionLabel, Metrics};
 use child::ChildHandle;
@@ -42,16 +42,86 @@ const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// Why a reload attempt did not succeed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Failure {
-    /// The target does not exist (no pid file, no such process, connection
-    /// refused): at start, the app will read the fresh output when it starts.
-    Absent(String),
+    /// The target does not exist (yet): at start, the app will read the
+    /// fresh output when it starts, so the reload is skipped.
+    Absent(Absent),
+    /// The attempt failed: what was being done, and why.
     Failed(String),
+}
+
+/// Which target is not there, with what names it (a URL is kept redacted).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Absent {
+    NoPidFile {
+        path: PathBuf,
+    },
+    /// No process has this pid (any more).
+    NoProcess {
+        pid: u32,
+        pid_file: Option<PathBuf>,
+    },
+    NoProcessNamed {
+        name: String,
+    },
+    /// The supervised child is not running (not yet, or not any more).
+    NoChild,
+    /// A file to touch does not exist; it is never created.
+    NoFile {
+        path: PathBuf,
+    },
+    /// Nothing listens at the address.
+    Refused {
+        address: String,
+    },
+    /// The command cannot be found.
+    NoProgram {
+        program: String,
+        reason: String,
+    },
+    /// The command exited 75 (EX_TEMPFAIL): the app is not there yet.
+    NotThereYet {
+        program: String,
+        said: Option<String>,
+    },
 }
 
 impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::Absent(m) | Self::Failed(m) => f.write_str(m),
+            Self::Absent(absent) => absent.fmt(f),
+            Self::Failed(m) => f.write_str(m),
+        }
+    }
+}
+
+impl std::fmt::Display for Absent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NoPidFile { path } => write!(f, "{}: no pid file", path.display()),
+            Self::NoProcess { pid, pid_file } => {
+                write!(f, "no process {pid}")?;
+                if let Some(path) = pid_file {
+                    write!(f, " (from {})", path.display())?;
+                }
+                Ok(())
+            }
+            Self::NoProcessNamed { name } => write!(f, "no process is named {name:?}"),
+            Self::NoChild => f.write_str("the child is not running"),
+            Self::NoFile { path } => {
+                write!(f, "{}: no such file (it is never created)", path.display())
+            }
+            Self::Refused { address } => write!(f, "{address}: connection refused"),
+            Self::NoProgram { program, reason } => write!(f, "cannot start {program:?}: {reason}"),
+            Self::NotThereYet { program, said } => {
+                write!(
+                    f,
+                    "{program:?} says the app is not there yet (exit 75, EX_TEMPFAIL)"
+                )?;
+                if let Some(said) = said {
+                    write!(f, ": {said}")?;
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -305,6 +375,7 @@ async fn worker(spec: ReloadSpec, slot: Arc<Slot>, shared: Shared) {
                 slot.done();
                 break;
             }
+            debug!(bundles = ?pending.names, action = %spec.action, attempt, "reloading");
             let started = Instant::now();
             let result = match attempt_once(&spec, &pending, &child).await {
                 Ok(detail) => prove(&spec, &pending, &metrics).await.map(|()| detail),
@@ -433,9 +504,8 @@ async fn attempt_once(
     child: &ChildHandle,
 ) -> Result<String, Failure> {
     if pending.startup && spec.action.targets_child() {
-        return Err(Failure::Absent(
-            "the child starts after the first render and reads the fresh output".into(),
-        ));
+        // It starts after the first render and reads the fresh output.
+        return Err(Failure::Absent(Absent::NoChild));
     }
     match &spec.action {
         ReloadAction::Signal { signal, target } => {

@@ -15,7 +15,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, ClientConnection, DigitallySignedStruct, SignatureScheme};
 
-use super::Failure;
+use super::{Absent, Failure};
 
 const RETRY_EVERY: Duration = Duration::from_millis(200);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -101,7 +101,9 @@ pub fn served_certificate(addr: &str) -> Result<Vec<u8>, Failure> {
         .ok_or_else(|| Failure::Failed(format!("{addr}: no address")))?;
     let mut tcp = TcpStream::connect_timeout(&socket, CONNECT_TIMEOUT).map_err(|e| {
         if e.kind() == std::io::ErrorKind::ConnectionRefused {
-            Failure::Absent(format!("{addr}: connection refused"))
+            Failure::Absent(Absent::Refused {
+                address: addr.to_string(),
+            })
         } else {
             Failure::Failed(format!("{addr}: {e}"))
         }

@@ -13,7 +13,7 @@ use std::path::Path;
 use nix::sys::signal::Signal;
 use rustix::process::{Pid, PidfdFlags, pidfd_open, pidfd_send_signal};
 
-use super::Failure;
+use super::{Absent, Failure};
 use crate::config::SignalTarget;
 
 /// Slack between a pid file's mtime and its writer's start time: the boot
@@ -35,7 +35,9 @@ pub fn send(
         SignalTarget::Process(name) => {
             let pids = find_by_name(name);
             if pids.is_empty() {
-                return Err(Failure::Absent(format!("no process is named {name:?}")));
+                return Err(Failure::Absent(Absent::NoProcessNamed {
+                    name: name.clone(),
+                }));
             }
             let mut sent = Vec::new();
             let mut errors = Vec::new();
@@ -49,7 +51,7 @@ pub fn send(
             }
             if sent.is_empty() {
                 return Err(if errors.is_empty() {
-                    Failure::Absent(format!("no process is named {name:?}"))
+                    Failure::Absent(Absent::NoProcessNamed { name: name.clone() })
                 } else {
                     Failure::Failed(errors.join("; "))
                 });
@@ -68,7 +70,7 @@ pub fn send(
                 signal_pid(pid, signal, None)?;
                 Ok(vec![pid])
             }
-            None => Err(Failure::Absent("the child is not running".into())),
+            None => Err(Failure::Absent(Absent::NoChild)),
         },
     }
 }
@@ -78,7 +80,9 @@ fn read_pid_file(path: &Path) -> Result<u32, Failure> {
     let text = match crate::source::read_bounded(path, path) {
         Ok(Some(bytes)) => String::from_utf8_lossy(&bytes).into_owned(),
         Ok(None) => {
-            return Err(Failure::Absent(format!("{}: no pid file", path.display())));
+            return Err(Failure::Absent(Absent::NoPidFile {
+                path: path.to_path_buf(),
+            }));
         }
         Err(e) => return Err(Failure::Failed(e.to_string())),
     };
@@ -107,7 +111,10 @@ fn signal_pid(pid: u32, signal: Signal, pid_file: Option<&Path>) -> Result<(), F
         Pid::from_raw(pid as i32).ok_or_else(|| Failure::Failed(format!("{pid} is not a pid")))?;
     let fd = pidfd_open(raw, PidfdFlags::empty()).map_err(|e| {
         if e == rustix::io::Errno::SRCH {
-            Failure::Absent(format!("no process {pid}{}", from_file(pid_file)))
+            Failure::Absent(Absent::NoProcess {
+                pid,
+                pid_file: pid_file.map(Path::to_path_buf),
+            })
         } else {
             Failure::Failed(format!("pid {pid}: cannot open: {e}"))
         }
@@ -118,18 +125,13 @@ fn signal_pid(pid: u32, signal: Signal, pid_file: Option<&Path>) -> Result<(), F
     let sig = rustix::process::Signal::from_named_raw(signal as i32)
         .ok_or_else(|| Failure::Failed(format!("{signal} cannot be sent")))?;
     pidfd_send_signal(&fd, sig).map_err(|e| match e {
-        rustix::io::Errno::SRCH => {
-            Failure::Absent(format!("process {pid} exited{}", from_file(pid_file)))
-        }
+        rustix::io::Errno::SRCH => Failure::Absent(Absent::NoProcess {
+            pid,
+            pid_file: pid_file.map(Path::to_path_buf),
+        }),
         rustix::io::Errno::PERM => Failure::Failed(permission_hint(pid, signal)),
         e => Failure::Failed(format!("pid {pid}: {signal}: {e}")),
     })
-}
-
-fn from_file(pid_file: Option<&Path>) -> String {
-    pid_file
-        .map(|p| format!(" (from {})", p.display()))
-        .unwrap_or_default()
 }
 
 fn permission_hint(pid: u32, signal: Signal) -> String {

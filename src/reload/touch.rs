@@ -12,7 +12,7 @@ use nix::fcntl::AT_FDCWD;
 use nix::sys::stat::{UtimensatFlags, utimensat};
 use nix::sys::time::TimeSpec;
 
-use super::Failure;
+use super::{Absent, Failure};
 
 /// Sets `path`'s access and modification times to now (through a symlink,
 /// as `touch` does).
@@ -25,10 +25,9 @@ pub fn run(path: &Path) -> Result<(), Failure> {
         UtimensatFlags::FollowSymlink,
     ) {
         Ok(()) => Ok(()),
-        Err(Errno::ENOENT) => Err(Failure::Absent(format!(
-            "{}: no such file (it is never created)",
-            path.display()
-        ))),
+        Err(Errno::ENOENT) => Err(Failure::Absent(Absent::NoFile {
+            path: path.to_path_buf(),
+        })),
         Err(e) => Err(Failure::Failed(format!(
             "{}: cannot update the modification time: {e}",
             path.display()

@@ -8,12 +8,14 @@
 
 pub mod mounts;
 pub mod pem;
+pub mod spiffe;
 
 use std::fs::{self, File};
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 pub use pem::{CertBlock, FrameError};
+pub use spiffe::SpiffeError;
 
 /// A source file larger than this is refused, not read whole (guarantee 9).
 pub const MAX_FILE_SIZE: u64 = 16 * 1024 * 1024;
@@ -93,6 +95,8 @@ pub enum SourceErrorKind {
     NotCertificate,
     /// A certificate block is damaged.
     Damaged(FrameError),
+    /// A JSON file that is not a usable SPIFFE bundle.
+    DamagedSpiffe(SpiffeError),
 }
 
 impl SourceError {
@@ -118,7 +122,7 @@ impl SourceError {
             SourceErrorKind::TooLarge { .. } => "too_large",
             SourceErrorKind::Empty => "empty",
             SourceErrorKind::NotCertificate => "not_certificate",
-            SourceErrorKind::Damaged(_) => "damaged",
+            SourceErrorKind::Damaged(_) | SourceErrorKind::DamagedSpiffe(_) => "damaged",
         }
     }
 }
@@ -137,6 +141,7 @@ impl std::fmt::Display for SourceError {
                 write!(f, "{path}: holds no PEM block and is not a DER certificate")
             }
             SourceErrorKind::Damaged(e) => write!(f, "{path}: {e}"),
+            SourceErrorKind::DamagedSpiffe(e) => write!(f, "{path}: {e}"),
         }
     }
 }
@@ -464,8 +469,14 @@ fn read_open(file: Option<File>, shown: &Path) -> Result<Option<Vec<u8>>, Source
     Ok(Some(bytes))
 }
 
-/// Frames a file's bytes: PEM blocks, or one DER certificate.
+/// Frames a file's bytes: a SPIFFE bundle (JSON), PEM blocks, or one DER
+/// certificate.
 pub fn decode(bytes: &[u8]) -> Result<Vec<CertBlock>, SourceErrorKind> {
+    // Before PEM: a JSON document may quote a PEM block in a string, and is
+    // still JSON.
+    if spiffe::looks_like_json(bytes) {
+        return spiffe::frame(bytes).map_err(SourceErrorKind::DamagedSpiffe);
+    }
     if pem::looks_like_pem(bytes) {
         let framed = pem::frame(bytes).map_err(SourceErrorKind::Damaged)?;
         return Ok(framed.certificates);
@@ -623,6 +634,57 @@ mod tests {
         }
         let err = read_bounded(&fifo, &fifo).expect_err("a FIFO");
         assert!(err.to_string().contains("not a regular file"), "{err}");
+    }
+
+    #[test]
+    fn spiffe_bundle_in_a_kubelet_volume_is_read_beside_pem() {
+        use base64::Engine as _;
+        let der = {
+            let key = rcgen::KeyPair::generate().expect("key");
+            let params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+            params.self_signed(&key).expect("cert").der().to_vec()
+        };
+        let json = format!(
+            r#"{{"keys": [{{"use": "x509-svid", "x5c": ["{}"]}}, {{"use": "jwt-svid", "kid": "a"}}]}}"#,
+            base64::engine::general_purpose::STANDARD.encode(&der)
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let generation = dir.path().join("..2026_11_22_10_00_00.1");
+        fs::create_dir(&generation).expect("mkdir");
+        write(&generation.join("bundle.spiffe"), json.as_bytes());
+        write(
+            &generation.join("ca.crt"),
+            b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        );
+        std::os::unix::fs::symlink("..2026_11_22_10_00_00.1", dir.path().join("..data"))
+            .expect("symlink");
+        let files = Source::Path(dir.path().to_path_buf()).read().expect("read");
+        assert_eq!(files.len(), 2);
+        assert_eq!(files[0].path, dir.path().join("bundle.spiffe"));
+        assert_eq!(files[0].blocks.len(), 1);
+        assert_eq!(files[0].blocks[0].der, der);
+        assert_eq!(files[1].blocks.len(), 1);
+
+        // A damaged one refuses the read, naming the file and the reason.
+        write(
+            &generation.join("bundle.spiffe"),
+            br#"{"keys": [{"use": "x509-svid""#,
+        );
+        let err = Source::Path(dir.path().to_path_buf())
+            .read()
+            .expect_err("damaged");
+        assert_eq!(err.reason(), "damaged");
+        assert_eq!(err.path, dir.path().join("bundle.spiffe"));
+        assert!(err.to_string().contains("not valid JSON"), "{err}");
+    }
+
+    #[test]
+    fn json_that_is_not_a_spiffe_bundle_is_damaged() {
+        let err = decode(b"  {\"ca\": \"-----BEGIN CERTIFICATE-----\\nAAAA\"}").expect_err("json");
+        assert!(matches!(
+            err,
+            SourceErrorKind::DamagedSpiffe(SpiffeError::NotBundle)
+        ));
     }
 
     #[test]

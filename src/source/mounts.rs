@@ -1,6 +1,8 @@
 //! Detecting subPath mounts: kubelet bind-mounts a subPath once and never
 //! updates it (kubernetes #50345), so a source read through one never sees
 //! a rotation. Found in `/proc/self/mountinfo` at start, and warned about.
+//! Also whether a directory is a mount point, which an output directory
+//! that cannot be renamed must know. Reads the mount table; never mounts.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -41,6 +43,35 @@ impl Mounts {
 /// single file or from kubelet's `volume-subpaths`: the mount's root.
 pub fn subpath_mount(mountinfo: &str, path: &Path) -> Option<String> {
     Mounts::parse(mountinfo).subpath(path)
+}
+
+/// Whether the directory `path` is a mount point: on another device than its
+/// parent, or (a bind mount from the same filesystem) listed in
+/// `/proc/self/mountinfo`.
+pub fn is_mount_point(path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let (Ok(meta), Ok(parent)) = (
+        std::fs::symlink_metadata(path),
+        std::fs::metadata(path.join("..")),
+    ) else {
+        return false;
+    };
+    if meta.dev() != parent.dev() || meta.ino() == parent.ino() {
+        return true;
+    }
+    let (Ok(real), Ok(mountinfo)) = (
+        std::fs::canonicalize(path),
+        std::fs::read_to_string("/proc/self/mountinfo"),
+    ) else {
+        return false;
+    };
+    let Some(real) = real.to_str() else {
+        return false;
+    };
+    mountinfo
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .any(|point| unescape(point) == real)
 }
 
 /// mountinfo escapes space, tab, newline and backslash as octal.
@@ -145,6 +176,15 @@ mod tests {
             let want = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
             assert_eq!(canonical.of(&path), want, "{}", path.display());
         }
+    }
+
+    #[test]
+    fn root_is_a_mount_point_and_a_plain_directory_is_not() {
+        assert!(is_mount_point(Path::new("/")));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let plain = dir.path().join("plain");
+        std::fs::create_dir(&plain).expect("mkdir");
+        assert!(!is_mount_point(&plain));
     }
 
     #[test]

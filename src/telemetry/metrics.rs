@@ -146,6 +146,7 @@ pub struct Metrics {
     pub reloads: Family<ReloadLabels, Counter>,
     pub reload_duration: Family<ActionLabel, Histogram>,
     pub certificates: Family<BundleLabel, Gauge>,
+    pub strict_refusals: Family<BundleLabel, Gauge>,
     pub not_after: Family<CertLabels, Gauge>,
     pub earliest_expiry: Arc<EarliestExpiry>,
     pub last_success: Family<BundleLabel, Gauge>,
@@ -188,6 +189,12 @@ impl Metrics {
             "bundle_certificates",
             "Certificates in the last rendered bundle",
             certificates.clone(),
+        );
+        let strict_refusals = Family::default();
+        registry.register(
+            "bundle_strict_refusals",
+            "CAs of the last rendered bundle that a strict verifier (openssl verify -x509_strict, Python 3.13) refuses",
+            strict_refusals.clone(),
         );
         let not_after = Family::default();
         registry.register(
@@ -236,6 +243,7 @@ impl Metrics {
             reloads,
             reload_duration,
             certificates,
+            strict_refusals,
             not_after,
             earliest_expiry,
             last_success,
@@ -305,6 +313,7 @@ impl Metrics {
             .set(bundle.len() as i64);
         self.last_success.get_or_create(&label).set(now);
         self.earliest_expiry.set(name, bundle.earliest_expiry());
+        self.strict_refusals(name, bundle);
         let labels = |a: &crate::bundle::Anchor| CertLabels {
             bundle: name.to_owned(),
             subject: a.subject.clone(),
@@ -340,6 +349,21 @@ impl Metrics {
                 }
             }
         }
+    }
+
+    /// Publishes how many CAs of `bundle` a strict verifier would refuse: an
+    /// alert on it fires before an app upgrade (Python 3.13) breaks on them.
+    pub fn strict_refusals(&self, name: &str, bundle: &Bundle) {
+        let refused = bundle
+            .anchors()
+            .iter()
+            .filter(|a| !a.strict.is_empty())
+            .count();
+        self.strict_refusals
+            .get_or_create(&BundleLabel {
+                bundle: name.to_owned(),
+            })
+            .set(refused as i64);
     }
 
     /// The Prometheus text exposition.

@@ -1,5 +1,6 @@
 //! What operators see: logs, metrics, health endpoints and systemd notify.
 
+pub mod health_check;
 pub mod http;
 pub mod metrics;
 pub mod status;

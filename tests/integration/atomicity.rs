@@ -129,6 +129,10 @@ fn read_dir_snapshot(path: &Path) -> Option<Seen> {
     let mut files = BTreeMap::new();
     for entry in fs::read_dir(&base).ok()? {
         let name = entry.ok()?.file_name().into_string().ok()?;
+        // Hidden names (anchorage's marker) are not part of the output.
+        if name.starts_with('.') {
+            continue;
+        }
         match fs::read(base.join(&name)) {
             Ok(bytes) => {
                 files.insert(name, bytes);

@@ -236,3 +236,41 @@ fn text_is_a_table_marking_what_expires_within_30_days() {
         out.stdout
     );
 }
+
+/// A subject is attacker-chosen text: printed raw, `ESC[31m` recolours the
+/// terminal and a newline forges a line of its own.
+#[test]
+fn text_output_escapes_control_characters_of_names() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = Ca::new("Evil\u{1b}[31m\nanchorage: all CAs verified");
+    let path = write(dir.path(), "evil.pem", ca.pem());
+    let out = run(&["check", s(&path)]);
+    out.expect_code(0);
+    assert!(
+        !out.stdout.contains('\u{1b}'),
+        "a raw ESC was printed:\n{}",
+        out.stdout
+    );
+    assert!(
+        !out.stdout
+            .lines()
+            .any(|l| l.starts_with("anchorage: all CAs verified")),
+        "the subject forged a line:\n{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout
+            .contains("CN=Evil\\x1b[31m\\nanchorage: all CAs verified"),
+        "not escaped as openssl -nameopt esc_ctrl would:\n{}",
+        out.stdout
+    );
+    // JSON carries the name as it is: its encoding escapes it already.
+    let json = run(&["check", "--json", s(&path)]);
+    let reports: serde_json::Value = serde_json::from_str(&json.stdout).expect("json");
+    assert!(
+        reports[0]["subject"]
+            .as_str()
+            .expect("subject")
+            .contains("Evil\u{1b}[31m\nanchorage")
+    );
+}

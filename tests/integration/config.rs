@@ -174,10 +174,11 @@ fn exec_keeps_commas_on_the_command_line_and_splits_the_variable() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(
-        std::fs::read_to_string(&marks).expect("marks"),
-        "one,two\nx\ny\n"
-    );
+    // Distinct actions run side by side, each once: the order is free.
+    let text = std::fs::read_to_string(&marks).expect("marks");
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines.sort_unstable();
+    assert_eq!(lines, ["one,two", "x", "y"]);
 }
 
 #[test]
@@ -293,4 +294,114 @@ fn duplicate_names_carry_their_line() {
         "[[keypair]]\nname = \"k\"\ncert = \"/c\"\nkey = \"/k\"\n[[keypair]]\nname = \"k\"\ncert = \"/c2\"\nkey = \"/k2\"\n",
     );
     assert!(err.contains(":6:") && err.contains("keypair.name"), "{err}");
+}
+
+/// A key pair comes from two files or from one credential bundle, never
+/// both; key_mode belongs to a split directory.
+#[test]
+fn a_key_pair_names_its_files_one_way() {
+    let err = config_error(
+        "[[keypair]]\nname = \"pod\"\ncert = \"/c\"\nkey = \"/k\"\ncredential_bundle = \"/b.pem\"\n",
+    );
+    assert!(
+        err.contains(":5:")
+            && err.contains("keypair.credential_bundle")
+            && err.contains("not both"),
+        "{err}"
+    );
+    let err = config_error("[[keypair]]\nname = \"pod\"\nchain_to = \"x\"\n");
+    assert!(
+        err.contains(":1:") && err.contains("credential_bundle"),
+        "{err}"
+    );
+    let err = config_error("[[keypair]]\nname = \"pod\"\n\ncert = \"/c\"\n");
+    assert!(err.contains(":4:") && err.contains("no key"), "{err}");
+    let err = config_error(
+        "[[keypair]]\ncredential_bundle = \"/pod/credentialbundle.pem\"\nkey_mode = \"0640\"\n",
+    );
+    assert!(
+        err.contains(":3:") && err.contains("keypair.key_mode"),
+        "{err}"
+    );
+    let err = config_error(
+        "[[keypair]]\ncredential_bundle = \"/pod/b.pem\"\nsplit_dir = \"/shared/tls\"\nkey_mode = \"rw\"\n",
+    );
+    assert!(err.contains(":4:") && err.contains("octal"), "{err}");
+
+    let out = run(&[
+        "render",
+        "--credential-bundle",
+        "/pod/b.pem",
+        "--cert",
+        "/c",
+        "--key",
+        "/k",
+    ]);
+    out.expect_code(2);
+    assert!(out.stderr.contains("--credential-bundle"), "{}", out.stderr);
+    let out = run(&["render", "--source", "/x", "--split-dir", "/shared/tls"]);
+    out.expect_code(2);
+    assert!(
+        out.stderr.contains("--split-dir") && out.stderr.contains("needs a key pair"),
+        "{}",
+        out.stderr
+    );
+    let out = run(&[
+        "render",
+        "--credential-bundle",
+        "/pod/b.pem",
+        "--key-mode",
+        "0640",
+    ]);
+    out.expect_code(2);
+}
+
+/// A split directory is an output: no other output may sit at it or at
+/// its two files, and it may not be where the pair is read from.
+#[test]
+fn a_split_dir_at_another_output_is_a_configuration_error() {
+    let bundle = "[[bundle]]\nname = \"ca\"\nsources = [\"/x\"]\n[[bundle.output]]\npath = \"/shared/tls/tls.crt\"\n\n";
+    let err = config_error(&format!(
+        "{bundle}[[keypair]]\nname = \"pod\"\ncredential_bundle = \"/pod/b.pem\"\nsplit_dir = \"/shared/tls\"\n"
+    ));
+    assert!(
+        err.contains(":10:") && err.contains("keypair.split_dir"),
+        "{err}"
+    );
+    assert!(
+        err.contains("/shared/tls/tls.crt") && err.contains("bundle \"ca\""),
+        "{err}"
+    );
+    let err = config_error(
+        "[[keypair]]\nname = \"a\"\ncredential_bundle = \"/a/b.pem\"\nsplit_dir = \"/shared/tls\"\n\
+         [[keypair]]\nname = \"b\"\ncredential_bundle = \"/b/b.pem\"\nsplit_dir = \"/shared/tls\"\n",
+    );
+    assert!(
+        err.contains(":8:") && err.contains("key pair \"a\""),
+        "{err}"
+    );
+    let out = run(&[
+        "render",
+        "--source",
+        "/x",
+        "--hashed-dir",
+        "/shared/tls",
+        "--credential-bundle",
+        "/pod/b.pem",
+        "--split-dir",
+        "/shared/tls",
+    ]);
+    out.expect_code(2);
+    assert!(
+        out.stderr.contains("--split-dir") && out.stderr.contains("two outputs"),
+        "{}",
+        out.stderr
+    );
+    let err = config_error(
+        "[[keypair]]\ncredential_bundle = \"/var/run/pod-cert/b.pem\"\nsplit_dir = \"/var/run/pod-cert\"\n",
+    );
+    assert!(
+        err.contains(":3:") && err.contains("where /var/run/pod-cert/b.pem is read from"),
+        "{err}"
+    );
 }

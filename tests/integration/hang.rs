@@ -15,7 +15,7 @@ use crate::support::daemon::{Daemon, eventually};
 use crate::support::hang::HangingFs;
 use crate::support::kubelet::Volume;
 use crate::support::pki::Ca;
-use crate::support::{anchorage, free_port, pem_certs, pems, s, write};
+use crate::support::{anchorage, free_port, pems, s, wait_certs, write};
 
 /// Two bundles: `a` reads `a_source`, `healthy` reads a kubelet volume.
 fn two_bundles(dir: &Path, a_source: &Path, volume: &Volume) -> std::path::PathBuf {
@@ -32,21 +32,6 @@ fn two_bundles(dir: &Path, a_source: &Path, volume: &Volume) -> std::path::PathB
             s(&dir.join("out/healthy.pem")),
         ),
     )
-}
-
-#[track_caller]
-fn wait_certs(path: &Path, want: usize) {
-    eventually(Duration::from_secs(20), || {
-        let got = fs::read(path).map(|b| pem_certs(&b).len()).unwrap_or(0);
-        if got == want {
-            Ok(())
-        } else {
-            Err(format!(
-                "{}: {got} certificates, want {want}",
-                path.display()
-            ))
-        }
-    });
 }
 
 /// SIGTERM, then the time until the daemon exited.

@@ -3,27 +3,10 @@
 //! stay readable and quiet, and JSON logs that are JSON to the last line.
 
 use std::fs;
-use std::path::Path;
-use std::time::Duration;
 
-use crate::support::daemon::{App, Daemon, eventually};
+use crate::support::daemon::{App, Daemon};
 use crate::support::pki::Ca;
-use crate::support::{file_sha256, pem_certs, pems, run, s, write};
-
-#[track_caller]
-fn wait_certs(path: &Path, want: usize) {
-    eventually(Duration::from_secs(20), || {
-        let got = fs::read(path).map(|b| pem_certs(&b).len()).unwrap_or(0);
-        if got == want {
-            Ok(())
-        } else {
-            Err(format!(
-                "{}: {got} certificates, want {want}",
-                path.display()
-            ))
-        }
-    });
-}
+use crate::support::{file_sha256, pems, run, s, wait_certs, write};
 
 /// One of two outputs cannot be written (its directory's place is taken by
 /// a file): the other is written, nothing reloads, and once the way is

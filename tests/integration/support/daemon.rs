@@ -64,6 +64,12 @@ impl Daemon {
         self.child.as_ref().expect("running").id()
     }
 
+    /// Where its log is: readable after [`Daemon::stop`], when the log is
+    /// final.
+    pub fn log_file(&self) -> &Path {
+        &self.log
+    }
+
     pub fn log(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -123,15 +129,29 @@ pub struct App {
 
 impl App {
     pub fn start(dir: &Path, bundle: &Path) -> Self {
+        Self::start_script(dir, "hup_app.py", bundle)
+    }
+
+    /// An app that loads its key pair from `pair_dir`'s `tls.crt` and
+    /// `tls.key` on SIGHUP and logs whether they matched
+    /// (tests/integration/support/pair_app.py).
+    pub fn start_pair(dir: &Path, pair_dir: &Path) -> Self {
+        Self::start_script(dir, "pair_app.py", pair_dir)
+    }
+
+    fn start_script(dir: &Path, name: &str, bundle: &Path) -> Self {
         let pid_file = dir.join("app.pid");
         let log = dir.join("app.log");
-        let script = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/integration/support/hup_app.py"
-        );
+        let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/integration/support")
+            .join(name);
+        // The wait below is for the app's own pid file: one left from before
+        // would end it at once, and a SIGHUP could then reach the app before
+        // its handler is installed (Python's default for SIGHUP is to die).
+        let _ = fs::remove_file(&pid_file);
         let child = Command::new("python3")
             .args([
-                script,
+                super::s(&script),
                 super::s(&pid_file),
                 super::s(bundle),
                 super::s(&log),
@@ -139,11 +159,14 @@ impl App {
             .stdin(Stdio::null())
             .spawn()
             .expect("start python3 app");
+        // Its own pid in the file, not merely a file: a test may have put
+        // another pid there first, and until the app writes it, it has no
+        // SIGHUP handler (a SIGHUP would kill it).
+        let pid = child.id().to_string();
         eventually(Duration::from_secs(10), || {
-            if pid_file.exists() {
-                Ok(())
-            } else {
-                Err("no pid file yet".into())
+            match fs::read_to_string(&pid_file) {
+                Ok(text) if text.trim() == pid => Ok(()),
+                _ => Err("the app has not written its pid yet".into()),
             }
         });
         Self {
@@ -155,6 +178,15 @@ impl App {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// One line per SIGHUP received, whole.
+    pub fn lines(&self) -> Vec<String> {
+        fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
     }
 
     /// One line per SIGHUP received: the sha256 of the bundle it read.

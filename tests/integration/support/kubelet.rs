@@ -73,3 +73,33 @@ impl Volume {
         }
     }
 }
+
+/// A `clusterTrustBundle` projection's file as kubelet writes it: every
+/// selected bundle's certificates merged, comments and block headers
+/// stripped, duplicates dropped, in an order that may change from one
+/// write to the next (`order` picks a rotation of the set).
+pub fn cluster_trust_bundle(cas: &[&super::pki::Ca], order: usize) -> Vec<u8> {
+    let mut pems: Vec<String> = Vec::new();
+    for ca in cas {
+        let pem = ca.pem();
+        if !pems.contains(&pem) {
+            pems.push(pem);
+        }
+    }
+    if !pems.is_empty() {
+        let n = order % pems.len();
+        pems.rotate_left(n);
+    }
+    pems.concat().into_bytes()
+}
+
+/// A `podCertificate` projection's `credentialBundlePath` file: the PKCS#8
+/// private key as the first block, then the chain, leaf first.
+pub fn credential_bundle(leaf: &super::pki::Leaf, intermediates: &[&super::pki::Ca]) -> Vec<u8> {
+    let mut out = leaf.key.serialize_pem();
+    out.push_str(&leaf.cert.pem());
+    for ca in intermediates {
+        out.push_str(&ca.pem());
+    }
+    out.into_bytes()
+}

@@ -164,3 +164,60 @@ impl Drop for DumpLogsOnFailure {
         }
     }
 }
+
+/// A SPIFFE trust bundle (a JWK Set, as SPIRE publishes it) holding these
+/// CAs as X.509 authorities, and `jwt_keys` JWT authorities (which carry no
+/// certificate and must be ignored).
+pub fn spiffe_bundle(cas: &[&pki::Ca], jwt_keys: usize, sequence: u64) -> String {
+    use base64::Engine as _;
+    let mut keys: Vec<serde_json::Value> = cas
+        .iter()
+        .map(|ca| {
+            serde_json::json!({
+                "use": "x509-svid",
+                "kty": "EC",
+                "crv": "P-256",
+                "x": "fK-wKTnKL7KFLM27lqq5DC-bxrVaH6rDV-IcCSEOeL4",
+                "y": "wq-g3TQWxYlV51TCPH030yXsRxvujD4hUUaIQrXk4KI",
+                "x5c": [base64::engine::general_purpose::STANDARD.encode(ca.der())],
+            })
+        })
+        .collect();
+    for i in 0..jwt_keys {
+        keys.insert(
+            i.min(keys.len()),
+            serde_json::json!({
+                "use": "jwt-svid",
+                "kty": "EC",
+                "kid": format!("jwt-key-{i}"),
+                "crv": "P-256",
+                "x": "fK-wKTnKL7KFLM27lqq5DC-bxrVaH6rDV-IcCSEOeL4",
+                "y": "wq-g3TQWxYlV51TCPH030yXsRxvujD4hUUaIQrXk4KI",
+            }),
+        );
+    }
+    serde_json::to_string_pretty(&serde_json::json!({
+        "keys": keys,
+        "spiffe_sequence": sequence,
+        "spiffe_refresh_hint": 300,
+    }))
+    .expect("json")
+}
+
+/// Waits until the PEM bundle at `path` holds `want` certificates.
+#[track_caller]
+pub fn wait_certs(path: &Path, want: usize) {
+    daemon::eventually(std::time::Duration::from_secs(20), || {
+        let got = std::fs::read(path)
+            .map(|b| pem_certs(&b).len())
+            .unwrap_or(0);
+        if got == want {
+            Ok(())
+        } else {
+            Err(format!(
+                "{}: {got} certificates, want {want}",
+                path.display()
+            ))
+        }
+    });
+}

@@ -217,4 +217,75 @@ impl Connection {
             Err("bad answer".into())
         }
     }
+
+    /// The end-entity certificate the server presented (DER).
+    pub fn served(&self) -> Vec<u8> {
+        self.tls
+            .conn
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| c.to_vec())
+            .unwrap_or_default()
+    }
+}
+
+/// What one HTTPS request saw.
+pub struct Response {
+    pub status: u16,
+    pub body: String,
+    /// The end-entity certificate the server presented (DER).
+    pub served: Vec<u8>,
+}
+
+/// `GET /` over TLS to 127.0.0.1:`port` as `localhost`, on a connection of
+/// its own (`Connection: close`). `Err` if TLS failed (a refused client
+/// certificate arrives as an alert on the first read) or no HTTP answer
+/// came back.
+pub fn https_get(port: u16, config: &Arc<ClientConfig>) -> Result<Response, String> {
+    let tcp = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
+    for timeout in [
+        tcp.set_read_timeout(Some(std::time::Duration::from_secs(5))),
+        tcp.set_write_timeout(Some(std::time::Duration::from_secs(5))),
+    ] {
+        timeout.map_err(|e| e.to_string())?;
+    }
+    let name = ServerName::try_from("localhost").expect("name");
+    let conn = rustls::ClientConnection::new(config.clone(), name).map_err(|e| e.to_string())?;
+    let mut stream = rustls::StreamOwned::new(conn, tcp);
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .and_then(|()| stream.flush())
+        .map_err(|e| format!("TLS: {e}"))?;
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    let ended = loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break None,
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+            Err(e) => break Some(e),
+        }
+    };
+    let served = stream
+        .conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| c.to_vec())
+        .unwrap_or_default();
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let status = text
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse::<u16>().ok());
+    match (status, ended) {
+        (Some(status), _) => Ok(Response {
+            status,
+            body: text
+                .split_once("\r\n\r\n")
+                .map(|(_, b)| b.to_owned())
+                .unwrap_or_default(),
+            served,
+        }),
+        (None, Some(e)) => Err(format!("TLS: {e}")),
+        (None, None) => Err(format!("no HTTP answer: {text:?}")),
+    }
 }
