@@ -27,7 +27,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use nix::errno::Errno;
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
@@ -232,6 +232,25 @@ pub struct Watch {
     routes: Routes,
     /// Per bundle, the points it wants.
     wanted: Vec<Vec<WatchPoint>>,
+    /// Watches the kernel dropped, as the queue reported them.
+    dead: Arc<Mutex<Dead>>,
+}
+
+fn lock(dead: &Mutex<Dead>) -> std::sync::MutexGuard<'_, Dead> {
+    dead.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Watches the kernel dropped (`IN_IGNORED`: the directory was removed),
+/// recorded by [`Events`] for the next refresh. A directory created again
+/// may get the inode number of the one removed (ext4, XFS do), so its
+/// identity alone does not tell that its watch went with the old one.
+#[derive(Debug, Default)]
+struct Dead {
+    wds: HashSet<WatchDescriptor>,
+    /// The queue overflowed: which watches went is unknown; every one is
+    /// added again (the kernel hands back the live ones unchanged).
+    all: bool,
 }
 
 /// Why watching could not start or continue, naming the directory.
@@ -294,13 +313,15 @@ impl Watch {
             dir: PathBuf::from("inotify"),
             reason: format!("cannot poll: {e}"),
         })?;
+        let dead = Arc::new(Mutex::new(Dead::default()));
         let watch = Self {
             inotify,
             watched: HashMap::new(),
             routes: Routes::default(),
             wanted: Vec::new(),
+            dead: dead.clone(),
         };
-        Ok((watch, Events { fd }))
+        Ok((watch, Events { fd, dead }))
     }
 
     /// Sets what each bundle wants watched and starts watching it; returns
@@ -365,6 +386,12 @@ impl Watch {
         for (top, id) in subtrees {
             subdirectories(&top, id, &mut desired);
         }
+        let dead = std::mem::take(&mut *lock(&self.dead));
+        if dead.all {
+            self.watched.clear();
+        } else if !dead.wds.is_empty() {
+            self.watched.retain(|_, w| !dead.wds.contains(&w.wd));
+        }
         let stale: Vec<PathBuf> = self
             .watched
             .iter()
@@ -407,11 +434,12 @@ impl Watch {
                 Err(e) => debug!(error = %describe(&dir, e), "watch skipped"),
             }
         }
-        let mut dirs = HashMap::with_capacity(self.watched.len());
+        let mut dirs: HashMap<WatchDescriptor, Vec<PathBuf>> =
+            HashMap::with_capacity(self.watched.len());
         for (dir, w) in &self.watched {
-            // One directory under two names (a bind mount) has one watch:
-            // its events are reported under one of them.
-            dirs.entry(w.wd).or_insert_with(|| dir.clone());
+            // One directory under two names (a bind mount, a symlink in a
+            // recursive watch) has one watch: its events concern both.
+            dirs.entry(w.wd).or_default().push(dir.clone());
         }
         self.routes = Routes(Arc::new(RouteTable { routes, dirs }));
         result.map(|()| gained)
@@ -478,6 +506,7 @@ impl AsRawFd for Queue {
 /// Reads inotify's queue on the event loop.
 pub struct Events {
     fd: AsyncFd<Queue>,
+    dead: Arc<Mutex<Dead>>,
 }
 
 /// At most this many events are taken in one wake: the loop goes on with
@@ -502,7 +531,11 @@ impl Events {
                         for e in batch {
                             if e.mask.contains(AddWatchFlags::IN_Q_OVERFLOW) {
                                 warn!("watch events were dropped; re-reading every source");
+                                lock(&self.dead).all = true;
                                 return Change::Rescan;
+                            }
+                            if e.mask.contains(AddWatchFlags::IN_IGNORED) {
+                                lock(&self.dead).wds.insert(e.wd);
                             }
                             events.push(Event {
                                 wd: e.wd,
@@ -514,6 +547,7 @@ impl Events {
                     Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
                     Ok(Err(e)) => {
                         warn!(error = %e, "cannot read inotify; re-reading every source");
+                        lock(&self.dead).all = true;
                         return Change::Rescan;
                     }
                     // Drained: readiness cleared.
@@ -532,8 +566,9 @@ impl Events {
 struct RouteTable {
     /// Directory -> the routes of its events.
     routes: HashMap<PathBuf, Vec<Route>>,
-    /// Watch descriptor -> the directory it watches.
-    dirs: HashMap<WatchDescriptor, PathBuf>,
+    /// Watch descriptor -> the directory it watches, under each of its
+    /// watched names.
+    dirs: HashMap<WatchDescriptor, Vec<PathBuf>>,
 }
 
 /// Watched directory -> who its events concern.
@@ -550,15 +585,22 @@ impl Routes {
     /// still under way) concerns nobody here: the refresh reports its
     /// bundles as gained, and they are read again.
     pub fn route(&self, event: &Event, out: &mut HashSet<(usize, usize)>) -> bool {
-        let Some(dir) = self.0.dirs.get(&event.wd) else {
+        let Some(names) = self.0.dirs.get(&event.wd) else {
             return false;
         };
-        let path = match &event.name {
-            Some(name) => dir.join(name),
-            None => dir.clone(),
-        };
         let new_dir = event.mask.contains(AddWatchFlags::IN_ISDIR);
-        self.bundles_for(&path, new_dir, out)
+        // The kernel dropped this watch (its directory went): the watches
+        // must be set again, even where the directory's identity looks
+        // unchanged.
+        let mut structural = event.mask.contains(AddWatchFlags::IN_IGNORED);
+        for dir in names {
+            let path = match &event.name {
+                Some(name) => dir.join(name),
+                None => dir.clone(),
+            };
+            structural |= self.bundles_for(&path, new_dir, out);
+        }
+        structural
     }
 
     /// The sources an event at `path` may concern: routes of its directory
@@ -612,6 +654,7 @@ impl Routes {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn glob_prefix_stops_at_the_first_wildcard() {
@@ -621,6 +664,89 @@ mod tests {
         );
         assert_eq!(glob_prefix("/certs/*/ca.crt"), (PathBuf::from("/certs"), 2));
         assert_eq!(glob_prefix("*.pem"), (PathBuf::from("."), 1));
+    }
+
+    /// The sources the next events concern (waits up to 10 s for them),
+    /// and whether they asked for the watches to be set again.
+    async fn next(events: &mut Events, routes: &Routes) -> (HashSet<(usize, usize)>, bool) {
+        let change = tokio::time::timeout(Duration::from_secs(10), events.recv())
+            .await
+            .expect("an inotify event within 10 s");
+        let Change::Events(events) = change else {
+            panic!("the queue overflowed");
+        };
+        let mut hit = HashSet::new();
+        let mut structural = false;
+        for event in &events {
+            structural |= routes.route(event, &mut hit);
+        }
+        (hit, structural)
+    }
+
+    /// A directory removed and made again before the watches are set again
+    /// may get the same inode number (ext4 and XFS hand it out again at
+    /// once), so it looks unchanged; its watch went with the old one all
+    /// the same, and must be added again.
+    #[tokio::test]
+    async fn a_directory_made_again_is_watched_again_even_with_the_same_inode() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let extra = dir.path().join("extra");
+        std::fs::create_dir(&extra).expect("mkdir");
+        let (mut watch, mut events) = Watch::new().expect("inotify");
+        watch
+            .set(vec![watch_points(0, &Source::Path(extra.clone()))])
+            .expect("watch");
+        std::fs::remove_dir(&extra).expect("rmdir");
+        std::fs::create_dir(&extra).expect("mkdir");
+        // Everything the removal and the creation reported, up to the
+        // creation seen in the parent.
+        let mut structural = false;
+        loop {
+            let (hit, again) = next(&mut events, &watch.routes()).await;
+            structural |= again;
+            if hit.contains(&(0, 0)) && structural {
+                break;
+            }
+        }
+        watch.refresh().expect("watch again");
+        // The rest of what the removal and the creation reported: all of it
+        // was queued before `create_dir` returned.
+        while let Ok(Change::Events(_)) =
+            tokio::time::timeout(Duration::from_millis(50), events.recv()).await
+        {}
+        // Only the directory's own watch reports a file made in it.
+        std::fs::write(extra.join("ca.pem"), "x").expect("write");
+        loop {
+            let (hit, _) = next(&mut events, &watch.routes()).await;
+            if hit.contains(&(0, 0)) {
+                break;
+            }
+        }
+    }
+
+    /// One directory reached under two names has one watch; a change in it
+    /// concerns the sources under either name.
+    #[tokio::test]
+    async fn one_directory_under_two_names_reaches_the_sources_of_both() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let vol = dir.path().join("vol");
+        let base = dir.path().join("base");
+        std::fs::create_dir(&vol).expect("mkdir");
+        std::fs::create_dir(&base).expect("mkdir");
+        std::os::unix::fs::symlink(&vol, base.join("k")).expect("symlink");
+        let glob = format!("{}/*/ca.pem", base.display());
+        let (mut watch, mut events) = Watch::new().expect("inotify");
+        watch
+            .set(vec![
+                watch_points(0, &Source::Glob(glob)),
+                watch_points(0, &Source::Path(vol.join("ca.pem"))),
+            ])
+            .expect("watch");
+        std::fs::write(vol.join("ca.pem"), "x").expect("write");
+        let mut hit = HashSet::new();
+        while !(hit.contains(&(0, 0)) && hit.contains(&(1, 0))) {
+            hit.extend(next(&mut events, &watch.routes()).await.0);
+        }
     }
 
     #[test]

@@ -65,11 +65,16 @@ const STUCK_RUN: Duration = Duration::from_secs(1);
 /// takes a thread of the blocking pool: a thousand bundles started at once
 /// were hundreds of threads, their stacks and their allocator arenas, for
 /// work two cores do one after the other anyway.
+/// Worked out once: the standard library reads the cgroup's CPU quota from
+/// files on each call, and the loop never reads files.
 fn runs_at_once() -> usize {
-    std::thread::available_parallelism()
-        .map_or(2, std::num::NonZeroUsize::get)
-        .saturating_mul(2)
-        .max(4)
+    static RUNS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *RUNS.get_or_init(|| {
+        std::thread::available_parallelism()
+            .map_or(2, std::num::NonZeroUsize::get)
+            .saturating_mul(2)
+            .max(4)
+    })
 }
 
 /// A failed write is retried after this, doubling up to [`MAX_RETRY`].
@@ -834,8 +839,15 @@ impl Daemon {
                 }
             }
             Ok(_) => {}
-            Err(e) => error!(error = %e,
-                "watching is incomplete; changes may be seen only at the next resync"),
+            Err(e) => {
+                error!(error = %e,
+                    "watching is incomplete; changes may be seen only at the next resync");
+                // Some watches were added all the same: what changed before
+                // them was not seen.
+                for entry in self.entries.values_mut() {
+                    entry.dirty.add(Dirty::All);
+                }
+            }
         }
         self.hold_renders = false;
     }

@@ -38,10 +38,10 @@ pub fn say(message: &str) {
 /// the daemon's whole life (span and field filters are not needed here).
 pub fn init_logs(format: LogFormat) {
     let _ = FORMAT.set(format);
-    let filter = std::env::var("RUST_LOG")
-        .ok()
-        .and_then(|value| log_filter(&value))
-        .unwrap_or_else(|| Targets::new().with_default(LevelFilter::INFO));
+    let value = std::env::var("RUST_LOG").ok();
+    let parsed = value.as_deref().and_then(log_filter);
+    let unread = value.filter(|v| parsed.is_none() && !v.trim().is_empty());
+    let filter = parsed.unwrap_or_else(|| Targets::new().with_default(LevelFilter::INFO));
     let builder = tracing_subscriber::fmt()
         .with_max_level(LevelFilter::TRACE)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -50,6 +50,12 @@ pub fn init_logs(format: LogFormat) {
         LogFormat::Text => builder.finish().with(filter).try_init(),
         LogFormat::Json => builder.json().finish().with(filter).try_init(),
     };
+    if let Some(value) = unread {
+        tracing::warn!(
+            value,
+            "RUST_LOG not understood (levels and target=level directives only); logging at info"
+        );
+    }
 }
 
 /// `RUST_LOG` as directives: `level`, `target` or `target=level`, separated
