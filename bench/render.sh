@@ -213,6 +213,33 @@ fast_runs() { if (($1 <= 200)); then echo 30; elif (($1 <= 2000)); then echo 15;
 # --- run -----------------------------------------------------------------------
 
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+# The kernel's floor for the file work alone (bench/lib/fsfloor.c), when a
+# C compiler is there: the least that reading the N files, and creating N
+# files and syncing them, can cost on this file system.
+FSFLOOR=""
+if cc=$(command -v cc || command -v gcc) && "$cc" -O2 -o "$SCRATCH/fsfloor" "$REPO/bench/lib/fsfloor.c" 2>/dev/null; then
+    FSFLOOR=$SCRATCH/fsfloor
+else
+    say "note: no C compiler (apt-get install -y gcc): the file-system floor lines are skipped"
+fi
+# floor N DIR: the median and the least of 10 runs of each fsfloor mode.
+floor() {
+    local n=$1 d=$2 mode i reads=() creates=()
+    for i in 1 2 3 4 5 6 7 8 9 10; do
+        reads+=("$("$FSFLOOR" read "$d/in")")
+        rm -rf "$d/fsfloor-out"
+        creates+=("$("$FSFLOOR" create "$d/fsfloor-out" "$d/in")")
+    done
+    rm -rf "$d/fsfloor-out"
+    for mode in read create; do
+        if [ "$mode" = read ]; then set -- "${reads[@]}"; else set -- "${creates[@]}"; fi
+        printf '%s\n' "$@" | sort -n | awk -v n="$n" -v mode="$mode" '{ v[NR] = $1 }
+            END { printf "%6s CAs: kernel floor, %s: median %.1f ms, least %.1f ms (10 runs)\n",
+                  n, (mode == "read" ? "open+read+close of the N files" : "create N files with their bytes + syncfs"),
+                  (v[5] + v[6]) / 2, v[1] }' >>"$NOTES"
+    done
+}
+
 START=$(date +%s)
 for n in $SIZES; do
     d=$SCRATCH/$n
@@ -307,6 +334,7 @@ EOF
     fi
 
     bench "$n" cat "cat (floor)" 2 "$runs" "" "cat $(q "$d/in")/* >/dev/null" check_none
+    if [ -n "$FSFLOOR" ]; then floor "$n" "$d"; fi
 done
 ELAPSED=$(($(date +%s) - START))
 LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
