@@ -8,6 +8,9 @@
 #
 #   bench/idle.sh
 #   IDLE_SECS=20 DIRS=10 bench/idle.sh
+#   BASELINE=/path/to/older/anchorage bench/idle.sh
+#                                      # adds "anchorage (baseline)" rows, same
+#                                      # settings, and the ratios current/baseline
 #
 # Needs: python3, inotify-tools, entr, openssl, cargo, readelf (binutils);
 # gcc for the C target; watchexec optional (cargo install watchexec-cli --locked).
@@ -37,5 +40,5 @@ printf 'anchorage %s; inotifywait %s; entr %s; watchexec %s; load average before
 
 run_driver $(( ${IDLE_SECS%.*} + 180 )) "$LIB/idle.py" \
     --anchorage "$ANCHORAGE" --target-cmd "$TARGET_CMD" --pool "$SCRATCH_SHM/pool" \
-    --shm "$SCRATCH_SHM" --dirs "$DIRS" --idle-secs "$IDLE_SECS" --watchexec "$WX"
+    --shm "$SCRATCH_SHM" --dirs "$DIRS" --idle-secs "$IDLE_SECS" --watchexec "$WX" ${BASELINE:+--baseline "$BASELINE"}
 printf 'load average after: %s\n' "$(cut -d' ' -f1-3 /proc/loadavg)"

@@ -14,6 +14,9 @@
 #   BENCH_SLOW=1   also time p11-kit above 2,000 (one run: ~4 min at 10,000)
 #   BENCH_SIZES    the sizes, default "150 1000 10000" (1 to 99999 each)
 #   BENCH_KEEP=1   keep the scratch tree (inputs, outputs, hyperfine JSON)
+#   BASELINE=PATH  another anchorage binary (an earlier commit): its rows,
+#                  "anchorage (baseline) render ...", are timed beside the
+#                  current binary's, and the ratios current/baseline printed
 #
 # Everything it writes is in one scratch tree on tmpfs (/dev/shm), removed on
 # exit; it never touches /etc, the system trust store or the p11-kit config.
@@ -27,6 +30,7 @@ SIZES=${BENCH_SIZES:-150 1000 10000}
 QUICK=${BENCH_QUICK:-0}
 SLOW=${BENCH_SLOW:-0}
 KEEP=${BENCH_KEEP:-0}
+BASELINE=${BASELINE:-}
 # update-ca-certificates lives in /usr/sbin, often not on a user's PATH.
 PATH=$PATH:/usr/local/sbin:/usr/sbin:/sbin
 export LC_ALL=C
@@ -89,6 +93,10 @@ BIN=$TARGET_DIR/release/anchorage
 GEN=$TARGET_DIR/release/examples/gen_cas
 [ -x "$BIN" ] || die "no $BIN after the build"
 [ -x "$GEN" ] || die "no $GEN after the build"
+if [ -n "$BASELINE" ]; then
+    [ -x "$BASELINE" ] || die "BASELINE=$BASELINE is not an executable file"
+    BASELINE=$(realpath "$BASELINE")
+fi
 
 # --- scratch tree --------------------------------------------------------------
 
@@ -205,6 +213,33 @@ fast_runs() { if (($1 <= 200)); then echo 30; elif (($1 <= 2000)); then echo 15;
 # --- run -----------------------------------------------------------------------
 
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+# The kernel's floor for the file work alone (bench/lib/fsfloor.c), when a
+# C compiler is there: the least that reading the N files, and creating N
+# files and syncing them, can cost on this file system.
+FSFLOOR=""
+if cc=$(command -v cc || command -v gcc) && "$cc" -O2 -o "$SCRATCH/fsfloor" "$REPO/bench/lib/fsfloor.c" 2>/dev/null; then
+    FSFLOOR=$SCRATCH/fsfloor
+else
+    say "note: no C compiler (apt-get install -y gcc): the file-system floor lines are skipped"
+fi
+# floor N DIR: the median and the least of 10 runs of each fsfloor mode.
+floor() {
+    local n=$1 d=$2 mode i reads=() creates=()
+    for i in 1 2 3 4 5 6 7 8 9 10; do
+        reads+=("$("$FSFLOOR" read "$d/in")")
+        rm -rf "$d/fsfloor-out"
+        creates+=("$("$FSFLOOR" create "$d/fsfloor-out" "$d/in")")
+    done
+    rm -rf "$d/fsfloor-out"
+    for mode in read create; do
+        if [ "$mode" = read ]; then set -- "${reads[@]}"; else set -- "${creates[@]}"; fi
+        printf '%s\n' "$@" | sort -n | awk -v n="$n" -v mode="$mode" '{ v[NR] = $1 }
+            END { printf "%6s CAs: kernel floor, %s: median %.1f ms, least %.1f ms (10 runs)\n",
+                  n, (mode == "read" ? "open+read+close of the N files" : "create N files with their bytes + syncfs"),
+                  (v[5] + v[6]) / 2, v[1] }' >>"$NOTES"
+    done
+}
+
 START=$(date +%s)
 for n in $SIZES; do
     d=$SCRATCH/$n
@@ -244,6 +279,14 @@ EOF
     bench "$n" dir "anchorage render (openssl-dir)" 2 "$runs" \
         "rm -rf $(q "$d/out-dir")" \
         "$(q "$BIN") render --source $(q "$d/in") --hashed-dir $(q "$d/out-dir")" check_dir
+    if [ -n "$BASELINE" ]; then
+        bench "$n" bpem "anchorage (baseline) render (pem)" 2 "$runs" \
+            "rm -f $(q "$d/out.pem")" \
+            "$(q "$BASELINE") render --source $(q "$d/in") --output $(q "$d/out.pem")" check_pem
+        bench "$n" bdir "anchorage (baseline) render (openssl-dir)" 2 "$runs" \
+            "rm -rf $(q "$d/out-dir")" \
+            "$(q "$BASELINE") render --source $(q "$d/in") --hashed-dir $(q "$d/out-dir")" check_dir
+    fi
 
     if have openssl; then
         r=$runs
@@ -291,6 +334,7 @@ EOF
     fi
 
     bench "$n" cat "cat (floor)" 2 "$runs" "" "cat $(q "$d/in")/* >/dev/null" check_none
+    if [ -n "$FSFLOOR" ]; then floor "$n" "$d"; fi
 done
 ELAPSED=$(($(date +%s) - START))
 LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -312,7 +356,10 @@ openssl_version=$(openssl version 2>/dev/null | cut -d' ' -f2) || true
 echo
 echo "anchorage render benchmark, $(date -u +%Y-%m-%d)"
 echo "machine:   $(nproc) CPUs (nproc), ${cpu:-unknown CPU}, Linux $(uname -r)"
-echo "anchorage: $("$BIN" --version), release binary $stripped"
+echo "anchorage: $("$BIN" --version), release binary $stripped, built from $(git -C "$REPO" rev-parse --short HEAD)"
+if [ -n "$BASELINE" ]; then
+    echo "baseline:  $BASELINE, $(stat -c %s "$BASELINE") bytes, built from $(git -C "$(dirname "$BASELINE")" rev-parse --short HEAD 2>/dev/null || echo "an unknown commit")"
+fi
 echo "peers:     hyperfine $(hyperfine --version | cut -d' ' -f2), OpenSSL ${openssl_version:-?}, p11-kit $(pkg_version p11-kit), ca-certificates $(pkg_version ca-certificates)"
 echo "scratch:   $(stat -f -c %T "$SCRATCH") ($SCRATCH)"
 echo "load:      $LOAD_BEFORE before, $LOAD_AFTER after (1/5/15 min); ${ELAPSED}s of timing"
@@ -363,6 +410,9 @@ for n in sizes:
         footer.append(f"{int(n):,} CAs: best peer {labels[best[1]]}; " + ", ".join(parts))
     else:
         footer.append(f"{int(n):,} CAs: no peer timed, no ratio")
+    for cur, base in (("pem", "bpem"), ("dir", "bdir")):
+        if cur in stats and base in stats:
+            footer.append(f"{int(n):,} CAs: {labels[cur]} current / baseline = {stats[cur][0] / stats[base][0]:.3f}")
 
 # A skipped or failed row carries its reason in the mean column: leave it
 # out of the column widths so it does not push the other columns apart.

@@ -9,6 +9,9 @@
 #
 #   bench/scale.sh
 #   DIRS=1000 SWAPS=20 STARTS=3 bench/scale.sh
+#   BASELINE=/path/to/older/anchorage bench/scale.sh
+#                                      # adds "anchorage (baseline)" rows, same
+#                                      # settings, and the ratios current/baseline
 #
 # Needs: python3, inotify-tools, openssl, cargo; gcc for the C target;
 # watchexec optional (cargo install watchexec-cli --locked). Raises
@@ -54,5 +57,5 @@ printf 'anchorage %s; inotifywait %s; watchexec %s; load average before: %s\n' \
 
 run_driver 900 "$LIB/scale.py" \
     --anchorage "$ANCHORAGE" --target-cmd "$TARGET_CMD" --pool "$SCRATCH_SHM/pool" \
-    --shm "$SCRATCH_SHM" --dirs "$DIRS" --swaps "$SWAPS" --starts "$STARTS" --watchexec "$WX"
+    --shm "$SCRATCH_SHM" --dirs "$DIRS" --swaps "$SWAPS" --starts "$STARTS" --watchexec "$WX" ${BASELINE:+--baseline "$BASELINE"}
 printf 'load average after: %s\n' "$(cut -d' ' -f1-3 /proc/loadavg)"

@@ -9,6 +9,9 @@
 #
 #   bench/swap-latency.sh              # 200 swaps per row, outputs on tmpfs and on disk
 #   SWAPS=50 MEDIA=shm STRESS_SWAPS=0 bench/swap-latency.sh
+#   BASELINE=/path/to/older/anchorage bench/swap-latency.sh
+#                                      # adds "anchorage (baseline)" rows, same
+#                                      # settings, and the ratios current/baseline
 #
 # Needs: python3, inotify-tools, entr, openssl, cargo; gcc for the C target
 # (else a slower python target); watchexec optional
@@ -44,5 +47,5 @@ run_driver $((SWAPS * 14 + 300)) "$LIB/swap_latency.py" \
     --anchorage "$ANCHORAGE" --target-cmd "$TARGET_CMD" --pool "$SCRATCH_SHM/pool" \
     --shm "$SCRATCH_SHM" --disk "$SCRATCH_DISK" --swaps "$SWAPS" --media "$MEDIA" \
     --stress-swaps "$STRESS_SWAPS" \
-    --watchexec "$WX" ${ONLY:+--only "$ONLY"}
+    --watchexec "$WX" ${BASELINE:+--baseline "$BASELINE"} ${ONLY:+--only "$ONLY"}
 printf 'load average after: %s\n' "$(cut -d' ' -f1-3 /proc/loadavg)"

@@ -313,7 +313,7 @@ pub fn inspect(
             key_sha256: bundle::sha256(material.key_bytes()),
             subject: leaf.subject.clone(),
             not_after: leaf.not_after,
-            leaf: leaf.der,
+            leaf: leaf.der.clone(),
         },
         split,
     })

@@ -28,6 +28,8 @@ use crate::source::{SourceError, SourceFile};
 /// Past this many certificates, a render's log line counts the added and
 /// removed ones instead of listing them.
 const LISTED: usize = 20;
+/// How many a summarised list shows.
+const SHOWN: usize = 5;
 
 /// Whether a render writes its outputs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,10 +115,12 @@ impl BundleState {
         now: i64,
         mode: Mode,
     ) -> Result<Report, Refusal> {
-        let files = self.read(only)?;
+        self.read(only)?;
+        // Every source's last read, borrowed: nothing is copied.
+        let files = self.cache.iter().flatten().flatten();
         let assembly = assemble(
             &self.config,
-            &files,
+            files,
             Some(&mut self.retention),
             Some(&mut self.parsed),
             now,
@@ -155,7 +159,7 @@ impl BundleState {
     }
 
     /// Reads the stale sources; the first unusable one refuses the bundle.
-    fn read(&mut self, only: Option<&HashSet<usize>>) -> Result<Vec<SourceFile>, Refusal> {
+    fn read(&mut self, only: Option<&HashSet<usize>>) -> Result<(), Refusal> {
         let sources = &self.config.sources;
         self.cache.resize(sources.len(), None);
         let stale: Vec<usize> = (0..sources.len())
@@ -187,10 +191,10 @@ impl BundleState {
                 }
             }
         }
-        if let Some(e) = failure {
-            return Err(Refusal::Source(e));
+        match failure {
+            Some(e) => Err(Refusal::Source(e)),
+            None => Ok(()),
         }
-        Ok(self.cache.iter().flatten().flatten().cloned().collect())
     }
 
     /// Publishes every output: all are tried, whatever one of them does.
@@ -240,9 +244,9 @@ impl BundleState {
 /// CAs retained after they vanished (with `retention`), `min_certs`, and the
 /// `verify` certificates, read afresh. Logs what the policy dropped or kept
 /// early.
-pub fn assemble(
+pub fn assemble<'a>(
     bundle: &BundleConfig,
-    files: &[SourceFile],
+    files: impl IntoIterator<Item = &'a SourceFile>,
     retention: Option<&mut Retention>,
     cache: Option<&mut ParseCache>,
     now: i64,
@@ -308,18 +312,45 @@ fn log_policy(name: &str, assembly: &Assembly) {
 /// changed and which could not be written. A render that changed nothing
 /// is no news (a poll or resync tick): DEBUG.
 pub fn log_report(name: &str, report: &Report, mode: Mode) {
+    let certificates = report.bundle.len();
+    if report.changed.is_empty() && report.failed.is_empty() && mode == Mode::Write {
+        debug!(
+            bundle = name,
+            certificates,
+            outcome = "unchanged",
+            "rendered"
+        );
+        return;
+    }
+    // What came and went is worked out only for a line that is written.
+    if tracing::enabled!(tracing::Level::INFO) {
+        log_changes(name, report, mode);
+    }
+    for (path, e) in &report.failed {
+        warn!(bundle = name, output = %path.display(), error = %e,
+            "cannot write output; it keeps its previous content, the write is retried, no reload until every output is written");
+    }
+}
+
+fn log_changes(name: &str, report: &Report, mode: Mode) {
     let before: HashSet<[u8; 32]> = report
         .previous
         .iter()
         .flat_map(|b| b.anchors().iter().map(|a| a.sha256))
         .collect();
     let after: HashSet<[u8; 32]> = report.bundle.anchors().iter().map(|a| a.sha256).collect();
-    let describe = |b: &Bundle, keep: &dyn Fn(&[u8; 32]) -> bool| -> Vec<String> {
-        b.anchors()
+    // Past LISTED, only the first few are written: only they are formatted.
+    let describe = |b: &Bundle, keep: &dyn Fn(&[u8; 32]) -> bool| -> (Vec<String>, usize) {
+        let total = b.anchors().iter().filter(|a| keep(&a.sha256)).count();
+        let shown = if total <= LISTED { total } else { SHOWN };
+        let items = b
+            .anchors()
             .iter()
             .filter(|a| keep(&a.sha256))
+            .take(shown)
             .map(|a| format!("{} ({})", a.subject, a.fingerprint()))
-            .collect()
+            .collect();
+        (items, total)
     };
     let added = summarise(describe(&report.bundle, &|h| !before.contains(h)));
     let removed = summarise(
@@ -327,46 +358,37 @@ pub fn log_report(name: &str, report: &Report, mode: Mode) {
             .previous
             .as_ref()
             .map(|p| describe(p, &|h| !after.contains(h)))
-            .unwrap_or_default(),
+            .unwrap_or((Vec::new(), 0)),
     );
     let changed: Vec<String> = report
         .changed
         .iter()
         .map(|p| p.display().to_string())
         .collect();
-    let certificates = report.bundle.len();
     let outcome = match (mode, report.changed.is_empty()) {
         (Mode::DryRun, true) => "would not change",
         (Mode::DryRun, false) => "would change",
         (Mode::Write, true) => "unchanged",
         (Mode::Write, false) => "changed",
     };
-    if report.changed.is_empty() && report.failed.is_empty() && mode == Mode::Write {
-        debug!(bundle = name, certificates, outcome, "rendered");
-        return;
-    }
     info!(
         bundle = name,
-        certificates,
+        certificates = report.bundle.len(),
         added = %added,
         removed = %removed,
         outputs_changed = ?changed,
         outcome,
         "rendered"
     );
-    for (path, e) in &report.failed {
-        warn!(bundle = name, output = %path.display(), error = %e,
-            "cannot write output; it keeps its previous content, the write is retried, no reload until every output is written");
-    }
 }
 
-/// `[a, b]`, or past [`LISTED`] entries the first few and a count.
-fn summarise(items: Vec<String>) -> String {
-    if items.len() <= LISTED {
+/// `[a, b]`, or past [`LISTED`] entries the first few and a count: `items`
+/// are the first entries of `total`.
+fn summarise((items, total): (Vec<String>, usize)) -> String {
+    if total <= LISTED {
         return format!("{items:?}");
     }
-    let total = items.len();
-    let shown: Vec<&String> = items.iter().take(5).collect();
+    let shown: Vec<&String> = items.iter().take(SHOWN).collect();
     format!(
         "{shown:?} and {} more ({total} in all)",
         total - shown.len()
@@ -379,10 +401,10 @@ mod tests {
 
     #[test]
     fn long_lists_are_summarised_with_a_count() {
-        let items: Vec<String> = (0..1000).map(|i| format!("CA {i}")).collect();
-        let line = summarise(items);
+        let items: Vec<String> = (0..SHOWN).map(|i| format!("CA {i}")).collect();
+        let line = summarise((items, 1000));
         assert!(line.contains("995 more (1000 in all)"), "{line}");
         assert!(line.len() < 200, "{line}");
-        assert_eq!(summarise(vec!["a".into()]), "[\"a\"]");
+        assert_eq!(summarise((vec!["a".into()], 1)), "[\"a\"]");
     }
 }

@@ -7,6 +7,9 @@ BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 REPO=$(cd "$BENCH_DIR/.." && pwd)
 LIB="$BENCH_DIR/lib"
 ANCHORAGE="$REPO/target/release/anchorage"
+# BASELINE=/path/to/anchorage: another build (an earlier commit) measured in
+# the same run, with the same settings, as "anchorage (baseline)" rows.
+BASELINE=${BASELINE:-}
 SCRATCH_SHM=""
 SCRATCH_DISK=""
 DRIVER_PID=""
@@ -54,6 +57,22 @@ build_anchorage() {
     say "building the release binary (cargo build --release)..."
     (cd "$REPO" && cargo build --release --quiet)
     [ -x "$ANCHORAGE" ] || { say "no $ANCHORAGE after the build"; exit 1; }
+    if [ -n "$BASELINE" ]; then
+        [ -x "$BASELINE" ] || { say "BASELINE=$BASELINE is not an executable file"; exit 1; }
+        BASELINE=$(realpath "$BASELINE")
+    fi
+}
+
+# describe_binary PATH: "<commit>[ + uncommitted src changes] (<bytes> bytes)",
+# the commit of the checkout the binary sits in (unknown outside one).
+describe_binary() {
+    local top rev="unknown" dirty=""
+    if top=$(git -C "$(dirname "$1")" rev-parse --show-toplevel 2>/dev/null); then
+        rev=$(git -C "$top" rev-parse --short HEAD)
+        git -C "$top" diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null ||
+            dirty=" + uncommitted src changes"
+    fi
+    printf '%s%s (%s bytes)' "$rev" "$dirty" "$(stat -c %s "$1")"
 }
 
 # Kills, by pid, every process whose command line names a scratch directory
@@ -159,10 +178,10 @@ run_driver() {
 }
 
 machine_line() {
-    local rev dirty=""
-    rev=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)
-    git -C "$REPO" diff --quiet HEAD -- src Cargo.toml Cargo.lock 2>/dev/null || dirty=" + uncommitted src changes"
     printf 'machine: %s cores, %s, kernel %s; target: %s\n' "$(nproc)" \
         "$(grep -m1 'model name' /proc/cpuinfo | sed 's/.*: //')" "$(uname -r)" "$TARGET_KIND"
-    printf 'anchorage built from %s%s (%s bytes); nice: %s\n' "$rev" "$dirty" "$(stat -c %s "$ANCHORAGE")" "${NICE:-0}"
+    printf 'anchorage built from %s; nice: %s\n' "$(describe_binary "$ANCHORAGE")" "${NICE:-0}"
+    if [ -n "$BASELINE" ]; then
+        printf 'anchorage (baseline): %s, built from %s\n' "$BASELINE" "$(describe_binary "$BASELINE")"
+    fi
 }

@@ -35,6 +35,7 @@ def main():
     ap.add_argument("--dirs", type=int, default=10)
     ap.add_argument("--idle-secs", type=float, default=60)
     ap.add_argument("--watchexec", default="")
+    ap.add_argument("--baseline", default="", help="another anchorage binary, idling beside the current one")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     for k in list(os.environ):
@@ -44,9 +45,12 @@ def main():
     target_cmd = args.target_cmd.split()
     hz = os.sysconf("SC_CLK_TCK")
 
-    kinds = ["anchorage", "inotifywait", "watchexec", "entr"]
+    kinds = ["anchorage", "anchorage-baseline", "inotifywait", "watchexec", "entr"]
     if not args.watchexec:
         kinds.remove("watchexec")
+    if not args.baseline:
+        kinds.remove("anchorage-baseline")
+    anchorage_bin = {"anchorage": args.anchorage, "anchorage-baseline": args.baseline}
     tools = {}
     targets = {}
     logs = []
@@ -65,8 +69,8 @@ def main():
             logs.append(log)
             target = bl.Target(target_cmd, out, pidfile)
             targets[kind] = (target, dirs)
-            if kind == "anchorage":
-                argv = [args.anchorage, "run", "--output", out, "--pid-file", pidfile, "--signal", "HUP"]
+            if kind in anchorage_bin:
+                argv = [anchorage_bin[kind], "run", "--output", out, "--pid-file", pidfile, "--signal", "HUP"]
                 for d in dirs:
                     argv += ["--source", d]
                 tools[kind] = bl.Proc(kind, argv, env={"RUST_LOG": "warn"}, stderr=log)
@@ -123,6 +127,7 @@ def main():
     sh = shutil.which("sh")
     binaries = {
         "anchorage": [args.anchorage],
+        "anchorage-baseline": [args.baseline],
         "inotifywait": [shutil.which("inotifywait"), "/lib/x86_64-linux-gnu/libinotifytools.so.0", sh],
         "watchexec": [args.watchexec, sh],
         "entr": [shutil.which("entr"), sh],
@@ -133,6 +138,7 @@ def main():
 
     labels = {
         "anchorage": "anchorage (1 bundle, %d sources)" % args.dirs,
+        "anchorage-baseline": "anchorage (baseline) (1 bundle, %d sources)" % args.dirs,
         "inotifywait": "inotifywait loop",
         "watchexec": "watchexec --debounce 0ms",
         "entr": "entr -d loop",
@@ -179,7 +185,7 @@ def main():
             print("note: %s: %d thread(s) ended and %d started during the window (an ended thread's "
                   "last moments are not counted)" % (labels[k], d["gone"], d["new"]))
     print()
-    peers = [k for k in kinds if k != "anchorage"]
+    peers = [k for k in kinds if k not in anchorage_bin]
 
     def ratio(x, y):
         return "%.2f" % (x / y) if y else ("1.00 (both 0)" if x == 0 else "inf (peer 0)")
@@ -196,6 +202,21 @@ def main():
         out.append([fig, labels[best], fmt % get("anchorage"), fmt % get(best), ratio(get("anchorage"), get(best))])
     print("ratio anchorage / best peer")
     bl.table(["figure", "best peer", "anchorage", "peer", "ratio"], out)
+    if "anchorage-baseline" in kinds:
+        out = []
+        for fig, get, fmt in (
+            ("CPU ticks", lambda k: delta[k]["ticks"], "%d"),
+            ("sched ms", lambda k: delta[k]["sched_ns"] / 1e6, "%.3f"),
+            ("wakeups", lambda k: delta[k]["vcsw"], "%d"),
+            ("RSS MiB", lambda k: delta[k]["rss_kib"] / 1024.0, "%.1f"),
+            ("anon MiB", lambda k: delta[k]["anon_kib"] / 1024.0, "%.1f"),
+            ("binary MiB", lambda k: bin_total(k) / 1048576.0, "%.2f"),
+        ):
+            cur, base = get("anchorage"), get("anchorage-baseline")
+            out.append([fig, fmt % cur, fmt % base, ratio(cur, base)])
+        print()
+        print("ratio current / baseline (same window)")
+        bl.table(["figure", "current", "baseline", "ratio"], out)
 
 if __name__ == "__main__":
     main()

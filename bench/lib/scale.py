@@ -44,8 +44,10 @@ class Lines(threading.Thread):
 
 
 class Row:
-    def __init__(self, label):
+    def __init__(self, label, job=None, baseline=False):
         self.label = label
+        self.job = job  # anchorage: "a" or "b"
+        self.baseline = baseline
         self.watches = "-"
         self.setup = []  # ms until the watches are set
         self.ready = []  # ms until the first render is done (anchorage) / ready
@@ -67,6 +69,7 @@ def main():
     ap.add_argument("--swaps", type=int, default=20)
     ap.add_argument("--starts", type=int, default=3)
     ap.add_argument("--watchexec", default="")
+    ap.add_argument("--baseline", default="", help="another anchorage binary, measured beside the current one")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     for k in list(os.environ):
@@ -126,32 +129,46 @@ def main():
     rows = []
 
     # ---- anchorage
-    def anchorage_a(tpid):
-        argv = [args.anchorage, "run", "--output", all_out, "--pid-file", pidfile, "--signal", "HUP",
-                "--debounce", "0"]
-        for d in dirs:
-            argv += ["--source", d]
-        return argv
+    def anchorage_a(binary):
+        def make(tpid):
+            argv = [binary, "run", "--output", all_out, "--pid-file", pidfile, "--signal", "HUP",
+                    "--debounce", "0"]
+            for d in dirs:
+                argv += ["--source", d]
+            return argv
+        return make
 
-    def anchorage_b(tpid):
-        return [args.anchorage, "run", "--config", config]
+    def anchorage_b(binary):
+        return lambda tpid: [binary, "run", "--config", config]
 
-    specs = [
-        ("anchorage (a) 1 bundle x %d sources" % n, "anchorage", anchorage_a, all_out, "total", 1),
-        ("anchorage (b) %d bundles" % n, "anchorage", anchorage_b, hot_out, "dir", n),
+    # The baseline's rows follow the current binary's, same settings, so
+    # both see the machine in the same minutes.
+    specs = []
+    for job, make, what, bundle_path, which, renders in (
+            ("a", anchorage_a, "(a) 1 bundle x %d sources" % n, all_out, "total", 1),
+            ("b", anchorage_b, "(b) %d bundles" % n, hot_out, "dir", n)):
+        specs.append(("anchorage " + what, "anchorage", make(args.anchorage), bundle_path, which, renders,
+                      job, False))
+        if args.baseline:
+            specs.append(("anchorage (baseline) " + what, "anchorage", make(args.baseline), bundle_path, which,
+                          renders, job, True))
+    specs += [
         ("inotifywait loop, cat all", "inotifywait",
-         lambda tpid: bl.inotifywait_loop(dirs, glob_all, all_out, tpid), all_out, "total", 0),
+         lambda tpid: bl.inotifywait_loop(dirs, glob_all, all_out, tpid), all_out, "total", 0,
+         None, False),
         ("inotifywait loop, per-dir output", "inotifywait",
-         lambda tpid: bl.inotifywait_loop(dirs, None, out_dir, tpid, per_dir=True), hot_out, "dir", 0),
+         lambda tpid: bl.inotifywait_loop(dirs, None, out_dir, tpid, per_dir=True), hot_out, "dir", 0,
+         None, False),
     ]
     if args.watchexec:
         specs.append(("watchexec --debounce 0ms, cat all", "watchexec",
                       lambda tpid: bl.watchexec_cmd(args.watchexec, dirs, glob_all, all_out, tpid),
-                      all_out, "total", 0))
-    specs.append(("floor: driver signals", "floor", None, os.path.join(dirs[hot], "ca.crt"), "dir", 0))
+                      all_out, "total", 0, None, False))
+    specs.append(("floor: driver signals", "floor", None, os.path.join(dirs[hot], "ca.crt"), "dir", 0, None,
+                  False))
 
-    for label, kind, make, bundle_path, which, renders in specs:
-        row = Row(label)
+    for label, kind, make, bundle_path, which, renders, job, baseline in specs:
+        row = Row(label, job, baseline)
         rows.append(row)
         t_row = time.monotonic()
         starts = 1 if kind == "floor" else args.starts
@@ -249,10 +266,10 @@ def main():
     # (a) is compared with the peers that write one bundle of everything,
     # (b) with the peer that writes one output per directory
     peers = [r for r in rows if not r.label.startswith(("anchorage", "floor"))]
-    mine = [r for r in rows if r.label.startswith("anchorage")]
+    mine = [r for r in rows if r.job and not r.baseline]
     out = []
     for a in mine:
-        job = "per-dir" if "(b)" in a.label else "cat all"
+        job = "per-dir" if a.job == "b" else "cat all"
         peers_a = [p for p in peers if job in p.label]
         for fig, get in (("watches set ms", lambda r: bl.median(r.setup) if r.setup else None),
                          ("ready ms (peers: watches set)", lambda r: bl.median(r.ready) if r.ready else None),
@@ -269,6 +286,27 @@ def main():
     if out:
         print("ratio anchorage / best peer")
         bl.table(["anchorage", "figure", "best peer", "anchorage", "peer", "ratio"], out)
+    out = []
+    for b in (r for r in rows if r.baseline):
+        cur = [r for r in mine if r.job == b.job]
+        if not cur:
+            continue
+        a = cur[0]
+        for fig, get, scale in (
+                ("watches set ms", lambda r: bl.median(r.setup) if r.setup else None, 1),
+                ("ready ms", lambda r: bl.median(r.ready) if r.ready else None, 1),
+                ("RSS MiB", lambda r: bl.median(r.rss) if r.rss else None, 1),
+                ("swap p50 ms", lambda r: bl.median(r.res["lat"]) if r.res and r.res["lat"] else None, 1e6),
+                ("swap max ms", lambda r: max(r.res["lat"]) if r.res and r.res["lat"] else None, 1e6)):
+            va, vb = get(a), get(b)
+            if va is None or vb is None:
+                continue
+            out.append([a.label, fig, "%.2f" % (va / scale), "%.2f" % (vb / scale),
+                        "%.2f" % (va / vb) if vb else "-"])
+    if out:
+        print()
+        print("ratio current / baseline (same run, same settings)")
+        bl.table(["anchorage", "figure", "current", "baseline", "ratio"], out)
 
 
 def wait_ready(row, kind, tool, lines, spawn_wall, spawn_mono, renders, dirs, swap, target, which):

@@ -22,8 +22,9 @@ def sets_from(pems):
 
 
 class Run:
-    def __init__(self, label, kind, medium, debounce=None):
+    def __init__(self, label, kind, medium, debounce=None, binary=None, baseline=False):
         self.label, self.kind, self.medium, self.debounce = label, kind, medium, debounce
+        self.binary, self.baseline = binary, baseline
         self.lat = []
         self.missed = self.premature = self.extra = self.other = self.signals = 0
         self.swaps = 0
@@ -40,6 +41,7 @@ def main():
     ap.add_argument("--swaps", type=int, default=200)
     ap.add_argument("--media", default="shm disk")
     ap.add_argument("--watchexec", default="")
+    ap.add_argument("--baseline", default="", help="another anchorage binary, measured beside the current one")
     ap.add_argument("--wait-ms", type=float, default=500)
     ap.add_argument("--settle-ms", type=float, default=40)
     ap.add_argument("--stress-swaps", type=int, default=1000)
@@ -62,10 +64,13 @@ def main():
 
     media = args.media.split()
     runs = [Run("floor: driver signals", "floor", "-")]
-    for m in media:
-        runs.append(Run("anchorage --debounce 0", "anchorage", m, "0"))
-    for m in media:
-        runs.append(Run("anchorage (default 200ms)", "anchorage", m, None))
+    # The baseline's rows follow the current binary's, same settings, so
+    # both see the machine in the same minutes.
+    for debounce, what in (("0", "--debounce 0"), (None, "(default 200ms)")):
+        for m in media:
+            runs.append(Run("anchorage " + what, "anchorage", m, debounce, args.anchorage))
+            if args.baseline:
+                runs.append(Run("anchorage (baseline) " + what, "anchorage", m, debounce, args.baseline, True))
     for m in media:
         runs.append(Run("inotifywait loop", "inotifywait", m))
     for m in media:
@@ -84,7 +89,7 @@ def main():
         t0 = time.monotonic()
         measure(run, n, args, target_cmd, content, sid)
         print(
-            "  %-32s %-5s done in %5.1fs: p50 %s ms, missed %d, premature %d, extra %d%s"
+            "  %-38s %-5s done in %5.1fs: p50 %s ms, missed %d, premature %d, extra %d%s"
             % (run.label, run.medium, time.monotonic() - t0, bl.fmt_ms(bl.median(run.lat)),
                run.missed, run.premature, run.extra, ("  (" + run.note + ")") if run.note else ""),
             file=sys.stderr, flush=True,
@@ -111,7 +116,8 @@ def main():
     peers = ("inotifywait", "inotifywait-data", "watchexec", "entr")
     ratio_rows = []
     for m in media:
-        mine = [r for r in runs if r.kind == "anchorage" and r.debounce == "0" and r.medium == m and r.lat]
+        mine = [r for r in runs if r.kind == "anchorage" and not r.baseline and r.debounce == "0"
+                and r.medium == m and r.lat]
         others = [r for r in runs if r.kind in peers and r.medium == m and r.lat]
         if not mine or not others:
             continue
@@ -125,6 +131,23 @@ def main():
     if ratio_rows:
         print("ratio anchorage / best peer (best = lowest p50 on that medium)")
         bl.table(["ratio", "output", "p50", "p99"], ratio_rows)
+    base_rows = []
+    for b in (r for r in runs if r.baseline and r.lat):
+        cur = [r for r in runs if r.kind == "anchorage" and not r.baseline and r.debounce == b.debounce
+               and r.medium == b.medium and r.lat]
+        if not cur:
+            continue
+        a = cur[0]
+        base_rows.append([
+            a.label, a.medium,
+            "%.2f" % (bl.pct(a.lat, 50) / bl.pct(b.lat, 50)),
+            "%.2f" % (bl.pct(a.lat, 99) / bl.pct(b.lat, 99)),
+            "%.2f" % (max(a.lat) / max(b.lat)),
+        ])
+    if base_rows:
+        print()
+        print("ratio current / baseline (same run, same settings)")
+        bl.table(["anchorage", "output", "p50", "p99", "max"], base_rows)
 
     if args.stress_swaps > 0:
         stress_all(args, target_cmd, pems)
@@ -133,19 +156,24 @@ def main():
 def stress_all(args, target_cmd, pems):
     """Back-to-back swaps into one of two sources of a bundle: does the
     application ever get a bundle that misses a source?"""
-    kinds = [("anchorage --debounce 0", "anchorage", "0"), ("anchorage (default 200ms)", "anchorage", None),
-             ("inotifywait loop", "inotifywait", None), ("inotifywait loop, ..data only", "inotifywait-data", None)]
+    kinds = []
+    for debounce, what in (("0", "--debounce 0"), (None, "(default 200ms)")):
+        kinds.append(("anchorage " + what, "anchorage", debounce, args.anchorage))
+        if args.baseline:
+            kinds.append(("anchorage (baseline) " + what, "anchorage", debounce, args.baseline))
+    kinds += [("inotifywait loop", "inotifywait", None, None),
+              ("inotifywait loop, ..data only", "inotifywait-data", None, None)]
     if args.watchexec:
-        kinds.append(("watchexec --debounce 0ms", "watchexec", None))
-    kinds.append(("entr -d loop", "entr", None))
+        kinds.append(("watchexec --debounce 0ms", "watchexec", None, None))
+    kinds.append(("entr -d loop", "entr", None, None))
     if args.only:
         keep = set(args.only.split(","))
         kinds = [x for x in kinds if x[1] in keep]
     rows = []
-    for n, (label, kind, debounce) in enumerate(kinds):
+    for n, (label, kind, debounce, binary) in enumerate(kinds):
         t0 = time.monotonic()
-        rows.append([label] + stress_one(args, n, kind, debounce, target_cmd, pems))
-        print("  stress %-32s done in %5.1fs" % (label, time.monotonic() - t0), file=sys.stderr, flush=True)
+        rows.append([label] + stress_one(args, n, kind, debounce, binary, target_cmd, pems))
+        print("  stress %-38s done in %5.1fs" % (label, time.monotonic() - t0), file=sys.stderr, flush=True)
     print()
     print("rapid swaps: one bundle of 2 kubelet-style sources (s1: 1 CA, never changes; s2: 2 CAs), "
           "%d swaps into s2, %.0f ms apart; output on tmpfs" % (args.stress_swaps, args.stress_gap_ms))
@@ -155,7 +183,7 @@ def stress_all(args, target_cmd, pems):
           "holding s1's CA alone.")
 
 
-def stress_one(args, n, kind, debounce, target_cmd, pems):
+def stress_one(args, n, kind, debounce, binary, target_cmd, pems):
     base = os.path.join(args.shm, "stress-%02d" % n)
     s1, s2 = os.path.join(base, "s1"), os.path.join(base, "s2")
     out = os.path.join(base, "bundle.pem")
@@ -174,7 +202,7 @@ def stress_one(args, n, kind, debounce, target_cmd, pems):
     k = 0
     try:
         if kind == "anchorage":
-            argv = [args.anchorage, "run", "--source", s1, "--source", s2, "--output", out,
+            argv = [binary, "run", "--source", s1, "--source", s2, "--output", out,
                     "--pid-file", pidfile, "--signal", "HUP"]
             if debounce is not None:
                 argv += ["--debounce", debounce]
@@ -237,7 +265,7 @@ def measure(run, n, args, target_cmd, content, sid):
     glob = vol + "/..data/*"
     try:
         if run.kind == "anchorage":
-            argv = [args.anchorage, "run", "--source", vol, "--output", out,
+            argv = [run.binary, "run", "--source", vol, "--output", out,
                     "--pid-file", pidfile, "--signal", "HUP"]
             if run.debounce is not None:
                 argv += ["--debounce", run.debounce]

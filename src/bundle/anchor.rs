@@ -1,8 +1,8 @@
 //! One parsed certificate: what the policy, the outputs, `check` and the logs
 //! need to know about it, computed once.
 
-use std::fmt::Write as _;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use x509_parser::prelude::{FromDer, X509Certificate, X509Version};
 
@@ -10,9 +10,29 @@ use super::strict::{self, Reason};
 use super::subject_hash::subject_hash;
 use crate::source::CertBlock;
 
-/// A certificate read from a source, with the facts derived from it.
+/// A certificate read from a source, with the facts derived from it and
+/// where it was found. The facts are shared: a render that finds the same
+/// bytes again takes them without parsing or copying them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Anchor {
+    facts: Arc<Facts>,
+    /// Where it was first found, for logs and `check`.
+    pub origin: PathBuf,
+    /// Its 0-based place among the certificates of that file.
+    pub index: usize,
+}
+
+impl std::ops::Deref for Anchor {
+    type Target = Facts;
+
+    fn deref(&self) -> &Facts {
+        &self.facts
+    }
+}
+
+/// What a certificate is, parsed once.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Facts {
     /// The certificate's DER (for `TRUSTED CERTIFICATE`, without the aux data).
     pub der: Vec<u8>,
     pub sha256: [u8; 32],
@@ -30,10 +50,6 @@ pub struct Anchor {
     /// Why a strict verifier would refuse it as a CA; empty when it would not.
     pub strict: Vec<Reason>,
     pub subject_hash: u32,
-    /// Where it was first found, for logs and `check`.
-    pub origin: PathBuf,
-    /// Its 0-based place among the certificates of that file.
-    pub index: usize,
 }
 
 /// Why a certificate block is not a certificate.
@@ -76,10 +92,14 @@ impl Anchor {
         } else {
             return Err(fail(format!("{} bytes after the certificate", rest.len())));
         };
-        let sha256 = sha256(&der);
+        // A plain block's hash was taken when its file was read.
+        let sha256 = match block.sha256 {
+            Some(sha) if !block.trusted => sha,
+            _ => sha256(&der),
+        };
         let is_ca = is_ca(&cert).map_err(fail)?;
         let strict = strict::reasons(&cert, is_ca);
-        Ok(Self {
+        let facts = Facts {
             sha256,
             subject: cert.subject().to_string(),
             issuer: cert.issuer().to_string(),
@@ -90,9 +110,21 @@ impl Anchor {
             strict,
             subject_hash: subject_hash(cert.subject().as_raw()),
             der,
+        };
+        Ok(Self {
+            facts: Arc::new(facts),
             origin,
             index,
         })
+    }
+
+    /// The same certificate, found at `origin`, place `index`.
+    pub fn found_at(&self, origin: PathBuf, index: usize) -> Self {
+        Self {
+            facts: self.facts.clone(),
+            origin,
+            index,
+        }
     }
 
     /// Lowercase hex SHA-256 of the DER, no colons.
@@ -152,9 +184,12 @@ pub fn sha256(bytes: &[u8]) -> [u8; 32] {
 }
 
 pub(crate) fn hex(bytes: &[u8]) -> String {
+    // A fingerprint per CA per render: no formatting machinery per byte.
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut out = String::with_capacity(bytes.len() * 2);
     for b in bytes {
-        let _ = write!(out, "{b:02x}");
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
     }
     out
 }

@@ -182,10 +182,14 @@ pub fn collect(files: &[SourceFile], policy: &Policy, now: i64) -> Result<Assemb
     collect_cached(files, policy, now, None)
 }
 
+// Each block's parse is kept under the SHA-256 its read took
+// (`CertBlock::sha256`), so a render of a thousand sources of which one
+// changed hashes and parses one block, and shares the others' facts.
+
 /// [`collect`], taking what `cache` already parsed and leaving in it what
 /// this read holds.
-pub fn collect_cached(
-    files: &[SourceFile],
+pub fn collect_cached<'a>(
+    files: impl IntoIterator<Item = &'a SourceFile>,
     policy: &Policy,
     now: i64,
     mut cache: Option<&mut ParseCache>,
@@ -195,24 +199,26 @@ pub fn collect_cached(
         Known([u8; 32], Anchor),
         Parse(Option<[u8; 32]>, &'a SourceFile, usize, &'a CertBlock),
     }
-    let mut seen: HashSet<[u8; 32]> = HashSet::new();
+    let known = cache.as_ref().map_or(0, |c| c.0.len());
+    let mut seen: HashSet<[u8; 32]> = HashSet::with_capacity(known);
     let mut assembly = Assembly::default();
     // Identical bytes parse identically: copies are skipped before parsing.
     // A trusted block carries aux data, so its key is the parsed DER.
-    let mut slots = Vec::new();
+    let mut slots = Vec::with_capacity(known);
     for file in files {
         for (index, block) in file.blocks.iter().enumerate() {
-            let key = (!block.trusted).then(|| anchor::sha256(&block.der));
+            let key = if block.trusted {
+                None
+            } else {
+                Some(block.sha256.unwrap_or_else(|| anchor::sha256(&block.der)))
+            };
             if let Some(key) = key {
                 if !seen.insert(key) {
                     assembly.duplicates += 1;
                     continue;
                 }
                 if let Some(known) = cache.as_ref().and_then(|c| c.0.get(&key)) {
-                    let mut anchor = known.clone();
-                    anchor.origin = file.path.clone();
-                    anchor.index = index;
-                    slots.push(Slot::Known(key, anchor));
+                    slots.push(Slot::Known(key, known.found_at(file.path.clone(), index)));
                     continue;
                 }
             }
@@ -231,7 +237,7 @@ pub fn collect_cached(
     })
     .into_iter();
     let mut kept = Vec::new();
-    let mut next = std::collections::HashMap::new();
+    let mut next = std::collections::HashMap::with_capacity(known);
     // In file order, so the first damaged block is the one reported.
     for slot in slots {
         let (key, anchor, trusted) = match slot {
@@ -283,10 +289,10 @@ mod tests {
             .push(rcgen::DnType::CommonName, name);
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         let key = rcgen::KeyPair::generate().expect("key");
-        CertBlock {
-            der: params.self_signed(&key).expect("cert").der().to_vec(),
-            trusted: false,
-        }
+        CertBlock::new(
+            params.self_signed(&key).expect("cert").der().to_vec(),
+            false,
+        )
     }
 
     fn file(path: &str, blocks: Vec<CertBlock>) -> SourceFile {
@@ -343,10 +349,7 @@ mod tests {
             Some(&mut cache),
         )
         .expect("valid");
-        let junk = CertBlock {
-            der: vec![0x30, 0x03, 1, 2, 3],
-            trusted: false,
-        };
+        let junk = CertBlock::new(vec![0x30, 0x03, 1, 2, 3], false);
         let err = collect_cached(
             &[file("/x/a.pem", vec![a, junk])],
             &Policy::default(),

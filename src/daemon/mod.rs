@@ -23,7 +23,6 @@ mod target;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::sync::mpsc;
@@ -40,7 +39,7 @@ use crate::render::BundleState;
 use crate::source::Source;
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::status::{Pings, Status};
-use crate::watch::{Change, Routes, Watch, WatchError, WatchPoint, watch_points};
+use crate::watch::{Change, Events, Routes, Watch, WatchError, WatchPoint, watch_points};
 pub use target::{Kind, Target};
 use target::{Outcome, Work};
 
@@ -56,6 +55,27 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 /// after the watch is set is seen, so reading first would read twice. A
 /// watch set-up that hangs (a stuck filesystem) does not hold renders back.
 const WATCH_FIRST: Duration = Duration::from_secs(1);
+
+/// A run in flight longer than this no longer holds back others (see
+/// [`runs_at_once`]): a hung filesystem delays the other targets that long
+/// at most, and only when it holds every slot.
+const STUCK_RUN: Duration = Duration::from_secs(1);
+
+/// How many runs may be in flight at once (not counting stuck ones). Each
+/// takes a thread of the blocking pool: a thousand bundles started at once
+/// were hundreds of threads, their stacks and their allocator arenas, for
+/// work two cores do one after the other anyway.
+/// Worked out once: the standard library reads the cgroup's CPU quota from
+/// files on each call, and the loop never reads files.
+fn runs_at_once() -> usize {
+    static RUNS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *RUNS.get_or_init(|| {
+        std::thread::available_parallelism()
+            .map_or(2, std::num::NonZeroUsize::get)
+            .saturating_mul(2)
+            .max(4)
+    })
+}
 
 /// A failed write is retried after this, doubling up to [`MAX_RETRY`].
 const FIRST_RETRY: Duration = Duration::from_millis(500);
@@ -216,10 +236,10 @@ pub struct Daemon {
     /// routes' indices stand for (a snapshot kept while a refresh runs).
     routes: Routes,
     route_ids: Vec<u64>,
-    overflow: Arc<AtomicBool>,
     /// A refresh was asked for while one ran, or the watch set changed.
     rewatch: bool,
-    events: mpsc::Receiver<Change>,
+    /// inotify's queue, read on the loop (`None` when polling).
+    events: Option<Events>,
     /// Events seen but not debounced yet.
     pending: HashMap<u64, Dirty>,
     reloader: Reloader,
@@ -250,13 +270,11 @@ impl Daemon {
         child: ChildHandle,
         clock: Clock,
     ) -> Result<Self, StartError> {
-        let (tx, events) = mpsc::channel(4096);
-        let (watch, overflow) = match config.daemon.poll {
-            Some(_) => (WatchSlot::Off, Arc::default()),
+        let (watch, events) = match config.daemon.poll {
+            Some(_) => (WatchSlot::Off, None),
             None => {
-                let watch = Watch::new(tx).map_err(StartError::Watch)?;
-                let overflow = watch.overflow_flag();
-                (WatchSlot::Idle(Box::new(watch)), overflow)
+                let (watch, events) = Watch::new().map_err(StartError::Watch)?;
+                (WatchSlot::Idle(Box::new(watch)), Some(events))
             }
         };
         let mut daemon = Self {
@@ -267,7 +285,6 @@ impl Daemon {
             watch,
             routes: Routes::default(),
             route_ids: Vec::new(),
-            overflow,
             rewatch: true,
             events,
             pending: HashMap::new(),
@@ -317,20 +334,26 @@ impl Daemon {
                 .filter_map(|e| e.retry.map(|(at, _)| at))
                 .min();
             let held_until = self.hold_renders.then_some(watch_first);
+            let admit_at = self.admit_at();
             tokio::select! {
                 biased;
                 () = &mut shutdown => {
                     info!("shutting down");
                     break;
                 }
-                Some(finished) = self.done.1.recv() => self.finished(finished),
-                Some((watch, ids, result)) = self.refreshed.1.recv() => self.refreshed(watch, ids, result),
-                Some(change) = self.events.recv() => {
-                    self.note(change);
-                    // Everything already queued belongs to the same burst.
-                    while let Ok(change) = self.events.try_recv() {
-                        self.note(change);
+                Some(finished) = self.done.1.recv() => {
+                    self.finished(finished);
+                    // Runs that came back meanwhile: one status for all
+                    // (a thousand bundles at start are a thousand runs).
+                    while let Ok(finished) = self.done.1.try_recv() {
+                        self.finished(finished);
                     }
+                    self.report_status();
+                }
+                Some((watch, ids, result)) = self.refreshed.1.recv() => self.refreshed(watch, ids, result),
+                change = recv_events(&mut self.events) => {
+                    // Everything already queued came with it: one burst.
+                    self.note(change);
                     if self.pending.is_empty() {
                         continue;
                     }
@@ -364,6 +387,8 @@ impl Daemon {
                     }
                 }
                 () = sleep_until(held_until) => self.hold_renders = false,
+                // A run in flight became stuck: it leaves its slot.
+                () = sleep_until(admit_at) => {}
                 () = sleep_until(resync_at) => {
                     // Compare with the disk again: repairs an output changed
                     // behind our back.
@@ -401,15 +426,12 @@ impl Daemon {
                     }
                 }
             }
-            if self.overflow.swap(false, Ordering::Relaxed) {
-                warn!("watch events were dropped; re-reading every source");
-                self.mark_all();
-            }
             self.start_rewatch();
             self.dispatch();
         }
         // Stop watching, then let in-flight reloads finish.
         self.watch = WatchSlot::Off;
+        self.events = None;
         self.reloader.close(Some(SHUTDOWN_GRACE)).await;
     }
 
@@ -475,12 +497,12 @@ impl Daemon {
 
     /// A watch event: the sources it concerns wait for the debounce.
     fn note(&mut self, change: Change) {
-        self.metrics.watch_events.inc();
         match change {
-            Change::Paths(paths) if !matches!(self.watch, WatchSlot::Off) => {
+            Change::Events(events) => {
+                self.metrics.watch_events.inc_by(events.len() as u64);
                 let mut hit = HashSet::new();
-                for path in &paths {
-                    self.rewatch |= self.routes.bundles_for(path, &mut hit);
+                for event in &events {
+                    self.rewatch |= self.routes.route(event, &mut hit);
                 }
                 for (index, source) in hit {
                     if let Some(id) = self.route_ids.get(index) {
@@ -491,7 +513,8 @@ impl Daemon {
                     }
                 }
             }
-            _ => {
+            Change::Rescan => {
+                self.metrics.watch_events.inc();
                 self.rewatch = true;
                 for id in self.entries.keys() {
                     self.pending.insert(*id, Dirty::All);
@@ -530,17 +553,45 @@ impl Daemon {
             .filter(|(_, e)| e.target.is_some() && e.dirty != Dirty::Clean)
             .map(|(id, _)| *id)
             .collect();
+        let mut room = runs_at_once().saturating_sub(self.running().count());
         let mut started = false;
-        for kind in [Kind::Bundle, Kind::KeyPair] {
+        'kinds: for kind in [Kind::Bundle, Kind::KeyPair] {
             for id in &ready {
-                if self.entries.get(id).is_some_and(|e| e.kind == kind) {
-                    started |= self.start(*id, now);
+                if room == 0 {
+                    break 'kinds;
+                }
+                if self.entries.get(id).is_some_and(|e| e.kind == kind) && self.start(*id, now) {
+                    started = true;
+                    room -= 1;
                 }
             }
         }
         if started {
             self.publish_busy();
         }
+    }
+
+    /// When each run in flight started, but for the stuck ones.
+    fn running(&self) -> impl Iterator<Item = Instant> + '_ {
+        let now = Instant::now();
+        self.entries
+            .values()
+            .filter_map(|e| e.busy_since)
+            .filter(move |since| now.saturating_duration_since(*since) < STUCK_RUN)
+    }
+
+    /// When a target waits for a slot: the moment the oldest run in flight
+    /// counts as stuck and gives up its slot.
+    fn admit_at(&self) -> Option<Instant> {
+        let waiting = !self.hold_renders
+            && self
+                .entries
+                .values()
+                .any(|e| e.target.is_some() && e.dirty != Dirty::Clean);
+        if !waiting {
+            return None;
+        }
+        self.running().min().map(|since| since + STUCK_RUN)
     }
 
     /// Starts the run of entry `id`; returns whether it did.
@@ -617,7 +668,6 @@ impl Daemon {
         };
         if entry.removed {
             self.entries.remove(&id);
-            self.publish_busy();
             return;
         }
         entry.busy_since = None;
@@ -697,6 +747,11 @@ impl Daemon {
                 }
             }
         }
+    }
+
+    /// After runs came back: which are still in flight, and the status
+    /// (started, ready, the summary line).
+    fn report_status(&self) {
         self.publish_busy();
         let started = self.entries.values().all(|e| !e.initial);
         let ready = self
@@ -784,8 +839,15 @@ impl Daemon {
                 }
             }
             Ok(_) => {}
-            Err(e) => error!(error = %e,
-                "watching is incomplete; changes may be seen only at the next resync"),
+            Err(e) => {
+                error!(error = %e,
+                    "watching is incomplete; changes may be seen only at the next resync");
+                // Some watches were added all the same: what changed before
+                // them was not seen.
+                for entry in self.entries.values_mut() {
+                    entry.dirty.add(Dirty::All);
+                }
+            }
         }
         self.hold_renders = false;
     }
@@ -846,6 +908,13 @@ fn request_keypair_reloads(
 async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn recv_events(events: &mut Option<Events>) -> Change {
+    match events {
+        Some(events) => events.recv().await,
         None => std::future::pending().await,
     }
 }

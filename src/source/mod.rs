@@ -166,8 +166,13 @@ fn not_regular(path: &Path) -> SourceError {
 }
 
 fn read_path(path: &Path, out: &mut Vec<SourceFile>) -> Result<(), SourceError> {
+    // A kubelet volume says so by its `..data` link: one readlink, no stat
+    // (a thousand volumes are read at start).
+    if let Ok(target) = fs::read_link(path.join(KUBELET_DATA)) {
+        return read_dir(path, Some(target), out);
+    }
     match fs::metadata(path) {
-        Ok(meta) if meta.is_dir() => read_dir(path, out),
+        Ok(meta) if meta.is_dir() => read_dir(path, None, out),
         Ok(meta) if !meta.is_file() => Err(not_regular(path)),
         Ok(_) => {
             if let Some(file) = read_file(path, path)? {
@@ -213,11 +218,21 @@ fn read_glob(pattern: &str, out: &mut Vec<SourceFile>) -> Result<(), SourceError
 }
 
 /// Reads a directory; a kubelet volume is read through `..data`, one
-/// generation at a time (ARCHITECTURE.md, "Kubernetes volumes").
-fn read_dir(dir: &Path, out: &mut Vec<SourceFile>) -> Result<(), SourceError> {
+/// generation at a time (ARCHITECTURE.md, "Kubernetes volumes"). `data`:
+/// where `..data` pointed, if the caller just looked.
+fn read_dir(
+    dir: &Path,
+    data: Option<PathBuf>,
+    out: &mut Vec<SourceFile>,
+) -> Result<(), SourceError> {
+    let mut looked = data;
     let data = dir.join(KUBELET_DATA);
     for _ in 0..GENERATION_ATTEMPTS {
-        let generation = match fs::read_link(&data) {
+        let link = match looked.take() {
+            Some(target) => Ok(target),
+            None => fs::read_link(&data),
+        };
+        let generation = match link {
             Ok(target) => dir.join(target),
             // Not a kubelet volume (no `..data`, or not a symlink).
             Err(e) if is_absent(&e) || e.kind() == io::ErrorKind::InvalidInput => {
@@ -255,49 +270,66 @@ fn read_entries(
     out: &mut Vec<SourceFile>,
     generation: bool,
 ) -> Result<bool, SourceError> {
-    let entries = match fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) if is_absent(&e) => return Ok(!generation),
-        Err(e) => return Err(unreadable(dir, e)),
+    use nix::dir::{Dir, Type};
+    use nix::fcntl::OFlag;
+    use std::os::fd::AsFd;
+    use std::os::unix::ffi::OsStrExt;
+    // One open of the directory, for its listing and for opening its files
+    // relative to it (no path walk per file).
+    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK;
+    let mut listing = match Dir::open(dir, flags, nix::sys::stat::Mode::empty()) {
+        Ok(listing) => listing,
+        Err(nix::errno::Errno::ENOENT) => return Ok(!generation),
+        Err(e) => return Err(unreadable(dir, e.into())),
     };
     let mut names = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(|e| unreadable(dir, e))?;
-        let name = entry.file_name();
-        if name.as_encoded_bytes().starts_with(b"..") {
+    for entry in listing.iter() {
+        let entry = entry.map_err(|e| unreadable(dir, e.into()))?;
+        let name = std::ffi::OsStr::from_bytes(entry.file_name().to_bytes());
+        // `.`, `..`, and kubelet's `..data` and generations.
+        if name.as_encoded_bytes().starts_with(b".")
+            && (name.len() == 1 || name.as_encoded_bytes().starts_with(b".."))
+        {
             continue;
         }
         // The type from the directory listing costs no system call; only a
         // symlink (or a filesystem that does not say) needs a stat.
-        names.push((name, entry.file_type().ok()));
+        let kind = match entry.file_type() {
+            Some(Type::File) => Some(Kind::File),
+            Some(Type::Directory) => Some(Kind::Dir),
+            Some(Type::Symlink) | None => None,
+            Some(_) => Some(Kind::Other),
+        };
+        names.push((name.to_os_string(), kind));
     }
     // Sorted, so that errors and logs come in a stable order.
     names.sort_by(|a, b| a.0.cmp(&b.0));
-    // Files are opened relative to the directory: no path walk per file.
-    let handle = match File::open(dir) {
-        Ok(handle) => handle,
-        Err(e) if is_absent(&e) => return Ok(!generation),
-        Err(e) => return Err(unreadable(dir, e)),
-    };
+    let handle = listing.as_fd();
     // What each entry holds, read in parallel for large directories.
     let read = crate::parallel::map(&names, |(name, kind)| {
         let shown = visible.join(name);
         let kind = match kind {
-            Some(t) if !t.is_symlink() => Ok(*t),
-            _ => fs::metadata(dir.join(name)).map(|m| m.file_type()),
+            Some(kind) => Ok(*kind),
+            None => fs::metadata(dir.join(name)).map(|m| match m.file_type() {
+                t if t.is_file() => Kind::File,
+                t if t.is_dir() => Kind::Dir,
+                _ => Kind::Other,
+            }),
         };
         let entry = match kind {
-            Ok(t) if t.is_dir() => Ok(Entry::Other),
+            Ok(Kind::Dir) => Ok(Entry::Other),
             // A FIFO, socket or device fails the bundle, as any unreadable
             // file does; it is never opened.
-            Ok(t) if !t.is_file() => Err(not_regular(&shown)),
-            Ok(_) => match open_at(&handle, name, &shown).and_then(|f| read_open(f, &shown)) {
-                Ok(Some(bytes)) => decode(&bytes)
-                    .map(Entry::File)
-                    .map_err(|kind| SourceError::new(&shown, kind)),
-                Ok(None) => Ok(Entry::Vanished),
-                Err(e) => Err(e),
-            },
+            Ok(Kind::Other) => Err(not_regular(&shown)),
+            Ok(Kind::File) => {
+                match open_at(handle, name, &shown).and_then(|f| read_open(f, &shown)) {
+                    Ok(Some(bytes)) => decode(&bytes)
+                        .map(Entry::File)
+                        .map_err(|kind| SourceError::new(&shown, kind)),
+                    Ok(None) => Ok(Entry::Vanished),
+                    Err(e) => Err(e),
+                }
+            }
             Err(e) if is_absent(&e) => Ok(Entry::Vanished),
             Err(e) => Err(unreadable(&shown, e)),
         };
@@ -316,6 +348,15 @@ fn read_entries(
     Ok(true)
 }
 
+/// What a directory entry is.
+#[derive(Clone, Copy)]
+enum Kind {
+    File,
+    Dir,
+    /// A FIFO, socket or device.
+    Other,
+}
+
 /// What a directory entry turned out to be.
 enum Entry {
     File(Vec<CertBlock>),
@@ -324,7 +365,11 @@ enum Entry {
 }
 
 /// Opens `name` in the directory `dir` for reading; `None` if absent.
-fn open_at(dir: &File, name: &std::ffi::OsStr, shown: &Path) -> Result<Option<File>, SourceError> {
+fn open_at(
+    dir: std::os::fd::BorrowedFd<'_>,
+    name: &std::ffi::OsStr,
+    shown: &Path,
+) -> Result<Option<File>, SourceError> {
     use nix::fcntl::{OFlag, openat};
     // Non-blocking: a FIFO swapped in after the stat must not hang the
     // open; `read_open` then refuses anything but a regular file.
@@ -441,10 +486,7 @@ pub fn decode(bytes: &[u8]) -> Result<Vec<CertBlock>, SourceErrorKind> {
     }
     // A DER certificate is a SEQUENCE; anything else is not ours.
     if bytes.first() == Some(&0x30) {
-        return Ok(vec![CertBlock {
-            der: bytes.to_vec(),
-            trusted: false,
-        }]);
+        return Ok(vec![CertBlock::new(bytes.to_vec(), false)]);
     }
     Err(SourceErrorKind::NotCertificate)
 }

@@ -4,28 +4,45 @@
 //! Also whether a directory is a mount point, which an output directory
 //! that cannot be renamed must know. Reads the mount table; never mounts.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+
+/// The mounts that could be a subPath: mount point -> the root of the
+/// filesystem it shows (only mounts of a part of a filesystem).
+struct Mounts(HashMap<String, String>);
+
+impl Mounts {
+    /// Parses `/proc/self/mountinfo` once: a thousand sources are then
+    /// one lookup each.
+    fn parse(mountinfo: &str) -> Self {
+        let mut points = HashMap::new();
+        for line in mountinfo.lines() {
+            // id parent major:minor root mount-point options ... - fstype source super
+            let mut fields = line.split(' ').skip(3);
+            let (Some(root), Some(point)) = (fields.next(), fields.next()) else {
+                continue;
+            };
+            if root != "/" {
+                points.insert(unescape(point), unescape(root));
+            }
+        }
+        Self(points)
+    }
+
+    /// The root of a subPath-style mount whose mount point is exactly
+    /// `path`: one that comes from a single file or from kubelet's
+    /// `volume-subpaths`.
+    fn subpath(&self, path: &Path) -> Option<String> {
+        let root = self.0.get(path.to_str()?)?;
+        let is_file = std::fs::metadata(path).is_ok_and(|m| m.is_file());
+        (is_file || root.contains("/volume-subpaths/")).then(|| root.clone())
+    }
+}
 
 /// A mount whose mount point is exactly `path` and that comes from a
 /// single file or from kubelet's `volume-subpaths`: the mount's root.
 pub fn subpath_mount(mountinfo: &str, path: &Path) -> Option<String> {
-    let wanted = path.to_str()?;
-    for line in mountinfo.lines() {
-        // id parent major:minor root mount-point options ... - fstype source super
-        let fields: Vec<&str> = line.split(' ').collect();
-        let (Some(root), Some(point)) = (fields.get(3), fields.get(4)) else {
-            continue;
-        };
-        if unescape(point) != wanted || *root == "/" {
-            continue;
-        }
-        let root = unescape(root);
-        let is_file = std::fs::metadata(path).is_ok_and(|m| m.is_file());
-        if is_file || root.contains("/volume-subpaths/") {
-            return Some(root);
-        }
-    }
-    None
+    Mounts::parse(mountinfo).subpath(path)
 }
 
 /// Whether the directory `path` is a mount point: on another device than its
@@ -84,10 +101,15 @@ pub fn warn_subpaths(paths: &[PathBuf]) -> Vec<PathBuf> {
     let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return Vec::new();
     };
+    let mounts = Mounts::parse(&mountinfo);
+    if mounts.0.is_empty() {
+        return Vec::new();
+    }
+    let mut canonical = Canonical::default();
     let mut found = Vec::new();
     for path in paths {
-        let real = std::fs::canonicalize(path).unwrap_or_else(|_| path.clone());
-        if let Some(root) = subpath_mount(&mountinfo, &real) {
+        let real = canonical.of(path);
+        if let Some(root) = mounts.subpath(&real) {
             tracing::warn!(
                 path = %path.display(), mount_root = %root,
                 "this source is a subPath-style bind mount: kubelet never updates it, so rotations \
@@ -97,6 +119,30 @@ pub fn warn_subpaths(paths: &[PathBuf]) -> Vec<PathBuf> {
         }
     }
     found
+}
+
+/// `realpath`, memoised by directory: sources that share a parent cost one
+/// `lstat` each, not a `readlink` per component each.
+#[derive(Default)]
+struct Canonical(HashMap<PathBuf, PathBuf>);
+
+impl Canonical {
+    fn of(&mut self, path: &Path) -> PathBuf {
+        if let Some(known) = self.0.get(path) {
+            return known.clone();
+        }
+        let plain = std::fs::symlink_metadata(path).is_ok_and(|m| !m.file_type().is_symlink());
+        let real = match (path.parent(), path.file_name()) {
+            // Not a symlink, under an absolute parent: the parent's real
+            // path and this name (a mount point is never `..`).
+            (Some(parent), Some(name)) if plain && parent.is_absolute() => {
+                self.of(parent).join(name)
+            }
+            _ => std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf()),
+        };
+        self.0.insert(path.to_path_buf(), real.clone());
+        real
+    }
 }
 
 #[cfg(test)]
@@ -112,6 +158,24 @@ mod tests {
             Some("/var/lib/kubelet/pods/u/volume-subpaths/ca/app/0")
         );
         assert_eq!(subpath_mount(info, Path::new("/certs")), None);
+    }
+
+    #[test]
+    fn memoised_real_paths_follow_symlinked_parents_as_realpath_does() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let real = dir.path().join("real");
+        std::fs::create_dir(&real).expect("mkdir");
+        std::fs::write(real.join("ca.crt"), "x").expect("write");
+        std::os::unix::fs::symlink(&real, dir.path().join("link")).expect("symlink");
+        std::os::unix::fs::symlink("ca.crt", real.join("alias")).expect("symlink");
+        let mut canonical = Canonical::default();
+        for path in ["link/ca.crt", "link/alias", "real/ca.crt", "link/missing"] {
+            let path = dir.path().join(path);
+            // What the unmemoised lookup gave: `realpath`, or the path as
+            // it is when there is none (a missing path is no mount point).
+            let want = std::fs::canonicalize(&path).unwrap_or_else(|_| path.clone());
+            assert_eq!(canonical.of(&path), want, "{}", path.display());
+        }
     }
 
     #[test]

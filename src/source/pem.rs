@@ -22,6 +22,21 @@ pub struct CertBlock {
     pub der: Vec<u8>,
     /// `TRUSTED CERTIFICATE` (OpenSSL's X509_AUX form) rather than `CERTIFICATE`.
     pub trusted: bool,
+    /// The SHA-256 of `der` for a plain certificate block, taken when the
+    /// file is read: the key under which its parse is kept, so a render
+    /// that did not read this file again neither hashes nor parses it.
+    pub sha256: Option<[u8; 32]>,
+}
+
+impl CertBlock {
+    pub fn new(der: Vec<u8>, trusted: bool) -> Self {
+        let sha256 = (!trusted).then(|| crate::bundle::sha256(&der));
+        Self {
+            der,
+            trusted,
+            sha256,
+        }
+    }
 }
 
 /// What a file holds, once framed.
@@ -108,7 +123,7 @@ pub fn frame(bytes: &[u8]) -> Result<Framed, FrameError> {
                     index: cert_index,
                     reason: e.to_string(),
                 })?;
-                framed.certificates.push(CertBlock { der, trusted });
+                framed.certificates.push(CertBlock::new(der, trusted));
                 cert_index += 1;
             } else {
                 framed.other_blocks += 1;
@@ -173,13 +188,7 @@ mod tests {
     fn round_trips_a_block() {
         let der: Vec<u8> = (0..=255u8).cycle().take(1000).collect();
         let framed = frame(&block("CERTIFICATE", &der)).expect("frames");
-        assert_eq!(
-            framed.certificates,
-            vec![CertBlock {
-                der,
-                trusted: false
-            }]
-        );
+        assert_eq!(framed.certificates, vec![CertBlock::new(der, false)]);
     }
 
     #[test]

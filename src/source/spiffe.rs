@@ -116,10 +116,7 @@ pub fn frame(bytes: &[u8]) -> Result<Vec<CertBlock>, SpiffeError> {
             if !is_one_certificate(&der) {
                 return Err(SpiffeError::NotCertificate { key, entry });
             }
-            certificates.push(CertBlock {
-                der,
-                trusted: false,
-            });
+            certificates.push(CertBlock::new(der, false));
         }
     }
     Ok(certificates)

@@ -314,40 +314,40 @@ impl Metrics {
         self.last_success.get_or_create(&label).set(now);
         self.earliest_expiry.set(name, bundle.earliest_expiry());
         self.strict_refusals(name, bundle);
-        let cert_labels = |b: &Bundle| -> Vec<(CertLabels, i64)> {
-            b.anchors()
-                .iter()
-                .map(|a| {
-                    (
-                        CertLabels {
-                            bundle: name.to_owned(),
-                            subject: a.subject.clone(),
-                            sha256: a.fingerprint(),
-                        },
-                        a.not_after,
-                    )
-                })
-                .collect()
+        let labels = |a: &crate::bundle::Anchor| CertLabels {
+            bundle: name.to_owned(),
+            subject: a.subject.clone(),
+            sha256: a.fingerprint(),
         };
-        // The same set: its series are already right (a render of a
-        // thousand unchanged CAs should not rebuild a thousand series).
-        let same = previous.is_some_and(|p| {
-            p.len() == bundle.len()
-                && p.anchors()
-                    .iter()
-                    .zip(bundle.anchors())
-                    .all(|(a, b)| a.sha256 == b.sha256)
-        });
-        if same {
-            return;
-        }
-        if let Some(previous) = previous {
-            for (labels, _) in cert_labels(previous) {
-                self.not_after.remove(&labels);
+        // Only the series of CAs that came or went change: a swap of one
+        // CA among a thousand is two series, not two thousand. Both sets
+        // are sorted by SHA-256.
+        let empty = Bundle::default();
+        let before = previous.unwrap_or(&empty).anchors();
+        let after = bundle.anchors();
+        let (mut i, mut j) = (0, 0);
+        while i < before.len() || j < after.len() {
+            let order = match (before.get(i), after.get(j)) {
+                (Some(b), Some(a)) => b.sha256.cmp(&a.sha256),
+                (Some(_), None) => std::cmp::Ordering::Less,
+                _ => std::cmp::Ordering::Greater,
+            };
+            match order {
+                std::cmp::Ordering::Less => {
+                    self.not_after.remove(&labels(&before[i]));
+                    i += 1;
+                }
+                std::cmp::Ordering::Greater => {
+                    self.not_after
+                        .get_or_create(&labels(&after[j]))
+                        .set(after[j].not_after);
+                    j += 1;
+                }
+                std::cmp::Ordering::Equal => {
+                    i += 1;
+                    j += 1;
+                }
             }
-        }
-        for (labels, not_after) in cert_labels(bundle) {
-            self.not_after.get_or_create(&labels).set(not_after);
         }
     }
 
@@ -401,6 +401,46 @@ mod tests {
             text.contains("anchorage_renders_total{bundle=\"peers\",result=\"changed\"} 1\n"),
             "{text}"
         );
+    }
+
+    fn anchor(name: &str) -> crate::bundle::Anchor {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let key = rcgen::KeyPair::generate().expect("key");
+        let der = params.self_signed(&key).expect("cert").der().to_vec();
+        let block = crate::source::CertBlock::new(der, false);
+        crate::bundle::Anchor::parse(&block, "/x.pem".into(), 0).expect("parse")
+    }
+
+    #[test]
+    fn certificate_series_follow_the_set_from_render_to_render() {
+        let metrics = Metrics::new();
+        let (a, b, c) = (anchor("Series A"), anchor("Series B"), anchor("Series C"));
+        let series = |m: &Metrics| -> Vec<String> {
+            let mut names: Vec<String> = m
+                .encode()
+                .lines()
+                .filter(|l| l.starts_with("anchorage_certificate_not_after"))
+                .filter_map(|l| l.split("CN=").nth(1))
+                .map(|l| l.split('"').next().unwrap_or_default().to_owned())
+                .collect();
+            names.sort();
+            names
+        };
+        let first = Bundle::new(vec![a.clone(), b.clone()]);
+        metrics.bundle_state("peers", &first, None, 0);
+        assert_eq!(series(&metrics), ["Series A", "Series B"]);
+        let second = Bundle::new(vec![b.clone(), c.clone()]);
+        metrics.bundle_state("peers", &second, Some(&first), 0);
+        assert_eq!(series(&metrics), ["Series B", "Series C"]);
+        let third = Bundle::new(vec![a, b, c]);
+        metrics.bundle_state("peers", &third, Some(&second), 0);
+        assert_eq!(series(&metrics), ["Series A", "Series B", "Series C"]);
+        metrics.bundle_state("peers", &Bundle::default(), Some(&third), 0);
+        assert!(series(&metrics).is_empty());
     }
 
     #[test]

@@ -8,6 +8,10 @@ pub mod systemd;
 
 use std::sync::OnceLock;
 
+use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+
 use crate::cli::LogFormat;
 
 /// The format chosen at start, for [`say`].
@@ -24,17 +28,74 @@ pub fn say(message: &str) {
 }
 
 /// Starts logging to stderr: text for people, JSON for machines, the level
-/// from `RUST_LOG` (default `info`).
+/// from `RUST_LOG` (default `info`): a level, or `target=level` directives
+/// separated by commas (`warn,anchorage::daemon=debug`). An unreadable
+/// value means `info`.
+///
+/// `RUST_LOG` is read by tracing-subscriber's `Targets`, not its
+/// `EnvFilter`: the latter compiles a regular expression to read it, and
+/// the regex engine's code, touched once at start, stayed resident for
+/// the daemon's whole life (span and field filters are not needed here).
 pub fn init_logs(format: LogFormat) {
     let _ = FORMAT.set(format);
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let value = std::env::var("RUST_LOG").ok();
+    let parsed = value.as_deref().and_then(log_filter);
+    let unread = value.filter(|v| parsed.is_none() && !v.trim().is_empty());
+    let filter = parsed.unwrap_or_else(|| Targets::new().with_default(LevelFilter::INFO));
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_max_level(LevelFilter::TRACE)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.finish().with(filter).try_init(),
+        LogFormat::Json => builder.json().finish().with(filter).try_init(),
     };
+    if let Some(value) = unread {
+        tracing::warn!(
+            value,
+            "RUST_LOG not understood (levels and target=level directives only); logging at info"
+        );
+    }
+}
+
+/// `RUST_LOG` as directives: `level`, `target` or `target=level`, separated
+/// by commas. `None` (then `info`) for an empty value or one that is not
+/// made of such directives (a span or field filter).
+fn log_filter(value: &str) -> Option<Targets> {
+    let target = |t: &str| {
+        !t.is_empty()
+            && t.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | ':' | '-'))
+    };
+    let directives: Vec<&str> = value
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .collect();
+    let valid = !directives.is_empty()
+        && directives.iter().all(|d| match d.split_once('=') {
+            Some((t, level)) => target(t) && level.parse::<LevelFilter>().is_ok(),
+            None => d.parse::<LevelFilter>().is_ok() || target(d),
+        });
+    valid.then(|| directives.join(",").parse().ok()).flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rust_log_levels_and_targets_are_read_and_anything_else_means_info() {
+        let info = |t: &Targets, target: &str| t.would_enable(target, &tracing::Level::INFO);
+        let debug = |t: &Targets, target: &str| t.would_enable(target, &tracing::Level::DEBUG);
+        let t = log_filter("debug").expect("a level");
+        assert!(debug(&t, "anchorage::daemon"));
+        let t = log_filter("warn, anchorage::daemon=debug").expect("directives");
+        assert!(debug(&t, "anchorage::daemon") && !info(&t, "anchorage::render"));
+        let t = log_filter("anchorage").expect("a target");
+        assert!(debug(&t, "anchorage::watch") && !info(&t, "tokio"));
+        for unreadable in ["", " , ", "garbage[[", "anchorage[span]=debug", "x=loud"] {
+            assert!(log_filter(unreadable).is_none(), "{unreadable:?}");
+        }
+    }
 }

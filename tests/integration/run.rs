@@ -593,6 +593,48 @@ fn directory_recreated_glob_match_and_editor_rename_are_seen() {
     assert_eq!(daemon.stop(), 0);
 }
 
+/// Hundreds of bundles ready at once run a few at a time: each run in
+/// flight is a thread, and hundreds of threads cost memory and time for
+/// work the cores do one after the other anyway.
+#[test]
+fn hundreds_of_bundles_render_on_a_few_threads() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = Ca::new("Many A");
+    let src = write(&dir.path().join("src"), "a.pem", a.pem());
+    let out = dir.path().join("out");
+    let mut toml = String::from("[daemon]\ndebounce = \"0s\"\n");
+    for i in 0..300 {
+        toml.push_str(&format!(
+            "[[bundle]]\nname = \"b{i}\"\nsources = [\"{}\"]\n[[bundle.output]]\npath = \"{}/b{i}.pem\"\n",
+            s(&src),
+            s(&out)
+        ));
+    }
+    let config = write(dir.path(), "anchorage.toml", toml);
+    let daemon = Daemon::start(dir.path(), &["--config", s(&config)]);
+    eventually(Duration::from_secs(30), || {
+        let written = fs::read_dir(&out).map(|d| d.count()).unwrap_or(0);
+        if written == 300 {
+            Ok(())
+        } else {
+            Err(format!("{written} of 300 outputs written"))
+        }
+    });
+    // The blocking pool keeps its threads for seconds after their last
+    // run: the count now is the most that ran at once.
+    let status = fs::read_to_string(format!("/proc/{}/status", daemon.pid())).expect("status");
+    let threads: usize = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("Threads:");
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    assert!(
+        threads <= 2 * cores.max(2) + 6,
+        "{threads} threads for 300 bundles on {cores} cores"
+    );
+}
+
 #[test]
 fn sighup_rereads_the_config_and_keeps_it_when_invalid() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -698,6 +740,59 @@ fn writes_beside_a_source_directory_do_not_render() {
         renders <= 4,
         "{renders} renders: writes beside the source triggered renders"
     );
+}
+
+/// kubelet's swap is one rename that counts: its new generation, the
+/// `..data_tmp` link and the removal of the old generation are entries
+/// that are never read, so they start no run, even seen one by one.
+#[test]
+fn a_kubelet_swap_seen_step_by_step_starts_one_run() {
+    let (a, b, c) = (Ca::new("Step A"), Ca::new("Step B"), Ca::new("Step C"));
+    let mut setup = Setup::new(&[&a]);
+    let extra = setup.dir.path().join("extra");
+    fs::create_dir(&extra).expect("mkdir");
+    let daemon = setup.start(&["--source", s(&extra), "--debounce", "0"]);
+    setup.app.wait_reloads(1);
+    let runs = || daemon.log().matches("run started").count();
+    let before = runs();
+    setup
+        .volume
+        .write_pausing(&[("ca.crt", &pems(&[&a, &b]))], Duration::from_millis(40));
+    // The decisive event after the swap's last step: one rename into a
+    // plain source directory, one more run.
+    let staged = write(setup.dir.path(), "c.pem", c.pem());
+    fs::rename(&staged, extra.join("c.pem")).expect("rename");
+    wait_output(&setup.output, &expected_pem(&[&a, &b, &c]));
+    let started = runs() - before;
+    assert!(
+        (1..=2).contains(&started),
+        "{started} runs for one swap and one rename:\n{}",
+        daemon.log()
+    );
+}
+
+/// A glob with a wildcard in a directory: a directory created later is
+/// watched too, so a rewrite in place inside it is seen.
+#[test]
+fn a_glob_over_directories_sees_new_directories_and_rewrites_in_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a, b, c) = (Ca::new("Tree A"), Ca::new("Tree B"), Ca::new("Tree C"));
+    let tree = dir.path().join("tree");
+    write(&tree.join("one"), "ca.pem", a.pem());
+    let output = dir.path().join("ca.pem");
+    let glob = format!("{}/*/ca.pem", s(&tree));
+    let daemon = Daemon::start(
+        dir.path(),
+        &["--source", &glob, "--output", s(&output), "--debounce", "0"],
+    );
+    wait_output(&output, &expected_pem(&[&a]));
+    fs::create_dir(tree.join("two")).expect("mkdir");
+    write(&tree.join("two"), "ca.pem", b.pem());
+    wait_output(&output, &expected_pem(&[&a, &b]));
+    // In place: the only events are inside the new directory.
+    fs::write(tree.join("two/ca.pem"), c.pem()).expect("rewrite");
+    wait_output(&output, &expected_pem(&[&a, &c]));
+    assert_eq!(daemon.stop(), 0);
 }
 
 /// A file replaced by a directory is unreadable, not absent: the bundle is

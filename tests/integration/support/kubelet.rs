@@ -7,6 +7,7 @@
 use std::fs;
 use std::os::unix::fs::{PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 pub struct Volume {
     pub dir: PathBuf,
@@ -24,12 +25,24 @@ impl Volume {
 
     /// Publishes exactly these keys.
     pub fn write(&mut self, files: &[(&str, &[u8])]) {
+        self.write_pausing(files, Duration::ZERO);
+    }
+
+    /// [`Volume::write`], pausing `pause` after each step, so that a
+    /// watcher sees each step's events on their own.
+    pub fn write_pausing(&mut self, files: &[(&str, &[u8])], pause: Duration) {
+        let step = || {
+            if !pause.is_zero() {
+                std::thread::sleep(pause);
+            }
+        };
         self.generation += 1;
         let old = fs::read_link(self.dir.join("..data")).ok();
         let name = format!("..2026_11_23_10_00_00.{:09}", self.generation);
         let generation = self.dir.join(&name);
         fs::create_dir(&generation).expect("mkdir generation");
         fs::set_permissions(&generation, fs::Permissions::from_mode(0o755)).expect("chmod");
+        step();
         for (key, bytes) in files {
             let path = generation.join(key);
             fs::write(&path, bytes).expect("write key");
@@ -38,13 +51,16 @@ impl Volume {
         let tmp = self.dir.join("..data_tmp");
         let _ = fs::remove_file(&tmp);
         symlink(&name, &tmp).expect("symlink ..data_tmp");
+        step();
         fs::rename(&tmp, self.dir.join("..data")).expect("rename ..data");
+        step();
         for (key, _) in files {
             let visible = self.dir.join(key);
             if fs::symlink_metadata(&visible).is_err() {
                 symlink(Path::new("..data").join(key), &visible).expect("visible link");
             }
         }
+        step();
         if let Some(old) = old {
             let old_dir = self.dir.join(&old);
             for entry in fs::read_dir(&old_dir).expect("list old") {
