@@ -7,6 +7,7 @@
 //! recycled pid and is refused. anchorage never signals itself.
 
 use std::fs;
+use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
@@ -163,10 +164,23 @@ fn check_not_recycled(pid: u32, pid_file: &Path) -> Result<(), Failure> {
 
 /// A process's start time in unix seconds, from `/proc`.
 fn process_start(pid: u32) -> Option<i64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // One read: `/proc` files report no size, and a growing buffer would
+    // take five system calls for a line of 300 bytes.
+    let mut stat = String::with_capacity(1024);
+    fs::File::open(format!("/proc/{pid}/stat"))
+        .and_then(|mut f| f.read_to_string(&mut stat))
+        .ok()?;
     // The name (field 2) may hold spaces and parentheses: count from the last ')'.
     let after = &stat[stat.rfind(')')? + 2..];
     let ticks: i64 = after.split_whitespace().nth(19)?.parse().ok()?;
+    let (boot, hz) = (*CLOCK)?;
+    Some(boot + ticks / hz)
+}
+
+/// The boot time (unix seconds) and the clock ticks per second, which do
+/// not change while the system runs: read once, not before every signal
+/// (`/proc/stat` is long and costly to generate).
+static CLOCK: std::sync::LazyLock<Option<(i64, i64)>> = std::sync::LazyLock::new(|| {
     let boot: i64 = fs::read_to_string("/proc/stat")
         .ok()?
         .lines()
@@ -175,8 +189,8 @@ fn process_start(pid: u32) -> Option<i64> {
         .parse()
         .ok()?;
     let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok()??;
-    Some(boot + ticks / hz)
-}
+    Some((boot, hz))
+});
 
 /// Every process (but anchorage) whose comm or argv[0] basename is `name`.
 pub fn find_by_name(name: &str) -> Vec<u32> {
