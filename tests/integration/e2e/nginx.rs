@@ -13,8 +13,6 @@
 //! workers and retires the old ones; the master keeps its pid.
 
 use std::fs;
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -23,7 +21,6 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use rustls::ClientConfig;
-use rustls::pki_types::ServerName;
 
 use crate::support::daemon::{Daemon, eventually};
 use crate::support::kubelet::Volume;
@@ -32,7 +29,6 @@ use crate::support::tls;
 use crate::support::{DumpLogsOnFailure, free_port, pem_certs, pems, s, system_binary, write};
 
 const PATIENCE: Duration = Duration::from_secs(30);
-const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Where nginx's files live, all under one temporary prefix.
 struct NginxFiles {
@@ -217,68 +213,10 @@ impl Drop for Nginx {
     }
 }
 
-/// What one HTTPS request saw.
-struct Response {
-    status: u16,
-    body: String,
-    /// The end-entity certificate nginx served (DER).
-    served: Vec<u8>,
-}
-
-/// `GET /` over TLS as `localhost`. `Err` if TLS failed or no HTTP answer
-/// came back.
-fn get(port: u16, config: &Arc<ClientConfig>) -> Result<Response, String> {
-    let tcp = TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
-    tcp.set_read_timeout(Some(IO_TIMEOUT)).ok();
-    tcp.set_write_timeout(Some(IO_TIMEOUT)).ok();
-    let name = ServerName::try_from("localhost").expect("name");
-    let conn = rustls::ClientConnection::new(config.clone(), name).map_err(|e| e.to_string())?;
-    let mut stream = rustls::StreamOwned::new(conn, tcp);
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .and_then(|()| stream.flush())
-        .map_err(|e| format!("TLS: {e}"))?;
-    let mut answer = Vec::new();
-    let mut buf = [0u8; 4096];
-    let ended = loop {
-        match stream.read(&mut buf) {
-            Ok(0) => break None,
-            Ok(n) => answer.extend_from_slice(&buf[..n]),
-            Err(e) => break Some(e),
-        }
-    };
-    let served = stream
-        .conn
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .map(|c| c.to_vec())
-        .unwrap_or_default();
-    let text = String::from_utf8_lossy(&answer).into_owned();
-    let status = text
-        .strip_prefix("HTTP/1.1 ")
-        .and_then(|rest| rest.get(..3))
-        .and_then(|code| code.parse::<u16>().ok());
-    match (status, ended) {
-        (Some(status), _) => {
-            let body = text
-                .split_once("\r\n\r\n")
-                .map(|(_, b)| b.to_owned())
-                .unwrap_or_default();
-            Ok(Response {
-                status,
-                body,
-                served,
-            })
-        }
-        (None, Some(e)) => Err(format!("TLS: {e}")),
-        (None, None) => Err(format!("no HTTP answer: {text:?}")),
-    }
-}
-
 /// `Ok` only for 200 "ok": everything else (a TLS alert, a 400 "The SSL
 /// certificate error") is a refusal.
-fn accepted(port: u16, config: &Arc<ClientConfig>) -> Result<Response, String> {
-    let response = get(port, config)?;
+fn accepted(port: u16, config: &Arc<ClientConfig>) -> Result<tls::Response, String> {
+    let response = tls::https_get(port, config)?;
     if response.status == 200 && response.body == "ok\n" {
         Ok(response)
     } else {
@@ -292,7 +230,7 @@ fn accepted(port: u16, config: &Arc<ClientConfig>) -> Result<Response, String> {
 }
 
 #[track_caller]
-fn wait_accepted(what: &str, port: u16, config: &Arc<ClientConfig>) -> Response {
+fn wait_accepted(what: &str, port: u16, config: &Arc<ClientConfig>) -> tls::Response {
     eventually(PATIENCE, || {
         accepted(port, config).map_err(|e| format!("{what} refused: {e}"))
     })
