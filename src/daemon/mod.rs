@@ -34,7 +34,7 @@ use crate::clock::Clock;
 use crate::config::{Config, ConfigError};
 use crate::keypair::{self, KeyPairState};
 use crate::reload::child::ChildHandle;
-use crate::reload::{Probe, Reloader, Request};
+use crate::reload::{Probe, ReloadSpec, Reloader, Request};
 use crate::render::BundleState;
 use crate::source::Source;
 use crate::telemetry::metrics::Metrics;
@@ -204,6 +204,8 @@ struct Finished {
     id: u64,
     target: Target,
     outcome: Outcome,
+    /// The reload action the run already claimed or queued itself.
+    reloaded: Option<ReloadSpec>,
 }
 
 /// A watch refresh that came back: the watcher, the entry ids its bundle
@@ -641,15 +643,46 @@ impl Daemon {
         entry.dirty = Dirty::Clean;
         entry.recheck_disk = false;
         entry.busy_since = Some(Instant::now());
+        let request = Request {
+            names: [entry.name.clone()].into(),
+            startup: entry.initial,
+            urgent: entry.urgent,
+            ..Request::default()
+        };
+        // A bundle's one reload, a signal only it names, leaves from the
+        // run's own thread once the outputs are in place, when nothing else
+        // holds the action (ARCHITECTURE.md, "The event loop").
+        let direct = match &target {
+            Target::Bundle(state) => match state.config.reloads.as_slice() {
+                [spec] => self.reloader.direct(spec),
+                _ => None,
+            },
+            Target::KeyPair(_) => None,
+        };
         let metrics = self.metrics.clone();
         let done = self.done.0.clone();
         tokio::task::spawn_blocking(move || {
             let outcome = target::run(&mut target, work, now, &metrics);
+            let (reloaded, claimed) = match (direct, reload_outputs(&outcome)) {
+                (Some(direct), Some(outputs)) => (
+                    Some(direct.spec().clone()),
+                    direct.claim(Request {
+                        outputs: outputs.clone(),
+                        ..request
+                    }),
+                ),
+                _ => (None, None),
+            };
+            // The outcome first: a signal that hangs holds only itself.
             let _ = done.send(Finished {
                 id,
                 target,
                 outcome,
+                reloaded,
             });
+            if let Some(claimed) = claimed {
+                claimed.run();
+            }
         });
         true
     }
@@ -661,6 +694,7 @@ impl Daemon {
             id,
             target,
             outcome,
+            reloaded,
         }: Finished,
     ) {
         let Some(entry) = self.entries.get_mut(&id) else {
@@ -701,6 +735,9 @@ impl Daemon {
                 }
                 if let (Some(outputs), Target::Bundle(state)) = (&report.reload, &target) {
                     for spec in &state.config.reloads {
+                        if reloaded.as_ref() == Some(spec) {
+                            continue;
+                        }
                         self.reloader.request(
                             spec,
                             Request {
@@ -860,6 +897,14 @@ fn reconfigure_target(target: &mut Target, fresh: Target) {
         (Target::Bundle(state), Target::Bundle(fresh)) => state.reconfigure(fresh.config),
         (Target::KeyPair(pair), Target::KeyPair(fresh)) => pair.config = fresh.config,
         (target, fresh) => *target = fresh,
+    }
+}
+
+/// The outputs a bundle's run asks to reload, if it asks.
+fn reload_outputs(outcome: &Outcome) -> Option<&std::collections::BTreeSet<std::path::PathBuf>> {
+    match outcome {
+        Outcome::Rendered(Ok(report)) => report.reload.as_ref(),
+        _ => None,
     }
 }
 

@@ -13,6 +13,16 @@
 //! Workers never block the event loop: anything that can block (a signal's
 //! `/proc` scan, a pid file) runs on the blocking pool. [`Reloader::close`]
 //! drains them: what is pending runs once more, retries stop.
+//!
+//! A render may run its bundle's action itself, on the render's own thread
+//! ([`Direct`]): a signal then leaves the moment the outputs are in place,
+//! without crossing to the loop and back to the blocking pool. Only a
+//! signal with no probe and no `min_interval`, named by that one bundle
+//! alone, does, never at start, and only while nothing else holds the
+//! action (`Claim`: the worker running, a request pending, a retry
+//! waiting); otherwise the worker gets the request as usual. A direct
+//! failure is counted as the first attempt and its retry handed to the
+//! worker; at shutdown the worker waits for a direct run in flight.
 
 pub mod child;
 pub mod exec;
@@ -22,7 +32,7 @@ pub mod signal;
 pub mod spec;
 pub mod touch;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -168,17 +178,125 @@ struct Slot {
     pending: Mutex<Request>,
     /// The request being run, put back if the worker panics.
     running: Mutex<Request>,
+    /// Who runs the action now. Locked before `pending` where both are.
+    claim: Mutex<Claim>,
+}
+
+/// One run of an action at a time: the worker's or a render's own.
+#[derive(Default)]
+struct Claim {
+    worker: bool,
+    direct: bool,
+    /// A direct run failed: the worker retries at this instant, as its
+    /// second attempt.
+    retry_at: Option<Instant>,
+    /// A request came since the worker last took one: it supersedes a
+    /// retry's wait (a wake alone may be a permit left from before).
+    fresh: bool,
+    /// Only one bundle or key pair names the action: a render's thread may
+    /// run it. Cleared when that changes (SIGHUP), even mid-render.
+    lone: bool,
 }
 
 impl Slot {
-    fn take(&self) -> Request {
-        let request = std::mem::take(&mut *lock(&self.pending));
-        *lock(&self.running) = request.clone();
-        request
+    fn new() -> Self {
+        Self {
+            wake: Notify::new(),
+            pending: Mutex::new(Request::default()),
+            running: Mutex::new(Request::default()),
+            claim: Mutex::new(Claim::default()),
+        }
     }
 
-    fn done(&self) {
+    /// The worker takes what is pending, unless a direct run holds the
+    /// action (it wakes the worker when it is done).
+    fn take(&self) -> Option<Request> {
+        let mut claim = lock(&self.claim);
+        if claim.direct {
+            return None;
+        }
+        claim.worker = true;
+        claim.fresh = false;
+        let request = std::mem::take(&mut *lock(&self.pending));
+        *lock(&self.running) = request.clone();
+        Some(request)
+    }
+
+    /// The worker's run is over; `retry` goes back in the same step, so
+    /// no direct run slips in between.
+    fn done(&self, retry: Option<Request>) {
+        let mut claim = lock(&self.claim);
+        claim.worker = false;
         *lock(&self.running) = Request::default();
+        if let Some(retry) = retry {
+            lock(&self.pending).merge(retry);
+        }
+    }
+
+    /// The run that panicked: its request, and the action free again.
+    fn abandon(&self) -> Request {
+        let mut claim = lock(&self.claim);
+        claim.worker = false;
+        std::mem::take(&mut *lock(&self.running))
+    }
+
+    /// A render's thread claims the action: only for a lone action with
+    /// nothing running, pending or waiting for a retry.
+    fn claim_direct(&self, request: &Request) -> bool {
+        let mut claim = lock(&self.claim);
+        if !claim.lone
+            || claim.worker
+            || claim.direct
+            || claim.retry_at.is_some()
+            || !self.is_idle()
+        {
+            return false;
+        }
+        claim.direct = true;
+        *lock(&self.running) = request.clone();
+        true
+    }
+
+    /// The direct run is over; a failure leaves its retry to the worker,
+    /// which is woken either way (at shutdown it waits for this).
+    fn release_direct(&self, retry: Option<(Request, Instant)>) {
+        let mut claim = lock(&self.claim);
+        claim.direct = false;
+        *lock(&self.running) = Request::default();
+        if let Some((retry, at)) = retry {
+            claim.retry_at = Some(at);
+            lock(&self.pending).merge(retry);
+        }
+        drop(claim);
+        self.wake.notify_one();
+    }
+
+    fn direct_running(&self) -> bool {
+        lock(&self.claim).direct
+    }
+
+    fn set_lone(&self, lone: bool) {
+        lock(&self.claim).lone = lone;
+    }
+
+    /// The retry a failed direct run left, if any.
+    fn take_retry(&self) -> Option<Instant> {
+        lock(&self.claim).retry_at.take()
+    }
+
+    /// Queues `request` for the worker; a permit is stored if it is busy:
+    /// exactly one more run.
+    fn queue(&self, request: Request) {
+        let mut claim = lock(&self.claim);
+        claim.fresh = true;
+        lock(&self.pending).merge(request);
+        drop(claim);
+        self.wake.notify_one();
+    }
+
+    /// Whether a request came since the worker last took one.
+    fn take_fresh(&self) -> bool {
+        std::mem::take(&mut lock(&self.claim).fresh)
     }
 
     fn put_back(&self, pending: Request) {
@@ -210,6 +328,8 @@ struct Shared {
 /// The running reload workers, one per distinct action.
 pub struct Reloader {
     workers: HashMap<ReloadSpec, (Arc<Slot>, JoinHandle<()>)>,
+    /// The actions only one bundle or key pair names (see [`Direct`]).
+    lone: HashSet<ReloadSpec>,
     shared: Shared,
     close: watch::Sender<bool>,
 }
@@ -219,6 +339,7 @@ impl Reloader {
         let (close, closing) = watch::channel(false);
         Self {
             workers: HashMap::new(),
+            lone: HashSet::new(),
             shared: Shared {
                 metrics,
                 child,
@@ -231,28 +352,54 @@ impl Reloader {
 
     /// Asks for `spec` to run for `request`.
     pub fn request(&mut self, spec: &ReloadSpec, request: Request) {
-        let slot = match self.workers.get(spec) {
-            Some((slot, _)) => slot.clone(),
-            None => {
-                let slot = Arc::new(Slot {
-                    wake: Notify::new(),
-                    pending: Mutex::new(Request::default()),
-                    running: Mutex::new(Request::default()),
-                });
-                let task = tokio::spawn(supervise(spec.clone(), slot.clone(), self.shared.clone()));
-                self.workers.insert(spec.clone(), (slot.clone(), task));
-                slot
-            }
-        };
-        slot.put_back(request);
-        // Stores a permit if the worker is busy: exactly one more run.
-        slot.wake.notify_one();
+        self.slot(spec).queue(request);
     }
 
-    /// Stops the workers of actions no longer configured.
+    /// A handle that runs `spec` on a render's own thread when its worker
+    /// is idle (see [`Direct`]); `None` for an action that must go through
+    /// its worker (not a signal, a probe, `min_interval`, named by more
+    /// than one bundle or key pair, closing).
+    pub fn direct(&mut self, spec: &ReloadSpec) -> Option<Direct> {
+        let eligible = matches!(spec.action, ReloadAction::Signal { .. })
+            && spec.probe.is_none()
+            && spec.min_interval.is_none()
+            && self.lone.contains(spec)
+            && !is_closing(&self.shared.closing);
+        eligible.then(|| Direct {
+            spec: spec.clone(),
+            slot: self.slot(spec),
+            shared: self.shared.clone(),
+        })
+    }
+
+    /// The slot of `spec`'s worker, started on first use.
+    fn slot(&mut self, spec: &ReloadSpec) -> Arc<Slot> {
+        if let Some((slot, _)) = self.workers.get(spec) {
+            return slot.clone();
+        }
+        let slot = Arc::new(Slot::new());
+        slot.set_lone(self.lone.contains(spec));
+        let task = tokio::spawn(supervise(spec.clone(), slot.clone(), self.shared.clone()));
+        self.workers.insert(spec.clone(), (slot.clone(), task));
+        slot
+    }
+
+    /// Takes the actions now configured, one entry per bundle or key pair
+    /// naming it: the workers of those gone stop, and which are lone is
+    /// known afresh (a render in flight sees it too).
     pub fn retain(&mut self, keep: &[&ReloadSpec]) {
-        self.workers.retain(|spec, (_, task)| {
-            let kept = keep.contains(&spec);
+        let mut users: HashMap<&ReloadSpec, usize> = HashMap::new();
+        for spec in keep {
+            *users.entry(spec).or_default() += 1;
+        }
+        self.lone = users
+            .iter()
+            .filter(|(_, n)| **n == 1)
+            .map(|(spec, _)| (*spec).clone())
+            .collect();
+        self.workers.retain(|spec, (slot, task)| {
+            let kept = users.contains_key(spec);
+            slot.set_lone(self.lone.contains(spec));
             if !kept {
                 task.abort();
             }
@@ -300,12 +447,17 @@ impl Drop for Reloader {
 /// and counted, and the request it was running is queued again.
 async fn supervise(spec: ReloadSpec, slot: Arc<Slot>, shared: Shared) {
     loop {
-        let task = tokio::spawn(worker(spec.clone(), slot.clone(), shared.clone()));
-        match task.await {
+        // Aborting this task (the action is gone) aborts the worker too.
+        let mut task = AbortOnDrop(tokio::spawn(worker(
+            spec.clone(),
+            slot.clone(),
+            shared.clone(),
+        )));
+        match (&mut task.0).await {
             Ok(()) => return,
             Err(e) if e.is_panic() => {
                 shared.metrics.reload_panics.inc();
-                let running = std::mem::take(&mut *lock(&slot.running));
+                let running = slot.abandon();
                 error!(action = %spec.action, names = ?running.names,
                     "reload worker panicked; restarting it and queueing its reload again");
                 if !running.names.is_empty() {
@@ -319,17 +471,27 @@ async fn supervise(spec: ReloadSpec, slot: Arc<Slot>, shared: Shared) {
     }
 }
 
+/// A task that is aborted when this is dropped.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 async fn worker(spec: ReloadSpec, slot: Arc<Slot>, shared: Shared) {
-    let Shared {
-        metrics,
-        child,
-        mut closing,
-        failures,
-    } = shared;
+    let mut closing = shared.closing.clone();
     let mut last_run: Option<Instant> = None;
     loop {
         if slot.is_idle() {
             if is_closing(&closing) {
+                // A render's thread still runs the action: its failure
+                // comes back here, within the shutdown grace.
+                if slot.direct_running() {
+                    slot.wake.notified().await;
+                    continue;
+                }
                 return;
             }
             tokio::select! {
@@ -342,13 +504,22 @@ async fn worker(spec: ReloadSpec, slot: Arc<Slot>, shared: Shared) {
             if slot.is_idle() {
                 break;
             }
+            // A direct run failed: its retry is this worker's second attempt.
+            if let Some(at) = slot.take_retry() {
+                attempt = 1;
+                if retry_wait(&slot, &mut closing, at).await {
+                    attempt = 0;
+                }
+                continue;
+            }
             // min_interval: hold the run to the interval's end; what
             // arrives meanwhile joins it. An expiry is never held.
             if let (Some(interval), Some(last)) = (spec.min_interval, last_run) {
                 let due = last + interval;
                 let urgent = lock(&slot.pending).urgent;
                 if Instant::now() < due && !urgent && !is_closing(&closing) {
-                    metrics
+                    shared
+                        .metrics
                         .reloads_deferred
                         .get_or_create(&ActionLabel {
                             action: spec.action.kind(),
@@ -366,84 +537,209 @@ async fn worker(spec: ReloadSpec, slot: Arc<Slot>, shared: Shared) {
                     continue;
                 }
             }
-            let pending = slot.take();
+            let Some(pending) = slot.take() else {
+                // A render's thread runs the action; it wakes us when done.
+                slot.wake.notified().await;
+                continue;
+            };
             attempt += 1;
             last_run = Some(Instant::now());
             if pending.only_if_stale && already_serving(&spec, &pending).await {
                 info!(names = ?pending.names, action = %spec.action,
                     "the app already serves the current certificate; no reload");
-                slot.done();
+                slot.done(None);
                 break;
             }
             debug!(bundles = ?pending.names, action = %spec.action, attempt, "reloading");
             let started = Instant::now();
-            let result = match attempt_once(&spec, &pending, &child).await {
-                Ok(detail) => prove(&spec, &pending, &metrics).await.map(|()| detail),
+            let result = match attempt_once(&spec, &pending, &shared.child).await {
+                Ok(detail) => prove(&spec, &pending, &shared.metrics)
+                    .await
+                    .map(|()| detail),
                 Err(e) => Err(e),
             };
-            slot.done();
-            metrics
-                .reload_duration
-                .get_or_create(&ActionLabel {
-                    action: spec.action.kind(),
-                })
-                .observe(started.elapsed().as_secs_f64());
-            let bundles: Vec<&str> = pending.names.iter().map(String::as_str).collect();
-            let action = &spec.action;
-            let min_interval = spec
-                .min_interval
-                .map(|d| humantime::format_duration(d).to_string());
-            match result {
-                Ok(detail) => {
-                    for b in &bundles {
-                        metrics.reload(b, spec.action.kind(), true);
-                    }
-                    info!(bundles = ?bundles, action = %action, attempt, outcome = "success",
-                        detail = %detail, min_interval, "reloaded");
+            match record(&spec, &shared, &pending, attempt, started, result) {
+                Next::Done => {
+                    slot.done(None);
                     break;
                 }
-                Err(Failure::Absent(reason)) if pending.startup => {
-                    info!(bundles = ?bundles, action = %action, reason = %reason,
-                        "reload target does not exist yet; skipped (it reads the fresh output when it starts)");
-                    break;
-                }
-                Err(failure) => {
-                    for b in &bundles {
-                        metrics.reload(b, spec.action.kind(), false);
-                    }
-                    // Closing: no open-ended retries, only those configured.
-                    let allowed = match (spec.retries, is_closing(&closing)) {
-                        (Some(r), _) => Some(r),
-                        (None, true) => Some(0),
-                        (None, false) => None,
-                    };
-                    if allowed.is_some_and(|r| attempt > r) {
-                        failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        warn!(bundles = ?bundles, action = %action, attempt, outcome = "failure", error = %failure,
-                            "reload failed; no retries left");
-                        break;
-                    }
-                    let backoff = backoff(attempt);
-                    warn!(bundles = ?bundles, action = %action, attempt, outcome = "failure", error = %failure,
-                        retry_in = %humantime::format_duration(backoff), "reload failed; will retry");
-                    slot.put_back(Request {
+                Next::Retry(backoff) => {
+                    slot.done(Some(Request {
                         startup: false,
                         only_if_stale: false,
                         ..pending
-                    });
-                    let was_closing = is_closing(&closing);
-                    tokio::select! {
-                        () = tokio::time::sleep(backoff) => {}
-                        // A newer render supersedes the retries: start afresh.
-                        () = slot.wake.notified() => attempt = 0,
-                        // Closing now: one more try at once, then no more.
-                        _ = closing.wait_for(|c| *c), if !was_closing => {}
+                    }));
+                    if retry_wait(&slot, &mut closing, Instant::now() + backoff).await {
+                        attempt = 0;
                     }
                     // The retry is not held back by min_interval.
                     last_run = None;
                 }
             }
         }
+    }
+}
+
+/// Waits for a retry's instant; returns whether a newer request came
+/// first (it supersedes the retries: they start afresh).
+async fn retry_wait(slot: &Slot, closing: &mut watch::Receiver<bool>, at: Instant) -> bool {
+    let was_closing = is_closing(closing);
+    // One that came while the attempt ran (its wake may be spent).
+    if slot.take_fresh() {
+        return true;
+    }
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep_until(at) => return false,
+            () = slot.wake.notified() => if slot.take_fresh() {
+                return true;
+            },
+            // Closing now: one more try at once, then no more.
+            _ = closing.wait_for(|c| *c), if !was_closing => return false,
+        }
+    }
+}
+
+/// What follows an attempt.
+enum Next {
+    Done,
+    /// Retry after this backoff.
+    Retry(Duration),
+}
+
+/// Logs and counts the result of attempt number `attempt` (from 1) of
+/// `spec` for `pending`, started at `started`; says whether to retry.
+fn record(
+    spec: &ReloadSpec,
+    shared: &Shared,
+    pending: &Request,
+    attempt: u32,
+    started: Instant,
+    result: Result<String, Failure>,
+) -> Next {
+    let metrics = &shared.metrics;
+    metrics
+        .reload_duration
+        .get_or_create(&ActionLabel {
+            action: spec.action.kind(),
+        })
+        .observe(started.elapsed().as_secs_f64());
+    let bundles: Vec<&str> = pending.names.iter().map(String::as_str).collect();
+    let action = &spec.action;
+    let min_interval = spec
+        .min_interval
+        .map(|d| humantime::format_duration(d).to_string());
+    match result {
+        Ok(detail) => {
+            for b in &bundles {
+                metrics.reload(b, spec.action.kind(), true);
+            }
+            info!(bundles = ?bundles, action = %action, attempt, outcome = "success",
+                detail = %detail, min_interval, "reloaded");
+            Next::Done
+        }
+        Err(Failure::Absent(reason)) if pending.startup => {
+            info!(bundles = ?bundles, action = %action, reason = %reason,
+                "reload target does not exist yet; skipped (it reads the fresh output when it starts)");
+            Next::Done
+        }
+        Err(failure) => {
+            for b in &bundles {
+                metrics.reload(b, spec.action.kind(), false);
+            }
+            // Closing: no open-ended retries, only those configured.
+            let allowed = match (spec.retries, is_closing(&shared.closing)) {
+                (Some(r), _) => Some(r),
+                (None, true) => Some(0),
+                (None, false) => None,
+            };
+            if allowed.is_some_and(|r| attempt > r) {
+                shared
+                    .failures
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                warn!(bundles = ?bundles, action = %action, attempt, outcome = "failure", error = %failure,
+                    "reload failed; no retries left");
+                return Next::Done;
+            }
+            let backoff = backoff(attempt);
+            warn!(bundles = ?bundles, action = %action, attempt, outcome = "failure", error = %failure,
+                retry_in = %humantime::format_duration(backoff), "reload failed; will retry");
+            Next::Retry(backoff)
+        }
+    }
+}
+
+/// A reload run on the thread of the render that asked for it, when the
+/// action's worker is idle (see the module's documentation).
+#[derive(Clone)]
+pub struct Direct {
+    spec: ReloadSpec,
+    slot: Arc<Slot>,
+    shared: Shared,
+}
+
+/// The action, claimed for a direct run: [`Claimed::run`] sends it.
+pub struct Claimed {
+    direct: Direct,
+    request: Request,
+}
+
+impl Direct {
+    pub fn spec(&self) -> &ReloadSpec {
+        &self.spec
+    }
+
+    /// Claims the action for `request` if nothing else holds it; else the
+    /// worker gets the request, as from [`Reloader::request`], and this
+    /// returns `None`. Never blocks.
+    pub fn claim(self, request: Request) -> Option<Claimed> {
+        if request.startup
+            || request.only_if_stale
+            || is_closing(&self.shared.closing)
+            || !self.slot.claim_direct(&request)
+        {
+            self.slot.queue(request);
+            return None;
+        }
+        Some(Claimed {
+            direct: self,
+            request,
+        })
+    }
+}
+
+impl Claimed {
+    /// Runs the action on this thread, records it like the worker does,
+    /// and releases the action (a failure's retry goes to the worker).
+    /// Blocking: call it from the blocking pool.
+    pub fn run(self) {
+        let Claimed { direct, request } = self;
+        debug!(bundles = ?request.names, action = %direct.spec.action, attempt = 1, "reloading");
+        let started = Instant::now();
+        let result = match &direct.spec.action {
+            ReloadAction::Signal { signal, target } => {
+                let child = direct.shared.child.pid();
+                // As a worker's blocking task would: a panic is a failure.
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    signal::send(*signal, target, child)
+                }))
+                .unwrap_or_else(|_| Err(Failure::Failed("signal: panicked".into())))
+                .map(|pids| format!("pids {pids:?}"))
+            }
+            other => Err(Failure::Failed(format!("{other}: not run directly"))),
+        };
+        let retry = match record(&direct.spec, &direct.shared, &request, 1, started, result) {
+            Next::Done => None,
+            Next::Retry(backoff) => Some((
+                Request {
+                    startup: false,
+                    only_if_stale: false,
+                    ..request
+                },
+                Instant::now() + backoff,
+            )),
+        };
+        direct.slot.release_direct(retry);
     }
 }
 
@@ -587,11 +883,7 @@ mod tests {
     #[tokio::test]
     async fn a_panicking_worker_is_restarted_and_its_reload_queued_again() {
         let metrics = Arc::new(Metrics::new());
-        let slot = Arc::new(Slot {
-            wake: Notify::new(),
-            pending: Mutex::new(Request::default()),
-            running: Mutex::new(Request::default()),
-        });
+        let slot = Arc::new(Slot::new());
         // As if the worker had taken this request and then panicked.
         slot.put_back(named("peers"));
         let _ = slot.take();
@@ -607,7 +899,7 @@ mod tests {
         assert!(panicking.await.expect_err("panicked").is_panic());
         // supervise's recovery path, on the slot the panic left behind.
         metrics.reload_panics.inc();
-        let running = std::mem::take(&mut *lock(&slot.running));
+        let running = slot.abandon();
         slot.put_back(running);
         assert!(!slot.is_idle(), "the request is queued again");
         let task = tokio::spawn(supervise(spec, slot.clone(), shared));
@@ -702,6 +994,293 @@ mod tests {
                 >= 1
         );
         assert_eq!(reloader.close(Some(Duration::from_secs(5))).await, 0);
+    }
+
+    /// A SIGCONT to a `sleep` whose pid file is written after it started:
+    /// the process, the spec, and the directory holding the pid file.
+    fn sleeper() -> (std::process::Child, ReloadSpec, tempfile::TempDir) {
+        let child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pid_file = dir.path().join("app.pid");
+        std::fs::write(&pid_file, format!("{}\n", child.id())).expect("pid file");
+        let spec = ReloadSpec {
+            action: ReloadAction::Signal {
+                signal: nix::sys::signal::Signal::SIGCONT,
+                target: SignalTarget::PidFile(pid_file),
+            },
+            ..exec("true")
+        };
+        (child, spec, dir)
+    }
+
+    fn signals(metrics: &Metrics, name: &str, result: &'static str) -> u64 {
+        metrics
+            .reloads
+            .get_or_create(&crate::telemetry::metrics::ReloadLabels {
+                bundle: name.to_owned(),
+                action: "signal",
+                result,
+            })
+            .get()
+    }
+
+    /// The runtime is only entered, never driven, while a direct run is
+    /// made: the worker cannot run, so whatever ran, ran on the caller's
+    /// thread.
+    fn paused_runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .expect("runtime")
+    }
+
+    /// A reloader where `spec` is named once (a lone action).
+    fn lone(metrics: &Arc<Metrics>, spec: &ReloadSpec) -> Reloader {
+        let mut reloader = Reloader::new(metrics.clone(), ChildHandle::default());
+        reloader.retain(&[spec]);
+        reloader
+    }
+
+    /// What a render's thread does: claim, then run if claimed; whether it
+    /// ran here.
+    fn direct_run(direct: &Direct, request: Request) -> bool {
+        match direct.clone().claim(request) {
+            Some(claimed) => {
+                claimed.run();
+                true
+            }
+            None => false,
+        }
+    }
+
+    #[test]
+    fn a_signal_leaves_from_the_renders_thread_when_its_worker_is_idle() {
+        let (mut app, spec, _dir) = sleeper();
+        let rt = paused_runtime();
+        let _entered = rt.enter();
+        let metrics = Arc::new(Metrics::new());
+        let mut reloader = lone(&metrics, &spec);
+        let direct = reloader.direct(&spec).expect("a lone signal may go direct");
+        assert!(direct_run(&direct, named("a")));
+        assert_eq!(
+            signals(&metrics, "a", "success"),
+            1,
+            "sent before run returned"
+        );
+        // At start, the worker decides (an absent target is skipped there).
+        let startup = Request {
+            startup: true,
+            ..named("b")
+        };
+        assert!(!direct_run(&direct, startup));
+        assert_eq!(
+            signals(&metrics, "b", "success"),
+            0,
+            "queued for the worker"
+        );
+        rt.block_on(async {
+            wait_for(|| signals(&metrics, "b", "success") == 1).await;
+            assert_eq!(reloader.close(Some(Duration::from_secs(5))).await, 0);
+        });
+        let _ = app.kill();
+        let _ = app.wait();
+    }
+
+    #[test]
+    fn a_busy_worker_gets_the_request_and_runs_it_once_more() {
+        let (mut app, spec, _dir) = sleeper();
+        let rt = paused_runtime();
+        let _entered = rt.enter();
+        let metrics = Arc::new(Metrics::new());
+        let mut reloader = lone(&metrics, &spec);
+        let direct = reloader.direct(&spec).expect("direct");
+        // Queued and not run yet: the worker owns the action.
+        reloader.request(&spec, named("a"));
+        assert!(!direct_run(&direct, named("b")));
+        assert_eq!(
+            signals(&metrics, "b", "success"),
+            0,
+            "not sent beside the worker"
+        );
+        rt.block_on(async {
+            wait_for(|| signals(&metrics, "b", "success") == 1).await;
+            assert_eq!(reloader.close(Some(Duration::from_secs(5))).await, 0);
+        });
+        // One run served both.
+        assert_eq!(signals(&metrics, "a", "success"), 1);
+        let _ = app.kill();
+        let _ = app.wait();
+    }
+
+    #[test]
+    fn no_direct_run_between_a_failed_worker_attempt_and_its_retry() {
+        let slot = Slot::new();
+        slot.set_lone(true);
+        slot.queue(named("a"));
+        let a = slot.take().expect("the worker takes a");
+        assert!(!slot.claim_direct(&named("b")), "the worker runs it");
+        // The attempt failed: the retry goes back as the action is freed.
+        slot.done(Some(a));
+        assert!(
+            !slot.claim_direct(&named("b")),
+            "the retry holds the action"
+        );
+    }
+
+    #[test]
+    fn a_direct_failure_is_counted_and_retried_by_the_worker_after_its_backoff() {
+        let (mut app, spec, dir) = sleeper();
+        let _ = app.kill();
+        let _ = app.wait();
+        std::fs::remove_file(dir.path().join("app.pid")).expect("remove pid file");
+        let rt = paused_runtime();
+        let _entered = rt.enter();
+        let metrics = Arc::new(Metrics::new());
+        let mut reloader = lone(&metrics, &spec);
+        let direct = reloader.direct(&spec).expect("direct");
+        let failed_at = Instant::now();
+        assert!(direct_run(&direct, named("a")));
+        assert_eq!(signals(&metrics, "a", "failure"), 1, "the first attempt");
+        rt.block_on(async {
+            // The second attempt is the worker's, after the first backoff.
+            wait_for(|| signals(&metrics, "a", "failure") == 2).await;
+            let second = failed_at.elapsed();
+            assert!(second >= FIRST_BACKOFF, "{second:?}");
+            // Meanwhile a render finds the retry pending: the worker keeps
+            // the action, and the newer request starts the retries afresh.
+            assert!(!direct_run(&direct, named("b")));
+            assert_eq!(
+                signals(&metrics, "b", "failure"),
+                0,
+                "not sent beside the worker"
+            );
+            wait_for(|| signals(&metrics, "b", "failure") == 1).await;
+            assert!(
+                failed_at.elapsed() < second + backoff(2),
+                "{:?}",
+                failed_at.elapsed()
+            );
+            assert_eq!(reloader.close(Some(Duration::from_secs(5))).await, 1);
+        });
+    }
+
+    #[test]
+    fn close_waits_for_a_direct_run_in_flight_and_counts_its_failure() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spec = ReloadSpec {
+            action: ReloadAction::Signal {
+                signal: nix::sys::signal::Signal::SIGCONT,
+                target: SignalTarget::PidFile(dir.path().join("none.pid")),
+            },
+            retries: Some(0),
+            ..exec("true")
+        };
+        // Real time: paused time would jump to the end of the grace while
+        // the worker waits for the other thread.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let _entered = rt.enter();
+        let metrics = Arc::new(Metrics::new());
+        let mut reloader = lone(&metrics, &spec);
+        let direct = reloader.direct(&spec).expect("direct");
+        rt.block_on(tokio::task::yield_now());
+        let claimed = direct.claim(named("a")).expect("claimed");
+        // The render's thread sends while the daemon shuts down.
+        let sender = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            claimed.run();
+        });
+        let failed = rt.block_on(reloader.close(Some(Duration::from_secs(5))));
+        sender.join().expect("sender");
+        assert_eq!(failed, 1, "close waited for it");
+        assert_eq!(signals(&metrics, "a", "failure"), 1);
+    }
+
+    #[test]
+    fn an_action_no_longer_lone_or_gone_is_not_run_directly() {
+        let (mut app, spec, _dir) = sleeper();
+        let rt = paused_runtime();
+        let _entered = rt.enter();
+        let metrics = Arc::new(Metrics::new());
+        let mut reloader = lone(&metrics, &spec);
+        let direct = reloader.direct(&spec).expect("direct");
+        // SIGHUP while a render runs: a second bundle names the action.
+        reloader.retain(&[&spec, &spec]);
+        assert!(reloader.direct(&spec).is_none());
+        assert!(
+            !direct_run(&direct, named("a")),
+            "queued: run once for both"
+        );
+        rt.block_on(async {
+            wait_for(|| signals(&metrics, "a", "success") == 1).await;
+        });
+        // Gone from the configuration: nothing runs it any more.
+        reloader.retain(&[]);
+        assert!(!direct_run(&direct, named("b")));
+        rt.block_on(tokio::time::sleep(Duration::from_secs(600)));
+        assert_eq!(signals(&metrics, "b", "success"), 0);
+        let _ = app.kill();
+        let _ = app.wait();
+    }
+
+    #[test]
+    fn a_removed_actions_worker_stops_retrying() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spec = ReloadSpec {
+            action: ReloadAction::Signal {
+                signal: nix::sys::signal::Signal::SIGCONT,
+                target: SignalTarget::PidFile(dir.path().join("none.pid")),
+            },
+            ..exec("true")
+        };
+        let rt = paused_runtime();
+        let _entered = rt.enter();
+        let metrics = Arc::new(Metrics::new());
+        let mut reloader = lone(&metrics, &spec);
+        reloader.request(&spec, named("a"));
+        rt.block_on(async {
+            wait_for(|| signals(&metrics, "a", "failure") == 1).await;
+            reloader.retain(&[]);
+            tokio::time::sleep(Duration::from_secs(600)).await;
+        });
+        assert_eq!(
+            signals(&metrics, "a", "failure"),
+            1,
+            "no retries after removal"
+        );
+    }
+
+    #[tokio::test]
+    async fn only_a_lone_plain_signal_goes_direct() {
+        let (mut app, spec, _dir) = sleeper();
+        let others = [
+            ReloadSpec {
+                min_interval: Some(Duration::from_secs(1)),
+                ..spec.clone()
+            },
+            ReloadSpec {
+                probe: Some(Probe::Tls("127.0.0.1:1".into())),
+                ..spec.clone()
+            },
+            exec("true"),
+        ];
+        let mut reloader = Reloader::new(Arc::new(Metrics::new()), ChildHandle::default());
+        assert!(reloader.direct(&spec).is_none(), "not known to be lone");
+        let mut all: Vec<&ReloadSpec> = others.iter().collect();
+        all.push(&spec);
+        reloader.retain(&all);
+        assert!(reloader.direct(&spec).is_some());
+        for other in &others {
+            assert!(reloader.direct(other).is_none(), "{other:?}");
+        }
+        let _ = app.kill();
+        let _ = app.wait();
     }
 
     /// Polls `check` on tokio's clock (paused: it advances by itself while
