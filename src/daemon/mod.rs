@@ -34,7 +34,7 @@ use crate::clock::Clock;
 use crate::config::{Config, ConfigError};
 use crate::keypair::{self, KeyPairState};
 use crate::reload::child::ChildHandle;
-use crate::reload::{Probe, ReloadSpec, Reloader, Request};
+use crate::reload::{DirectClaim, Probe, ReloadSpec, Reloader, Request};
 use crate::render::BundleState;
 use crate::source::Source;
 use crate::telemetry::metrics::Metrics;
@@ -664,13 +664,18 @@ impl Daemon {
         tokio::task::spawn_blocking(move || {
             let outcome = target::run(&mut target, work, now, &metrics);
             let (reloaded, claimed) = match (direct, reload_outputs(&outcome)) {
-                (Some(direct), Some(outputs)) => (
-                    Some(direct.spec().clone()),
-                    direct.claim(Request {
+                (Some(direct), Some(outputs)) => {
+                    let spec = direct.spec().clone();
+                    match direct.claim(Request {
                         outputs: outputs.clone(),
                         ..request
-                    }),
-                ),
+                    }) {
+                        DirectClaim::Claimed(claimed) => (Some(spec), Some(claimed)),
+                        DirectClaim::Queued => (Some(spec), None),
+                        // SIGHUP since the run started: `finished` decides.
+                        DirectClaim::Declined => (None, None),
+                    }
+                }
                 _ => (None, None),
             };
             // The outcome first: a signal that hangs holds only itself.

@@ -232,3 +232,102 @@ async fn a_key_pair_not_valid_yet_is_reloaded_at_its_not_before() {
     assert_eq!(reloads(), 1, "one real change, one reload");
     daemon.stop().await;
 }
+
+fn signals(metrics: &Metrics, bundle: &str) -> u64 {
+    ["success", "failure"]
+        .into_iter()
+        .map(|result| {
+            metrics
+                .reloads
+                .get_or_create(&crate::telemetry::metrics::ReloadLabels {
+                    bundle: bundle.to_owned(),
+                    action: "signal",
+                    result,
+                })
+                .get()
+        })
+        .sum()
+}
+
+/// Waits for the runs in flight to come back, and records them.
+async fn settle_runs(daemon: &mut Daemon) {
+    while daemon.entries.values().any(|e| e.target.is_none()) {
+        let finished = daemon.done.1.recv().await.expect("a run came back");
+        daemon.finished(finished);
+        daemon.dispatch();
+    }
+}
+
+/// Whether the render asks for its reload before or after the new
+/// configuration lands, the change is reloaded: by the signal of the
+/// configuration the render ran under (sent by the run itself, or left to
+/// the loop when a SIGHUP came meanwhile).
+#[tokio::test]
+async fn a_sighup_during_a_render_still_reloads_its_change() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut app = std::process::Command::new("sleep")
+        .arg("60")
+        .spawn()
+        .expect("spawn sleep");
+    let pid_file = dir.path().join("app.pid");
+    std::fs::write(&pid_file, format!("{}\n", app.id())).expect("pid file");
+    let now = real_now();
+    let source = dir.path().join("ca.pem");
+    let output = dir.path().join("out.pem");
+    std::fs::write(&source, ca("One", now - 60, now + 86_400)).expect("write");
+    let flags = Flags {
+        sources: vec![source.display().to_string()],
+        outputs: vec![output.clone()],
+        signal: Some("CONT".into()),
+        pid_file: Some(pid_file),
+        debounce: Some(Duration::ZERO),
+        ..Flags::default()
+    };
+    let config = Config::load(&flags, false).expect("config");
+    let metrics = Arc::new(Metrics::new());
+    let mut daemon = Daemon::new(
+        config.clone(),
+        Arc::new(|| unreachable!("no SIGHUP here")),
+        metrics.clone(),
+        Status::new(),
+        ChildHandle::default(),
+        Clock::System,
+    )
+    .expect("daemon");
+    daemon.hold_renders = false;
+    daemon.dispatch();
+    settle_runs(&mut daemon).await;
+    wait_until(|| signals(&metrics, "default") == 1).await;
+
+    std::fs::write(
+        &source,
+        ca("One", now - 60, now + 86_400) + &ca("Two", now - 60, now + 86_400),
+    )
+    .expect("write");
+    for entry in daemon.entries.values_mut() {
+        entry.dirty = Dirty::All;
+    }
+    daemon.dispatch();
+    // SIGHUP while the render runs: the bundle now reloads with WINCH.
+    let mut fresh = config;
+    if let crate::reload::ReloadAction::Signal { signal, .. } =
+        &mut fresh.bundles[0].reloads[0].action
+    {
+        *signal = nix::sys::signal::Signal::SIGWINCH;
+    }
+    daemon.apply(fresh);
+    settle_runs(&mut daemon).await;
+    assert_eq!(certificates(&output), 2);
+    wait_until(|| signals(&metrics, "default") == 2).await;
+    let _ = app.kill();
+    let _ = app.wait();
+}
+
+/// Polls `check` for up to 10 s of real time.
+async fn wait_until(check: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !check() {
+        assert!(std::time::Instant::now() < deadline, "condition never held");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

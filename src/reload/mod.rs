@@ -34,6 +34,7 @@ pub mod touch;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -193,9 +194,6 @@ struct Claim {
     /// A request came since the worker last took one: it supersedes a
     /// retry's wait (a wake alone may be a permit left from before).
     fresh: bool,
-    /// Only one bundle or key pair names the action: a render's thread may
-    /// run it. Cleared when that changes (SIGHUP), even mid-render.
-    lone: bool,
 }
 
 impl Slot {
@@ -217,6 +215,8 @@ impl Slot {
         }
         claim.worker = true;
         claim.fresh = false;
+        // What it takes supersedes a direct run's retry.
+        claim.retry_at = None;
         let request = std::mem::take(&mut *lock(&self.pending));
         *lock(&self.running) = request.clone();
         Some(request)
@@ -233,28 +233,34 @@ impl Slot {
         }
     }
 
-    /// The run that panicked: its request, and the action free again.
-    fn abandon(&self) -> Request {
+    /// The run that panicked: queued again in the same step as the action
+    /// is freed; returns what it was running.
+    fn requeue_abandoned(&self) -> Request {
         let mut claim = lock(&self.claim);
         claim.worker = false;
-        std::mem::take(&mut *lock(&self.running))
+        let running = std::mem::take(&mut *lock(&self.running));
+        if !running.names.is_empty() {
+            lock(&self.pending).merge(running.clone());
+        }
+        running
     }
 
-    /// A render's thread claims the action: only for a lone action with
-    /// nothing running, pending or waiting for a retry.
-    fn claim_direct(&self, request: &Request) -> bool {
+    /// A render's thread claims the action: for a run whose configuration
+    /// is still in force (`valid`, checked under the lock so that a closing
+    /// worker sees the claim), with nothing running, pending or waiting for
+    /// a retry.
+    /// `plain`: a request a direct run may serve (not the first render's).
+    fn claim_direct(&self, request: &Request, plain: bool, valid: impl Fn() -> bool) -> Claiming {
         let mut claim = lock(&self.claim);
-        if !claim.lone
-            || claim.worker
-            || claim.direct
-            || claim.retry_at.is_some()
-            || !self.is_idle()
-        {
-            return false;
+        if !valid() {
+            return Claiming::Stale;
+        }
+        if !plain || claim.worker || claim.direct || claim.retry_at.is_some() || !self.is_idle() {
+            return Claiming::Busy;
         }
         claim.direct = true;
         *lock(&self.running) = request.clone();
-        true
+        Claiming::Claimed
     }
 
     /// The direct run is over; a failure leaves its retry to the worker,
@@ -273,10 +279,6 @@ impl Slot {
 
     fn direct_running(&self) -> bool {
         lock(&self.claim).direct
-    }
-
-    fn set_lone(&self, lone: bool) {
-        lock(&self.claim).lone = lone;
     }
 
     /// The retry a failed direct run left, if any.
@@ -299,13 +301,20 @@ impl Slot {
         std::mem::take(&mut lock(&self.claim).fresh)
     }
 
-    fn put_back(&self, pending: Request) {
-        lock(&self.pending).merge(pending);
-    }
-
     fn is_idle(&self) -> bool {
         lock(&self.pending).names.is_empty()
     }
+}
+
+/// What a direct claim found.
+#[derive(Debug, PartialEq, Eq)]
+enum Claiming {
+    Claimed,
+    /// The worker holds the action: it gets the request.
+    Busy,
+    /// The configuration changed since the run started, or closing: the
+    /// run's outcome goes to the loop, which decides.
+    Stale,
 }
 
 /// A poisoned lock only means a worker panicked while holding it; the
@@ -330,6 +339,9 @@ pub struct Reloader {
     workers: HashMap<ReloadSpec, (Arc<Slot>, JoinHandle<()>)>,
     /// The actions only one bundle or key pair names (see [`Direct`]).
     lone: HashSet<ReloadSpec>,
+    /// Counts [`Reloader::retain`] calls: a direct run made under an
+    /// earlier configuration leaves its reloads to the loop.
+    epoch: Arc<AtomicU64>,
     shared: Shared,
     close: watch::Sender<bool>,
 }
@@ -340,6 +352,7 @@ impl Reloader {
         Self {
             workers: HashMap::new(),
             lone: HashSet::new(),
+            epoch: Arc::default(),
             shared: Shared {
                 metrics,
                 child,
@@ -369,6 +382,7 @@ impl Reloader {
             spec: spec.clone(),
             slot: self.slot(spec),
             shared: self.shared.clone(),
+            epoch: (self.epoch.clone(), self.epoch.load(Ordering::SeqCst)),
         })
     }
 
@@ -378,16 +392,16 @@ impl Reloader {
             return slot.clone();
         }
         let slot = Arc::new(Slot::new());
-        slot.set_lone(self.lone.contains(spec));
         let task = tokio::spawn(supervise(spec.clone(), slot.clone(), self.shared.clone()));
         self.workers.insert(spec.clone(), (slot.clone(), task));
         slot
     }
 
     /// Takes the actions now configured, one entry per bundle or key pair
-    /// naming it: the workers of those gone stop, and which are lone is
-    /// known afresh (a render in flight sees it too).
+    /// naming it: the workers of those gone stop, which are lone is known
+    /// afresh, and a render in flight no longer runs its reload directly.
     pub fn retain(&mut self, keep: &[&ReloadSpec]) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
         let mut users: HashMap<&ReloadSpec, usize> = HashMap::new();
         for spec in keep {
             *users.entry(spec).or_default() += 1;
@@ -397,9 +411,8 @@ impl Reloader {
             .filter(|(_, n)| **n == 1)
             .map(|(spec, _)| (*spec).clone())
             .collect();
-        self.workers.retain(|spec, (slot, task)| {
+        self.workers.retain(|spec, (_, task)| {
             let kept = users.contains_key(spec);
-            slot.set_lone(self.lone.contains(spec));
             if !kept {
                 task.abort();
             }
@@ -457,13 +470,10 @@ async fn supervise(spec: ReloadSpec, slot: Arc<Slot>, shared: Shared) {
             Ok(()) => return,
             Err(e) if e.is_panic() => {
                 shared.metrics.reload_panics.inc();
-                let running = slot.abandon();
+                let running = slot.requeue_abandoned();
                 error!(action = %spec.action, names = ?running.names,
                     "reload worker panicked; restarting it and queueing its reload again");
-                if !running.names.is_empty() {
-                    slot.put_back(running);
-                    slot.wake.notify_one();
-                }
+                slot.wake.notify_one();
             }
             // Aborted: the action is no longer configured.
             Err(_) => return,
@@ -676,12 +686,26 @@ pub struct Direct {
     spec: ReloadSpec,
     slot: Arc<Slot>,
     shared: Shared,
+    /// The reloader's configuration count, and its value when this was made.
+    epoch: (Arc<AtomicU64>, u64),
 }
 
-/// The action, claimed for a direct run: [`Claimed::run`] sends it.
+/// What [`Direct::claim`] did with a request.
+pub enum DirectClaim {
+    /// This thread runs it: [`Claimed::run`].
+    Claimed(Box<Claimed>),
+    /// The worker holds the action and got the request.
+    Queued,
+    /// The configuration changed since the run started (SIGHUP), or the
+    /// daemon is closing: nothing was done; the loop decides.
+    Declined,
+}
+
+/// The action, claimed for a direct run. Dropped without [`Claimed::run`]
+/// (a panic), it frees the action and leaves the request to the worker.
 pub struct Claimed {
     direct: Direct,
-    request: Request,
+    request: Option<Request>,
 }
 
 impl Direct {
@@ -689,22 +713,24 @@ impl Direct {
         &self.spec
     }
 
-    /// Claims the action for `request` if nothing else holds it; else the
-    /// worker gets the request, as from [`Reloader::request`], and this
-    /// returns `None`. Never blocks.
-    pub fn claim(self, request: Request) -> Option<Claimed> {
-        if request.startup
-            || request.only_if_stale
-            || is_closing(&self.shared.closing)
-            || !self.slot.claim_direct(&request)
-        {
-            self.slot.queue(request);
-            return None;
+    /// Claims the action for `request` if nothing else holds it; a busy
+    /// worker (or the first render's request, which the worker decides)
+    /// gets the request, as from [`Reloader::request`]. Never blocks.
+    pub fn claim(self, request: Request) -> DirectClaim {
+        let (count, made) = (&self.epoch.0, self.epoch.1);
+        let valid = || count.load(Ordering::SeqCst) == made && !is_closing(&self.shared.closing);
+        let plain = !request.startup && !request.only_if_stale;
+        match self.slot.claim_direct(&request, plain, valid) {
+            Claiming::Claimed => DirectClaim::Claimed(Box::new(Claimed {
+                direct: self,
+                request: Some(request),
+            })),
+            Claiming::Busy => {
+                self.slot.queue(request);
+                DirectClaim::Queued
+            }
+            Claiming::Stale => DirectClaim::Declined,
         }
-        Some(Claimed {
-            direct: self,
-            request,
-        })
     }
 }
 
@@ -712,8 +738,11 @@ impl Claimed {
     /// Runs the action on this thread, records it like the worker does,
     /// and releases the action (a failure's retry goes to the worker).
     /// Blocking: call it from the blocking pool.
-    pub fn run(self) {
-        let Claimed { direct, request } = self;
+    pub fn run(mut self) {
+        let Some(request) = self.request.clone() else {
+            return;
+        };
+        let direct = &self.direct;
         debug!(bundles = ?request.names, action = %direct.spec.action, attempt = 1, "reloading");
         let started = Instant::now();
         let result = match &direct.spec.action {
@@ -739,7 +768,18 @@ impl Claimed {
                 Instant::now() + backoff,
             )),
         };
-        direct.slot.release_direct(retry);
+        self.request = None;
+        self.direct.slot.release_direct(retry);
+    }
+}
+
+impl Drop for Claimed {
+    fn drop(&mut self) {
+        if let Some(request) = self.request.take() {
+            self.direct
+                .slot
+                .release_direct(Some((request, Instant::now())));
+        }
     }
 }
 
@@ -885,7 +925,7 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         let slot = Arc::new(Slot::new());
         // As if the worker had taken this request and then panicked.
-        slot.put_back(named("peers"));
+        slot.queue(named("peers"));
         let _ = slot.take();
         let (_close, closing) = watch::channel(false);
         let shared = Shared {
@@ -899,8 +939,7 @@ mod tests {
         assert!(panicking.await.expect_err("panicked").is_panic());
         // supervise's recovery path, on the slot the panic left behind.
         metrics.reload_panics.inc();
-        let running = slot.abandon();
-        slot.put_back(running);
+        slot.requeue_abandoned();
         assert!(!slot.is_idle(), "the request is queued again");
         let task = tokio::spawn(supervise(spec, slot.clone(), shared));
         slot.wake.notify_one();
@@ -1049,11 +1088,11 @@ mod tests {
     /// ran here.
     fn direct_run(direct: &Direct, request: Request) -> bool {
         match direct.clone().claim(request) {
-            Some(claimed) => {
+            DirectClaim::Claimed(claimed) => {
                 claimed.run();
                 true
             }
-            None => false,
+            DirectClaim::Queued | DirectClaim::Declined => false,
         }
     }
 
@@ -1119,16 +1158,21 @@ mod tests {
     #[test]
     fn no_direct_run_between_a_failed_worker_attempt_and_its_retry() {
         let slot = Slot::new();
-        slot.set_lone(true);
+        let claim = |name| slot.claim_direct(&named(name), true, || true);
         slot.queue(named("a"));
         let a = slot.take().expect("the worker takes a");
-        assert!(!slot.claim_direct(&named("b")), "the worker runs it");
+        assert_eq!(claim("b"), Claiming::Busy, "the worker runs it");
         // The attempt failed: the retry goes back as the action is freed.
         slot.done(Some(a));
-        assert!(
-            !slot.claim_direct(&named("b")),
-            "the retry holds the action"
-        );
+        assert_eq!(claim("b"), Claiming::Busy, "the retry holds the action");
+        // A panicking worker's request is queued again as the action is
+        // freed, in the same way.
+        let _ = slot.take();
+        let _ = slot.requeue_abandoned();
+        assert_eq!(claim("b"), Claiming::Busy);
+        let _ = slot.take();
+        slot.done(None);
+        assert_eq!(claim("b"), Claiming::Claimed);
     }
 
     #[test]
@@ -1190,7 +1234,9 @@ mod tests {
         let mut reloader = lone(&metrics, &spec);
         let direct = reloader.direct(&spec).expect("direct");
         rt.block_on(tokio::task::yield_now());
-        let claimed = direct.claim(named("a")).expect("claimed");
+        let DirectClaim::Claimed(claimed) = direct.claim(named("a")) else {
+            panic!("not claimed");
+        };
         // The render's thread sends while the daemon shuts down.
         let sender = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(50));
@@ -1203,28 +1249,47 @@ mod tests {
     }
 
     #[test]
-    fn an_action_no_longer_lone_or_gone_is_not_run_directly() {
+    fn a_run_from_before_a_new_configuration_leaves_its_reload_to_the_loop() {
         let (mut app, spec, _dir) = sleeper();
         let rt = paused_runtime();
         let _entered = rt.enter();
         let metrics = Arc::new(Metrics::new());
         let mut reloader = lone(&metrics, &spec);
         let direct = reloader.direct(&spec).expect("direct");
-        // SIGHUP while a render runs: a second bundle names the action.
+        // SIGHUP while a render runs: whatever changed, the run neither
+        // sends nor queues; the loop requests what the bundle still names.
         reloader.retain(&[&spec, &spec]);
-        assert!(reloader.direct(&spec).is_none());
-        assert!(
-            !direct_run(&direct, named("a")),
-            "queued: run once for both"
-        );
+        assert!(matches!(
+            direct.clone().claim(named("a")),
+            DirectClaim::Declined
+        ));
+        assert!(reloader.direct(&spec).is_none(), "now named twice");
+        reloader.retain(&[&spec]);
+        assert!(matches!(direct.claim(named("a")), DirectClaim::Declined));
+        rt.block_on(tokio::time::sleep(Duration::from_secs(600)));
+        assert_eq!(signals(&metrics, "a", "success"), 0);
+        // A run that starts now may.
+        let fresh = reloader.direct(&spec).expect("lone again");
+        assert!(direct_run(&fresh, named("b")));
+        assert_eq!(signals(&metrics, "b", "success"), 1);
+        let _ = app.kill();
+        let _ = app.wait();
+    }
+
+    #[test]
+    fn a_claim_dropped_unrun_frees_the_action_for_the_worker() {
+        let (mut app, spec, _dir) = sleeper();
+        let rt = paused_runtime();
+        let _entered = rt.enter();
+        let metrics = Arc::new(Metrics::new());
+        let mut reloader = lone(&metrics, &spec);
+        let direct = reloader.direct(&spec).expect("direct");
+        // As a panic between the claim and the run would.
+        drop(direct.clone().claim(named("a")));
         rt.block_on(async {
             wait_for(|| signals(&metrics, "a", "success") == 1).await;
         });
-        // Gone from the configuration: nothing runs it any more.
-        reloader.retain(&[]);
-        assert!(!direct_run(&direct, named("b")));
-        rt.block_on(tokio::time::sleep(Duration::from_secs(600)));
-        assert_eq!(signals(&metrics, "b", "success"), 0);
+        assert!(direct_run(&direct, named("b")), "free again");
         let _ = app.kill();
         let _ = app.wait();
     }
