@@ -81,6 +81,9 @@ fn runs_at_once() -> usize {
 const FIRST_RETRY: Duration = Duration::from_millis(500);
 const MAX_RETRY: Duration = Duration::from_secs(60);
 
+/// Past this many bundles, the status line counts them instead of listing.
+const SUMMARY_BUNDLES: usize = 8;
+
 /// Which sources of a target must be read again.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 enum Dirty {
@@ -814,18 +817,43 @@ impl Daemon {
         self.status.set_busy(busy);
     }
 
-    /// One line for systemd's STATUS=: each bundle and its state.
+    /// One line for systemd's STATUS= and `/readyz`: each bundle and its
+    /// state, or, past [`SUMMARY_BUNDLES`] bundles, how many are in each
+    /// state and the first few that are not rendered (the line is built
+    /// after every batch of runs: a thousand names each time cost more
+    /// than the renders at start).
     fn summary(&self) -> String {
-        self.entries
-            .values()
-            .filter(|e| e.kind == Kind::Bundle)
-            .map(|e| match (&e.last, &e.refusal) {
-                (_, Some(reason)) => format!("{}: refused ({reason})", e.name),
-                (Some(bundle), None) => format!("{}: {} certificates", e.name, bundle.len()),
-                (None, None) => format!("{}: not rendered", e.name),
-            })
-            .collect::<Vec<_>>()
-            .join("; ")
+        use std::fmt::Write as _;
+        let bundles = || self.entries.values().filter(|e| e.kind == Kind::Bundle);
+        let state = |e: &Entry| match (&e.last, &e.refusal) {
+            (_, Some(reason)) => format!("{}: refused ({reason})", e.name),
+            (Some(bundle), None) => format!("{}: {} certificates", e.name, bundle.len()),
+            (None, None) => format!("{}: not rendered", e.name),
+        };
+        if bundles().count() <= SUMMARY_BUNDLES {
+            return bundles().map(state).collect::<Vec<_>>().join("; ");
+        }
+        let (mut rendered, mut refused, mut pending) = (0, 0, 0);
+        let mut named = Vec::new();
+        for e in bundles() {
+            match (&e.last, &e.refusal) {
+                (Some(_), None) => rendered += 1,
+                (_, Some(_)) => refused += 1,
+                (None, None) => pending += 1,
+            }
+            if (e.last.is_none() || e.refusal.is_some()) && named.len() < SUMMARY_BUNDLES {
+                named.push(state(e));
+            }
+        }
+        let mut line =
+            format!("{rendered} bundles rendered, {refused} refused, {pending} not rendered");
+        if !named.is_empty() {
+            let _ = write!(line, "; {}", named.join("; "));
+            if refused + pending > named.len() {
+                line.push_str("; ...");
+            }
+        }
+        line
     }
 
     /// Starts a watch refresh on the blocking pool if one is due and none

@@ -331,3 +331,50 @@ async fn wait_until(check: impl Fn() -> bool) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+#[tokio::test]
+async fn the_status_line_counts_many_bundles_instead_of_listing_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let now = real_now();
+    let mut text = String::from("[daemon]\ndebounce = \"0s\"\n");
+    for i in 0..10 {
+        let source = dir.path().join(format!("s{i}.pem"));
+        // The last one is damaged: refused.
+        let pem = if i == 9 {
+            "-----BEGIN CERTIFICATE-----\nAAAA\n".to_owned()
+        } else {
+            ca("Many", now - 60, now + 86_400)
+        };
+        std::fs::write(&source, pem).expect("write");
+        text.push_str(&format!(
+            "[[bundle]]\nname = \"b{i}\"\nsources = [\"{}\"]\n[[bundle.output]]\npath = \"{}\"\n",
+            source.display(),
+            dir.path().join(format!("out{i}.pem")).display()
+        ));
+    }
+    let config =
+        Config::from_text(&Flags::default(), Path::new("many.toml"), &text, false).expect("config");
+    let mut daemon = Daemon::new(
+        config,
+        Arc::new(|| unreachable!("no SIGHUP here")),
+        Arc::new(Metrics::new()),
+        Status::new(),
+        ChildHandle::default(),
+        Clock::System,
+    )
+    .expect("daemon");
+    let before = daemon.summary();
+    assert!(
+        before.starts_with("0 bundles rendered, 0 refused, 10 not rendered; b0: not rendered; "),
+        "{before}"
+    );
+    assert!(before.ends_with("; ..."), "{before}");
+    daemon.hold_renders = false;
+    daemon.dispatch();
+    settle_runs(&mut daemon).await;
+    let after = daemon.summary();
+    assert!(
+        after.starts_with("9 bundles rendered, 1 refused, 0 not rendered; b9: refused ("),
+        "{after}"
+    );
+}
