@@ -248,7 +248,8 @@ impl Slot {
     /// A render's thread claims the action: for a run whose configuration
     /// is still in force (`valid`, checked under the lock so that a closing
     /// worker sees the claim), with nothing running, pending or waiting for
-    /// a retry.
+    /// a retry. Otherwise (`Busy`) the request is queued for the worker,
+    /// which the caller wakes.
     /// `plain`: a request a direct run may serve (not the first render's).
     fn claim_direct(&self, request: &Request, plain: bool, valid: impl Fn() -> bool) -> Claiming {
         let mut claim = lock(&self.claim);
@@ -256,6 +257,10 @@ impl Slot {
             return Claiming::Stale;
         }
         if !plain || claim.worker || claim.direct || claim.retry_at.is_some() || !self.is_idle() {
+            // Queued in the same step: a closing worker that finds nothing
+            // pending after this cannot have missed it.
+            claim.fresh = true;
+            lock(&self.pending).merge(request.clone());
             return Claiming::Busy;
         }
         claim.direct = true;
@@ -726,7 +731,7 @@ impl Direct {
                 request: Some(request),
             })),
             Claiming::Busy => {
-                self.slot.queue(request);
+                self.slot.wake.notify_one();
                 DirectClaim::Queued
             }
             Claiming::Stale => DirectClaim::Declined,
@@ -1162,6 +1167,8 @@ mod tests {
         slot.queue(named("a"));
         let a = slot.take().expect("the worker takes a");
         assert_eq!(claim("b"), Claiming::Busy, "the worker runs it");
+        // Queued in the same step: a closing worker cannot miss it.
+        assert!(!slot.is_idle() && slot.take_fresh());
         // The attempt failed: the retry goes back as the action is freed.
         slot.done(Some(a));
         assert_eq!(claim("b"), Claiming::Busy, "the retry holds the action");
