@@ -646,12 +646,6 @@ impl Daemon {
         entry.dirty = Dirty::Clean;
         entry.recheck_disk = false;
         entry.busy_since = Some(Instant::now());
-        let request = Request {
-            names: [entry.name.clone()].into(),
-            startup: entry.initial,
-            urgent: entry.urgent,
-            ..Request::default()
-        };
         // A bundle's one reload, a signal only it names, leaves from the
         // run's own thread once the outputs are in place, when nothing else
         // holds the action (ARCHITECTURE.md, "The event loop").
@@ -661,13 +655,22 @@ impl Daemon {
                 _ => None,
             },
             Target::KeyPair(_) => None,
-        };
+        }
+        .map(|direct| {
+            let request = Request {
+                names: [entry.name.clone()].into(),
+                startup: entry.initial,
+                urgent: entry.urgent,
+                ..Request::default()
+            };
+            (direct, request)
+        });
         let metrics = self.metrics.clone();
         let done = self.done.0.clone();
         tokio::task::spawn_blocking(move || {
             let outcome = target::run(&mut target, work, now, &metrics);
             let (reloaded, claimed) = match (direct, reload_outputs(&outcome)) {
-                (Some(direct), Some(outputs)) => {
+                (Some((direct, request)), Some(outputs)) => {
                     let spec = direct.spec().clone();
                     match direct.claim(Request {
                         outputs: outputs.clone(),
@@ -837,11 +840,14 @@ impl Daemon {
         let mut named = Vec::new();
         for e in bundles() {
             match (&e.last, &e.refusal) {
-                (Some(_), None) => rendered += 1,
+                (Some(_), None) => {
+                    rendered += 1;
+                    continue;
+                }
                 (_, Some(_)) => refused += 1,
                 (None, None) => pending += 1,
             }
-            if (e.last.is_none() || e.refusal.is_some()) && named.len() < SUMMARY_BUNDLES {
+            if named.len() < SUMMARY_BUNDLES {
                 named.push(state(e));
             }
         }

@@ -38,6 +38,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use nix::sys::signal::Signal;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -156,6 +157,16 @@ pub struct Request {
 }
 
 impl Request {
+    /// The same request, queued again after a failed attempt: no longer
+    /// the first render's, and no longer probed first.
+    fn retry(self) -> Self {
+        Self {
+            startup: false,
+            only_if_stale: false,
+            ..self
+        }
+    }
+
     fn merge(&mut self, other: Request) {
         let was_empty = self.names.is_empty();
         self.names.extend(other.names);
@@ -177,8 +188,6 @@ impl Request {
 struct Slot {
     wake: Notify,
     pending: Mutex<Request>,
-    /// The request being run, put back if the worker panics.
-    running: Mutex<Request>,
     /// Who runs the action now. Locked before `pending` where both are.
     claim: Mutex<Claim>,
 }
@@ -186,7 +195,9 @@ struct Slot {
 /// One run of an action at a time: the worker's or a render's own.
 #[derive(Default)]
 struct Claim {
-    worker: bool,
+    /// The worker runs this request (put back if the worker panics).
+    worker: Option<Request>,
+    /// A render's thread runs the action (its `Claimed` holds the request).
     direct: bool,
     /// A direct run failed: the worker retries at this instant, as its
     /// second attempt.
@@ -201,7 +212,6 @@ impl Slot {
         Self {
             wake: Notify::new(),
             pending: Mutex::new(Request::default()),
-            running: Mutex::new(Request::default()),
             claim: Mutex::new(Claim::default()),
         }
     }
@@ -213,12 +223,11 @@ impl Slot {
         if claim.direct {
             return None;
         }
-        claim.worker = true;
         claim.fresh = false;
         // What it takes supersedes a direct run's retry.
         claim.retry_at = None;
         let request = std::mem::take(&mut *lock(&self.pending));
-        *lock(&self.running) = request.clone();
+        claim.worker = Some(request.clone());
         Some(request)
     }
 
@@ -226,8 +235,7 @@ impl Slot {
     /// no direct run slips in between.
     fn done(&self, retry: Option<Request>) {
         let mut claim = lock(&self.claim);
-        claim.worker = false;
-        *lock(&self.running) = Request::default();
+        claim.worker = None;
         if let Some(retry) = retry {
             lock(&self.pending).merge(retry);
         }
@@ -237,8 +245,7 @@ impl Slot {
     /// is freed; returns what it was running.
     fn requeue_abandoned(&self) -> Request {
         let mut claim = lock(&self.claim);
-        claim.worker = false;
-        let running = std::mem::take(&mut *lock(&self.running));
+        let running = claim.worker.take().unwrap_or_default();
         if !running.names.is_empty() {
             lock(&self.pending).merge(running.clone());
         }
@@ -256,7 +263,12 @@ impl Slot {
         if !valid() {
             return Claiming::Stale;
         }
-        if !plain || claim.worker || claim.direct || claim.retry_at.is_some() || !self.is_idle() {
+        if !plain
+            || claim.worker.is_some()
+            || claim.direct
+            || claim.retry_at.is_some()
+            || !self.is_idle()
+        {
             // Queued in the same step: a closing worker that finds nothing
             // pending after this cannot have missed it.
             claim.fresh = true;
@@ -264,7 +276,6 @@ impl Slot {
             return Claiming::Busy;
         }
         claim.direct = true;
-        *lock(&self.running) = request.clone();
         Claiming::Claimed
     }
 
@@ -273,7 +284,6 @@ impl Slot {
     fn release_direct(&self, retry: Option<(Request, Instant)>) {
         let mut claim = lock(&self.claim);
         claim.direct = false;
-        *lock(&self.running) = Request::default();
         if let Some((retry, at)) = retry {
             claim.retry_at = Some(at);
             lock(&self.pending).merge(retry);
@@ -378,13 +388,16 @@ impl Reloader {
     /// its worker (not a signal, a probe, `min_interval`, named by more
     /// than one bundle or key pair, closing).
     pub fn direct(&mut self, spec: &ReloadSpec) -> Option<Direct> {
-        let eligible = matches!(spec.action, ReloadAction::Signal { .. })
-            && spec.probe.is_none()
+        let ReloadAction::Signal { signal, target } = &spec.action else {
+            return None;
+        };
+        let eligible = spec.probe.is_none()
             && spec.min_interval.is_none()
             && self.lone.contains(spec)
             && !is_closing(&self.shared.closing);
         eligible.then(|| Direct {
             spec: spec.clone(),
+            signal: (*signal, target.clone()),
             slot: self.slot(spec),
             shared: self.shared.clone(),
             epoch: (self.epoch.clone(), self.epoch.load(Ordering::SeqCst)),
@@ -579,11 +592,7 @@ async fn worker(spec: ReloadSpec, slot: Arc<Slot>, shared: Shared) {
                     break;
                 }
                 Next::Retry(backoff) => {
-                    slot.done(Some(Request {
-                        startup: false,
-                        only_if_stale: false,
-                        ..pending
-                    }));
+                    slot.done(Some(pending.retry()));
                     if retry_wait(&slot, &mut closing, Instant::now() + backoff).await {
                         attempt = 0;
                     }
@@ -689,6 +698,8 @@ fn record(
 #[derive(Clone)]
 pub struct Direct {
     spec: ReloadSpec,
+    /// The spec's action.
+    signal: (Signal, SignalTarget),
     slot: Arc<Slot>,
     shared: Shared,
     /// The reloader's configuration count, and its value when this was made.
@@ -750,28 +761,11 @@ impl Claimed {
         let direct = &self.direct;
         debug!(bundles = ?request.names, action = %direct.spec.action, attempt = 1, "reloading");
         let started = Instant::now();
-        let result = match &direct.spec.action {
-            ReloadAction::Signal { signal, target } => {
-                let child = direct.shared.child.pid();
-                // As a worker's blocking task would: a panic is a failure.
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    signal::send(*signal, target, child)
-                }))
-                .unwrap_or_else(|_| Err(Failure::Failed("signal: panicked".into())))
-                .map(|pids| format!("pids {pids:?}"))
-            }
-            other => Err(Failure::Failed(format!("{other}: not run directly"))),
-        };
+        let (signal, target) = &direct.signal;
+        let result = send_signal(*signal, target, direct.shared.child.pid());
         let retry = match record(&direct.spec, &direct.shared, &request, 1, started, result) {
             Next::Done => None,
-            Next::Retry(backoff) => Some((
-                Request {
-                    startup: false,
-                    only_if_stale: false,
-                    ..request
-                },
-                Instant::now() + backoff,
-            )),
+            Next::Retry(backoff) => Some((request.retry(), Instant::now() + backoff)),
         };
         self.request = None;
         self.direct.slot.release_direct(retry);
@@ -852,10 +846,9 @@ async fn attempt_once(
         ReloadAction::Signal { signal, target } => {
             // A pid file read and a `/proc` scan: off the async runtime.
             let (signal, target, child) = (*signal, target.clone(), child.pid());
-            let pids = tokio::task::spawn_blocking(move || signal::send(signal, &target, child))
+            tokio::task::spawn_blocking(move || send_signal(signal, &target, child))
                 .await
-                .map_err(|e| Failure::Failed(format!("signal: {e}")))??;
-            Ok(format!("pids {pids:?}"))
+                .map_err(|e| Failure::Failed(format!("signal: {e}")))?
         }
         ReloadAction::Exec(argv) => {
             let env = [
@@ -896,6 +889,16 @@ async fn attempt_once(
             .await
             .map(|pid| format!("child restarted as pid {pid}")),
     }
+}
+
+/// Sends `signal` to what `target` names now; the detail for the log line.
+/// Blocking: a pid file read, a `/proc` scan.
+fn send_signal(
+    signal: Signal,
+    target: &SignalTarget,
+    child: Option<u32>,
+) -> Result<String, Failure> {
+    signal::send(signal, target, child).map(|pids| format!("pids {pids:?}"))
 }
 
 /// A comma-separated list for the environment.
@@ -949,7 +952,7 @@ mod tests {
         let task = tokio::spawn(supervise(spec, slot.clone(), shared));
         slot.wake.notify_one();
         tokio::time::timeout(Duration::from_secs(10), async {
-            while !slot.is_idle() || !lock(&slot.running).names.is_empty() {
+            while !slot.is_idle() || lock(&slot.claim).worker.is_some() {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         })
@@ -1089,6 +1092,59 @@ mod tests {
         reloader
     }
 
+    /// A lone SIGCONT to a live `sleep` (killed when this drops): its
+    /// reloader and a direct handle, made on a paused runtime that the test
+    /// then only enters while it makes direct runs.
+    struct LoneSignal {
+        reloader: Reloader,
+        direct: Direct,
+        spec: ReloadSpec,
+        metrics: Arc<Metrics>,
+        rt: tokio::runtime::Runtime,
+        app: std::process::Child,
+        dir: tempfile::TempDir,
+    }
+
+    impl LoneSignal {
+        fn new() -> Self {
+            let (app, spec, dir) = sleeper();
+            let rt = paused_runtime();
+            let metrics = Arc::new(Metrics::new());
+            let (reloader, direct) = {
+                let _entered = rt.enter();
+                let mut reloader = lone(&metrics, &spec);
+                let direct = reloader.direct(&spec).expect("a lone signal may go direct");
+                (reloader, direct)
+            };
+            Self {
+                reloader,
+                direct,
+                spec,
+                metrics,
+                rt,
+                app,
+                dir,
+            }
+        }
+
+        fn signals(&self, name: &str, result: &'static str) -> u64 {
+            signals(&self.metrics, name, result)
+        }
+
+        /// The reloader, to close it (an idle one stays behind).
+        fn take_reloader(&mut self) -> Reloader {
+            let idle = Reloader::new(Arc::default(), ChildHandle::default());
+            std::mem::replace(&mut self.reloader, idle)
+        }
+    }
+
+    impl Drop for LoneSignal {
+        fn drop(&mut self) {
+            let _ = self.app.kill();
+            let _ = self.app.wait();
+        }
+    }
+
     /// What a render's thread does: claim, then run if claimed; whether it
     /// ran here.
     fn direct_run(direct: &Direct, request: Request) -> bool {
@@ -1103,61 +1159,39 @@ mod tests {
 
     #[test]
     fn a_signal_leaves_from_the_renders_thread_when_its_worker_is_idle() {
-        let (mut app, spec, _dir) = sleeper();
-        let rt = paused_runtime();
-        let _entered = rt.enter();
-        let metrics = Arc::new(Metrics::new());
-        let mut reloader = lone(&metrics, &spec);
-        let direct = reloader.direct(&spec).expect("a lone signal may go direct");
-        assert!(direct_run(&direct, named("a")));
-        assert_eq!(
-            signals(&metrics, "a", "success"),
-            1,
-            "sent before run returned"
-        );
+        let mut f = LoneSignal::new();
+        let _entered = f.rt.enter();
+        assert!(direct_run(&f.direct, named("a")));
+        assert_eq!(f.signals("a", "success"), 1, "sent before run returned");
         // At start, the worker decides (an absent target is skipped there).
         let startup = Request {
             startup: true,
             ..named("b")
         };
-        assert!(!direct_run(&direct, startup));
-        assert_eq!(
-            signals(&metrics, "b", "success"),
-            0,
-            "queued for the worker"
-        );
-        rt.block_on(async {
-            wait_for(|| signals(&metrics, "b", "success") == 1).await;
+        assert!(!direct_run(&f.direct, startup));
+        assert_eq!(f.signals("b", "success"), 0, "queued for the worker");
+        let reloader = f.take_reloader();
+        f.rt.block_on(async {
+            wait_for(|| f.signals("b", "success") == 1).await;
             assert_eq!(reloader.close(Some(Duration::from_secs(5))).await, 0);
         });
-        let _ = app.kill();
-        let _ = app.wait();
     }
 
     #[test]
     fn a_busy_worker_gets_the_request_and_runs_it_once_more() {
-        let (mut app, spec, _dir) = sleeper();
-        let rt = paused_runtime();
-        let _entered = rt.enter();
-        let metrics = Arc::new(Metrics::new());
-        let mut reloader = lone(&metrics, &spec);
-        let direct = reloader.direct(&spec).expect("direct");
+        let mut f = LoneSignal::new();
+        let _entered = f.rt.enter();
         // Queued and not run yet: the worker owns the action.
-        reloader.request(&spec, named("a"));
-        assert!(!direct_run(&direct, named("b")));
-        assert_eq!(
-            signals(&metrics, "b", "success"),
-            0,
-            "not sent beside the worker"
-        );
-        rt.block_on(async {
-            wait_for(|| signals(&metrics, "b", "success") == 1).await;
+        f.reloader.request(&f.spec, named("a"));
+        assert!(!direct_run(&f.direct, named("b")));
+        assert_eq!(f.signals("b", "success"), 0, "not sent beside the worker");
+        let reloader = f.take_reloader();
+        f.rt.block_on(async {
+            wait_for(|| f.signals("b", "success") == 1).await;
             assert_eq!(reloader.close(Some(Duration::from_secs(5))).await, 0);
         });
         // One run served both.
-        assert_eq!(signals(&metrics, "a", "success"), 1);
-        let _ = app.kill();
-        let _ = app.wait();
+        assert_eq!(f.signals("a", "success"), 1);
     }
 
     #[test]
@@ -1184,32 +1218,25 @@ mod tests {
 
     #[test]
     fn a_direct_failure_is_counted_and_retried_by_the_worker_after_its_backoff() {
-        let (mut app, spec, dir) = sleeper();
-        let _ = app.kill();
-        let _ = app.wait();
-        std::fs::remove_file(dir.path().join("app.pid")).expect("remove pid file");
-        let rt = paused_runtime();
-        let _entered = rt.enter();
-        let metrics = Arc::new(Metrics::new());
-        let mut reloader = lone(&metrics, &spec);
-        let direct = reloader.direct(&spec).expect("direct");
+        let mut f = LoneSignal::new();
+        let _ = f.app.kill();
+        let _ = f.app.wait();
+        std::fs::remove_file(f.dir.path().join("app.pid")).expect("remove pid file");
+        let _entered = f.rt.enter();
         let failed_at = Instant::now();
-        assert!(direct_run(&direct, named("a")));
-        assert_eq!(signals(&metrics, "a", "failure"), 1, "the first attempt");
-        rt.block_on(async {
+        assert!(direct_run(&f.direct, named("a")));
+        assert_eq!(f.signals("a", "failure"), 1, "the first attempt");
+        let reloader = f.take_reloader();
+        f.rt.block_on(async {
             // The second attempt is the worker's, after the first backoff.
-            wait_for(|| signals(&metrics, "a", "failure") == 2).await;
+            wait_for(|| f.signals("a", "failure") == 2).await;
             let second = failed_at.elapsed();
             assert!(second >= FIRST_BACKOFF, "{second:?}");
             // Meanwhile a render finds the retry pending: the worker keeps
             // the action, and the newer request starts the retries afresh.
-            assert!(!direct_run(&direct, named("b")));
-            assert_eq!(
-                signals(&metrics, "b", "failure"),
-                0,
-                "not sent beside the worker"
-            );
-            wait_for(|| signals(&metrics, "b", "failure") == 1).await;
+            assert!(!direct_run(&f.direct, named("b")));
+            assert_eq!(f.signals("b", "failure"), 0, "not sent beside the worker");
+            wait_for(|| f.signals("b", "failure") == 1).await;
             assert!(
                 failed_at.elapsed() < second + backoff(2),
                 "{:?}",
@@ -1257,48 +1284,40 @@ mod tests {
 
     #[test]
     fn a_run_from_before_a_new_configuration_leaves_its_reload_to_the_loop() {
-        let (mut app, spec, _dir) = sleeper();
-        let rt = paused_runtime();
-        let _entered = rt.enter();
-        let metrics = Arc::new(Metrics::new());
-        let mut reloader = lone(&metrics, &spec);
-        let direct = reloader.direct(&spec).expect("direct");
+        let mut f = LoneSignal::new();
+        let _entered = f.rt.enter();
+        let spec = f.spec.clone();
         // SIGHUP while a render runs: whatever changed, the run neither
         // sends nor queues; the loop requests what the bundle still names.
-        reloader.retain(&[&spec, &spec]);
+        f.reloader.retain(&[&spec, &spec]);
         assert!(matches!(
-            direct.clone().claim(named("a")),
+            f.direct.clone().claim(named("a")),
             DirectClaim::Declined
         ));
-        assert!(reloader.direct(&spec).is_none(), "now named twice");
-        reloader.retain(&[&spec]);
-        assert!(matches!(direct.claim(named("a")), DirectClaim::Declined));
-        rt.block_on(tokio::time::sleep(Duration::from_secs(600)));
-        assert_eq!(signals(&metrics, "a", "success"), 0);
+        assert!(f.reloader.direct(&spec).is_none(), "now named twice");
+        f.reloader.retain(&[&spec]);
+        assert!(matches!(
+            f.direct.clone().claim(named("a")),
+            DirectClaim::Declined
+        ));
+        f.rt.block_on(tokio::time::sleep(Duration::from_secs(600)));
+        assert_eq!(f.signals("a", "success"), 0);
         // A run that starts now may.
-        let fresh = reloader.direct(&spec).expect("lone again");
+        let fresh = f.reloader.direct(&spec).expect("lone again");
         assert!(direct_run(&fresh, named("b")));
-        assert_eq!(signals(&metrics, "b", "success"), 1);
-        let _ = app.kill();
-        let _ = app.wait();
+        assert_eq!(f.signals("b", "success"), 1);
     }
 
     #[test]
     fn a_claim_dropped_unrun_frees_the_action_for_the_worker() {
-        let (mut app, spec, _dir) = sleeper();
-        let rt = paused_runtime();
-        let _entered = rt.enter();
-        let metrics = Arc::new(Metrics::new());
-        let mut reloader = lone(&metrics, &spec);
-        let direct = reloader.direct(&spec).expect("direct");
+        let f = LoneSignal::new();
+        let _entered = f.rt.enter();
         // As a panic between the claim and the run would.
-        drop(direct.clone().claim(named("a")));
-        rt.block_on(async {
-            wait_for(|| signals(&metrics, "a", "success") == 1).await;
+        drop(f.direct.clone().claim(named("a")));
+        f.rt.block_on(async {
+            wait_for(|| f.signals("a", "success") == 1).await;
         });
-        assert!(direct_run(&direct, named("b")), "free again");
-        let _ = app.kill();
-        let _ = app.wait();
+        assert!(direct_run(&f.direct, named("b")), "free again");
     }
 
     #[test]
