@@ -18,6 +18,7 @@
 //! every output of the bundle holds the new content. On shutdown the loop
 //! stops watching and gives in-flight reloads a grace period.
 
+mod runs;
 mod target;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -34,12 +35,13 @@ use crate::clock::Clock;
 use crate::config::{Config, ConfigError};
 use crate::keypair::{self, KeyPairState};
 use crate::reload::child::ChildHandle;
-use crate::reload::{DirectClaim, Probe, ReloadSpec, Reloader, Request};
+use crate::reload::{Probe, ReloadSpec, Reloader, Request};
 use crate::render::BundleState;
 use crate::source::Source;
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::status::{Pings, Status};
 use crate::watch::{Change, Events, Routes, Watch, WatchError, WatchPoint, watch_points};
+use runs::{Job, Runs};
 pub use target::{Kind, Target};
 use target::{Outcome, Work};
 
@@ -55,27 +57,6 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 /// after the watch is set is seen, so reading first would read twice. A
 /// watch set-up that hangs (a stuck filesystem) does not hold renders back.
 const WATCH_FIRST: Duration = Duration::from_secs(1);
-
-/// A run in flight longer than this no longer holds back others (see
-/// [`runs_at_once`]): a hung filesystem delays the other targets that long
-/// at most, and only when it holds every slot.
-const STUCK_RUN: Duration = Duration::from_secs(1);
-
-/// How many runs may be in flight at once (not counting stuck ones). Each
-/// takes a thread of the blocking pool: a thousand bundles started at once
-/// were hundreds of threads, their stacks and their allocator arenas, for
-/// work two cores do one after the other anyway.
-/// Worked out once: the standard library reads the cgroup's CPU quota from
-/// files on each call, and the loop never reads files.
-fn runs_at_once() -> usize {
-    static RUNS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *RUNS.get_or_init(|| {
-        std::thread::available_parallelism()
-            .map_or(2, std::num::NonZeroUsize::get)
-            .saturating_mul(2)
-            .max(4)
-    })
-}
 
 /// A failed write is retried after this, doubling up to [`MAX_RETRY`].
 const FIRST_RETRY: Duration = Duration::from_millis(500);
@@ -117,9 +98,8 @@ impl Dirty {
 struct Entry {
     kind: Kind,
     name: String,
-    /// `None` while its run is in flight on the blocking pool.
+    /// `None` while its run is queued or in flight on the blocking pool.
     target: Option<Target>,
-    busy_since: Option<Instant>,
     dirty: Dirty,
     /// Compare outputs with the disk at the next render (resync).
     recheck_disk: bool,
@@ -149,7 +129,6 @@ impl Entry {
             kind: target.kind(),
             name: target.name().to_owned(),
             target: Some(target),
-            busy_since: None,
             dirty: Dirty::All,
             recheck_disk: false,
             initial: true,
@@ -248,6 +227,7 @@ pub struct Daemon {
     /// Events seen but not debounced yet.
     pending: HashMap<u64, Dirty>,
     reloader: Reloader,
+    runs: Runs,
     metrics: Arc<Metrics>,
     status: Arc<Status>,
     pings: Pings,
@@ -282,6 +262,8 @@ impl Daemon {
                 (WatchSlot::Idle(Box::new(watch)), Some(events))
             }
         };
+        let done = mpsc::unbounded_channel();
+        let runs = Runs::new(metrics.clone(), status.clone(), done.0.clone());
         let mut daemon = Self {
             config: config.clone(),
             entries: BTreeMap::new(),
@@ -294,11 +276,12 @@ impl Daemon {
             events,
             pending: HashMap::new(),
             reloader: Reloader::new(metrics.clone(), child),
+            runs,
             metrics,
             status,
             pings,
             reconfigure,
-            done: mpsc::unbounded_channel(),
+            done,
             refreshed: mpsc::unbounded_channel(),
             hold_renders: true,
         };
@@ -339,7 +322,7 @@ impl Daemon {
                 .filter_map(|e| e.retry.map(|(at, _)| at))
                 .min();
             let held_until = self.hold_renders.then_some(watch_first);
-            let admit_at = self.admit_at();
+            let admit_at = self.runs.admit_at();
             tokio::select! {
                 biased;
                 () = &mut shutdown => {
@@ -392,8 +375,9 @@ impl Daemon {
                     }
                 }
                 () = sleep_until(held_until) => self.hold_renders = false,
-                // A run in flight became stuck: it leaves its slot.
-                () = sleep_until(admit_at) => {}
+                // A run in flight became stuck: another thread takes the
+                // queue on.
+                () = sleep_until(admit_at) => self.runs.admit(),
                 () = sleep_until(resync_at) => {
                     // Compare with the disk again: repairs an output changed
                     // behind our back.
@@ -434,7 +418,8 @@ impl Daemon {
             self.start_rewatch();
             self.dispatch();
         }
-        // Stop watching, then let in-flight reloads finish.
+        // Stop watching and rendering, then let in-flight reloads finish.
+        self.runs.close();
         self.watch = WatchSlot::Off;
         self.events = None;
         self.reloader.close(Some(SHUTDOWN_GRACE)).await;
@@ -470,6 +455,13 @@ impl Daemon {
             entry.removed = true;
             entry.target.is_none()
         });
+        // Queued but not started: dropped now.
+        for job in self
+            .runs
+            .cancel(|id| self.entries.get(&id).is_some_and(|e| e.removed))
+        {
+            self.entries.remove(&job.id);
+        }
         for fresh in wanted.drain(..) {
             let existing = self
                 .entries
@@ -545,66 +537,36 @@ impl Daemon {
         }
     }
 
-    /// Starts the run of every dirty target that is not already running.
-    /// Bundles first: a key pair may chain to one that is about to change.
+    /// Queues the run of every dirty target that is not already queued or
+    /// running. Bundles first: a key pair may chain to one that is about to
+    /// change.
     fn dispatch(&mut self) {
         if self.hold_renders {
             return;
         }
         let now = self.clock.now();
-        let ready: Vec<u64> = self
+        let mut ready: Vec<(Kind, u64)> = self
             .entries
             .iter()
             .filter(|(_, e)| e.target.is_some() && e.dirty != Dirty::Clean)
-            .map(|(id, _)| *id)
+            .map(|(id, e)| (e.kind, *id))
             .collect();
-        let mut room = runs_at_once().saturating_sub(self.running().count());
-        let mut started = false;
-        'kinds: for kind in [Kind::Bundle, Kind::KeyPair] {
-            for id in &ready {
-                if room == 0 {
-                    break 'kinds;
-                }
-                if self.entries.get(id).is_some_and(|e| e.kind == kind) && self.start(*id, now) {
-                    started = true;
-                    room -= 1;
-                }
-            }
+        if ready.is_empty() {
+            return;
         }
-        if started {
-            self.publish_busy();
-        }
+        ready.sort_unstable();
+        let jobs: Vec<Job> = ready
+            .into_iter()
+            .filter_map(|(_, id)| self.job(id, now))
+            .collect();
+        self.runs.push(jobs);
     }
 
-    /// When each run in flight started, but for the stuck ones.
-    fn running(&self) -> impl Iterator<Item = Instant> + '_ {
-        let now = Instant::now();
-        self.entries
-            .values()
-            .filter_map(|e| e.busy_since)
-            .filter(move |since| now.saturating_duration_since(*since) < STUCK_RUN)
-    }
-
-    /// When a target waits for a slot: the moment the oldest run in flight
-    /// counts as stuck and gives up its slot.
-    fn admit_at(&self) -> Option<Instant> {
-        let waiting = !self.hold_renders
-            && self
-                .entries
-                .values()
-                .any(|e| e.target.is_some() && e.dirty != Dirty::Clean);
-        if !waiting {
-            return None;
-        }
-        self.running().min().map(|since| since + STUCK_RUN)
-    }
-
-    /// Starts the run of entry `id`; returns whether it did.
-    fn start(&mut self, id: u64, now: i64) -> bool {
+    /// The run of entry `id`, its target taken out of the entry; `None`
+    /// when it has nothing to run.
+    fn job(&mut self, id: u64, now: i64) -> Option<Job> {
         let work = {
-            let Some(entry) = self.entries.get(&id) else {
-                return false;
-            };
+            let entry = self.entries.get(&id)?;
             match entry.kind {
                 Kind::Bundle => Work::Render {
                     only: match &entry.dirty {
@@ -630,22 +592,16 @@ impl Daemon {
                         if let Some(entry) = self.entries.get_mut(&id) {
                             entry.dirty = Dirty::Clean;
                         }
-                        return false;
+                        return None;
                     }
                     Work::Check { chain_to }
                 }
             }
         };
-        let Some(entry) = self.entries.get_mut(&id) else {
-            return false;
-        };
-        let Some(mut target) = entry.target.take() else {
-            return false;
-        };
-        debug!(name = %entry.name, kind = ?entry.kind, ?work, "run started");
+        let entry = self.entries.get_mut(&id)?;
+        let target = entry.target.take()?;
         entry.dirty = Dirty::Clean;
         entry.recheck_disk = false;
-        entry.busy_since = Some(Instant::now());
         // A bundle's one reload, a signal only it names, leaves from the
         // run's own thread once the outputs are in place, when nothing else
         // holds the action (ARCHITECTURE.md, "The event loop").
@@ -665,37 +621,14 @@ impl Daemon {
             };
             (direct, request)
         });
-        let metrics = self.metrics.clone();
-        let done = self.done.0.clone();
-        tokio::task::spawn_blocking(move || {
-            let outcome = target::run(&mut target, work, now, &metrics);
-            let (reloaded, claimed) = match (direct, reload_outputs(&outcome)) {
-                (Some((direct, request)), Some(outputs)) => {
-                    let spec = direct.spec().clone();
-                    match direct.claim(Request {
-                        outputs: outputs.clone(),
-                        ..request
-                    }) {
-                        DirectClaim::Claimed(claimed) => (Some(spec), Some(claimed)),
-                        DirectClaim::Queued => (Some(spec), None),
-                        // SIGHUP since the run started: `finished` decides.
-                        DirectClaim::Declined => (None, None),
-                    }
-                }
-                _ => (None, None),
-            };
-            // The outcome first: a signal that hangs holds only itself.
-            let _ = done.send(Finished {
-                id,
-                target,
-                outcome,
-                reloaded,
-            });
-            if let Some(claimed) = claimed {
-                claimed.run();
-            }
-        });
-        true
+        Some(Job {
+            id,
+            name: entry.name.clone(),
+            target,
+            work,
+            now,
+            direct,
+        })
     }
 
     /// A run came back: its outcome is recorded and its reloads requested.
@@ -715,7 +648,6 @@ impl Daemon {
             self.entries.remove(&id);
             return;
         }
-        entry.busy_since = None;
         let initial = std::mem::replace(&mut entry.initial, false);
         let urgent = std::mem::take(&mut entry.urgent);
         let mut target = target;
@@ -797,10 +729,8 @@ impl Daemon {
         }
     }
 
-    /// After runs came back: which are still in flight, and the status
-    /// (started, ready, the summary line).
+    /// After runs came back: the status (started, ready, the summary line).
     fn report_status(&self) {
-        self.publish_busy();
         let started = self.entries.values().all(|e| !e.initial);
         let ready = self
             .entries
@@ -808,16 +738,6 @@ impl Daemon {
             .filter(|e| e.kind == Kind::Bundle)
             .all(|e| e.rendered);
         self.status.rendered(started, ready, self.summary());
-    }
-
-    /// Tells the health endpoints which runs are in flight, and since when.
-    fn publish_busy(&self) {
-        let busy = self
-            .entries
-            .values()
-            .filter_map(|e| e.busy_since.map(|since| (e.name.clone(), since.into_std())))
-            .collect();
-        self.status.set_busy(busy);
     }
 
     /// One line for systemd's STATUS= and `/readyz`: each bundle and its

@@ -1,7 +1,8 @@
 //! What the event loop tells the outside: ready (every bundle rendered once),
 //! alive (it answers a ping), and a summary after each render for systemd's
-//! `STATUS=`. The health endpoints and the systemd notifier read it; only the
-//! event loop writes it.
+//! `STATUS=`. The health endpoints and the systemd notifier read it; the
+//! event loop writes it, and the threads that run renders say when each
+//! starts and ends.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,9 +25,10 @@ pub struct Report {
 
 pub struct Status {
     ready: AtomicBool,
-    /// The bundles and key pairs whose render or check is running, and
-    /// since when: one that runs long is stuck (a hung filesystem).
-    busy: Mutex<Vec<(String, Instant)>>,
+    /// The bundles and key pairs whose render or check is running (by the
+    /// daemon's id), and since when: one that runs long is stuck (a hung
+    /// filesystem).
+    busy: Mutex<Vec<(u64, String, Instant)>>,
     pings: mpsc::Sender<oneshot::Sender<()>>,
     reports: watch::Sender<Report>,
 }
@@ -68,14 +70,21 @@ impl Status {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .map(|(name, since)| (name.clone(), since.elapsed()))
+            .map(|(_, name, since)| (name.clone(), since.elapsed()))
             .filter(|(_, running)| *running > limit)
             .collect()
     }
 
-    /// Called by the event loop whenever a render or check starts or ends.
-    pub fn set_busy(&self, busy: Vec<(String, Instant)>) {
-        *self.busy.lock().unwrap_or_else(|e| e.into_inner()) = busy;
+    /// Called by the thread that runs a render or check, as it starts.
+    pub fn run_started(&self, id: u64, name: &str) {
+        let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        busy.push((id, name.to_owned(), Instant::now()));
+    }
+
+    /// Called by that thread once the run is over.
+    pub fn run_ended(&self, id: u64) {
+        let mut busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+        busy.retain(|(running, _, _)| *running != id);
     }
 
     pub fn subscribe(&self) -> watch::Receiver<Report> {

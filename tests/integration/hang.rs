@@ -265,3 +265,60 @@ fn a_supervised_child_gets_sigterm_while_a_read_hangs() {
     assert_eq!(code, 0, "the child's exit code");
     assert!(took < Duration::from_secs(5), "SIGTERM took {took:?}");
 }
+
+/// More hung reads than runs at once (2 x cores, at least 4): each holds
+/// its own thread, and once they count as stuck the bundle queued behind
+/// them gets a thread of its own and renders; every hung bundle is named
+/// by `/readyz`, and SIGTERM still ends the daemon within 5 s.
+#[test]
+fn more_hung_reads_than_threads_still_let_the_queue_through() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some(hung) = HangingFs::mount(dir.path()) else {
+        return;
+    };
+    let mut volume = Volume::new(&dir.path().join("secret"));
+    volume.write(&[("ca.crt", &pems(&[&Ca::new("Behind One")]))]);
+    let cores = std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
+    let stuck = (2 * cores).max(4) + 1;
+    let mut config = String::from("[daemon]\ndebounce = \"0s\"\n");
+    for i in 0..stuck {
+        config.push_str(&format!(
+            "[[bundle]]\nname = \"hung{i}\"\nsources = [{:?}]\n[[bundle.output]]\npath = {:?}\n",
+            s(&hung.file_named(&format!("hung{i}"))),
+            s(&dir.path().join(format!("out/hung{i}.pem"))),
+        ));
+    }
+    // Last in the configuration: queued behind every hung read.
+    config.push_str(&format!(
+        "[[bundle]]\nname = \"healthy\"\nsources = [{:?}]\n[[bundle.output]]\npath = {:?}\n",
+        s(&volume.dir),
+        s(&dir.path().join("out/healthy.pem")),
+    ));
+    let config = write(dir.path(), "anchorage.toml", config);
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let daemon = Daemon::start(
+        dir.path(),
+        &["--config", s(&config), "--listen", &addr.to_string()],
+    );
+    wait_certs(&dir.path().join("out/healthy.pem"), 1);
+    let body = eventually(Duration::from_secs(20), || {
+        let answer = get(addr, "/readyz")?;
+        let named = (0..stuck)
+            .filter(|i| {
+                answer
+                    .body
+                    .contains(&format!("hung{i}: its render has run for"))
+            })
+            .count();
+        if answer.status == 503 && named == stuck {
+            Ok(answer.body)
+        } else {
+            Err(format!("{} {}", answer.status, answer.body))
+        }
+    });
+    assert!(!body.contains("healthy: its render"), "{body}");
+    wait_status(addr, "/healthz", 200);
+    let (code, took) = stop_timed(daemon);
+    assert_eq!(code, 0);
+    assert!(took < Duration::from_secs(5), "SIGTERM took {took:?}");
+}

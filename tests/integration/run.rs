@@ -867,3 +867,46 @@ fn a_file_inside_a_kubelet_volume_sees_the_swap() {
     ]);
     wait_output(&output, &expected_pem(&[&a, &b]));
 }
+
+/// Many bundles at start are rendered by a few threads taking from one
+/// queue, not by a thread each: the daemon's threads stay within the loop,
+/// its timer, the runs at once (2 x cores, at least 4) and the watch
+/// refresh's thread, and every bundle is rendered. (Handing each run to the
+/// pool on its own left 8 to 17 threads here on 2 cores.)
+#[test]
+fn many_bundles_start_on_a_few_threads() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pem = Ca::new("Many").pem();
+    let n = 1000;
+    let mut config = String::from("[daemon]\ndebounce = \"0s\"\n");
+    for i in 0..n {
+        let source = write(dir.path(), &format!("s{i}.pem"), &pem);
+        config.push_str(&format!(
+            "[[bundle]]\nname = \"b{i}\"\nsources = [\"{}\"]\n[[bundle.output]]\npath = \"{}\"\n",
+            s(&source),
+            s(&dir.path().join(format!("out{i}.pem")))
+        ));
+    }
+    let config = write(dir.path(), "anchorage.toml", config);
+    let daemon = Daemon::start(dir.path(), &["--config", s(&config)]);
+    daemon.wait_log("anchorage::render: rendered", n);
+    // Idle threads of the pool linger for seconds: what ran the start is
+    // still there to count.
+    let threads = fs::read_dir(format!("/proc/{}/task", daemon.pid()))
+        .expect("the daemon's threads")
+        .count();
+    let cores = std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
+    let most = 1 + 1 + (2 * cores).max(4) + 1;
+    assert!(
+        threads <= most,
+        "{threads} threads after starting {n} bundles, want at most {most}"
+    );
+    for i in 0..n {
+        assert_eq!(
+            fs::read(dir.path().join(format!("out{i}.pem"))).expect("output"),
+            pem.as_bytes(),
+            "bundle b{i}"
+        );
+    }
+    daemon.stop();
+}

@@ -60,6 +60,14 @@ impl HangingFs {
     pub fn file(&self) -> PathBuf {
         self.mountpoint.join("ca.pem")
     }
+
+    /// Another file whose read hangs. Each reader of a hung FUSE file
+    /// after the first waits for the page in the kernel, where even
+    /// SIGKILL cannot reach it: readers that must stay killable read files
+    /// of their own.
+    pub fn file_named(&self, name: &str) -> PathBuf {
+        self.mountpoint.join(format!("{name}.pem"))
+    }
 }
 
 impl Drop for HangingFs {

@@ -1,8 +1,9 @@
 """A FUSE filesystem whose file reads never return: a hung NFS server.
 
 Usage: hang_fs.py MOUNTPOINT READY_FILE
-Serves one file, ca.pem, whose stat and open answer at once but whose read
-blocks until the filesystem is unmounted. Writes READY_FILE once mounted.
+Serves ca.pem (and any other NAME.pem asked for by name), whose stat and
+open answer at once but whose read blocks until the filesystem is
+unmounted. Writes READY_FILE once mounted.
 """
 import errno
 import os
@@ -23,7 +24,7 @@ class Hanging(Operations):
     def getattr(self, path, fh=None):
         if path == "/":
             return dict(st_mode=stat.S_IFDIR | 0o755, st_nlink=2)
-        if path == "/ca.pem":
+        if path.endswith(".pem") and path.count("/") == 1:
             return dict(st_mode=stat.S_IFREG | 0o644, st_nlink=1, st_size=1200)
         raise FuseOSError(errno.ENOENT)
 

@@ -1,0 +1,270 @@
+//! The runs in flight: a queue of targets to render or check, and the
+//! blocking-pool threads that take them one after the other (ARCHITECTURE.md,
+//! "The event loop").
+//!
+//! The loop queues every target that is due at once; at most
+//! [`runs_at_once`] threads take from the queue, each until it is empty.
+//! A thousand bundles at start are a handful of threads working through
+//! the queue, not a thousand hand-offs between the loop and the pool (and
+//! not a thread, a stack and an allocator arena per bundle). A thread whose
+//! run has lasted [`STUCK_RUN`] no longer counts: another one is started
+//! for the rest of the queue, so a hung filesystem holds only the target
+//! that reads it (guarantee 10).
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::debug;
+
+use super::Finished;
+use super::target::{self, Target, Work};
+use crate::reload::{Direct, DirectClaim, Request};
+use crate::telemetry::metrics::Metrics;
+use crate::telemetry::status::Status;
+
+/// A run in flight longer than this no longer holds back others (see
+/// [`runs_at_once`]): a hung filesystem delays the other targets that long
+/// at most, and only when it holds every thread.
+pub const STUCK_RUN: Duration = Duration::from_secs(1);
+
+/// How many threads may take from the queue at once (not counting stuck
+/// ones): two cores do a thousand renders one after the other anyway.
+/// Worked out once: the standard library reads the cgroup's CPU quota from
+/// files on each call, and the loop never reads files.
+fn runs_at_once() -> usize {
+    static RUNS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *RUNS.get_or_init(|| {
+        std::thread::available_parallelism()
+            .map_or(2, std::num::NonZeroUsize::get)
+            .saturating_mul(2)
+            .max(4)
+    })
+}
+
+/// The queue's room kept once it is empty.
+const KEPT_ROOM: usize = 16;
+
+/// One target's run: the target, moved out of its entry, and its work.
+pub struct Job {
+    pub id: u64,
+    pub name: String,
+    pub target: Target,
+    pub work: Work,
+    /// Unix seconds the run judges validity at.
+    pub now: i64,
+    /// The target's lone signal, sent from the run's thread once the
+    /// outputs are in place, and the request it stands for.
+    pub direct: Option<(Direct, Request)>,
+}
+
+/// The queue and its threads. Dropping it empties the queue: threads end
+/// after the run in their hands.
+pub struct Runs {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    metrics: Arc<Metrics>,
+    status: Arc<Status>,
+    done: mpsc::UnboundedSender<Finished>,
+}
+
+#[derive(Default)]
+struct State {
+    queue: VecDeque<Job>,
+    /// The threads taking from the queue: when each started the run in its
+    /// hands (`None` between two runs).
+    threads: Vec<(u64, Option<Instant>)>,
+    next_thread: u64,
+    closed: bool,
+}
+
+impl State {
+    /// Threads not stuck: those between runs, and those whose run started
+    /// less than [`STUCK_RUN`] ago.
+    fn counted(&self, now: Instant) -> usize {
+        self.threads
+            .iter()
+            .filter(|(_, since)| since.is_none_or(|s| now.saturating_duration_since(s) < STUCK_RUN))
+            .count()
+    }
+}
+
+impl Runs {
+    pub fn new(
+        metrics: Arc<Metrics>,
+        status: Arc<Status>,
+        done: mpsc::UnboundedSender<Finished>,
+    ) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                state: Mutex::new(State::default()),
+                metrics,
+                status,
+                done,
+            }),
+        }
+    }
+
+    /// Queues `jobs`, in order, and starts threads for them if needed.
+    pub fn push(&self, jobs: impl IntoIterator<Item = Job>) {
+        let mut state = self.shared.lock();
+        if state.closed {
+            return;
+        }
+        state.queue.extend(jobs);
+        self.top_up(&mut state);
+    }
+
+    /// Starts threads while jobs wait and fewer than [`runs_at_once`]
+    /// count: after a run became stuck, another thread takes the queue on.
+    pub fn admit(&self) {
+        let mut state = self.shared.lock();
+        self.top_up(&mut state);
+    }
+
+    fn top_up(&self, state: &mut MutexGuard<'_, State>) {
+        let now = Instant::now();
+        let mut counted = state.counted(now);
+        let mut idle = state.threads.iter().filter(|(_, s)| s.is_none()).count();
+        while counted < runs_at_once() && idle < state.queue.len() {
+            let key = state.next_thread;
+            state.next_thread += 1;
+            state.threads.push((key, None));
+            let shared = self.shared.clone();
+            tokio::task::spawn_blocking(move || shared.work(key));
+            counted += 1;
+            idle += 1;
+        }
+    }
+
+    /// When a waiting job gets a thread although none comes free: when the
+    /// oldest counted run becomes stuck. `None` when nothing waits.
+    pub fn admit_at(&self) -> Option<Instant> {
+        let state = self.shared.lock();
+        if state.queue.is_empty() {
+            return None;
+        }
+        let now = Instant::now();
+        state
+            .threads
+            .iter()
+            .filter_map(|(_, since)| *since)
+            .filter(|s| now.saturating_duration_since(*s) < STUCK_RUN)
+            .min()
+            .map(|since| since + STUCK_RUN)
+    }
+
+    /// Takes back the queued (not started) jobs `drop_job` selects.
+    pub fn cancel(&self, mut drop_job: impl FnMut(u64) -> bool) -> Vec<Job> {
+        let mut state = self.shared.lock();
+        let mut gone = Vec::new();
+        for job in std::mem::take(&mut state.queue) {
+            if drop_job(job.id) {
+                gone.push(job);
+            } else {
+                state.queue.push_back(job);
+            }
+        }
+        gone
+    }
+
+    /// Empties the queue and takes no more: threads end after the run in
+    /// their hands.
+    pub fn close(&self) {
+        let mut state = self.shared.lock();
+        state.closed = true;
+        state.queue.clear();
+    }
+}
+
+impl Drop for Runs {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A thread's life: the next job, until the queue is empty.
+    fn work(&self, key: u64) {
+        loop {
+            let job = {
+                let mut state = self.lock();
+                let job = state.queue.pop_front();
+                let slot = state.threads.iter().position(|(k, _)| *k == key);
+                match (job, slot) {
+                    (Some(job), Some(slot)) => {
+                        state.threads[slot].1 = Some(Instant::now());
+                        job
+                    }
+                    (job, slot) => {
+                        if let Some(slot) = slot {
+                            state.threads.swap_remove(slot);
+                        }
+                        match job {
+                            Some(job) => state.queue.push_front(job),
+                            // A thousand jobs at start need not keep their
+                            // room for the daemon's life.
+                            None => state.queue.shrink_to(KEPT_ROOM),
+                        }
+                        return;
+                    }
+                }
+            };
+            self.run(job);
+            let mut state = self.lock();
+            if let Some(slot) = state.threads.iter_mut().find(|(k, _)| *k == key) {
+                slot.1 = None;
+            }
+        }
+    }
+
+    /// One job: the run, its outcome to the loop, then its lone signal.
+    fn run(&self, job: Job) {
+        let Job {
+            id,
+            name,
+            mut target,
+            work,
+            now,
+            direct,
+        } = job;
+        self.status.run_started(id, &name);
+        debug!(%name, kind = ?target.kind(), ?work, "run started");
+        let outcome = target::run(&mut target, work, now, &self.metrics);
+        let (reloaded, claimed) = match (direct, super::reload_outputs(&outcome)) {
+            (Some((direct, request)), Some(outputs)) => {
+                let spec = direct.spec().clone();
+                match direct.claim(Request {
+                    outputs: outputs.clone(),
+                    ..request
+                }) {
+                    DirectClaim::Claimed(claimed) => (Some(spec), Some(claimed)),
+                    DirectClaim::Queued => (Some(spec), None),
+                    // SIGHUP since the run started: the loop decides.
+                    DirectClaim::Declined => (None, None),
+                }
+            }
+            _ => (None, None),
+        };
+        self.status.run_ended(id);
+        // The outcome first: a signal that hangs holds only itself.
+        let _ = self.done.send(Finished {
+            id,
+            target,
+            outcome,
+            reloaded,
+        });
+        if let Some(claimed) = claimed {
+            claimed.run();
+        }
+    }
+}
