@@ -143,12 +143,13 @@ impl Entry {
         }
     }
 
-    fn watch_points(&self, config: &Config) -> Vec<WatchPoint> {
+    /// What to watch for it; `bundles` indexes the configuration's bundles
+    /// by name.
+    fn watch_points(&self, config: &Config, bundles: &HashMap<&str, usize>) -> Vec<WatchPoint> {
         match self.kind {
-            Kind::Bundle => config
-                .bundles
-                .iter()
-                .find(|b| b.name == self.name)
+            Kind::Bundle => bundles
+                .get(self.name.as_str())
+                .and_then(|i| config.bundles.get(*i))
                 .map(|b| {
                     b.sources
                         .iter()
@@ -462,11 +463,16 @@ impl Daemon {
         {
             self.entries.remove(&job.id);
         }
+        let by_name: HashMap<(Kind, String), u64> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| !e.removed)
+            .map(|(id, e)| ((e.kind, e.name.clone()), *id))
+            .collect();
         for fresh in wanted.drain(..) {
-            let existing = self
-                .entries
-                .values_mut()
-                .find(|e| e.kind == fresh.kind() && e.name == fresh.name() && !e.removed);
+            let existing = by_name
+                .get(&(fresh.kind(), fresh.name().to_owned()))
+                .and_then(|id| self.entries.get_mut(id));
             match existing {
                 Some(entry) => {
                     match &mut entry.target {
@@ -715,8 +721,15 @@ impl Daemon {
             entry.dirty = Dirty::All;
         }
         entry.target = Some(target);
-        // Key pairs that chain to a bundle that changed are checked again.
-        if let Some(bundle) = chained_changed {
+        // Key pairs that chain to a bundle that changed are checked again
+        // (the configuration says whether any does: a thousand bundles at
+        // start need not each look through every entry).
+        if let Some(bundle) = chained_changed.filter(|bundle| {
+            self.config
+                .keypairs
+                .iter()
+                .any(|k| k.chain_to.as_deref() == Some(bundle.as_str()))
+        }) {
             for e in self.entries.values_mut() {
                 let chains = matches!(&e.target, Some(Target::KeyPair(k))
                     if k.config.chain_to.as_deref() == Some(bundle.as_str()))
@@ -799,10 +812,17 @@ impl Daemon {
         };
         self.rewatch = false;
         let ids: Vec<u64> = self.entries.keys().copied().collect();
+        let bundles: HashMap<&str, usize> = self
+            .config
+            .bundles
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (b.name.as_str(), i))
+            .collect();
         let wanted: Vec<Vec<WatchPoint>> = self
             .entries
             .values()
-            .map(|e| e.watch_points(&self.config))
+            .map(|e| e.watch_points(&self.config, &bundles))
             .collect();
         let tx = self.refreshed.0.clone();
         tokio::task::spawn_blocking(move || {
