@@ -11,6 +11,9 @@
 #   BASELINE=/path/to/older/anchorage bench/idle.sh
 #                                      # adds "anchorage (baseline)" rows, same
 #                                      # settings, and the ratios current/baseline
+#   STATIC=0 bench/idle.sh             # without the static build's row (its
+#                                      # build is docker/Dockerfile's: crt-static,
+#                                      # in target/bench-static; minutes of LTO)
 #
 # Needs: python3, inotify-tools, entr, openssl, cargo, readelf (binutils);
 # gcc for the C target; watchexec optional (cargo install watchexec-cli --locked).
@@ -24,6 +27,14 @@ DIRS=${DIRS:-10}
 check_common_tools
 need readelf binutils || true
 build_anchorage
+STATIC_BIN=
+if [ "${STATIC:-1}" != 0 ]; then
+    host=$(rustc -vV | awk '/^host:/ {print $2}')
+    say "building the static binary as docker/Dockerfile does (crt-static, --target $host)..."
+    (cd "$REPO" && RUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR="$REPO/target/bench-static" \
+        cargo build --release --quiet --target "$host" --bin anchorage)
+    STATIC_BIN="$REPO/target/bench-static/$host/release/anchorage"
+fi
 make_scratch
 build_target
 WX=$(find_watchexec)
@@ -40,5 +51,5 @@ printf 'anchorage %s; inotifywait %s; entr %s; watchexec %s; load average before
 
 run_driver $(( ${IDLE_SECS%.*} + 180 )) "$LIB/idle.py" \
     --anchorage "$ANCHORAGE" --target-cmd "$TARGET_CMD" --pool "$SCRATCH_SHM/pool" \
-    --shm "$SCRATCH_SHM" --dirs "$DIRS" --idle-secs "$IDLE_SECS" --watchexec "$WX" ${BASELINE:+--baseline "$BASELINE"}
+    --shm "$SCRATCH_SHM" --dirs "$DIRS" --idle-secs "$IDLE_SECS" --watchexec "$WX" ${BASELINE:+--baseline "$BASELINE"} ${STATIC_BIN:+--static "$STATIC_BIN"}
 printf 'load average after: %s\n' "$(cut -d' ' -f1-3 /proc/loadavg)"

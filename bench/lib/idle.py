@@ -36,6 +36,7 @@ def main():
     ap.add_argument("--idle-secs", type=float, default=60)
     ap.add_argument("--watchexec", default="")
     ap.add_argument("--baseline", default="", help="another anchorage binary, idling beside the current one")
+    ap.add_argument("--static", default="", help="the same source built static (crt-static), as the image ships it")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     for k in list(os.environ):
@@ -45,12 +46,15 @@ def main():
     target_cmd = args.target_cmd.split()
     hz = os.sysconf("SC_CLK_TCK")
 
-    kinds = ["anchorage", "anchorage-baseline", "inotifywait", "watchexec", "entr"]
+    kinds = ["anchorage", "anchorage-static", "anchorage-baseline", "inotifywait", "watchexec", "entr"]
     if not args.watchexec:
         kinds.remove("watchexec")
     if not args.baseline:
         kinds.remove("anchorage-baseline")
-    anchorage_bin = {"anchorage": args.anchorage, "anchorage-baseline": args.baseline}
+    if not args.static:
+        kinds.remove("anchorage-static")
+    anchorage_bin = {"anchorage": args.anchorage, "anchorage-static": args.static,
+                     "anchorage-baseline": args.baseline}
     tools = {}
     targets = {}
     logs = []
@@ -127,6 +131,7 @@ def main():
     sh = shutil.which("sh")
     binaries = {
         "anchorage": [args.anchorage],
+        "anchorage-static": [args.static],
         "anchorage-baseline": [args.baseline],
         "inotifywait": [shutil.which("inotifywait"), "/lib/x86_64-linux-gnu/libinotifytools.so.0", sh],
         "watchexec": [args.watchexec, sh],
@@ -138,6 +143,7 @@ def main():
 
     labels = {
         "anchorage": "anchorage (1 bundle, %d sources)" % args.dirs,
+        "anchorage-static": "anchorage static, as in the image (1 bundle, %d sources)" % args.dirs,
         "anchorage-baseline": "anchorage (baseline) (1 bundle, %d sources)" % args.dirs,
         "inotifywait": "inotifywait loop",
         "watchexec": "watchexec --debounce 0ms",
@@ -191,17 +197,19 @@ def main():
         return "%.2f" % (x / y) if y else ("1.00 (both 0)" if x == 0 else "inf (peer 0)")
 
     out = []
-    for fig, get, fmt in (
-        ("CPU ticks", lambda k: delta[k]["ticks"], "%d"),
-        ("sched ms", lambda k: delta[k]["sched_ns"] / 1e6, "%.3f"),
-        ("wakeups", lambda k: delta[k]["vcsw"], "%d"),
-        ("RSS MiB", lambda k: delta[k]["rss_kib"] / 1024.0, "%.1f"),
-        ("all binaries MiB", lambda k: bin_total(k) / 1048576.0, "%.2f"),
-    ):
-        best = min(peers, key=get)
-        out.append([fig, labels[best], fmt % get("anchorage"), fmt % get(best), ratio(get("anchorage"), get(best))])
-    print("ratio anchorage / best peer")
-    bl.table(["figure", "best peer", "anchorage", "peer", "ratio"], out)
+    for who in [k for k in ("anchorage", "anchorage-static") if k in kinds]:
+        for fig, get, fmt in (
+            ("CPU ticks", lambda k: delta[k]["ticks"], "%d"),
+            ("sched ms", lambda k: delta[k]["sched_ns"] / 1e6, "%.3f"),
+            ("wakeups", lambda k: delta[k]["vcsw"], "%d"),
+            ("RSS MiB", lambda k: delta[k]["rss_kib"] / 1024.0, "%.1f"),
+            ("all binaries MiB", lambda k: bin_total(k) / 1048576.0, "%.2f"),
+        ):
+            best = min(peers, key=get)
+            out.append([labels[who].split(" (")[0], fig, labels[best], fmt % get(who), fmt % get(best),
+                        ratio(get(who), get(best))])
+    print("ratio anchorage / best peer (the static build: glibc linked in, no shared libraries to map)")
+    bl.table(["anchorage", "figure", "best peer", "anchorage", "peer", "ratio"], out)
     if "anchorage-baseline" in kinds:
         out = []
         for fig, get, fmt in (
