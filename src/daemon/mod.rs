@@ -264,7 +264,12 @@ impl Daemon {
             }
         };
         let done = mpsc::unbounded_channel();
-        let runs = Runs::new(metrics.clone(), status.clone(), done.0.clone());
+        let runs = Runs::new(
+            clock.clone(),
+            metrics.clone(),
+            status.clone(),
+            done.0.clone(),
+        );
         let mut daemon = Self {
             config: config.clone(),
             entries: BTreeMap::new(),
@@ -550,7 +555,6 @@ impl Daemon {
         if self.hold_renders {
             return;
         }
-        let now = self.clock.now();
         let mut ready: Vec<(Kind, u64)> = self
             .entries
             .iter()
@@ -563,14 +567,14 @@ impl Daemon {
         ready.sort_unstable();
         let jobs: Vec<Job> = ready
             .into_iter()
-            .filter_map(|(_, id)| self.job(id, now))
+            .filter_map(|(_, id)| self.job(id))
             .collect();
         self.runs.push(jobs);
     }
 
     /// The run of entry `id`, its target taken out of the entry; `None`
     /// when it has nothing to run.
-    fn job(&mut self, id: u64, now: i64) -> Option<Job> {
+    fn job(&mut self, id: u64) -> Option<Job> {
         let work = {
             let entry = self.entries.get(&id)?;
             match entry.kind {
@@ -632,7 +636,7 @@ impl Daemon {
             name: entry.name.clone(),
             target,
             work,
-            now,
+            urgent: entry.urgent,
             direct,
         })
     }

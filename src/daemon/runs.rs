@@ -21,6 +21,7 @@ use tracing::debug;
 
 use super::Finished;
 use super::target::{self, Target, Work};
+use crate::clock::Clock;
 use crate::reload::{Direct, DirectClaim, Request};
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::status::Status;
@@ -53,8 +54,8 @@ pub struct Job {
     pub name: String,
     pub target: Target,
     pub work: Work,
-    /// Unix seconds the run judges validity at.
-    pub now: i64,
+    /// Caused by an expiry: it goes ahead of the queue.
+    pub urgent: bool,
     /// The target's lone signal, sent from the run's thread once the
     /// outputs are in place, and the request it stands for.
     pub direct: Option<(Direct, Request)>,
@@ -68,6 +69,8 @@ pub struct Runs {
 
 struct Shared {
     state: Mutex<State>,
+    /// Validity is judged when a run starts, not when it was queued.
+    clock: Clock,
     metrics: Arc<Metrics>,
     status: Arc<Status>,
     done: mpsc::UnboundedSender<Finished>,
@@ -96,6 +99,7 @@ impl State {
 
 impl Runs {
     pub fn new(
+        clock: Clock,
         metrics: Arc<Metrics>,
         status: Arc<Status>,
         done: mpsc::UnboundedSender<Finished>,
@@ -103,6 +107,7 @@ impl Runs {
         Self {
             shared: Arc::new(Shared {
                 state: Mutex::new(State::default()),
+                clock,
                 metrics,
                 status,
                 done,
@@ -110,13 +115,14 @@ impl Runs {
         }
     }
 
-    /// Queues `jobs`, in order, and starts threads for them if needed.
-    pub fn push(&self, jobs: impl IntoIterator<Item = Job>) {
+    /// Queues `jobs` (the urgent ones ahead of the queue, the others
+    /// behind it, each in order) and starts threads for them if needed.
+    pub fn push(&self, jobs: Vec<Job>) {
         let mut state = self.shared.lock();
         if state.closed {
             return;
         }
-        state.queue.extend(jobs);
+        enqueue(&mut state.queue, jobs, |job| job.urgent);
         self.top_up(&mut state);
     }
 
@@ -182,6 +188,16 @@ impl Runs {
     }
 }
 
+/// Puts `items` in `queue`: those `urgent` says ahead of everything
+/// already queued, the rest behind it; each group keeps its order.
+fn enqueue<T>(queue: &mut VecDeque<T>, items: Vec<T>, urgent: impl Fn(&T) -> bool) {
+    let (ahead, behind): (Vec<T>, Vec<T>) = items.into_iter().partition(|item| urgent(item));
+    for item in ahead.into_iter().rev() {
+        queue.push_front(item);
+    }
+    queue.extend(behind);
+}
+
 impl Drop for Runs {
     fn drop(&mut self) {
         self.close();
@@ -234,12 +250,12 @@ impl Shared {
             name,
             mut target,
             work,
-            now,
+            urgent: _,
             direct,
         } = job;
         self.status.run_started(id, &name);
         debug!(%name, kind = ?target.kind(), ?work, "run started");
-        let outcome = target::run(&mut target, work, now, &self.metrics);
+        let outcome = target::run(&mut target, work, self.clock.now(), &self.metrics);
         let (reloaded, claimed) = match (direct, super::reload_outputs(&outcome)) {
             (Some((direct, request)), Some(outputs)) => {
                 let spec = direct.spec().clone();
@@ -266,5 +282,20 @@ impl Shared {
         if let Some(claimed) = claimed {
             claimed.run();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_expiry_goes_ahead_of_the_queue_and_the_rest_keep_their_order() {
+        let mut queue: VecDeque<i32> = [1, 2, 3].into();
+        // Negative numbers stand for urgent jobs.
+        enqueue(&mut queue, vec![4, -5, 6, -7], |n| *n < 0);
+        assert_eq!(Vec::from(queue.clone()), [-5, -7, 1, 2, 3, 4, 6]);
+        enqueue(&mut queue, vec![-8], |n| *n < 0);
+        assert_eq!(queue.front(), Some(&-8));
     }
 }
