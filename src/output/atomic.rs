@@ -313,21 +313,21 @@ fn fill_dir(dir: &Path, files: &[Entry<'_>], marker: Option<u32>) -> io::Result<
     // each), given their mode at creation, and chmod'ed only where the
     // umask took bits away.
     let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_CLOEXEC;
-    let written = crate::parallel::map(files, |&(name, bytes, mode)| -> io::Result<()> {
-        let path = dir.join(name);
+    let written = files.iter().map(|&(name, bytes, mode)| -> io::Result<()> {
+        // The path is spelled out only for an error.
+        let fail = |what: &str, e: io::Error| context(&dir.join(name), what, e);
         let chmod = umask().is_none_or(|mask| mode & mask != 0);
         let fd = openat(&handle, name, flags, Mode::from_bits_truncate(mode))
-            .map_err(|e| context(&path, "create", e.into()))?;
+            .map_err(|e| fail("create", e.into()))?;
         let mut file = File::from(fd);
-        file.write_all(bytes)
-            .map_err(|e| context(&path, "write", e))?;
+        file.write_all(bytes).map_err(|e| fail("write", e))?;
         if chmod {
             file.set_permissions(Permissions::from_mode(mode))
-                .map_err(|e| context(&path, "chmod", e))?;
+                .map_err(|e| fail("chmod", e))?;
         }
         Ok(())
     });
-    written.into_iter().collect::<io::Result<()>>()?;
+    written.collect::<io::Result<()>>()?;
     if let Some(mode) = marker {
         let path = dir.join(MARKER);
         let chmod = umask().is_none_or(|mask| mode & mask != 0);
