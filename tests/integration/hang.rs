@@ -41,6 +41,20 @@ fn stop_timed(daemon: Daemon) -> (i32, Duration) {
     (code, started.elapsed())
 }
 
+/// SIGTERM ends the daemon within 5 s, exit code 0 (guarantee 10).
+fn stops_within_5s(daemon: Daemon) {
+    let (code, took) = stop_timed(daemon);
+    assert_eq!(code, 0);
+    assert!(took < Duration::from_secs(5), "SIGTERM took {took:?}");
+}
+
+/// `anchorage run --config CONFIG` with its health endpoints on a free port.
+fn start_listening(dir: &Path, config: &Path) -> (Daemon, SocketAddr) {
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let daemon = Daemon::start(dir, &["--config", s(config), "--listen", &addr.to_string()]);
+    (daemon, addr)
+}
+
 #[test]
 fn a_fifo_source_stalls_only_its_own_bundle() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -48,11 +62,7 @@ fn a_fifo_source_stalls_only_its_own_bundle() {
     let mut volume = Volume::new(&dir.path().join("secret"));
     volume.write(&[("ca.crt", &pems(&[&Ca::new("Healthy One")]))]);
     let config = two_bundles(dir.path(), &a_source, &volume);
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-    let daemon = Daemon::start(
-        dir.path(),
-        &["--config", s(&config), "--listen", &addr.to_string()],
-    );
+    let (daemon, addr) = start_listening(dir.path(), &config);
     wait_certs(&dir.path().join("out/a.pem"), 1);
     wait_certs(&dir.path().join("out/healthy.pem"), 1);
     let last_good = fs::read(dir.path().join("out/a.pem")).expect("a.pem");
@@ -91,9 +101,7 @@ fn a_fifo_source_stalls_only_its_own_bundle() {
     );
     wait_certs(&dir.path().join("out/a.pem"), 2);
 
-    let (code, took) = stop_timed(daemon);
-    assert_eq!(code, 0);
-    assert!(took < Duration::from_secs(5), "SIGTERM took {took:?}");
+    stops_within_5s(daemon);
 }
 
 /// Runs `anchorage ARGS` and fails if it has not exited within 10 s (a
@@ -169,11 +177,7 @@ fn a_hung_read_stalls_only_its_bundle_and_the_daemon_still_stops() {
     let mut volume = Volume::new(&dir.path().join("secret"));
     volume.write(&[("ca.crt", &pems(&[&Ca::new("Beside One")]))]);
     let config = two_bundles(dir.path(), &hung.file(), &volume);
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-    let daemon = Daemon::start(
-        dir.path(),
-        &["--config", s(&config), "--listen", &addr.to_string()],
-    );
+    let (daemon, addr) = start_listening(dir.path(), &config);
     wait_certs(&dir.path().join("out/healthy.pem"), 1);
     // /readyz names the stuck bundle and how long it has run.
     let body = eventually(Duration::from_secs(20), || {
@@ -194,9 +198,7 @@ fn a_hung_read_stalls_only_its_bundle_and_the_daemon_still_stops() {
     wait_certs(&dir.path().join("out/healthy.pem"), 2);
     wait_status(addr, "/healthz", 200);
 
-    let (code, took) = stop_timed(daemon);
-    assert_eq!(code, 0);
-    assert!(took < Duration::from_secs(5), "SIGTERM took {took:?}");
+    stops_within_5s(daemon);
 }
 
 #[test]
@@ -295,11 +297,7 @@ fn more_hung_reads_than_threads_still_let_the_queue_through() {
         s(&dir.path().join("out/healthy.pem")),
     ));
     let config = write(dir.path(), "anchorage.toml", config);
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-    let daemon = Daemon::start(
-        dir.path(),
-        &["--config", s(&config), "--listen", &addr.to_string()],
-    );
+    let (daemon, addr) = start_listening(dir.path(), &config);
     wait_certs(&dir.path().join("out/healthy.pem"), 1);
     let body = eventually(Duration::from_secs(20), || {
         let answer = get(addr, "/readyz")?;
@@ -318,7 +316,5 @@ fn more_hung_reads_than_threads_still_let_the_queue_through() {
     });
     assert!(!body.contains("healthy: its render"), "{body}");
     wait_status(addr, "/healthz", 200);
-    let (code, took) = stop_timed(daemon);
-    assert_eq!(code, 0);
-    assert!(took < Duration::from_secs(5), "SIGTERM took {took:?}");
+    stops_within_5s(daemon);
 }
