@@ -19,7 +19,7 @@ use std::sync::Arc;
 use tracing::{debug, info, warn};
 
 use crate::bundle::retain::Retention;
-use crate::bundle::{self, Assembly, Bundle, Dropped, ParseCache, Refusal, verify};
+use crate::bundle::{self, Assembly, Bundle, DigestSet, Dropped, ParseCache, Refusal, verify};
 use crate::check::rfc3339;
 use crate::config::BundleConfig;
 use crate::output::{self, Rendered, atomic};
@@ -333,12 +333,12 @@ pub fn log_report(name: &str, report: &Report, mode: Mode) {
 }
 
 fn log_changes(name: &str, report: &Report, mode: Mode) {
-    let before: HashSet<[u8; 32]> = report
+    let before: DigestSet = report
         .previous
         .iter()
         .flat_map(|b| b.anchors().iter().map(|a| a.sha256))
         .collect();
-    let after: HashSet<[u8; 32]> = report.bundle.anchors().iter().map(|a| a.sha256).collect();
+    let after: DigestSet = report.bundle.anchors().iter().map(|a| a.sha256).collect();
     // Past LISTED, only the first few are written: only they are formatted.
     let describe = |b: &Bundle, keep: &dyn Fn(&[u8; 32]) -> bool| -> (Vec<String>, usize) {
         let total = b.anchors().iter().filter(|a| keep(&a.sha256)).count();
