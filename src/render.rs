@@ -45,9 +45,10 @@ pub struct BundleState {
     pub config: BundleConfig,
     /// The last bundle accepted.
     pub last: Option<Arc<Bundle>>,
-    /// The bytes last published at each output path; an output missing
-    /// here is compared with the disk before it is written.
-    published: HashMap<PathBuf, Rendered>,
+    /// The bytes last published at each output path, and the bundle they
+    /// were rendered from; an output missing here is compared with the disk
+    /// before it is written.
+    published: HashMap<PathBuf, (Rendered, Arc<Bundle>)>,
     /// CAs removed from the sources but still within `retain_removed`.
     pub retention: Retention,
     /// Each source's last read (`None`: to be read).
@@ -135,8 +136,8 @@ impl BundleState {
             .chain(retention_ends)
             .filter(|t| *t > now)
             .min();
-        let (changed, failed) = self.publish(&assembly.bundle, mode);
         let bundle = Arc::new(assembly.bundle);
+        let (changed, failed) = self.publish(&bundle, mode);
         // `last` is what the outputs hold: it moves on only once every
         // output was written.
         let previous = self.last.clone();
@@ -200,14 +201,19 @@ impl BundleState {
     /// Publishes every output: all are tried, whatever one of them does.
     fn publish(
         &mut self,
-        bundle: &Bundle,
+        bundle: &Arc<Bundle>,
         mode: Mode,
     ) -> (Vec<PathBuf>, Vec<(PathBuf, io::Error)>) {
         let mut changed = Vec::new();
         let mut failed = Vec::new();
         for spec in &self.config.outputs {
-            let rendered = output::render(bundle, &spec.format);
-            let known = self.published.get(&spec.path);
+            let before = self.published.get(&spec.path);
+            let rendered = output::render_after(
+                bundle,
+                &spec.format,
+                before.map(|(rendered, from)| (&**from, rendered)),
+            );
+            let known = before.map(|(rendered, _)| rendered);
             let result = match (known, mode) {
                 (Some(previous), _) if *previous == rendered => Ok(false),
                 (_, Mode::DryRun) => atomic::check_writable(&spec.path, &rendered)
@@ -227,7 +233,8 @@ impl BundleState {
                         }
                     }
                     if mode == Mode::Write {
-                        self.published.insert(spec.path.clone(), rendered);
+                        self.published
+                            .insert(spec.path.clone(), (rendered, bundle.clone()));
                     }
                 }
                 Err(e) => {

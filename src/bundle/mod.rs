@@ -306,7 +306,7 @@ pub fn fingerprint(der: &[u8]) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -326,7 +326,8 @@ mod tests {
         assert!(digests.iter().zip(0..).all(|(d, i)| map.get(d) == Some(&i)));
     }
 
-    fn ca_block(name: &str) -> CertBlock {
+    /// A self-signed CA named `name`, as a source's block.
+    pub(crate) fn ca_block(name: &str) -> CertBlock {
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
         params
             .distinguished_name

@@ -1,12 +1,32 @@
 //! The bytes of each output format. Pure functions of the certificate set.
 
 use super::{Format, Rendered, keystore};
-use crate::bundle::Bundle;
 use crate::bundle::subject_hash::hash_hex;
+use crate::bundle::{Bundle, DigestMap};
 use crate::source::pem;
+
+/// The PEM label of a certificate.
+const CERTIFICATE: &str = "CERTIFICATE";
 
 /// The bundle file inside a hashed directory, as Debian names it.
 pub const OPENSSL_DIR_BUNDLE: &str = "ca-certificates.crt";
+
+/// [`render`], taking the PEM of each certificate that `before` (the
+/// bundle `before`'s bytes were rendered from) already holds from those
+/// bytes instead of encoding it again: a swap in one of a thousand sources
+/// encodes one certificate, not a thousand.
+pub fn render_after(
+    bundle: &Bundle,
+    format: &Format,
+    before: Option<(&Bundle, &Rendered)>,
+) -> Rendered {
+    match (format, before) {
+        (Format::Pem, Some((old, Rendered::File(bytes)))) => {
+            Rendered::File(pem_bundle_after(bundle, old, bytes))
+        }
+        _ => render(bundle, format),
+    }
+}
 
 pub fn render(bundle: &Bundle, format: &Format) -> Rendered {
     match format {
@@ -36,7 +56,32 @@ fn pem_bundle(bundle: &Bundle) -> Vec<u8> {
             .sum(),
     );
     for anchor in bundle.anchors() {
-        pem::encode("CERTIFICATE", &anchor.der, &mut out);
+        pem::encode(CERTIFICATE, &anchor.der, &mut out);
+    }
+    out
+}
+
+/// [`pem_bundle`] of `bundle`, where `bytes` is [`pem_bundle`] of `old`.
+fn pem_bundle_after(bundle: &Bundle, old: &Bundle, bytes: &[u8]) -> Vec<u8> {
+    // Where each certificate of `old` sits in `bytes`: a block's length
+    // follows from its DER's.
+    let mut at = DigestMap::with_capacity_and_hasher(old.len(), Default::default());
+    let mut start = 0;
+    for anchor in old.anchors() {
+        let end = start + pem::encoded_len(CERTIFICATE, anchor.der.len());
+        at.insert(anchor.sha256, start..end);
+        start = end;
+    }
+    if start != bytes.len() {
+        // Not the bytes of `old`: encode everything.
+        return pem_bundle(bundle);
+    }
+    let mut out = Vec::with_capacity(bytes.len());
+    for anchor in bundle.anchors() {
+        match at.get(&anchor.sha256) {
+            Some(range) => out.extend_from_slice(&bytes[range.clone()]),
+            None => pem::encode(CERTIFICATE, &anchor.der, &mut out),
+        }
     }
     out
 }
@@ -52,7 +97,7 @@ fn openssl_dir(bundle: &Bundle) -> Vec<(String, Vec<u8>)> {
     for anchor in bundle.anchors() {
         let n = counts.entry(anchor.subject_hash).or_insert(0);
         let mut body = Vec::with_capacity(anchor.der.len() * 4 / 3 + 80);
-        pem::encode("CERTIFICATE", &anchor.der, &mut body);
+        pem::encode(CERTIFICATE, &anchor.der, &mut body);
         all.extend_from_slice(&body);
         files.push((format!("{}.{}", hash_hex(anchor.subject_hash), n), body));
         *n += 1;
@@ -97,7 +142,31 @@ fn der_dir(bundle: &Bundle) -> Vec<(String, Vec<u8>)> {
 
 #[cfg(test)]
 mod tests {
-    use super::is_dir_output_name;
+    use super::*;
+    use crate::bundle::Anchor;
+    use crate::bundle::tests::ca_block;
+
+    fn anchors(names: &[&str]) -> Vec<Anchor> {
+        names
+            .iter()
+            .map(|n| Anchor::parse(&ca_block(n), "t.pem".into(), 0).expect("parse"))
+            .collect()
+    }
+
+    #[test]
+    fn a_render_after_another_takes_the_certificates_it_had_and_encodes_the_new() {
+        let [a, b, c, d] = <[Anchor; 4]>::try_from(anchors(&["A", "B", "C", "D"])).expect("4");
+        let old = Bundle::new(vec![a.clone(), b.clone(), c.clone()]);
+        let old_bytes = render(&old, &Format::Pem);
+        // One went, one came, the rest moved in the order.
+        let new = Bundle::new(vec![d, c, a]);
+        let after = render_after(&new, &Format::Pem, Some((&old, &old_bytes)));
+        assert_eq!(after, render(&new, &Format::Pem));
+        // Bytes that are not the old bundle's: everything is encoded.
+        let other = render(&Bundle::new(vec![b]), &Format::Pem);
+        let after = render_after(&new, &Format::Pem, Some((&old, &other)));
+        assert_eq!(after, render(&new, &Format::Pem));
+    }
 
     #[test]
     fn directory_output_names_are_recognised() {

@@ -160,6 +160,13 @@ const BASE64: GeneralPurpose = GeneralPurpose::new(
 );
 
 /// Encodes DER as a PEM block with 64-character lines and LF line ends.
+/// How many bytes [`encode`] writes for `der_len` bytes under `label`.
+pub fn encoded_len(label: &str, der_len: usize) -> usize {
+    let base64 = der_len.div_ceil(3) * 4;
+    let lines = base64.div_ceil(64);
+    "-----BEGIN -----\n".len() + "-----END -----\n".len() + 2 * label.len() + base64 + lines
+}
+
 pub fn encode(label: &str, der: &[u8], out: &mut Vec<u8>) {
     let b64 = base64::engine::general_purpose::STANDARD.encode(der);
     out.extend_from_slice(b"-----BEGIN ");
@@ -177,6 +184,18 @@ pub fn encode(label: &str, der: &[u8], out: &mut Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn encoded_len_is_what_encode_writes() {
+        for n in 0..300 {
+            let der: Vec<u8> = (0..n).map(|i| i as u8).collect();
+            assert_eq!(
+                block("CERTIFICATE", &der).len(),
+                encoded_len("CERTIFICATE", n),
+                "{n} bytes"
+            );
+        }
+    }
 
     fn block(label: &str, der: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
