@@ -79,21 +79,57 @@ struct Shared {
 #[derive(Default)]
 struct State {
     queue: VecDeque<Job>,
-    /// The threads taking from the queue: when each started the run in its
-    /// hands (`None` between two runs).
-    threads: Vec<(u64, Option<Instant>)>,
+    /// The threads taking from the queue.
+    threads: Vec<Thread>,
     next_thread: u64,
     closed: bool,
 }
 
+/// A thread taking from the queue.
+struct Thread {
+    key: u64,
+    /// Running a job (else started, or between two jobs: about to take
+    /// the next).
+    running: bool,
+    /// When it last started, took a job or finished one.
+    since: Instant,
+}
+
+impl Thread {
+    fn stuck(&self, now: Instant) -> bool {
+        self.running && now.saturating_duration_since(self.since) >= STUCK_RUN
+    }
+}
+
 impl State {
-    /// Threads not stuck: those between runs, and those whose run started
-    /// less than [`STUCK_RUN`] ago.
-    fn counted(&self, now: Instant) -> usize {
+    /// How many threads count against [`runs_at_once`] (not the stuck
+    /// ones), and how many are about to take a job.
+    fn counts(&self, now: Instant) -> (usize, usize) {
+        let counted = self.threads.iter().filter(|t| !t.stuck(now)).count();
+        let idle = self.threads.iter().filter(|t| !t.running).count();
+        (counted, idle)
+    }
+
+    /// Whether one of `queued` jobs waits that no thread will take
+    /// without another one.
+    fn wants_thread(&self, now: Instant, queued: usize) -> bool {
+        let (counted, idle) = self.counts(now);
+        counted < runs_at_once() && idle < queued
+    }
+
+    /// See [`Runs::admit_at`], with `queued` jobs waiting.
+    fn next_admission(&self, now: Instant, queued: usize) -> Option<Instant> {
+        if queued == 0 {
+            return None;
+        }
+        if self.wants_thread(now, queued) {
+            return Some(now);
+        }
         self.threads
             .iter()
-            .filter(|(_, since)| since.is_none_or(|s| now.saturating_duration_since(s) < STUCK_RUN))
-            .count()
+            .map(|t| t.since + STUCK_RUN)
+            .filter(|at| *at > now)
+            .min()
     }
 }
 
@@ -135,34 +171,26 @@ impl Runs {
 
     fn top_up(&self, state: &mut MutexGuard<'_, State>) {
         let now = Instant::now();
-        let mut counted = state.counted(now);
-        let mut idle = state.threads.iter().filter(|(_, s)| s.is_none()).count();
-        while counted < runs_at_once() && idle < state.queue.len() {
+        while state.wants_thread(now, state.queue.len()) {
             let key = state.next_thread;
             state.next_thread += 1;
-            state.threads.push((key, None));
+            state.threads.push(Thread {
+                key,
+                running: false,
+                since: now,
+            });
             let shared = self.shared.clone();
             tokio::task::spawn_blocking(move || shared.work(key));
-            counted += 1;
-            idle += 1;
         }
     }
 
-    /// When a waiting job gets a thread although none comes free: when the
-    /// oldest counted run becomes stuck. `None` when nothing waits.
+    /// When to look again whether a waiting job needs a thread (call
+    /// [`Runs::admit`] then): at once if it does now, else when the next
+    /// thread could become stuck. The instants are the threads' own, so
+    /// asking again does not move the answer; `None` when nothing waits.
     pub fn admit_at(&self) -> Option<Instant> {
         let state = self.shared.lock();
-        if state.queue.is_empty() {
-            return None;
-        }
-        let now = Instant::now();
-        state
-            .threads
-            .iter()
-            .filter_map(|(_, since)| *since)
-            .filter(|s| now.saturating_duration_since(*s) < STUCK_RUN)
-            .min()
-            .map(|since| since + STUCK_RUN)
+        state.next_admission(Instant::now(), state.queue.len())
     }
 
     /// Takes back the queued (not started) jobs `drop_job` selects.
@@ -215,10 +243,11 @@ impl Shared {
             let job = {
                 let mut state = self.lock();
                 let job = state.queue.pop_front();
-                let slot = state.threads.iter().position(|(k, _)| *k == key);
+                let slot = state.threads.iter().position(|t| t.key == key);
                 match (job, slot) {
                     (Some(job), Some(slot)) => {
-                        state.threads[slot].1 = Some(Instant::now());
+                        state.threads[slot].running = true;
+                        state.threads[slot].since = Instant::now();
                         job
                     }
                     (job, slot) => {
@@ -237,8 +266,9 @@ impl Shared {
             };
             self.run(job);
             let mut state = self.lock();
-            if let Some(slot) = state.threads.iter_mut().find(|(k, _)| *k == key) {
-                slot.1 = None;
+            if let Some(thread) = state.threads.iter_mut().find(|t| t.key == key) {
+                thread.running = false;
+                thread.since = Instant::now();
             }
         }
     }
@@ -288,6 +318,43 @@ impl Shared {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn threads(n: usize, running: bool, since: Instant) -> State {
+        State {
+            threads: (0..n as u64)
+                .map(|key| Thread {
+                    key,
+                    running,
+                    since,
+                })
+                .collect(),
+            ..State::default()
+        }
+    }
+
+    /// The loop always has a time to look again while jobs wait: threads
+    /// that have not taken their job yet may hang in it, and a thread
+    /// whose run became stuck is replaced even if the loop looks late.
+    #[test]
+    fn waiting_jobs_always_have_a_time_to_look_again() {
+        let t0 = Instant::now();
+        let full = runs_at_once();
+        // Just started, not running yet: look again when they could be stuck.
+        let fresh = threads(full, false, t0);
+        assert_eq!(fresh.next_admission(t0, 2), Some(t0 + STUCK_RUN));
+        assert_eq!(fresh.next_admission(t0, 0), None);
+        // All running: when the first could become stuck.
+        let busy = threads(full, true, t0);
+        let half = t0 + STUCK_RUN / 2;
+        assert!(!busy.wants_thread(half, 1));
+        assert_eq!(busy.next_admission(half, 1), Some(t0 + STUCK_RUN));
+        // All stuck, whenever the loop looks: at once.
+        let late = t0 + STUCK_RUN * 3;
+        assert!(busy.wants_thread(late, 1));
+        assert_eq!(busy.next_admission(late, 1), Some(late));
+        // Fewer threads than the limit and more jobs than idle threads.
+        assert_eq!(State::default().next_admission(t0, 1), Some(t0));
+    }
 
     #[test]
     fn an_expiry_goes_ahead_of_the_queue_and_the_rest_keep_their_order() {
