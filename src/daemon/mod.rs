@@ -461,12 +461,25 @@ impl Daemon {
             entry.removed = true;
             entry.target.is_none()
         });
-        // Queued but not started: dropped now.
-        for job in self
-            .runs
-            .cancel(|id| self.entries.get(&id).is_some_and(|e| e.removed))
-        {
-            self.entries.remove(&job.id);
+        // Queued but not started: a removed target is dropped now, the
+        // others go back to their entry and take the new configuration
+        // below (a queued run would render under the old one).
+        for job in self.runs.cancel(|_| true) {
+            match self.entries.get_mut(&job.id) {
+                Some(entry) if !entry.removed => {
+                    entry.recheck_disk |= matches!(
+                        job.work,
+                        Work::Render {
+                            recheck_disk: true,
+                            ..
+                        }
+                    );
+                    entry.target = Some(job.target);
+                }
+                _ => {
+                    self.entries.remove(&job.id);
+                }
+            }
         }
         let by_name: HashMap<(Kind, String), u64> = self
             .entries

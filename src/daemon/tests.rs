@@ -316,6 +316,9 @@ async fn a_sighup_during_a_render_still_reloads_its_change() {
         *signal = nix::sys::signal::Signal::SIGWINCH;
     }
     daemon.apply(fresh);
+    // As the loop does after every event: a run still queued went back to
+    // its entry with the new configuration, and starts again.
+    daemon.dispatch();
     settle_runs(&mut daemon).await;
     assert_eq!(certificates(&output), 2);
     wait_until(|| signals(&metrics, "default") == 2).await;
