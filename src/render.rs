@@ -95,7 +95,15 @@ impl BundleState {
     /// bytes are not written or reloaded again; every source is read again.
     pub fn reconfigure(&mut self, config: BundleConfig) {
         let outputs: HashSet<&PathBuf> = config.outputs.iter().map(|o| &o.path).collect();
-        self.published.retain(|path, _| outputs.contains(path));
+        // Known only if the output is the same: its format or mode changed,
+        // the bytes there are not what it would write now.
+        let same: HashSet<&PathBuf> = config
+            .outputs
+            .iter()
+            .filter(|o| self.config.outputs.contains(o))
+            .map(|o| &o.path)
+            .collect();
+        self.published.retain(|path, _| same.contains(path));
         self.owed.retain(|path| outputs.contains(path));
         self.cache.clear();
         self.config = config;
@@ -405,6 +413,44 @@ fn summarise((items, total): (Vec<String>, usize)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a SIGHUP changed about an output (here its mode) is applied
+    /// at the next render, though the bytes are the same: the bytes last
+    /// published there are forgotten, so they are compared with the disk.
+    #[test]
+    fn an_output_changed_by_sighup_is_not_taken_as_published() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut pem = Vec::new();
+        crate::source::pem::encode(
+            "CERTIFICATE",
+            &crate::bundle::tests::ca_block("Mode").der,
+            &mut pem,
+        );
+        let source = dir.path().join("ca.pem");
+        std::fs::write(&source, &pem).expect("write");
+        let output = dir.path().join("out.pem");
+        let flags = crate::cli::Flags {
+            sources: vec![source.display().to_string()],
+            outputs: vec![output.clone()],
+            ..crate::cli::Flags::default()
+        };
+        let mut config = crate::config::Config::load(&flags, false).expect("config");
+        let config = config.bundles.remove(0);
+        let now = 1_800_000_000;
+        let mut state = BundleState::new(config.clone(), None);
+        state.render(None, now, Mode::Write).expect("render");
+        assert_eq!(std::fs::read(&output).expect("output"), pem);
+        let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+        assert_ne!(mode(&output), 0o600);
+
+        let mut fresh = config;
+        fresh.outputs[0].mode = 0o600;
+        state.reconfigure(fresh);
+        state.render(None, now, Mode::Write).expect("render");
+        assert_eq!(mode(&output), 0o600);
+        assert_eq!(std::fs::read(&output).expect("output"), pem);
+    }
 
     #[test]
     fn long_lists_are_summarised_with_a_count() {

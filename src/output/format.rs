@@ -79,7 +79,11 @@ fn pem_bundle_after(bundle: &Bundle, old: &Bundle, bytes: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(bytes.len());
     for anchor in bundle.anchors() {
         match at.get(&anchor.sha256) {
-            Some(range) => out.extend_from_slice(&bytes[range.clone()]),
+            // A block of `old`'s bytes begins where its certificate's does.
+            Some(range) if bytes[range.clone()].starts_with(b"-----BEGIN CERTIFICATE-----\n") => {
+                out.extend_from_slice(&bytes[range.clone()]);
+            }
+            Some(_) => return pem_bundle(bundle),
             None => pem::encode(CERTIFICATE, &anchor.der, &mut out),
         }
     }
@@ -165,6 +169,13 @@ mod tests {
         // Bytes that are not the old bundle's: everything is encoded.
         let other = render(&Bundle::new(vec![b]), &Format::Pem);
         let after = render_after(&new, &Format::Pem, Some((&old, &other)));
+        assert_eq!(after, render(&new, &Format::Pem));
+        // Not PEM at all, though of the same length: not copied either.
+        let Rendered::File(pem) = &old_bytes else {
+            panic!("a file")
+        };
+        let binary = Rendered::File(vec![0x30; pem.len()]);
+        let after = render_after(&new, &Format::Pem, Some((&old, &binary)));
         assert_eq!(after, render(&new, &Format::Pem));
     }
 
