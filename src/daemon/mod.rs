@@ -364,13 +364,19 @@ impl Daemon {
                 }
                 () = wall.wait(expiry_at) => {
                     let now = self.clock.now();
-                    for entry in self.entries.values_mut() {
+                    let mut queued = HashSet::new();
+                    for (id, entry) in &mut self.entries {
                         if entry.next_change.is_some_and(|t| t <= now) {
                             entry.next_change = None;
                             entry.urgent = true;
                             entry.dirty.add(Dirty::Sources(HashSet::new()));
+                            if entry.target.is_none() {
+                                queued.insert(*id);
+                            }
                         }
                     }
+                    // A run already queued goes ahead too.
+                    self.runs.hurry(|id| queued.contains(&id));
                 }
                 () = sleep_until(retry_at) => {
                     let now = Instant::now();

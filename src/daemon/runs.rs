@@ -151,14 +151,15 @@ impl Runs {
         }
     }
 
-    /// Queues `jobs` (the urgent ones ahead of the queue, the others
-    /// behind it, each in order) and starts threads for them if needed.
+    /// Queues `jobs` (the urgent ones ahead of the ordinary ones already
+    /// waiting, in order) and starts threads for them if needed.
     pub fn push(&self, jobs: Vec<Job>) {
         let mut state = self.shared.lock();
         if state.closed {
             return;
         }
-        enqueue(&mut state.queue, jobs, |job| job.urgent);
+        state.queue.extend(jobs);
+        to_front(&mut state.queue, |job| job.urgent);
         self.top_up(&mut state);
     }
 
@@ -193,6 +194,16 @@ impl Runs {
         state.next_admission(Instant::now(), state.queue.len())
     }
 
+    /// Moves the queued jobs `urgent` selects ahead of the others (an
+    /// expiry came while they waited).
+    pub fn hurry(&self, urgent: impl Fn(u64) -> bool) {
+        let mut state = self.shared.lock();
+        for job in &mut state.queue {
+            job.urgent |= urgent(job.id);
+        }
+        to_front(&mut state.queue, |job| job.urgent);
+    }
+
     /// Takes back the queued (not started) jobs `drop_job` selects.
     pub fn cancel(&self, mut drop_job: impl FnMut(u64) -> bool) -> Vec<Job> {
         let mut state = self.shared.lock();
@@ -216,14 +227,16 @@ impl Runs {
     }
 }
 
-/// Puts `items` in `queue`: those `urgent` says ahead of everything
-/// already queued, the rest behind it; each group keeps its order.
-fn enqueue<T>(queue: &mut VecDeque<T>, items: Vec<T>, urgent: impl Fn(&T) -> bool) {
-    let (ahead, behind): (Vec<T>, Vec<T>) = items.into_iter().partition(|item| urgent(item));
-    for item in ahead.into_iter().rev() {
-        queue.push_front(item);
+/// Moves the items `urgent` selects ahead of the others; each group keeps
+/// its order.
+fn to_front<T>(queue: &mut VecDeque<T>, urgent: impl Fn(&T) -> bool) {
+    if queue.iter().any(&urgent) {
+        let (ahead, behind): (VecDeque<T>, VecDeque<T>) = std::mem::take(queue)
+            .into_iter()
+            .partition(|item| urgent(item));
+        *queue = ahead;
+        queue.extend(behind);
     }
-    queue.extend(behind);
 }
 
 impl Drop for Runs {
@@ -358,11 +371,20 @@ mod tests {
 
     #[test]
     fn an_expiry_goes_ahead_of_the_queue_and_the_rest_keep_their_order() {
-        let mut queue: VecDeque<i32> = [1, 2, 3].into();
         // Negative numbers stand for urgent jobs.
-        enqueue(&mut queue, vec![4, -5, 6, -7], |n| *n < 0);
+        let urgent = |n: &i32| *n < 0;
+        let mut queue: VecDeque<i32> = [1, 2, 3].into();
+        queue.extend([4, -5, 6, -7]);
+        to_front(&mut queue, urgent);
         assert_eq!(Vec::from(queue.clone()), [-5, -7, 1, 2, 3, 4, 6]);
-        enqueue(&mut queue, vec![-8], |n| *n < 0);
-        assert_eq!(queue.front(), Some(&-8));
+        // Behind the urgent ones already waiting, ahead of the rest.
+        queue.push_back(-8);
+        to_front(&mut queue, urgent);
+        assert_eq!(Vec::from(queue), [-5, -7, -8, 1, 2, 3, 4, 6]);
+        // An expiry while 3 and 6 wait: they go ahead of the ordinary
+        // ones, behind those already urgent.
+        let mut queue: VecDeque<i32> = [-8, 1, 2, 3, 4, 6].into();
+        to_front(&mut queue, |n| *n < 0 || *n == 3 || *n == 6);
+        assert_eq!(Vec::from(queue), [-8, 3, 6, 1, 2, 4]);
     }
 }
