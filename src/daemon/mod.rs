@@ -470,7 +470,7 @@ impl Daemon {
         // Queued but not started: a removed target is dropped now, the
         // others go back to their entry and take the new configuration
         // below (a queued run would render under the old one).
-        for job in self.runs.cancel(|_| true) {
+        for job in self.runs.take_queued() {
             match self.entries.get_mut(&job.id) {
                 Some(entry) if !entry.removed => {
                     entry.recheck_disk |= matches!(
@@ -652,7 +652,6 @@ impl Daemon {
         });
         Some(Job {
             id,
-            name: entry.name.clone(),
             target,
             work,
             urgent: entry.urgent,

@@ -51,7 +51,6 @@ const KEPT_ROOM: usize = 16;
 /// One target's run: the target, moved out of its entry, and its work.
 pub struct Job {
     pub id: u64,
-    pub name: String,
     pub target: Target,
     pub work: Work,
     /// Caused by an expiry: it goes ahead of the queue.
@@ -108,6 +107,14 @@ impl State {
         let counted = self.threads.iter().filter(|t| !t.stuck(now)).count();
         let idle = self.threads.iter().filter(|t| !t.running).count();
         (counted, idle)
+    }
+
+    /// Thread `key` took a job (`running`) or finished one, now.
+    fn mark(&mut self, key: u64, running: bool) {
+        if let Some(thread) = self.threads.iter_mut().find(|t| t.key == key) {
+            thread.running = running;
+            thread.since = Instant::now();
+        }
     }
 
     /// Whether one of `queued` jobs waits that no thread will take
@@ -204,18 +211,9 @@ impl Runs {
         to_front(&mut state.queue, |job| job.urgent);
     }
 
-    /// Takes back the queued (not started) jobs `drop_job` selects.
-    pub fn cancel(&self, mut drop_job: impl FnMut(u64) -> bool) -> Vec<Job> {
-        let mut state = self.shared.lock();
-        let mut gone = Vec::new();
-        for job in std::mem::take(&mut state.queue) {
-            if drop_job(job.id) {
-                gone.push(job);
-            } else {
-                state.queue.push_back(job);
-            }
-        }
-        gone
+    /// Takes back every queued (not started) job.
+    pub fn take_queued(&self) -> Vec<Job> {
+        self.shared.lock().queue.drain(..).collect()
     }
 
     /// Empties the queue and takes no more: threads end after the run in
@@ -255,34 +253,18 @@ impl Shared {
         loop {
             let job = {
                 let mut state = self.lock();
-                let job = state.queue.pop_front();
-                let slot = state.threads.iter().position(|t| t.key == key);
-                match (job, slot) {
-                    (Some(job), Some(slot)) => {
-                        state.threads[slot].running = true;
-                        state.threads[slot].since = Instant::now();
-                        job
-                    }
-                    (job, slot) => {
-                        if let Some(slot) = slot {
-                            state.threads.swap_remove(slot);
-                        }
-                        match job {
-                            Some(job) => state.queue.push_front(job),
-                            // A thousand jobs at start need not keep their
-                            // room for the daemon's life.
-                            None => state.queue.shrink_to(KEPT_ROOM),
-                        }
-                        return;
-                    }
-                }
+                let Some(job) = state.queue.pop_front() else {
+                    state.threads.retain(|t| t.key != key);
+                    // A thousand jobs at start need not keep their room
+                    // for the daemon's life.
+                    state.queue.shrink_to(KEPT_ROOM);
+                    return;
+                };
+                state.mark(key, true);
+                job
             };
             self.run(job);
-            let mut state = self.lock();
-            if let Some(thread) = state.threads.iter_mut().find(|t| t.key == key) {
-                thread.running = false;
-                thread.since = Instant::now();
-            }
+            self.lock().mark(key, false);
         }
     }
 
@@ -290,14 +272,13 @@ impl Shared {
     fn run(&self, job: Job) {
         let Job {
             id,
-            name,
             mut target,
             work,
             urgent: _,
             direct,
         } = job;
-        self.status.run_started(id, &name);
-        debug!(%name, kind = ?target.kind(), ?work, "run started");
+        self.status.run_started(id, target.name());
+        debug!(name = %target.name(), kind = ?target.kind(), ?work, "run started");
         let outcome = target::run(&mut target, work, self.clock.now(), &self.metrics);
         let (reloaded, claimed) = match (direct, super::reload_outputs(&outcome)) {
             (Some((direct, request)), Some(outputs)) => {
