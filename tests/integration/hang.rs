@@ -48,6 +48,15 @@ fn stops_within_5s(daemon: Daemon) {
     assert!(took < Duration::from_secs(5), "SIGTERM took {took:?}");
 }
 
+/// A mounted hanging filesystem (`None` where FUSE cannot be mounted), and
+/// a kubelet volume beside it holding one CA named `ca`.
+fn hung_and_volume(dir: &Path, ca: &str) -> Option<(HangingFs, Volume)> {
+    let hung = HangingFs::mount(dir)?;
+    let mut volume = Volume::new(&dir.join("secret"));
+    volume.write(&[("ca.crt", &pems(&[&Ca::new(ca)]))]);
+    Some((hung, volume))
+}
+
 /// `anchorage run --config CONFIG` with its health endpoints on a free port.
 fn start_listening(dir: &Path, config: &Path) -> (Daemon, SocketAddr) {
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
@@ -171,11 +180,9 @@ fn check_render_and_config_on_a_fifo_exit_at_once() {
 #[test]
 fn a_hung_read_stalls_only_its_bundle_and_the_daemon_still_stops() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let Some(hung) = HangingFs::mount(dir.path()) else {
+    let Some((hung, mut volume)) = hung_and_volume(dir.path(), "Beside One") else {
         return;
     };
-    let mut volume = Volume::new(&dir.path().join("secret"));
-    volume.write(&[("ca.crt", &pems(&[&Ca::new("Beside One")]))]);
     let config = two_bundles(dir.path(), &hung.file(), &volume);
     let (daemon, addr) = start_listening(dir.path(), &config);
     wait_certs(&dir.path().join("out/healthy.pem"), 1);
@@ -275,11 +282,9 @@ fn a_supervised_child_gets_sigterm_while_a_read_hangs() {
 #[test]
 fn more_hung_reads_than_threads_still_let_the_queue_through() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let Some(hung) = HangingFs::mount(dir.path()) else {
+    let Some((hung, volume)) = hung_and_volume(dir.path(), "Behind One") else {
         return;
     };
-    let mut volume = Volume::new(&dir.path().join("secret"));
-    volume.write(&[("ca.crt", &pems(&[&Ca::new("Behind One")]))]);
     let cores = std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get);
     let stuck = (2 * cores).max(4) + 1;
     let mut config = String::from("[daemon]\ndebounce = \"0s\"\n");
