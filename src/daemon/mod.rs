@@ -19,6 +19,7 @@
 //! stops watching and gives in-flight reloads a grace period.
 
 mod runs;
+mod tally;
 mod target;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -42,6 +43,7 @@ use crate::telemetry::metrics::Metrics;
 use crate::telemetry::status::{Pings, Status};
 use crate::watch::{Change, Events, Routes, Watch, WatchError, WatchPoint, watch_points};
 use runs::{Job, Runs};
+use tally::{Standing, State, Tally};
 pub use target::{Kind, Target};
 use target::{Outcome, Work};
 
@@ -143,6 +145,19 @@ impl Entry {
         }
     }
 
+    /// Its part in the status line.
+    fn standing(&self) -> Standing {
+        let state = match (&self.last, &self.refusal) {
+            (_, Some(_)) => State::Refused,
+            (Some(_), None) => State::Rendered,
+            (None, None) => State::Pending,
+        };
+        Standing {
+            first_run: self.initial,
+            bundle: (self.kind == Kind::Bundle).then_some((state, self.rendered)),
+        }
+    }
+
     /// What to watch for it; `bundles` indexes the configuration's bundles
     /// by name.
     fn watch_points(&self, config: &Config, bundles: &HashMap<&str, usize>) -> Vec<WatchPoint> {
@@ -214,6 +229,8 @@ impl std::error::Error for StartError {}
 pub struct Daemon {
     config: Config,
     entries: BTreeMap<u64, Entry>,
+    /// The status line's counts, kept with `entries`.
+    tally: Tally,
     next_id: u64,
     clock: Clock,
     watch: WatchSlot,
@@ -273,6 +290,7 @@ impl Daemon {
         let mut daemon = Self {
             config: config.clone(),
             entries: BTreeMap::new(),
+            tally: Tally::default(),
             next_id: 0,
             clock,
             watch,
@@ -459,13 +477,18 @@ impl Daemon {
             .iter()
             .map(|t| (t.kind(), t.name().to_owned()))
             .collect();
-        self.entries.retain(|_, entry| {
+        let tally = &mut self.tally;
+        self.entries.retain(|id, entry| {
             if keep.contains(&(entry.kind, entry.name.clone())) {
                 return true;
             }
             // In flight: dropped when it comes back.
             entry.removed = true;
-            entry.target.is_none()
+            let in_flight = entry.target.is_none();
+            if !in_flight {
+                tally.change(*id, Some(entry.standing()), None);
+            }
+            in_flight
         });
         // Queued but not started: a removed target is dropped now, the
         // others go back to their entry and take the new configuration
@@ -483,7 +506,9 @@ impl Daemon {
                     entry.target = Some(job.target);
                 }
                 _ => {
-                    self.entries.remove(&job.id);
+                    if let Some(entry) = self.entries.remove(&job.id) {
+                        self.tally.change(job.id, Some(entry.standing()), None);
+                    }
                 }
             }
         }
@@ -506,7 +531,10 @@ impl Daemon {
                     entry.dirty = Dirty::All;
                 }
                 None => {
-                    self.entries.insert(self.next_id, Entry::new(fresh));
+                    let entry = Entry::new(fresh);
+                    self.tally
+                        .change(self.next_id, None, Some(entry.standing()));
+                    self.entries.insert(self.next_id, entry);
                     self.next_id += 1;
                 }
             }
@@ -673,9 +701,11 @@ impl Daemon {
             return;
         };
         if entry.removed {
+            self.tally.change(id, Some(entry.standing()), None);
             self.entries.remove(&id);
             return;
         }
+        let before = entry.standing();
         let initial = std::mem::replace(&mut entry.initial, false);
         let urgent = std::mem::take(&mut entry.urgent);
         let mut target = target;
@@ -743,6 +773,7 @@ impl Daemon {
             entry.dirty = Dirty::All;
         }
         entry.target = Some(target);
+        self.tally.change(id, Some(before), Some(entry.standing()));
         // Key pairs that chain to a bundle that changed are checked again
         // (the configuration says whether any does: a thousand bundles at
         // start need not each look through every entry).
@@ -766,46 +797,49 @@ impl Daemon {
 
     /// After runs came back: the status (started, ready, the summary line).
     fn report_status(&self) {
-        let started = self.entries.values().all(|e| !e.initial);
-        let ready = self
-            .entries
-            .values()
-            .filter(|e| e.kind == Kind::Bundle)
-            .all(|e| e.rendered);
-        self.status.rendered(started, ready, self.summary());
+        debug_assert_eq!(self.tally, self.tally_from_scratch());
+        self.status
+            .rendered(self.tally.started(), self.tally.ready(), self.summary());
+    }
+
+    /// The tally counted from every entry: what the kept one must equal
+    /// (checked in debug builds, so every daemon test checks it).
+    fn tally_from_scratch(&self) -> Tally {
+        let mut tally = Tally::default();
+        for (id, entry) in &self.entries {
+            tally.change(*id, None, Some(entry.standing()));
+        }
+        tally
     }
 
     /// One line for systemd's STATUS= and `/readyz`: each bundle and its
     /// state, or, past [`SUMMARY_BUNDLES`] bundles, how many are in each
     /// state and the first few that are not rendered (the line is built
-    /// after every batch of runs: a thousand names each time cost more
-    /// than the renders at start).
+    /// after every batch of runs: from the tally, not from every entry).
     fn summary(&self) -> String {
         use std::fmt::Write as _;
-        let bundles = || self.entries.values().filter(|e| e.kind == Kind::Bundle);
         let state = |e: &Entry| match (&e.last, &e.refusal) {
             (_, Some(reason)) => format!("{}: refused ({reason})", e.name),
             (Some(bundle), None) => format!("{}: {} certificates", e.name, bundle.len()),
             (None, None) => format!("{}: not rendered", e.name),
         };
-        if bundles().count() <= SUMMARY_BUNDLES {
-            return bundles().map(state).collect::<Vec<_>>().join("; ");
+        if self.tally.bundles() <= SUMMARY_BUNDLES {
+            return self
+                .entries
+                .values()
+                .filter(|e| e.kind == Kind::Bundle)
+                .map(state)
+                .collect::<Vec<_>>()
+                .join("; ");
         }
-        let (mut rendered, mut refused, mut pending) = (0, 0, 0);
-        let mut named = Vec::new();
-        for e in bundles() {
-            match (&e.last, &e.refusal) {
-                (Some(_), None) => {
-                    rendered += 1;
-                    continue;
-                }
-                (_, Some(_)) => refused += 1,
-                (None, None) => pending += 1,
-            }
-            if named.len() < SUMMARY_BUNDLES {
-                named.push(state(e));
-            }
-        }
+        let (rendered, refused, pending) = self.tally.counts();
+        let named: Vec<String> = self
+            .tally
+            .unsettled()
+            .take(SUMMARY_BUNDLES)
+            .filter_map(|id| self.entries.get(&id))
+            .map(state)
+            .collect();
         let mut line =
             format!("{rendered} bundles rendered, {refused} refused, {pending} not rendered");
         if !named.is_empty() {
