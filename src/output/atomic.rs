@@ -1,8 +1,8 @@
 //! Atomic publication of files and directories (guarantee 1).
 //!
-//! - A file is written to a temporary file in the same directory, given its
-//!   mode with `fchmod` (so the umask does not matter), synced, and renamed
-//!   over the output path. A symlink at the path is replaced, never followed.
+//! - A file is written to a temporary file in the same directory, created
+//!   with its mode (and given it with `fchmod` where the umask took bits
+//!   away), synced, and renamed over the output path. A symlink at the path is replaced, never followed.
 //!   The rename also gives the output a new inode, which nginx's certificate
 //!   cache needs to notice the change.
 //! - A directory is built beside the output and swapped in with
@@ -95,8 +95,14 @@ fn temp_beside(path: &Path, kind: &str) -> PathBuf {
     let name = path.file_name().unwrap_or(OsStr::new("output"));
     let mut tmp = std::ffi::OsString::from(".");
     tmp.push(name);
-    tmp.push(format!(".{kind}-{}-{n}", std::process::id()));
+    tmp.push(format!(".{kind}-{}-{n}", pid()));
     parent_of(path).join(tmp)
+}
+
+/// This process's id, asked of the kernel once.
+fn pid() -> u32 {
+    static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *PID.get_or_init(std::process::id)
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -106,29 +112,36 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 }
 
 /// Creates `path` (which must not exist) with exactly `bytes` and `mode`.
-fn create_file(path: &Path, bytes: &[u8], mode: u32, sync: bool) -> io::Result<()> {
+fn create_file(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     let mut file = OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(0o600)
+        .mode(mode)
         .open(path)
         .map_err(|e| context(path, "create", e))?;
     file.write_all(bytes)
         .map_err(|e| context(path, "write", e))?;
-    file.set_permissions(Permissions::from_mode(mode))
-        .map_err(|e| context(path, "chmod", e))?;
-    if sync {
-        file.sync_all().map_err(|e| context(path, "sync", e))?;
+    if umask().is_none_or(|mask| mode & mask != 0) {
+        file.set_permissions(Permissions::from_mode(mode))
+            .map_err(|e| context(path, "chmod", e))?;
     }
-    Ok(())
+    file.sync_all().map_err(|e| context(path, "sync", e))
 }
 
 /// Publishes one file atomically.
 pub fn write_file(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     let parent = parent_of(path);
-    fs::create_dir_all(parent).map_err(|e| context(parent, "create directory", e))?;
     let tmp = temp_beside(path, "tmp");
-    let result = create_file(&tmp, bytes, mode, true)
+    let mut created = create_file(&tmp, bytes, mode);
+    // The directory is made when it is missing, not checked at every write.
+    if created
+        .as_ref()
+        .is_err_and(|e| e.kind() == io::ErrorKind::NotFound)
+    {
+        fs::create_dir_all(parent).map_err(|e| context(parent, "create directory", e))?;
+        created = create_file(&tmp, bytes, mode);
+    }
+    let result = created
         .and_then(|()| fs::rename(&tmp, path).map_err(|e| context(path, "rename into place", e)));
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
@@ -444,7 +457,7 @@ fn write_generation(dir: &Path, files: &[Entry<'_>]) -> io::Result<()> {
         .map(|d| d.as_nanos())
         .unwrap_or_default();
     let n = GENERATION.fetch_add(1, Ordering::Relaxed);
-    let name = format!("{GENERATION_PREFIX}{stamp}_{}_{n}", std::process::id());
+    let name = format!("{GENERATION_PREFIX}{stamp}_{}_{n}", pid());
     let generation = dir.join(&name);
     // A mount point or a split dir keeps its other files, but a visible
     // name published here must never replace a file of someone else's.

@@ -270,20 +270,21 @@ fn read_entries(
     out: &mut Vec<SourceFile>,
     generation: bool,
 ) -> Result<bool, SourceError> {
-    use nix::dir::{Dir, Type};
-    use nix::fcntl::OFlag;
-    use std::os::fd::AsFd;
+    use rustix::fs::{Dir, FileType, Mode, OFlags};
     use std::os::unix::ffi::OsStrExt;
     // One open of the directory, for its listing and for opening its files
-    // relative to it (no path walk per file).
-    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK;
-    let mut listing = match Dir::open(dir, flags, nix::sys::stat::Mode::empty()) {
+    // relative to it (no path walk per file). rustix lists it with
+    // getdents64 alone: libc's opendir adds an fstat, two fcntl and a
+    // rewind to every listing, and every render lists each source.
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NONBLOCK;
+    let opened = rustix::fs::openat(rustix::fs::CWD, dir, flags, Mode::empty());
+    let mut listing = match opened.and_then(Dir::new) {
         Ok(listing) => listing,
-        Err(nix::errno::Errno::ENOENT) => return Ok(!generation),
+        Err(rustix::io::Errno::NOENT) => return Ok(!generation),
         Err(e) => return Err(unreadable(dir, e.into())),
     };
     let mut names = Vec::new();
-    for entry in listing.iter() {
+    for entry in listing.by_ref() {
         let entry = entry.map_err(|e| unreadable(dir, e.into()))?;
         let name = std::ffi::OsStr::from_bytes(entry.file_name().to_bytes());
         // `.`, `..`, and kubelet's `..data` and generations.
@@ -295,16 +296,16 @@ fn read_entries(
         // The type from the directory listing costs no system call; only a
         // symlink (or a filesystem that does not say) needs a stat.
         let kind = match entry.file_type() {
-            Some(Type::File) => Some(Kind::File),
-            Some(Type::Directory) => Some(Kind::Dir),
-            Some(Type::Symlink) | None => None,
-            Some(_) => Some(Kind::Other),
+            FileType::RegularFile => Some(Kind::File),
+            FileType::Directory => Some(Kind::Dir),
+            FileType::Symlink | FileType::Unknown => None,
+            _ => Some(Kind::Other),
         };
         names.push((name.to_os_string(), kind));
     }
     // Sorted, so that errors and logs come in a stable order.
     names.sort_by(|a, b| a.0.cmp(&b.0));
-    let handle = listing.as_fd();
+    let handle = listing.fd().map_err(|e| unreadable(dir, e.into()))?;
     // What each entry holds, read in parallel for large directories.
     let read = crate::parallel::map(&names, |(name, kind)| {
         let shown = visible.join(name);
