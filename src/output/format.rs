@@ -95,19 +95,29 @@ fn pem_bundle_after(bundle: &Bundle, old: &Bundle, bytes: &[u8]) -> Vec<u8> {
 /// for a given set.
 fn openssl_dir(bundle: &Bundle) -> Vec<(String, Vec<u8>)> {
     let mut counts: std::collections::HashMap<u32, usize> = std::collections::HashMap::new();
-    let mut files = Vec::with_capacity(bundle.len() + 1);
-    // Each certificate is encoded once: its file, and its part of the bundle.
-    let mut all = Vec::new();
-    for anchor in bundle.anchors() {
-        let n = counts.entry(anchor.subject_hash).or_insert(0);
-        let mut body = Vec::with_capacity(anchor.der.len() * 4 / 3 + 80);
+    let names: Vec<String> = bundle
+        .anchors()
+        .iter()
+        .map(|anchor| {
+            let n = counts.entry(anchor.subject_hash).or_insert(0);
+            *n += 1;
+            format!("{}.{}", hash_hex(anchor.subject_hash), *n - 1)
+        })
+        .collect();
+    // Each certificate is encoded once, for its file and its part of the
+    // bundle file; ten thousand of them on all cores.
+    let bodies = crate::parallel::map(bundle.anchors(), |anchor| {
+        let mut body = Vec::with_capacity(pem::encoded_len(CERTIFICATE, anchor.der.len()));
         pem::encode(CERTIFICATE, &anchor.der, &mut body);
-        all.extend_from_slice(&body);
-        files.push((format!("{}.{}", hash_hex(anchor.subject_hash), n), body));
-        *n += 1;
+        body
+    });
+    let mut all = Vec::with_capacity(bodies.iter().map(Vec::len).sum());
+    for body in &bodies {
+        all.extend_from_slice(body);
     }
+    let mut files: Vec<(String, Vec<u8>)> = names.into_iter().zip(bodies).collect();
     files.push((OPENSSL_DIR_BUNDLE.to_owned(), all));
-    files.sort_by(|a, b| a.0.cmp(&b.0));
+    files.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     files
 }
 
@@ -140,7 +150,7 @@ fn der_dir(bundle: &Bundle) -> Vec<(String, Vec<u8>)> {
     bundle
         .anchors()
         .iter()
-        .map(|a| (format!("{}.der", a.fingerprint()), a.der.clone()))
+        .map(|a| (format!("{}.der", a.fingerprint()), a.der.to_vec()))
         .collect()
 }
 
@@ -153,7 +163,9 @@ mod tests {
     fn anchors(names: &[&str]) -> Vec<Anchor> {
         names
             .iter()
-            .map(|n| Anchor::parse(&ca_block(n), "t.pem".into(), 0).expect("parse"))
+            .map(|n| {
+                Anchor::parse(&ca_block(n), std::path::Path::new("t.pem").into(), 0).expect("parse")
+            })
             .collect()
     }
 
