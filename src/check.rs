@@ -127,7 +127,7 @@ fn inspect_file(path: &Path, shown: &Path, named: bool, at: i64, findings: &mut 
     }
     let mut reports = Vec::with_capacity(file.blocks.len());
     for (index, block) in file.blocks.iter().enumerate() {
-        match Anchor::parse(block, shown.to_path_buf(), index) {
+        match Anchor::parse(block, shown.into(), index) {
             Ok(anchor) => reports.push(report(&anchor, at)),
             Err(e) => {
                 // A damaged block makes the whole file unusable, as in a bundle.
@@ -141,11 +141,11 @@ fn inspect_file(path: &Path, shown: &Path, named: bool, at: i64, findings: &mut 
 
 fn report(anchor: &Anchor, at: i64) -> Report {
     Report {
-        path: anchor.origin.clone(),
+        path: anchor.origin.to_path_buf(),
         index: anchor.index,
         subject: anchor.subject.clone(),
-        issuer: anchor.issuer.clone(),
-        serial: anchor.serial.clone(),
+        issuer: anchor.issuer(),
+        serial: anchor.serial(),
         not_before: rfc3339(anchor.not_before),
         not_after: rfc3339(anchor.not_after),
         sha256: anchor.fingerprint(),

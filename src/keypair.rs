@@ -260,7 +260,7 @@ pub fn inspect(
             path: cert_path.to_path_buf(),
         });
     };
-    let leaf = Anchor::parse(first, cert_path.to_path_buf(), 0).map_err(|e| Held::Unreadable {
+    let leaf = Anchor::parse(first, cert_path.into(), 0).map_err(|e| Held::Unreadable {
         path: cert_path.to_path_buf(),
         reason: e.to_string(),
     })?;
@@ -272,7 +272,7 @@ pub fn inspect(
         })?;
     let chain: Vec<CertificateDer<'static>> = blocks
         .iter()
-        .map(|b| CertificateDer::from(b.der.clone()))
+        .map(|b| CertificateDer::from(b.der.to_vec()))
         .collect();
     CertifiedKey::new(chain, signing)
         .keys_match()
@@ -299,7 +299,7 @@ pub fn inspect(
     if let Some(bundle) = chain_to {
         let chain = verify::Chain {
             path: cert_path.to_path_buf(),
-            certs: blocks.iter().map(|b| b.der.clone()).collect(),
+            certs: blocks.iter().map(|b| b.der.to_vec()).collect(),
         };
         verify::check(&chain, bundle, now).map_err(|e| Held::Unchained {
             path: cert_path.to_path_buf(),
@@ -313,7 +313,7 @@ pub fn inspect(
             key_sha256: bundle::sha256(material.key_bytes()),
             subject: leaf.subject.clone(),
             not_after: leaf.not_after,
-            leaf: leaf.der.clone(),
+            leaf: leaf.der.to_vec(),
         },
         split,
     })

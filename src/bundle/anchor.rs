@@ -1,7 +1,7 @@
 //! One parsed certificate: what the policy, the outputs, `check` and the logs
 //! need to know about it, computed once.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use x509_parser::prelude::{FromDer, X509Certificate, X509Version};
@@ -16,8 +16,9 @@ use crate::source::CertBlock;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Anchor {
     facts: Arc<Facts>,
-    /// Where it was first found, for logs and `check`.
-    pub origin: PathBuf,
+    /// Where it was found, for logs and `check` (the path its file's
+    /// certificates share).
+    pub origin: Arc<Path>,
     /// Its 0-based place among the certificates of that file.
     pub index: usize,
 }
@@ -33,14 +34,13 @@ impl std::ops::Deref for Anchor {
 /// What a certificate is, parsed once.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Facts {
-    /// The certificate's DER (for `TRUSTED CERTIFICATE`, without the aux data).
-    pub der: Vec<u8>,
+    /// The certificate's DER (for `TRUSTED CERTIFICATE`, without the aux
+    /// data): a plain block's own bytes, not a copy.
+    pub der: Arc<[u8]>,
     pub sha256: [u8; 32],
-    /// RFC 4514-style, as x509-parser renders it.
+    /// RFC 4514-style, as x509-parser renders it. (The issuer and serial,
+    /// which only `check` prints, are read from `der` when asked for.)
     pub subject: String,
-    pub issuer: String,
-    /// Big-endian magnitude, lowercase hex, as `openssl x509 -serial` (lowercased).
-    pub serial: String,
     /// Unix seconds.
     pub not_before: i64,
     /// Unix seconds; the certificate is expired from `not_after + 1`.
@@ -76,9 +76,9 @@ impl std::error::Error for ParseError {}
 
 impl Anchor {
     /// Parses one framed block found at `origin`, place `index`.
-    pub fn parse(block: &CertBlock, origin: PathBuf, index: usize) -> Result<Self, ParseError> {
+    pub fn parse(block: &CertBlock, origin: Arc<Path>, index: usize) -> Result<Self, ParseError> {
         let fail = |reason: String| ParseError {
-            path: origin.clone(),
+            path: origin.to_path_buf(),
             index,
             reason,
         };
@@ -86,7 +86,7 @@ impl Anchor {
             X509Certificate::from_der(&block.der).map_err(|e| fail(e.to_string()))?;
         let der = if block.trusted {
             // X509_AUX: the certificate, then OpenSSL's trust settings.
-            block.der[..block.der.len() - rest.len()].to_vec()
+            block.der[..block.der.len() - rest.len()].into()
         } else if rest.is_empty() {
             block.der.clone()
         } else {
@@ -102,8 +102,6 @@ impl Anchor {
         let facts = Facts {
             sha256,
             subject: cert.subject().to_string(),
-            issuer: cert.issuer().to_string(),
-            serial: serial_hex(cert.raw_serial()),
             not_before: cert.validity().not_before.timestamp(),
             not_after: cert.validity().not_after.timestamp(),
             is_ca,
@@ -119,12 +117,32 @@ impl Anchor {
     }
 
     /// The same certificate, found at `origin`, place `index`.
-    pub fn found_at(&self, origin: PathBuf, index: usize) -> Self {
+    pub fn found_at(&self, origin: Arc<Path>, index: usize) -> Self {
         Self {
             facts: self.facts.clone(),
             origin,
             index,
         }
+    }
+
+    /// The issuer, RFC 4514-style as x509-parser renders it.
+    pub fn issuer(&self) -> String {
+        self.reparsed()
+            .map_or_else(String::new, |c| c.issuer().to_string())
+    }
+
+    /// Big-endian magnitude, lowercase hex, as `openssl x509 -serial`
+    /// prints it (lowercased).
+    pub fn serial(&self) -> String {
+        self.reparsed()
+            .map_or_else(String::new, |c| serial_hex(c.raw_serial()))
+    }
+
+    /// The certificate parsed again: it parsed once, it parses the same.
+    fn reparsed(&self) -> Option<X509Certificate<'_>> {
+        X509Certificate::from_der(&self.der)
+            .ok()
+            .map(|(_, cert)| cert)
     }
 
     /// Lowercase hex SHA-256 of the DER, no colons.

@@ -342,7 +342,7 @@ pub(crate) mod tests {
 
     fn file(path: &str, blocks: Vec<CertBlock>) -> SourceFile {
         SourceFile {
-            path: path.into(),
+            path: std::path::Path::new(path).into(),
             blocks,
         }
     }
@@ -376,7 +376,7 @@ pub(crate) mod tests {
                 .bundle
                 .anchors()
                 .iter()
-                .all(|a| a.origin == std::path::Path::new("/y/both.pem"))
+                .all(|a| *a.origin == *std::path::Path::new("/y/both.pem"))
         );
         let indexes: Vec<usize> = cached.bundle.anchors().iter().map(|a| a.index).collect();
         assert!(indexes.contains(&0) && indexes.contains(&1));

@@ -104,7 +104,7 @@ impl Retention {
             let anchor = base64::engine::general_purpose::STANDARD
                 .decode(&seen.der)
                 .ok()
-                .and_then(|der| Anchor::parse(&CertBlock::new(der, false), PathBuf::from("(retained)"), 0).ok());
+                .and_then(|der| Anchor::parse(&CertBlock::new(der, false), Path::new("(retained)").into(), 0).ok());
             let Some(anchor) = anchor else { return false };
             if now >= since.saturating_add(grace) {
                 info!(bundle = bundle_name, subject = %anchor.subject, sha256 = %sha,

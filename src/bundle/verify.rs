@@ -46,7 +46,7 @@ pub fn read_chain(path: &Path) -> Result<Option<Chain>, VerifyError> {
     if file.blocks.is_empty() {
         return Err(fail("holds no certificate".into()));
     }
-    let certs = file.blocks.into_iter().map(|b| b.der).collect();
+    let certs = file.blocks.into_iter().map(|b| b.der.to_vec()).collect();
     Ok(Some(Chain {
         path: path.to_path_buf(),
         certs,
@@ -66,7 +66,7 @@ pub fn check(chain: &Chain, bundle: &Bundle, now: i64) -> Result<(), VerifyError
     let ders: Vec<CertificateDer<'_>> = bundle
         .anchors()
         .iter()
-        .map(|a| CertificateDer::from(a.der.as_slice()))
+        .map(|a| CertificateDer::from(&a.der[..]))
         .collect();
     let anchors: Vec<_> = ders
         .iter()

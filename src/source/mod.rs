@@ -71,8 +71,9 @@ impl Source {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SourceFile {
     /// The path as the user sees it (a kubelet volume's visible name, not the
-    /// timestamped directory it was read from).
-    pub path: PathBuf,
+    /// timestamped directory it was read from). Shared by every certificate
+    /// found in it, at every render.
+    pub path: std::sync::Arc<Path>,
     pub blocks: Vec<CertBlock>,
 }
 
@@ -339,7 +340,7 @@ fn read_entries(
     for (shown, entry) in read {
         match entry? {
             Entry::File(blocks) => out.push(SourceFile {
-                path: shown,
+                path: shown.into(),
                 blocks,
             }),
             Entry::Vanished if generation => return Ok(false),
@@ -394,7 +395,7 @@ pub fn read_file(path: &Path, shown: &Path) -> Result<Option<SourceFile>, Source
     };
     let blocks = decode(&bytes).map_err(|kind| SourceError::new(shown, kind))?;
     Ok(Some(SourceFile {
-        path: shown.to_path_buf(),
+        path: shown.into(),
         blocks,
     }))
 }
@@ -601,7 +602,7 @@ mod tests {
         std::os::unix::fs::symlink("..data/old.crt", dir.path().join("old.crt")).expect("symlink");
         let files = Source::Path(dir.path().to_path_buf()).read().expect("read");
         assert_eq!(files.len(), 1);
-        assert_eq!(files[0].path, dir.path().join("ca.crt"));
+        assert_eq!(*files[0].path, *dir.path().join("ca.crt"));
     }
 
     #[test]
@@ -661,9 +662,9 @@ mod tests {
             .expect("symlink");
         let files = Source::Path(dir.path().to_path_buf()).read().expect("read");
         assert_eq!(files.len(), 2);
-        assert_eq!(files[0].path, dir.path().join("bundle.spiffe"));
+        assert_eq!(*files[0].path, *dir.path().join("bundle.spiffe"));
         assert_eq!(files[0].blocks.len(), 1);
-        assert_eq!(files[0].blocks[0].der, der);
+        assert_eq!(*files[0].blocks[0].der, *der);
         assert_eq!(files[1].blocks.len(), 1);
 
         // A damaged one refuses the read, naming the file and the reason.

@@ -19,7 +19,8 @@ use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 pub struct CertBlock {
     /// The decoded body. For `TRUSTED CERTIFICATE` this is the certificate
     /// followed by OpenSSL's auxiliary trust data, which the parser strips.
-    pub der: Vec<u8>,
+    /// Shared: a plain block's parsed certificate holds the same bytes.
+    pub der: std::sync::Arc<[u8]>,
     /// `TRUSTED CERTIFICATE` (OpenSSL's X509_AUX form) rather than `CERTIFICATE`.
     pub trusted: bool,
     /// The SHA-256 of `der` for a plain certificate block, taken when the
@@ -32,7 +33,7 @@ impl CertBlock {
     pub fn new(der: Vec<u8>, trusted: bool) -> Self {
         let sha256 = (!trusted).then(|| crate::bundle::sha256(&der));
         Self {
-            der,
+            der: der.into(),
             trusted,
             sha256,
         }
@@ -220,7 +221,7 @@ mod tests {
         text.extend(block("CERTIFICATE", b"second"));
         let framed = frame(&text).expect("frames");
         assert_eq!(framed.certificates.len(), 2);
-        assert_eq!(framed.certificates[0].der, der);
+        assert_eq!(*framed.certificates[0].der, *der);
     }
 
     #[test]

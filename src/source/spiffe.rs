@@ -166,7 +166,7 @@ mod tests {
         assert!(looks_like_json(json.as_bytes()));
         let blocks = frame(json.as_bytes()).expect("bundle");
         assert_eq!(
-            blocks.iter().map(|b| b.der.clone()).collect::<Vec<_>>(),
+            blocks.iter().map(|b| b.der.to_vec()).collect::<Vec<_>>(),
             [a, b]
         );
     }

@@ -412,7 +412,8 @@ mod tests {
         let key = rcgen::KeyPair::generate().expect("key");
         let der = params.self_signed(&key).expect("cert").der().to_vec();
         let block = crate::source::CertBlock::new(der, false);
-        crate::bundle::Anchor::parse(&block, "/x.pem".into(), 0).expect("parse")
+        crate::bundle::Anchor::parse(&block, std::path::Path::new("/x.pem").into(), 0)
+            .expect("parse")
     }
 
     #[test]
