@@ -5,7 +5,8 @@
 # (an inotifywait shell loop over the 1,000 directories, watchexec over
 # them): time from process start until the watches are set and the first
 # render is done, RSS after start, and the latency of a kubelet swap in one
-# of the 1,000 directories (median of SWAPS). Prints figures; asserts nothing.
+# of the 1,000 directories (median of SWAPS); then, as the floor of (b), the
+# same file work done by a C loop. Prints figures; asserts nothing.
 #
 #   bench/scale.sh
 #   DIRS=1000 SWAPS=20 STARTS=3 bench/scale.sh
@@ -59,3 +60,20 @@ run_driver 900 "$LIB/scale.py" \
     --anchorage "$ANCHORAGE" --target-cmd "$TARGET_CMD" --pool "$SCRATCH_SHM/pool" \
     --shm "$SCRATCH_SHM" --dirs "$DIRS" --swaps "$SWAPS" --starts "$STARTS" --watchexec "$WX" ${BASELINE:+--baseline "$BASELINE"}
 printf 'load average after: %s\n' "$(cut -d' ' -f1-3 /proc/loadavg)"
+
+# The kernel's floor for the file work of a start of (b): every volume read
+# through ..data and every output published the durable way, on one thread,
+# by a C loop (bench/lib/fsfloor.c publish) on the same volumes.
+if cc=$(command -v cc || command -v gcc) && "$cc" -O2 -o "$SCRATCH_SHM/fsfloor" "$LIB/fsfloor.c" 2>/dev/null; then
+    floors=()
+    for _ in 1 2 3 4 5; do
+        rm -rf "$SCRATCH_SHM/floor-out"
+        mkdir "$SCRATCH_SHM/floor-out"
+        floors+=("$("$SCRATCH_SHM/fsfloor" publish "$SCRATCH_SHM/vols" "$SCRATCH_SHM/floor-out")")
+    done
+    rm -rf "$SCRATCH_SHM/floor-out"
+    printf '%s\n' "${floors[@]}" | sort -n | awk -v n="$DIRS" '{ v[NR] = $1 } END {
+        printf "floor: the file work of starting %s one-volume bundles, one thread (each volume read through ..data; each output a temporary file written, fsynced, renamed, its directory fsynced): median %.1f ms, least %.1f ms (5 runs)\n", n, v[3], v[1] }'
+else
+    say "note: no C compiler (apt-get install -y gcc): the file-work floor line is skipped"
+fi

@@ -7,6 +7,14 @@
  *                               SRC with the same bytes (read beforehand,
  *                               not timed), then syncfs: the file work of an
  *                               N-certificate hashed directory
+ *   fsfloor publish VOLS OUT    for each kubelet volume in VOLS (a directory
+ *                               of volumes, each with a `..data` link):
+ *                               read `..data`, list and read its files,
+ *                               read `..data` again, then publish their bytes
+ *                               as OUT/<volume>.pem the durable way: a
+ *                               temporary file written, fsynced and renamed,
+ *                               and OUT fsynced. One thread: the file work of
+ *                               a start of N one-volume bundles
  *
  * Each prints the milliseconds of the timed part on stdout. Used by
  * bench/render.sh as floor rows; it is not a tool.
@@ -121,6 +129,63 @@ int main(int argc, char **argv)
         printf("%.3f\n", now_ms() - t0);
         return 0;
     }
-    fprintf(stderr, "usage: fsfloor read DIR | fsfloor create DIR SRC\n");
+    if (argc == 4 && strcmp(argv[1], "publish") == 0) {
+        static char buf[65536];
+        char link[4096], again[4096], path[8192], tmp[8192], out[8192];
+        struct file *vols;
+        int n = load(argv[2], &vols, 0);
+        double t0 = now_ms();
+        for (int i = 0; i < n; i++) {
+            snprintf(path, sizeof path, "%s/%s/..data", argv[2], vols[i].name);
+            ssize_t l = readlink(path, link, sizeof link - 1);
+            if (l < 0)
+                die(path);
+            link[l] = 0;
+            snprintf(path, sizeof path, "%s/%s/%s", argv[2], vols[i].name, link);
+            int dfd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+            if (dfd < 0)
+                die(path);
+            DIR *d = fdopendir(dfd);
+            if (!d)
+                die(path);
+            size_t len = 0;
+            struct dirent *e;
+            while ((e = readdir(d))) {
+                if (e->d_name[0] == '.')
+                    continue;
+                int fd = openat(dirfd(d), e->d_name, O_RDONLY | O_CLOEXEC);
+                if (fd < 0)
+                    die(e->d_name);
+                ssize_t r;
+                while ((r = read(fd, buf + len, sizeof buf - len)) > 0)
+                    len += r;
+                close(fd);
+            }
+            closedir(d);
+            snprintf(path, sizeof path, "%s/%s/..data", argv[2], vols[i].name);
+            l = readlink(path, again, sizeof again - 1);
+            if (l < 0)
+                die(path);
+            snprintf(out, sizeof out, "%s/%s.pem", argv[3], vols[i].name);
+            snprintf(tmp, sizeof tmp, "%s/.%s.pem.tmp", argv[3], vols[i].name);
+            int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+            if (fd < 0)
+                die(tmp);
+            if (write(fd, buf, len) != (ssize_t)len)
+                die("write");
+            if (fsync(fd) < 0)
+                die("fsync");
+            close(fd);
+            if (rename(tmp, out) < 0)
+                die(out);
+            int od = open(argv[3], O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+            if (od < 0 || fsync(od) < 0)
+                die(argv[3]);
+            close(od);
+        }
+        printf("%.3f\n", now_ms() - t0);
+        return n > 0 ? 0 : 1;
+    }
+    fprintf(stderr, "usage: fsfloor read DIR | fsfloor create DIR SRC | fsfloor publish VOLS OUT\n");
     return 2;
 }
