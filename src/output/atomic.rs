@@ -1,8 +1,8 @@
 //! Atomic publication of files and directories (guarantee 1).
 //!
-//! - A file is written to a temporary file in the same directory, created
-//!   with its mode (and given it with `fchmod` where the umask took bits
-//!   away), synced, and renamed over the output path. A symlink at the path is replaced, never followed.
+//! - A file is written to a temporary file in the same directory, given its
+//!   mode with `fchmod` (so neither the umask nor a default ACL matters),
+//!   synced, and renamed over the output path. A symlink at the path is replaced, never followed.
 //!   The rename also gives the output a new inode, which nginx's certificate
 //!   cache needs to notice the change.
 //! - A directory is built beside the output and swapped in with
@@ -111,43 +111,43 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
         .map_err(|e| context(dir, "sync directory", e))
 }
 
-/// Creates `path` (which must not exist) with exactly `bytes` and `mode`.
+/// Creates `path` (which must not exist) with exactly `bytes` and `mode`,
+/// and its directory if that is missing (made only then, not checked at
+/// every write).
 fn create_file(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)
-        .map_err(|e| context(path, "create", e))?;
+    let open = || {
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+    };
+    let opened = match open() {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let parent = parent_of(path);
+            fs::create_dir_all(parent).map_err(|e| context(parent, "create directory", e))?;
+            open()
+        }
+        opened => opened,
+    };
+    let mut file = opened.map_err(|e| context(path, "create", e))?;
     file.write_all(bytes)
         .map_err(|e| context(path, "write", e))?;
-    if umask().is_none_or(|mask| mode & mask != 0) {
-        file.set_permissions(Permissions::from_mode(mode))
-            .map_err(|e| context(path, "chmod", e))?;
-    }
+    file.set_permissions(Permissions::from_mode(mode))
+        .map_err(|e| context(path, "chmod", e))?;
     file.sync_all().map_err(|e| context(path, "sync", e))
 }
 
 /// Publishes one file atomically.
 pub fn write_file(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
-    let parent = parent_of(path);
     let tmp = temp_beside(path, "tmp");
-    let mut created = create_file(&tmp, bytes, mode);
-    // The directory is made when it is missing, not checked at every write.
-    if created
-        .as_ref()
-        .is_err_and(|e| e.kind() == io::ErrorKind::NotFound)
-    {
-        fs::create_dir_all(parent).map_err(|e| context(parent, "create directory", e))?;
-        created = create_file(&tmp, bytes, mode);
-    }
-    let result = created
+    let result = create_file(&tmp, bytes, mode)
         .and_then(|()| fs::rename(&tmp, path).map_err(|e| context(path, "rename into place", e)));
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
     result?;
-    sync_dir(parent)
+    sync_dir(parent_of(path))
 }
 
 /// Publishes a directory of files atomically.
@@ -323,13 +323,17 @@ fn fill_dir(dir: &Path, files: &[Entry<'_>], marker: Option<u32>) -> io::Result<
         .map_err(|e| context(dir, "chmod", e))?;
     let handle = File::open(dir).map_err(|e| context(dir, "open", e))?;
     // Thousands of files: created relative to the directory (no path walk
-    // each), given their mode at creation, and chmod'ed only where the
-    // umask took bits away.
+    // each), given their mode at creation, and chmod'ed only where that
+    // mode may not be what they got: the umask took bits from it, or the
+    // directory inherited a default ACL, under which the kernel ignores the
+    // umask and masks the mode with the ACL instead.
+    let acl = inherits_default_acl(&handle);
+    let needs_chmod = |mode: u32| acl || umask().is_none_or(|mask| mode & mask != 0);
     let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_CLOEXEC;
     let written = files.iter().map(|&(name, bytes, mode)| -> io::Result<()> {
         // The path is spelled out only for an error.
         let fail = |what: &str, e: io::Error| context(&dir.join(name), what, e);
-        let chmod = umask().is_none_or(|mask| mode & mask != 0);
+        let chmod = needs_chmod(mode);
         let fd = openat(&handle, name, flags, Mode::from_bits_truncate(mode))
             .map_err(|e| fail("create", e.into()))?;
         let mut file = File::from(fd);
@@ -343,7 +347,7 @@ fn fill_dir(dir: &Path, files: &[Entry<'_>], marker: Option<u32>) -> io::Result<
     written.collect::<io::Result<()>>()?;
     if let Some(mode) = marker {
         let path = dir.join(MARKER);
-        let chmod = umask().is_none_or(|mask| mode & mask != 0);
+        let chmod = needs_chmod(mode);
         let fd = openat(&handle, MARKER, flags, Mode::from_bits_truncate(mode))
             .map_err(|e| context(&path, "create", e.into()))?;
         let mut file = File::from(fd);
@@ -358,6 +362,15 @@ fn fill_dir(dir: &Path, files: &[Entry<'_>], marker: Option<u32>) -> io::Result<
     // would otherwise mean thousands of journal commits.
     nix::unistd::syncfs(&handle).map_err(|e| context(dir, "sync", e.into()))?;
     Ok(())
+}
+
+/// Whether files created in `dir` may get their mode from a default ACL:
+/// it has one, or the question has no clear answer.
+fn inherits_default_acl(dir: &File) -> bool {
+    match rustix::fs::fgetxattr_query(dir, "system.posix_acl_default") {
+        Ok(_) => true,
+        Err(e) => !matches!(e, rustix::io::Errno::NODATA | rustix::io::Errno::NOTSUP),
+    }
 }
 
 /// This process's umask, from /proc (reading it with umask(2) would change

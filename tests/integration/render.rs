@@ -308,6 +308,63 @@ fn mode_is_applied_exactly_whatever_the_umask() {
     );
 }
 
+/// Under a directory with a default ACL the kernel ignores the umask and
+/// masks a new file's mode with the ACL: the mode is still exactly the
+/// configured one, and a second render finds nothing to change.
+#[test]
+fn mode_is_applied_exactly_under_a_default_acl() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = write(dir.path(), "ca.pem", Ca::new("Acl").pem());
+    let out = dir.path().join("out");
+    fs::create_dir(&out).expect("mkdir");
+    // user::rw-, group::r--, other::---: a new 0644 file would get 0640.
+    let mut acl = 2u32.to_le_bytes().to_vec();
+    for (tag, perm) in [(0x01u16, 6u16), (0x04, 4), (0x20, 0)] {
+        acl.extend(tag.to_le_bytes());
+        acl.extend(perm.to_le_bytes());
+        acl.extend(u32::MAX.to_le_bytes());
+    }
+    rustix::fs::setxattr(
+        &out,
+        "system.posix_acl_default",
+        &acl,
+        rustix::fs::XattrFlags::empty(),
+    )
+    .expect("this test needs a filesystem with POSIX ACLs (ext4, xfs, tmpfs)");
+    let file = out.join("bundle.pem");
+    let hashed = out.join("hashed");
+    let render = || {
+        let output = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "umask 022 && exec {} render --source {} --output {} --hashed-dir {}",
+                env!("CARGO_BIN_EXE_anchorage"),
+                s(&src),
+                s(&file),
+                s(&hashed)
+            ))
+            .output()
+            .expect("sh");
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    render();
+    let mode = |p: &Path| fs::metadata(p).expect("stat").permissions().mode() & 0o7777;
+    assert_eq!(mode(&file), 0o644);
+    let mut names = 0;
+    for entry in fs::read_dir(&hashed).expect("list") {
+        let path = entry.expect("entry").path();
+        assert_eq!(mode(&path), 0o644, "{}", path.display());
+        names += 1;
+    }
+    assert!(names >= 2, "the hash link and the bundle file");
+    let inodes = || [&file, &hashed].map(|p| fs::metadata(p).expect("stat").ino());
+    let before = inodes();
+    let second = render();
+    assert!(!second.contains("outcome=\"changed\""), "{second}");
+    assert_eq!(inodes(), before, "rewritten");
+}
+
 /// Each class of bad input refuses the bundle (exit 1), names the file, and
 /// leaves the previous output byte for byte.
 #[test]
