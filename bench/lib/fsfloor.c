@@ -81,6 +81,31 @@ static int load(const char *dir, struct file **out, int slurp)
     return n;
 }
 
+/* Opens and reads every file of `d` (dot-files skipped) into `buf`: one
+ * after the other when `append` is set (at most `cap` bytes in all), else
+ * each over the same bytes. Returns the bytes read. */
+static long read_files(DIR *d, char *buf, size_t cap, int append)
+{
+    long total = 0;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        if (e->d_name[0] == '.')
+            continue;
+        int fd = openat(dirfd(d), e->d_name, O_RDONLY | O_CLOEXEC);
+        if (fd < 0)
+            die(e->d_name);
+        ssize_t r;
+        size_t at = append ? (size_t)total : 0;
+        while ((r = read(fd, buf + at, cap - at)) > 0) {
+            total += r;
+            if (append)
+                at += r;
+        }
+        close(fd);
+    }
+    return total;
+}
+
 int main(int argc, char **argv)
 {
     if (argc == 3 && strcmp(argv[1], "read") == 0) {
@@ -89,19 +114,7 @@ int main(int argc, char **argv)
         DIR *d = opendir(argv[2]);
         if (!d)
             die(argv[2]);
-        struct dirent *e;
-        long total = 0;
-        while ((e = readdir(d))) {
-            if (e->d_name[0] == '.')
-                continue;
-            int fd = openat(dirfd(d), e->d_name, O_RDONLY | O_CLOEXEC);
-            if (fd < 0)
-                die(e->d_name);
-            ssize_t r;
-            while ((r = read(fd, buf, sizeof buf)) > 0)
-                total += r;
-            close(fd);
-        }
+        long total = read_files(d, buf, sizeof buf, 0);
         closedir(d);
         printf("%.3f\n", now_ms() - t0);
         return total > 0 ? 0 : 1;
@@ -148,19 +161,7 @@ int main(int argc, char **argv)
             DIR *d = fdopendir(dfd);
             if (!d)
                 die(path);
-            size_t len = 0;
-            struct dirent *e;
-            while ((e = readdir(d))) {
-                if (e->d_name[0] == '.')
-                    continue;
-                int fd = openat(dirfd(d), e->d_name, O_RDONLY | O_CLOEXEC);
-                if (fd < 0)
-                    die(e->d_name);
-                ssize_t r;
-                while ((r = read(fd, buf + len, sizeof buf - len)) > 0)
-                    len += r;
-                close(fd);
-            }
+            size_t len = (size_t)read_files(d, buf, sizeof buf, 1);
             closedir(d);
             snprintf(path, sizeof path, "%s/%s/..data", argv[2], vols[i].name);
             l = readlink(path, again, sizeof again - 1);
