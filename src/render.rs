@@ -42,7 +42,7 @@ pub enum Mode {
 /// What a bundle carries from one render to the next.
 #[derive(Debug)]
 pub struct BundleState {
-    pub config: BundleConfig,
+    pub config: Arc<BundleConfig>,
     /// The last bundle accepted.
     pub last: Option<Arc<Bundle>>,
     /// The bytes last published at each output path, and the bundle they
@@ -78,7 +78,7 @@ pub struct Report {
 }
 
 impl BundleState {
-    pub fn new(config: BundleConfig, state_dir: Option<&Path>) -> Self {
+    pub fn new(config: Arc<BundleConfig>, state_dir: Option<&Path>) -> Self {
         Self {
             retention: Retention::load(state_dir, &config.name),
             config,
@@ -93,7 +93,7 @@ impl BundleState {
     /// Takes a new configuration of the same bundle (SIGHUP): what was
     /// published at a path that is still an output stays known, so the same
     /// bytes are not written or reloaded again; every source is read again.
-    pub fn reconfigure(&mut self, config: BundleConfig) {
+    pub fn reconfigure(&mut self, config: Arc<BundleConfig>) {
         let outputs: HashSet<&PathBuf> = config.outputs.iter().map(|o| &o.path).collect();
         // Known only if the output is the same: its format or mode changed,
         // the bytes there are not what it would write now.
@@ -444,9 +444,9 @@ mod tests {
         let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
         assert_ne!(mode(&output), 0o600);
 
-        let mut fresh = config;
+        let mut fresh = (*config).clone();
         fresh.outputs[0].mode = 0o600;
-        state.reconfigure(fresh);
+        state.reconfigure(Arc::new(fresh));
         state.render(None, now, Mode::Write).expect("render");
         assert_eq!(mode(&output), 0o600);
         assert_eq!(std::fs::read(&output).expect("output"), pem);

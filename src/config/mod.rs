@@ -10,6 +10,7 @@ mod keypair;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use toml::Spanned;
@@ -39,7 +40,9 @@ pub struct Config {
     /// The file it came from, re-read on SIGHUP.
     pub path: Option<PathBuf>,
     pub daemon: Daemon,
-    pub bundles: Vec<BundleConfig>,
+    /// Shared with each bundle's render state: the daemon keeps one copy
+    /// of a bundle's configuration, not one here and one per state.
+    pub bundles: Vec<Arc<BundleConfig>>,
     pub keypairs: Vec<KeyPairConfig>,
 }
 
@@ -390,7 +393,7 @@ fn build(
     Ok(Config {
         path: origin.file.map(Path::to_path_buf),
         daemon,
-        bundles,
+        bundles: bundles.into_iter().map(Arc::new).collect(),
         keypairs,
     })
 }

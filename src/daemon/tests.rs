@@ -311,7 +311,7 @@ async fn a_sighup_during_a_render_still_reloads_its_change() {
     // SIGHUP while the render runs: the bundle now reloads with WINCH.
     let mut fresh = config;
     if let crate::reload::ReloadAction::Signal { signal, .. } =
-        &mut fresh.bundles[0].reloads[0].action
+        &mut Arc::make_mut(&mut fresh.bundles[0]).reloads[0].action
     {
         *signal = nix::sys::signal::Signal::SIGWINCH;
     }
