@@ -2,9 +2,9 @@
 //!
 //! - A file is written to a temporary file in the same directory, given its
 //!   mode with `fchmod` (so neither the umask nor a default ACL matters),
-//!   synced, and renamed over the output path. A symlink at the path is replaced, never followed.
-//!   The rename also gives the output a new inode, which nginx's certificate
-//!   cache needs to notice the change.
+//!   synced, and renamed over the output path. A symlink at the path is
+//!   replaced, never followed. The rename also gives the output a new
+//!   inode, which nginx's certificate cache needs to notice the change.
 //! - A directory is built beside the output and swapped in with
 //!   `renameat2(RENAME_EXCHANGE)`, so a reader sees the old set or the new
 //!   one, never a mix.
