@@ -9,13 +9,18 @@ const MIN_BATCH: usize = 512;
 /// Trust stores do not need more.
 const MAX_THREADS: usize = 4;
 
+/// The cores this process may use, worked out once: the standard library
+/// reads the cgroup's CPU quota from files on each call.
+pub fn cores() -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, NonZeroUsize::get))
+}
+
 fn threads_for(items: usize) -> usize {
     if items < MIN_BATCH {
         return 1;
     }
-    std::thread::available_parallelism()
-        .map_or(1, NonZeroUsize::get)
-        .min(MAX_THREADS)
+    cores().min(MAX_THREADS)
 }
 
 /// `items.iter().map(f).collect()`, in order, on up to four threads.

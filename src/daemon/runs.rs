@@ -33,16 +33,10 @@ pub const STUCK_RUN: Duration = Duration::from_secs(1);
 
 /// How many threads may take from the queue at once (not counting stuck
 /// ones): two cores do a thousand renders one after the other anyway.
-/// Worked out once: the standard library reads the cgroup's CPU quota from
-/// files on each call, and the loop never reads files.
+/// The cores are counted once, when the queue is made (the count reads
+/// files; the loop does not).
 fn runs_at_once() -> usize {
-    static RUNS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *RUNS.get_or_init(|| {
-        std::thread::available_parallelism()
-            .map_or(2, std::num::NonZeroUsize::get)
-            .saturating_mul(2)
-            .max(4)
-    })
+    crate::parallel::cores().saturating_mul(2).max(4)
 }
 
 /// The queue's room kept once it is empty.
@@ -147,6 +141,8 @@ impl Runs {
         status: Arc<Status>,
         done: mpsc::UnboundedSender<Finished>,
     ) -> Self {
+        // Counted now, before the loop runs.
+        runs_at_once();
         Self {
             shared: Arc::new(Shared {
                 state: Mutex::new(State::default()),

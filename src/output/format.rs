@@ -52,7 +52,7 @@ fn pem_bundle(bundle: &Bundle) -> Vec<u8> {
         bundle
             .anchors()
             .iter()
-            .map(|a| a.der.len() * 4 / 3 + 80)
+            .map(|a| pem::encoded_len(CERTIFICATE, a.der.len()))
             .sum(),
     );
     for anchor in bundle.anchors() {
