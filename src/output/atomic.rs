@@ -330,32 +330,18 @@ fn fill_dir(dir: &Path, files: &[Entry<'_>], marker: Option<u32>) -> io::Result<
     let acl = inherits_default_acl(&handle);
     let needs_chmod = |mode: u32| acl || umask().is_none_or(|mask| mode & mask != 0);
     let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_CLOEXEC;
-    let written = files.iter().map(|&(name, bytes, mode)| -> io::Result<()> {
+    // The marker, when there is one, is one more file.
+    let marker = marker.map(|mode| (MARKER, MARKER_TEXT, mode));
+    for (name, bytes, mode) in files.iter().copied().chain(marker) {
         // The path is spelled out only for an error.
         let fail = |what: &str, e: io::Error| context(&dir.join(name), what, e);
-        let chmod = needs_chmod(mode);
         let fd = openat(&handle, name, flags, Mode::from_bits_truncate(mode))
             .map_err(|e| fail("create", e.into()))?;
         let mut file = File::from(fd);
         file.write_all(bytes).map_err(|e| fail("write", e))?;
-        if chmod {
+        if needs_chmod(mode) {
             file.set_permissions(Permissions::from_mode(mode))
                 .map_err(|e| fail("chmod", e))?;
-        }
-        Ok(())
-    });
-    written.collect::<io::Result<()>>()?;
-    if let Some(mode) = marker {
-        let path = dir.join(MARKER);
-        let chmod = needs_chmod(mode);
-        let fd = openat(&handle, MARKER, flags, Mode::from_bits_truncate(mode))
-            .map_err(|e| context(&path, "create", e.into()))?;
-        let mut file = File::from(fd);
-        file.write_all(MARKER_TEXT)
-            .map_err(|e| context(&path, "write", e))?;
-        if chmod {
-            file.set_permissions(Permissions::from_mode(mode))
-                .map_err(|e| context(&path, "chmod", e))?;
         }
     }
     // One syncfs instead of a fsync per file: thousands of certificates
