@@ -37,10 +37,20 @@ class Lines(threading.Thread):
         super().__init__(daemon=True)
         self.stream = stream
         self.lines = []  # (monotonic ns, text)
+        # Sorted as they arrive, so waiting for the start scans nothing: a
+        # poll over every line so far would take the CPU (and with a slow
+        # reader, the pipe's room) from the tool being timed.
+        self.watching = []  # texts of the "watching" lines
+        self.rendered = []  # texts of the render lines
 
     def run(self):
         for raw in iter(self.stream.readline, b""):
-            self.lines.append((bl.mono(), ANSI.sub("", raw.decode("utf-8", "replace")).rstrip("\n")))
+            text = ANSI.sub("", raw.decode("utf-8", "replace")).rstrip("\n")
+            self.lines.append((bl.mono(), text))
+            if " rendered " in text or "::daemon: rendered" in text:
+                self.rendered.append(text)
+            elif WATCHING.search(text):
+                self.watching.append(text)
 
 
 class Row:
@@ -313,8 +323,8 @@ def wait_ready(row, kind, tool, lines, spawn_wall, spawn_mono, renders, dirs, sw
     deadline = time.monotonic() + 120
     if kind == "anchorage":
         while time.monotonic() < deadline and tool.alive():
-            watching = [t for _, t in lines.lines if WATCHING.search(t)]
-            rendered = [t for _, t in lines.lines if " rendered " in t or "::daemon: rendered" in t]
+            watching = lines.watching
+            rendered = lines.rendered
             if watching and len(rendered) >= renders:
                 row.watches = WATCHING.search(watching[0]).group(1)
                 row.setup.append((wall_ns(watching[0]) - spawn_wall) / 1e6)
