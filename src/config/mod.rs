@@ -452,7 +452,8 @@ fn bundle(
         .name
         .as_ref()
         .map_or_else(|| format!("bundle{index}"), |n| n.get_ref().clone());
-    let mut sources = Vec::new();
+    // Sized exactly: a thousand bundles keep a thousand of each list.
+    let mut sources = Vec::with_capacity(raw.sources.len());
     for spec in &raw.sources {
         sources.push(parse_source(
             spec.get_ref(),
@@ -461,7 +462,7 @@ fn bundle(
             "bundle.sources",
         )?);
     }
-    let mut outputs = Vec::new();
+    let mut outputs = Vec::with_capacity(raw.output.len());
     for out in raw.output {
         let out_span = out.span();
         let out = out.into_inner();
@@ -503,7 +504,7 @@ fn bundle(
             mode,
         });
     }
-    let mut reloads = Vec::new();
+    let mut reloads = Vec::with_capacity(raw.reload.len());
     for r in raw.reload {
         let r_span = r.span();
         reloads.push(reload(
