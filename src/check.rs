@@ -150,7 +150,7 @@ fn report(anchor: &Anchor, at: i64) -> Report {
         not_after: rfc3339(anchor.not_after),
         sha256: anchor.fingerprint(),
         is_ca: anchor.is_ca,
-        subject_hash: hash_hex(anchor.subject_hash),
+        subject_hash: hash_hex(anchor.subject_hash()),
         expired: anchor.expired_at(at),
         strict: anchor.strict.iter().map(ToString::to_string).collect(),
         not_before_unix: anchor.not_before,

@@ -49,7 +49,35 @@ pub struct Facts {
     pub is_ca: bool,
     /// Why a strict verifier would refuse it as a CA; empty when it would not.
     pub strict: Vec<Reason>,
-    pub subject_hash: u32,
+    /// Where the subject Name lies in `der`: its OpenSSL hash is taken
+    /// when first asked for (a hashed directory, `check`), not for every
+    /// certificate of every render.
+    subject_at: std::ops::Range<usize>,
+    subject_hash: LazyHash,
+}
+
+/// A value worked out from the DER on first use and kept. Equal whatever
+/// it holds: it follows from `der`, which `Facts` compares.
+#[derive(Debug, Default)]
+struct LazyHash(std::sync::OnceLock<u32>);
+
+impl PartialEq for LazyHash {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for LazyHash {}
+
+impl Facts {
+    /// OpenSSL's subject-name hash (`openssl x509 -hash`), the `<hash>` of
+    /// a hashed directory's names.
+    pub fn subject_hash(&self) -> u32 {
+        *self
+            .subject_hash
+            .0
+            .get_or_init(|| subject_hash(&self.der[self.subject_at.clone()]))
+    }
 }
 
 /// Why a certificate block is not a certificate.
@@ -99,6 +127,17 @@ impl Anchor {
         };
         let is_ca = is_ca(&cert).map_err(fail)?;
         let strict = strict::reasons(&cert, is_ca);
+        // The parsed subject borrows from the block's bytes, which start
+        // with `der`'s; were it ever elsewhere, the hash is taken now.
+        let raw = cert.subject().as_raw();
+        let start = (raw.as_ptr() as usize).wrapping_sub(block.der.as_ptr() as usize);
+        let mut subject_at = start..start.wrapping_add(raw.len());
+        let lazy = LazyHash::default();
+        if der.get(subject_at.clone()) != Some(raw) {
+            debug_assert!(false, "the subject is not within the DER");
+            let _ = lazy.0.set(subject_hash(raw));
+            subject_at = 0..0;
+        }
         let facts = Facts {
             sha256,
             subject: cert.subject().to_string(),
@@ -106,7 +145,8 @@ impl Anchor {
             not_after: cert.validity().not_after.timestamp(),
             is_ca,
             strict,
-            subject_hash: subject_hash(cert.subject().as_raw()),
+            subject_at,
+            subject_hash: lazy,
             der,
         };
         Ok(Self {
@@ -210,4 +250,53 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
         out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+
+    fn ca(cn: &str) -> CertificateParams {
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "Example  Org");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+    }
+
+    /// The hash taken on demand is the one of the subject Name, for a root,
+    /// an intermediate (issuer and subject differ) and a `TRUSTED
+    /// CERTIFICATE` block (the certificate followed by aux data).
+    #[test]
+    fn subject_hash_is_taken_from_the_subject_when_asked() {
+        let root_key = KeyPair::generate().expect("key");
+        let root_params = ca("Root CA");
+        let root = root_params.self_signed(&root_key).expect("root");
+        let issuer = Issuer::new(root_params, root_key);
+        let sub_key = KeyPair::generate().expect("key");
+        let sub = ca("Sub CA").signed_by(&sub_key, &issuer).expect("sub");
+        for der in [root.der().to_vec(), sub.der().to_vec()] {
+            let (_, cert) = X509Certificate::from_der(&der).expect("parse");
+            let want = subject_hash(cert.subject().as_raw());
+            assert_ne!(want, 0);
+            let mut with_aux = der.clone();
+            with_aux.extend_from_slice(&[0x30, 0x03, 0x06, 0x01, 0x00]);
+            for block in [
+                CertBlock::new(der.clone(), false),
+                CertBlock::new(with_aux, true),
+            ] {
+                let anchor = Anchor::parse(&block, Path::new("ca.pem").into(), 0).expect("parse");
+                assert_eq!(anchor.subject_hash(), want, "{}", anchor.subject);
+                assert_eq!(anchor.subject_hash(), want, "asked twice");
+            }
+        }
+        let (_, sub_cert) = X509Certificate::from_der(sub.der()).expect("parse");
+        assert_ne!(
+            subject_hash(sub_cert.subject().as_raw()),
+            subject_hash(sub_cert.issuer().as_raw())
+        );
+    }
 }

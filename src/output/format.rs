@@ -94,14 +94,15 @@ fn pem_bundle_after(bundle: &Bundle, old: &Bundle, bytes: &[u8]) -> Vec<u8> {
 /// stops at the first gap), in the bundle's order, so the names are stable
 /// for a given set.
 fn openssl_dir(bundle: &Bundle) -> Vec<(String, Vec<u8>)> {
+    // The hashes on all cores; the numbering in order, on one thread.
+    let hashes = crate::parallel::map(bundle.anchors(), |anchor| anchor.subject_hash());
     let mut counts: std::collections::HashMap<u32, usize> = std::collections::HashMap::new();
-    let names: Vec<String> = bundle
-        .anchors()
-        .iter()
-        .map(|anchor| {
-            let n = counts.entry(anchor.subject_hash).or_insert(0);
+    let names: Vec<String> = hashes
+        .into_iter()
+        .map(|hash| {
+            let n = counts.entry(hash).or_insert(0);
             *n += 1;
-            format!("{}.{}", hash_hex(anchor.subject_hash), *n - 1)
+            format!("{}.{}", hash_hex(hash), *n - 1)
         })
         .collect();
     // Each certificate is encoded once, for its file and its part of the
