@@ -27,14 +27,7 @@ DIRS=${DIRS:-10}
 check_common_tools
 need readelf binutils || true
 build_anchorage
-STATIC_BIN=
-if [ "${STATIC:-1}" != 0 ]; then
-    host=$(rustc -vV | awk '/^host:/ {print $2}')
-    say "building the static binary as docker/Dockerfile does (crt-static, --target $host)..."
-    (cd "$REPO" && RUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR="$REPO/target/bench-static" \
-        cargo build --release --quiet --target "$host" --bin anchorage)
-    STATIC_BIN="$REPO/target/bench-static/$host/release/anchorage"
-fi
+build_static
 make_scratch
 build_target
 WX=$(find_watchexec)

@@ -13,6 +13,9 @@
 #   BASELINE=/path/to/older/anchorage bench/scale.sh
 #                                      # adds "anchorage (baseline)" rows, same
 #                                      # settings, and the ratios current/baseline
+#   STATIC=0 bench/scale.sh            # without the rows of the static build
+#                                      # (docker/Dockerfile's: crt-static, in
+#                                      # target/bench-static; minutes of LTO)
 #
 # Needs: python3, inotify-tools, openssl, cargo; gcc for the C target;
 # watchexec optional (cargo install watchexec-cli --locked). Raises
@@ -28,6 +31,7 @@ STARTS=${STARTS:-3}
 
 check_common_tools
 build_anchorage
+build_static
 
 # Each tool needs about DIRS+1 watches; three tools may hold theirs at once
 # while a previous one exits.
@@ -58,7 +62,8 @@ printf 'anchorage %s; inotifywait %s; watchexec %s; load average before: %s\n' \
 
 run_driver 900 "$LIB/scale.py" \
     --anchorage "$ANCHORAGE" --target-cmd "$TARGET_CMD" --pool "$SCRATCH_SHM/pool" \
-    --shm "$SCRATCH_SHM" --dirs "$DIRS" --swaps "$SWAPS" --starts "$STARTS" --watchexec "$WX" ${BASELINE:+--baseline "$BASELINE"}
+    --shm "$SCRATCH_SHM" --dirs "$DIRS" --swaps "$SWAPS" --starts "$STARTS" --watchexec "$WX" ${BASELINE:+--baseline "$BASELINE"} \
+    ${STATIC_BIN:+--static "$STATIC_BIN"}
 printf 'load average after: %s\n' "$(cut -d' ' -f1-3 /proc/loadavg)"
 
 # The kernel's floor for the file work of a start of (b): every volume read

@@ -63,6 +63,20 @@ build_anchorage() {
     fi
 }
 
+# build_static: unless STATIC=0, builds the binary docker/Dockerfile ships
+# (crt-static, --target <host>, in target/bench-static; minutes of LTO) and
+# sets STATIC_BIN to it; else leaves STATIC_BIN empty.
+build_static() {
+    STATIC_BIN=
+    [ "${STATIC:-1}" != 0 ] || return 0
+    local host
+    host=$(rustc -vV | awk '/^host:/ {print $2}')
+    say "building the static binary as docker/Dockerfile does (crt-static, --target $host)..."
+    (cd "$REPO" && RUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR="$REPO/target/bench-static" \
+        cargo build --release --quiet --target "$host" --bin anchorage)
+    STATIC_BIN="$REPO/target/bench-static/$host/release/anchorage"
+}
+
 # describe_binary PATH: "<commit>[ + uncommitted src changes] (<bytes> bytes)",
 # the commit of the checkout the binary sits in (unknown outside one).
 describe_binary() {
@@ -181,6 +195,9 @@ machine_line() {
     printf 'machine: %s cores, %s, kernel %s; target: %s\n' "$(nproc)" \
         "$(grep -m1 'model name' /proc/cpuinfo | sed 's/.*: //')" "$(uname -r)" "$TARGET_KIND"
     printf 'anchorage built from %s; nice: %s\n' "$(describe_binary "$ANCHORAGE")" "${NICE:-0}"
+    if [ -n "${STATIC_BIN:-}" ]; then
+        printf 'anchorage static: built from %s\n' "$(describe_binary "$STATIC_BIN")"
+    fi
     if [ -n "$BASELINE" ]; then
         printf 'anchorage (baseline): %s, built from %s\n' "$BASELINE" "$(describe_binary "$BASELINE")"
     fi

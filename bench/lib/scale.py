@@ -80,6 +80,7 @@ def main():
     ap.add_argument("--starts", type=int, default=3)
     ap.add_argument("--watchexec", default="")
     ap.add_argument("--baseline", default="", help="another anchorage binary, measured beside the current one")
+    ap.add_argument("--static", default="", help="the same anchorage, built static as the image ships it")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     for k in list(os.environ):
@@ -159,6 +160,9 @@ def main():
             ("b", anchorage_b, "(b) %d bundles" % n, hot_out, "dir", n)):
         specs.append(("anchorage " + what, "anchorage", make(args.anchorage), bundle_path, which, renders,
                       job, False))
+        if args.static:
+            specs.append(("anchorage static " + what, "anchorage", make(args.static), bundle_path, which,
+                          renders, job, False))
         if args.baseline:
             specs.append(("anchorage (baseline) " + what, "anchorage", make(args.baseline), bundle_path, which,
                           renders, job, True))
