@@ -211,17 +211,19 @@ fn empty_san(value: &[u8]) -> bool {
 }
 
 /// Issuer and subject are the same name, compared as OpenSSL compares names
-/// (canonical forms), falling back to the bytes for names it cannot canonicalise.
+/// (canonical forms); names it cannot canonicalise are the same only as
+/// bytes.
 fn self_issued(cert: &X509Certificate<'_>) -> bool {
     let subject = cert.subject().as_raw();
     let issuer = cert.issuer().as_raw();
-    // The same bytes have the same canonical form (every root's case).
+    // The same bytes have the same canonical form (every root's case):
+    // neither is canonicalised.
     if subject == issuer {
         return true;
     }
     match (canonical_name(subject), canonical_name(issuer)) {
         (Ok(s), Ok(i)) => s == i,
-        _ => subject == issuer,
+        _ => false,
     }
 }
 

@@ -937,9 +937,9 @@ impl Daemon {
 /// Hands the allocator's free pages back to the kernel. A start's peak
 /// (the configuration's parse tree, the run threads' work) is freed by the
 /// time every bundle is ready, but glibc keeps the pages of its arenas
-/// mapped where free chunks lie between live ones: at 1,000 bundles, 1.7
-/// MiB kept for the daemon's life (ARCHITECTURE.md, "The event loop"). musl's
-/// allocator has no such call and is left alone.
+/// mapped where free chunks lie between live ones: at 1,000 bundles, 1 to
+/// 1.7 MiB kept for the daemon's life (ARCHITECTURE.md, "The event loop").
+/// musl's allocator has no such call and is left alone.
 #[allow(unsafe_code)]
 fn release_free_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]

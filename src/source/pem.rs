@@ -136,7 +136,8 @@ pub fn frame(bytes: &[u8]) -> Result<Framed, FrameError> {
         if kind.is_some() {
             // Whitespace inside a line is tolerated, as OpenSSL does; a
             // line without any (every writer's) is copied whole, not byte
-            // by byte: this loop is most of reading a large directory.
+            // by byte, which was the largest user-space cost of reading
+            // 10,000 one-CA files.
             if line.iter().any(u8::is_ascii_whitespace) {
                 body.extend(line.iter().filter(|b| !b.is_ascii_whitespace()));
             } else {
