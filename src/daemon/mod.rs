@@ -260,8 +260,8 @@ pub struct Daemon {
     ),
     /// Held until the watches are set (or [`WATCH_FIRST`] passed).
     hold_renders: bool,
-    /// Free heap pages go back to the kernel once every bundle is ready:
-    /// set by each configuration taken, the first one at start.
+    /// Free heap pages go back to the kernel once every entry's first run
+    /// has finished: set by each configuration taken, the first at start.
     trim_when_ready: bool,
 }
 
@@ -365,7 +365,9 @@ impl Daemon {
                         self.finished(finished);
                     }
                     self.report_status();
-                    if self.trim_when_ready && self.tally.ready() {
+                    // Refused bundles count: one bad source must not
+                    // keep the start's peak mapped for good.
+                    if self.trim_when_ready && self.tally.started() {
                         self.trim_when_ready = false;
                         release_free_memory();
                     }
@@ -936,7 +938,7 @@ impl Daemon {
 
 /// Hands the allocator's free pages back to the kernel. A start's peak
 /// (the configuration's parse tree, the run threads' work) is freed by the
-/// time every bundle is ready, but glibc keeps the pages of its arenas
+/// time every entry has run once, but glibc keeps the pages of its arenas
 /// mapped where free chunks lie between live ones: at 1,000 bundles, 1 to
 /// 1.7 MiB kept for the daemon's life (ARCHITECTURE.md, "The event loop").
 /// musl's allocator has no such call and is left alone.
