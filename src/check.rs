@@ -140,12 +140,13 @@ fn inspect_file(path: &Path, shown: &Path, named: bool, at: i64, findings: &mut 
 }
 
 fn report(anchor: &Anchor, at: i64) -> Report {
+    let (issuer, serial) = anchor.issuer_and_serial();
     Report {
         path: anchor.origin.to_path_buf(),
         index: anchor.index,
         subject: anchor.subject.clone(),
-        issuer: anchor.issuer(),
-        serial: anchor.serial(),
+        issuer,
+        serial,
         not_before: rfc3339(anchor.not_before),
         not_after: rfc3339(anchor.not_after),
         sha256: anchor.fingerprint(),

@@ -165,24 +165,15 @@ impl Anchor {
         }
     }
 
-    /// The issuer, RFC 4514-style as x509-parser renders it.
-    pub fn issuer(&self) -> String {
-        self.reparsed()
-            .map_or_else(String::new, |c| c.issuer().to_string())
-    }
-
-    /// Big-endian magnitude, lowercase hex, as `openssl x509 -serial`
-    /// prints it (lowercased).
-    pub fn serial(&self) -> String {
-        self.reparsed()
-            .map_or_else(String::new, |c| serial_hex(c.raw_serial()))
-    }
-
-    /// The certificate parsed again: it parsed once, it parses the same.
-    fn reparsed(&self) -> Option<X509Certificate<'_>> {
-        X509Certificate::from_der(&self.der)
-            .ok()
-            .map(|(_, cert)| cert)
+    /// The issuer, RFC 4514-style as x509-parser renders it, and the
+    /// serial: big-endian magnitude, lowercase hex, as `openssl x509
+    /// -serial` prints it (lowercased). Read from the DER again (it parsed
+    /// once, it parses the same): only `check` prints them.
+    pub fn issuer_and_serial(&self) -> (String, String) {
+        X509Certificate::from_der(&self.der).map_or_else(
+            |_| (String::new(), String::new()),
+            |(_, cert)| (cert.issuer().to_string(), serial_hex(cert.raw_serial())),
+        )
     }
 
     /// Lowercase hex SHA-256 of the DER, no colons.

@@ -262,7 +262,7 @@ pub struct Daemon {
     hold_renders: bool,
     /// Free heap pages go back to the kernel once every entry's first run
     /// has finished: set by each configuration taken, the first at start.
-    trim_when_ready: bool,
+    trim_pending: bool,
 }
 
 impl Daemon {
@@ -311,7 +311,7 @@ impl Daemon {
             done,
             refreshed: mpsc::unbounded_channel(),
             hold_renders: true,
-            trim_when_ready: false,
+            trim_pending: false,
         };
         daemon.apply(config);
         Ok(daemon)
@@ -367,8 +367,8 @@ impl Daemon {
                     self.report_status();
                     // Refused bundles count: one bad source must not
                     // keep the start's peak mapped for good.
-                    if self.trim_when_ready && self.tally.started() {
-                        self.trim_when_ready = false;
+                    if self.trim_pending && self.tally.started() {
+                        self.trim_pending = false;
                         release_free_memory();
                     }
                 }
@@ -469,7 +469,7 @@ impl Daemon {
     /// still configured keep their state (same bytes at the same path: no
     /// rewrite, no reload), those gone are dropped.
     fn apply(&mut self, config: Config) {
-        self.trim_when_ready = true;
+        self.trim_pending = true;
         let state_dir = config.daemon.state_dir.clone();
         let mut wanted: Vec<Target> = config
             .bundles

@@ -327,8 +327,8 @@ fn fill_dir(dir: &Path, files: &[Entry<'_>], marker: Option<u32>) -> io::Result<
     // mode may not be what they got: the umask took bits from it, or the
     // directory inherited a default ACL, under which the kernel ignores the
     // umask and masks the mode with the ACL instead.
-    let acl = inherits_default_acl(&handle);
-    let needs_chmod = |mode: u32| acl || umask().is_none_or(|mask| mode & mask != 0);
+    let (acl, umask) = (inherits_default_acl(&handle), umask());
+    let needs_chmod = |mode: u32| acl || umask.is_none_or(|mask| mode & mask != 0);
     let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_CLOEXEC;
     // The marker, when there is one, is one more file.
     let marker = marker.map(|mode| (MARKER, MARKER_TEXT, mode));

@@ -94,29 +94,25 @@ fn pem_bundle_after(bundle: &Bundle, old: &Bundle, bytes: &[u8]) -> Vec<u8> {
 /// stops at the first gap), in the bundle's order, so the names are stable
 /// for a given set.
 fn openssl_dir(bundle: &Bundle) -> Vec<(String, Vec<u8>)> {
-    // The hashes on all cores; the numbering in order, on one thread.
-    let hashes = crate::parallel::map(bundle.anchors(), |anchor| anchor.subject_hash());
-    let mut counts: std::collections::HashMap<u32, usize> = std::collections::HashMap::new();
-    let names: Vec<String> = hashes
-        .into_iter()
-        .map(|hash| {
-            let n = counts.entry(hash).or_insert(0);
-            *n += 1;
-            format!("{}.{}", hash_hex(hash), *n - 1)
-        })
-        .collect();
-    // Each certificate is encoded once, for its file and its part of the
-    // bundle file; ten thousand of them on all cores.
-    let bodies = crate::parallel::map(bundle.anchors(), |anchor| {
+    // Each certificate's hash and PEM, on all cores in one pass (ten
+    // thousand of them); each is encoded once, for its file and its part
+    // of the bundle file. The numbering goes in order, on one thread.
+    let encoded = crate::parallel::map(bundle.anchors(), |anchor| {
         let mut body = Vec::with_capacity(pem::encoded_len(CERTIFICATE, anchor.der.len()));
         pem::encode(CERTIFICATE, &anchor.der, &mut body);
-        body
+        (anchor.subject_hash(), body)
     });
-    let mut all = Vec::with_capacity(bodies.iter().map(Vec::len).sum());
-    for body in &bodies {
+    let mut all = Vec::with_capacity(encoded.iter().map(|(_, body)| body.len()).sum());
+    for (_, body) in &encoded {
         all.extend_from_slice(body);
     }
-    let mut files: Vec<(String, Vec<u8>)> = names.into_iter().zip(bodies).collect();
+    let mut counts: std::collections::HashMap<u32, usize> = std::collections::HashMap::new();
+    let mut files: Vec<(String, Vec<u8>)> = Vec::with_capacity(encoded.len() + 1);
+    for (hash, body) in encoded {
+        let n = counts.entry(hash).or_insert(0);
+        files.push((format!("{}.{}", hash_hex(hash), *n), body));
+        *n += 1;
+    }
     files.push((OPENSSL_DIR_BUNDLE.to_owned(), all));
     files.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     files
