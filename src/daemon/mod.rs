@@ -18,6 +18,7 @@
 //! every output of the bundle holds the new content. On shutdown the loop
 //! stops watching and gives in-flight reloads a grace period.
 
+mod agenda;
 mod runs;
 mod tally;
 mod target;
@@ -42,6 +43,7 @@ use crate::source::Source;
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::status::{Pings, Status};
 use crate::watch::{Change, Events, Routes, Watch, WatchError, WatchPoint, watch_points};
+use agenda::Agenda;
 use runs::{Job, Runs};
 use tally::{Standing, State, Tally};
 pub use target::{Kind, Target};
@@ -231,6 +233,8 @@ pub struct Daemon {
     entries: BTreeMap<u64, Entry>,
     /// The status line's counts, kept with `entries`.
     tally: Tally,
+    /// What a wake-up must look at, kept with `entries`.
+    agenda: Agenda,
     next_id: u64,
     clock: Clock,
     watch: WatchSlot,
@@ -294,6 +298,7 @@ impl Daemon {
             config: config.clone(),
             entries: BTreeMap::new(),
             tally: Tally::default(),
+            agenda: Agenda::default(),
             next_id: 0,
             clock,
             watch,
@@ -340,15 +345,8 @@ impl Daemon {
             let debounce_at = burst.map(|(first, last)| {
                 (last + self.config.daemon.debounce).min(first + self.config.daemon.debounce_max)
             });
-            let expiry_at = self.entries.values().filter_map(|e| e.next_change).min();
-            // Only an idle, clean entry waits for its retry: once marked or
-            // running, the retry is under way.
-            let retry_at = self
-                .entries
-                .values()
-                .filter(|e| e.target.is_some() && e.dirty == Dirty::Clean)
-                .filter_map(|e| e.retry.map(|(at, _)| at))
-                .min();
+            let expiry_at = self.agenda.expiry_at(&self.entries);
+            let retry_at = self.agenda.retry_at(&self.entries);
             let held_until = self.hold_renders.then_some(watch_first);
             let admit_at = self.runs.admit_at();
             tokio::select! {
@@ -395,9 +393,10 @@ impl Daemon {
                     let mut queued = HashSet::new();
                     for (id, entry) in &mut self.entries {
                         if entry.next_change.is_some_and(|t| t <= now) {
-                            entry.next_change = None;
+                            self.agenda.next_change_moved(entry.next_change.take(), None);
                             entry.urgent = true;
                             entry.dirty.add(Dirty::Sources(HashSet::new()));
+                            self.agenda.mark(*id);
                             if entry.target.is_none() {
                                 queued.insert(*id);
                             }
@@ -408,9 +407,10 @@ impl Daemon {
                 }
                 () = sleep_until(retry_at) => {
                     let now = Instant::now();
-                    for entry in self.entries.values_mut() {
+                    for (id, entry) in &mut self.entries {
                         if entry.retry.is_some_and(|(at, _)| at <= now) {
                             entry.dirty.add(Dirty::Sources(HashSet::new()));
+                            self.agenda.mark(*id);
                         }
                     }
                 }
@@ -559,6 +559,7 @@ impl Daemon {
         self.reloader.retain(&specs);
         self.config = config;
         self.rewatch = true;
+        self.agenda.mark_everyone();
     }
 
     /// A watch event: the sources it concerns wait for the debounce.
@@ -594,6 +595,7 @@ impl Daemon {
         for (id, dirty) in self.pending.drain() {
             if let Some(entry) = self.entries.get_mut(&id) {
                 entry.dirty.add(dirty);
+                self.agenda.mark(id);
             }
         }
     }
@@ -604,6 +606,7 @@ impl Daemon {
         for entry in self.entries.values_mut() {
             entry.dirty = Dirty::All;
         }
+        self.agenda.mark_everyone();
     }
 
     /// Queues the run of every dirty target that is not already queued or
@@ -613,20 +616,11 @@ impl Daemon {
         if self.hold_renders {
             return;
         }
-        let mut ready: Vec<(Kind, u64)> = self
-            .entries
-            .iter()
-            .filter(|(_, e)| e.target.is_some() && e.dirty != Dirty::Clean)
-            .map(|(id, e)| (e.kind, *id))
-            .collect();
-        if ready.is_empty() {
+        let due = self.agenda.due(&self.entries);
+        if due.is_empty() {
             return;
         }
-        ready.sort_unstable();
-        let jobs: Vec<Job> = ready
-            .into_iter()
-            .filter_map(|(_, id)| self.job(id))
-            .collect();
+        let jobs: Vec<Job> = due.into_iter().filter_map(|id| self.job(id)).collect();
         self.runs.push(jobs);
     }
 
@@ -713,6 +707,7 @@ impl Daemon {
         };
         if entry.removed {
             self.tally.change(id, Some(entry.standing()), None);
+            self.agenda.next_change_moved(entry.next_change, None);
             self.entries.remove(&id);
             return;
         }
@@ -724,7 +719,8 @@ impl Daemon {
         match outcome {
             Outcome::Rendered(Ok(report)) => {
                 entry.refusal = None;
-                entry.next_change = report.next_change;
+                let old = std::mem::replace(&mut entry.next_change, report.next_change);
+                self.agenda.next_change_moved(old, entry.next_change);
                 if report.failed.is_empty() {
                     entry.retry = None;
                     let first = !entry.rendered;
@@ -744,6 +740,7 @@ impl Daemon {
                         .saturating_mul(1 << (attempt - 1).min(8))
                         .min(MAX_RETRY);
                     entry.retry = Some((Instant::now() + wait, attempt));
+                    self.agenda.retry_set();
                 }
                 if let (Some(outputs), Target::Bundle(state)) = (&report.reload, &target) {
                     for spec in &state.config.reloads {
@@ -764,14 +761,16 @@ impl Daemon {
                 }
             }
             Outcome::Rendered(Err(refusal)) => {
-                entry.next_change = None;
+                self.agenda
+                    .next_change_moved(entry.next_change.take(), None);
                 entry.refusal = Some(refusal.reason());
                 // Nothing to write until the sources change.
                 entry.retry = None;
             }
             Outcome::Checked(result) => {
                 if let Target::KeyPair(pair) = &target {
-                    entry.next_change = pair.next_change;
+                    let old = std::mem::replace(&mut entry.next_change, pair.next_change);
+                    self.agenda.next_change_moved(old, entry.next_change);
                     if matches!(result, keypair::Outcome::Held(_)) {
                         self.metrics.refused(&entry.name, "keypair");
                     }
@@ -784,6 +783,7 @@ impl Daemon {
             entry.dirty = Dirty::All;
         }
         entry.target = Some(target);
+        self.agenda.mark(id);
         self.tally.change(id, Some(before), Some(entry.standing()));
         // Key pairs that chain to a bundle that changed are checked again
         // (the configuration says whether any does: a thousand bundles at
@@ -794,13 +794,14 @@ impl Daemon {
                 .iter()
                 .any(|k| k.chain_to.as_deref() == Some(bundle.as_str()))
         }) {
-            for e in self.entries.values_mut() {
+            for (id, e) in &mut self.entries {
                 let chains = matches!(&e.target, Some(Target::KeyPair(k))
                     if k.config.chain_to.as_deref() == Some(bundle.as_str()))
                     || matches!(&e.reconfigured, Some(Target::KeyPair(k))
                     if k.config.chain_to.as_deref() == Some(bundle.as_str()));
                 if e.kind == Kind::KeyPair && (chains || e.target.is_none()) {
                     e.dirty.add(Dirty::All);
+                    self.agenda.mark(*id);
                 }
             }
         }
@@ -916,8 +917,11 @@ impl Daemon {
             Ok(gained) if !first => {
                 for index in gained {
                     let id = self.route_ids.get(index).copied();
-                    if let Some(entry) = id.and_then(|id| self.entries.get_mut(&id)) {
+                    if let Some((id, entry)) =
+                        id.and_then(|id| Some((id, self.entries.get_mut(&id)?)))
+                    {
                         entry.dirty.add(Dirty::All);
+                        self.agenda.mark(id);
                     }
                 }
             }
@@ -930,6 +934,7 @@ impl Daemon {
                 for entry in self.entries.values_mut() {
                     entry.dirty.add(Dirty::All);
                 }
+                self.agenda.mark_everyone();
             }
         }
         self.hold_renders = false;

@@ -304,9 +304,7 @@ async fn a_sighup_during_a_render_still_reloads_its_change() {
         ca("One", now - 60, now + 86_400) + &ca("Two", now - 60, now + 86_400),
     )
     .expect("write");
-    for entry in daemon.entries.values_mut() {
-        entry.dirty = Dirty::All;
-    }
+    daemon.mark_all();
     daemon.dispatch();
     // SIGHUP while the render runs: the bundle now reloads with WINCH.
     let mut fresh = config;
