@@ -42,6 +42,10 @@ fn runs_at_once() -> usize {
 /// The queue's room kept once it is empty.
 const KEPT_ROOM: usize = 16;
 
+/// While jobs wait, the outcomes of this many runs go back to the loop
+/// together (see [`Shared::report`]).
+const REPORTED_TOGETHER: usize = 16;
+
 /// One target's run: the target, moved out of its entry, and its work.
 pub struct Job {
     pub id: u64,
@@ -72,6 +76,8 @@ struct Shared {
 #[derive(Default)]
 struct State {
     queue: VecDeque<Job>,
+    /// Runs done, their outcomes not yet sent to the loop.
+    finished: Vec<Finished>,
     /// The threads taking from the queue.
     threads: Vec<Thread>,
     next_thread: u64,
@@ -116,6 +122,32 @@ impl State {
     fn wants_thread(&self, now: Instant, queued: usize) -> bool {
         let (counted, idle) = self.counts(now);
         counted < runs_at_once() && idle < queued
+    }
+
+    /// The next job, and the outcomes held back (see [`Shared::report`]):
+    /// they go out with the last job taken, which may hang.
+    fn take(&mut self) -> (Option<Job>, Vec<Finished>) {
+        let job = self.queue.pop_front();
+        let finished = if self.queue.is_empty() {
+            std::mem::take(&mut self.finished)
+        } else {
+            Vec::new()
+        };
+        (job, finished)
+    }
+
+    /// A run's outcome; the outcomes to send to the loop now.
+    fn finish(&mut self, finished: Finished, urgent: bool) -> Vec<Finished> {
+        self.finished.push(finished);
+        let now = urgent
+            || self.closed
+            || self.queue.is_empty()
+            || self.finished.len() >= REPORTED_TOGETHER;
+        if now {
+            std::mem::take(&mut self.finished)
+        } else {
+            Vec::new()
+        }
     }
 
     /// See [`Runs::admit_at`], with `queued` jobs waiting.
@@ -171,6 +203,10 @@ impl Runs {
     pub fn admit(&self) {
         let mut state = self.shared.lock();
         self.top_up(&mut state);
+        // The threads that would have sent them may all be stuck.
+        let finished = std::mem::take(&mut state.finished);
+        drop(state);
+        self.shared.send(finished);
     }
 
     fn top_up(&self, state: &mut MutexGuard<'_, State>) {
@@ -209,7 +245,12 @@ impl Runs {
 
     /// Takes back every queued (not started) job.
     pub fn take_queued(&self) -> Vec<Job> {
-        self.shared.lock().queue.drain(..).collect()
+        let mut state = self.shared.lock();
+        let jobs = state.queue.drain(..).collect();
+        let finished = std::mem::take(&mut state.finished);
+        drop(state);
+        self.shared.send(finished);
+        jobs
     }
 
     /// Empties the queue and takes no more: threads end after the run in
@@ -247,20 +288,45 @@ impl Shared {
     /// A thread's life: the next job, until the queue is empty.
     fn work(&self, key: u64) {
         loop {
-            let job = {
+            let (job, finished) = {
                 let mut state = self.lock();
-                let Some(job) = state.queue.pop_front() else {
+                let (job, finished) = state.take();
+                if job.is_some() {
+                    state.mark(key, true);
+                } else {
                     state.threads.retain(|t| t.key != key);
                     // A thousand jobs at start need not keep their room
                     // for the daemon's life.
                     state.queue.shrink_to(KEPT_ROOM);
-                    return;
-                };
-                state.mark(key, true);
-                job
+                }
+                (job, finished)
+            };
+            self.send(finished);
+            let Some(job) = job else {
+                return;
             };
             self.run(job);
             self.lock().mark(key, false);
+        }
+    }
+
+    /// A run's outcome goes back to the loop. While jobs wait (a start, a
+    /// rescan: a thousand runs), outcomes go back [`REPORTED_TOGETHER`] at
+    /// a time: one wake-up of the loop, one status line and one reload of
+    /// a shared action for all of them, not one each. They are held only
+    /// while jobs wait, and in the shared state, not in a thread: the
+    /// thread that takes the last job sends them (that job may hang), and
+    /// if every thread is stuck the loop takes them at its next admission
+    /// ([`Runs::admit`], within [`STUCK_RUN`]: the loop always has one
+    /// while jobs wait). An expiry's outcome goes at once.
+    fn report(&self, finished: Finished, urgent: bool) {
+        let ready = self.lock().finish(finished, urgent);
+        self.send(ready);
+    }
+
+    fn send(&self, finished: Vec<Finished>) {
+        for f in finished {
+            let _ = self.done.send(f);
         }
     }
 
@@ -270,7 +336,7 @@ impl Shared {
             id,
             mut target,
             work,
-            urgent: _,
+            urgent,
             direct,
         } = job;
         self.status.run_started(id, target.name());
@@ -293,12 +359,15 @@ impl Shared {
         };
         self.status.run_ended(id);
         // The outcome first: a signal that hangs holds only itself.
-        let _ = self.done.send(Finished {
-            id,
-            target,
-            outcome,
-            reloaded,
-        });
+        self.report(
+            Finished {
+                id,
+                target,
+                outcome,
+                reloaded,
+            },
+            urgent,
+        );
         if let Some(claimed) = claimed {
             claimed.run();
         }
@@ -308,6 +377,83 @@ impl Shared {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cli::Flags;
+    use crate::config::Config;
+    use crate::render::BundleState;
+
+    /// A bundle target (never run here).
+    fn target() -> Target {
+        let flags = Flags {
+            sources: vec!["/nonexistent/ca.pem".into()],
+            outputs: vec!["/nonexistent/out.pem".into()],
+            ..Flags::default()
+        };
+        let config = Config::load(&flags, false).expect("config");
+        Target::Bundle(Box::new(BundleState::new(config.bundles[0].clone(), None)))
+    }
+
+    fn job(id: u64) -> Job {
+        Job {
+            id,
+            target: target(),
+            work: Work::Render {
+                only: None,
+                recheck_disk: false,
+            },
+            urgent: false,
+            direct: None,
+        }
+    }
+
+    fn done(id: u64) -> Finished {
+        Finished {
+            id,
+            target: target(),
+            outcome: target::Outcome::Checked(crate::keypair::Outcome::Unchanged),
+            reloaded: None,
+        }
+    }
+
+    fn ids(finished: &[Finished]) -> Vec<u64> {
+        finished.iter().map(|f| f.id).collect()
+    }
+
+    /// Outcomes wait only while jobs do: the thread that takes the last
+    /// job sends them before it runs it (it may hang there).
+    #[test]
+    fn outcomes_are_held_only_while_jobs_wait() {
+        let mut state = State::default();
+        state.queue.extend((0..4).map(job));
+        let (first, none) = state.take();
+        assert_eq!((first.map(|j| j.id), ids(&none)), (Some(0), vec![]));
+        let _ = state.take();
+        assert!(ids(&state.finish(done(0), false)).is_empty());
+        assert!(ids(&state.finish(done(1), false)).is_empty());
+        let _ = state.take();
+        // The last job: the outcomes held go with it.
+        let (last, held) = state.take();
+        assert_eq!((last.map(|j| j.id), ids(&held)), (Some(3), vec![0, 1]));
+        // Nothing waits: each outcome goes at once.
+        assert_eq!(ids(&state.finish(done(2), false)), [2]);
+        assert_eq!(state.take().1.len(), 0);
+    }
+
+    #[test]
+    fn outcomes_go_by_the_batch_and_an_expiry_at_once() {
+        let mut state = State::default();
+        state.queue.extend((0..100).map(job));
+        let mut sent = Vec::new();
+        for id in 0..(REPORTED_TOGETHER as u64 * 2 + 1) {
+            sent.extend(ids(&state.finish(done(id), false)));
+        }
+        assert_eq!(sent.len(), REPORTED_TOGETHER * 2, "{sent:?}");
+        // An expiry's outcome takes the one held with it.
+        let urgent = ids(&state.finish(done(1_000), true));
+        assert_eq!(urgent, [REPORTED_TOGETHER as u64 * 2, 1_000]);
+        // Once closed, nothing is held.
+        state.closed = true;
+        assert_eq!(ids(&state.finish(done(2_000), false)), [2_000]);
+    }
 
     fn threads(n: usize, running: bool, since: Instant) -> State {
         State {
