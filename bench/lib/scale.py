@@ -67,6 +67,8 @@ class Row:
         self.renders = "-"  # anchorage: bundle renders logged per swap
         self.warnings = 0
         self.first_warning = ""
+        self.failed = False  # did not get ready: no more starts
+        self.seconds = 0.0
 
 
 def main():
@@ -137,7 +139,6 @@ def main():
                     % (name, d, os.path.join(out_dir, name + ".pem"), pidfile))
 
     glob_all = vols + "/v*/..data/*"
-    rows = []
 
     # ---- anchorage
     def anchorage_a(binary):
@@ -152,8 +153,10 @@ def main():
     def anchorage_b(binary):
         return lambda tpid: [binary, "run", "--config", config]
 
-    # The baseline's rows follow the current binary's, same settings, so
-    # both see the machine in the same minutes.
+    # The starts go round the rows (start 1 of every row, then start 2, ...)
+    # and the swaps are measured in the last round: the current binary, the
+    # static build and the baseline see the machine in the same minutes,
+    # and a busy minute falls on every row alike.
     specs = []
     for job, make, what, bundle_path, which, renders in (
             ("a", anchorage_a, "(a) 1 bundle x %d sources" % n, all_out, "total", 1),
@@ -181,13 +184,13 @@ def main():
     specs.append(("floor: driver signals", "floor", None, os.path.join(dirs[hot], "ca.crt"), "dir", 0, None,
                   False))
 
-    for label, kind, make, bundle_path, which, renders, job, baseline in specs:
-        row = Row(label, job, baseline)
-        rows.append(row)
-        t_row = time.monotonic()
-        starts = 1 if kind == "floor" else args.starts
-        for s in range(starts):
-            last = s == starts - 1
+    rows = [Row(spec[0], spec[6], spec[7]) for spec in specs]
+    for s in range(args.starts):
+        last = s == args.starts - 1
+        for row, (label, kind, make, bundle_path, which, renders, job, baseline) in zip(rows, specs):
+            if row.failed or (kind == "floor" and not last):
+                continue
+            t_row = time.monotonic()
             for x in os.listdir(out_dir):
                 os.unlink(os.path.join(out_dir, x))
             target = bl.Target(target_cmd, bundle_path, pidfile)
@@ -205,7 +208,8 @@ def main():
                                     target, which)
                     if not ok:
                         row.note = row.note or "did not get ready within 120 s"
-                        break
+                        row.failed = True
+                        continue
                     time.sleep(1.0)
                     row.rss.append(bl.rss_mib(bl.session_pids(tool.pid)))
                 if not last:
@@ -239,7 +243,10 @@ def main():
                 if errors:
                     row.warnings += len(errors)
                     row.first_warning = row.first_warning or errors[0]
-        print("  %-40s done in %5.1fs" % (label, time.monotonic() - t_row), file=sys.stderr, flush=True)
+            row.seconds += time.monotonic() - t_row
+        print("  round %d of %d done" % (s + 1, args.starts), file=sys.stderr, flush=True)
+    for row in rows:
+        print("  %-40s %5.1fs" % (row.label, row.seconds), file=sys.stderr, flush=True)
 
     print()
     print("scale: %d kubelet-style Secret directories (volumes on tmpfs, outputs on tmpfs); start-up "
