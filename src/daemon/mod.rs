@@ -110,8 +110,8 @@ struct Entry {
     /// Its first run has not finished: a reload target that does not exist
     /// yet is skipped, not retried.
     initial: bool,
-    /// The next render was caused by an expiry: its reload is not held
-    /// back by `min_interval`.
+    /// The next run is caused by an expiry: it goes ahead of the queue,
+    /// and its reload is not held back by `min_interval`.
     urgent: bool,
     /// The next instant (unix seconds) it changes by itself.
     next_change: Option<i64>,
@@ -206,6 +206,8 @@ struct Finished {
     outcome: Outcome,
     /// The reload action the run already claimed or queued itself.
     reloaded: Option<ReloadSpec>,
+    /// The run was caused by an expiry.
+    urgent: bool,
 }
 
 /// A watch refresh that came back: the watcher, the entry ids its bundle
@@ -402,8 +404,13 @@ impl Daemon {
                             }
                         }
                     }
-                    // A run already queued goes ahead too.
-                    self.runs.hurry(|id| queued.contains(&id));
+                    // A run already queued goes ahead too, and carries the
+                    // urgency; one in flight leaves it to the next run.
+                    for id in self.runs.hurry(|id| queued.contains(&id)) {
+                        if let Some(entry) = self.entries.get_mut(&id) {
+                            entry.urgent = false;
+                        }
+                    }
                 }
                 () = sleep_until(retry_at) => {
                     let now = Instant::now();
@@ -458,8 +465,12 @@ impl Daemon {
             self.start_rewatch();
             self.dispatch();
         }
-        // Stop watching and rendering, then let in-flight reloads finish.
+        // Stop watching and rendering; what came back (the outcomes held
+        // too) still asks for its reloads, and they get the grace period.
         self.runs.close();
+        while let Ok(finished) = self.done.1.try_recv() {
+            self.finished(finished);
+        }
         self.watch = WatchSlot::Off;
         self.events = None;
         self.reloader.close(Some(SHUTDOWN_GRACE)).await;
@@ -507,6 +518,7 @@ impl Daemon {
         for job in self.runs.take_queued() {
             match self.entries.get_mut(&job.id) {
                 Some(entry) if !entry.removed => {
+                    entry.urgent |= job.urgent;
                     entry.recheck_disk |= matches!(
                         job.work,
                         Work::Render {
@@ -664,6 +676,7 @@ impl Daemon {
         let target = entry.target.take()?;
         entry.dirty = Dirty::Clean;
         entry.recheck_disk = false;
+        let urgent = std::mem::take(&mut entry.urgent);
         // A bundle's one reload, a signal only it names, leaves from the
         // run's own thread once the outputs are in place, when nothing else
         // holds the action (ARCHITECTURE.md, "The event loop").
@@ -678,7 +691,7 @@ impl Daemon {
             let request = Request {
                 names: [entry.name.clone()].into(),
                 startup: entry.initial,
-                urgent: entry.urgent,
+                urgent,
                 ..Request::default()
             };
             (direct, request)
@@ -687,7 +700,7 @@ impl Daemon {
             id,
             target,
             work,
-            urgent: entry.urgent,
+            urgent,
             direct,
         })
     }
@@ -700,6 +713,7 @@ impl Daemon {
             target,
             outcome,
             reloaded,
+            urgent,
         }: Finished,
     ) {
         let Some(entry) = self.entries.get_mut(&id) else {
@@ -713,7 +727,6 @@ impl Daemon {
         }
         let before = entry.standing();
         let initial = std::mem::replace(&mut entry.initial, false);
-        let urgent = std::mem::take(&mut entry.urgent);
         let mut target = target;
         let mut chained_changed = None;
         match outcome {

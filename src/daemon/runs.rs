@@ -46,6 +46,10 @@ const KEPT_ROOM: usize = 16;
 /// together (see [`Shared::report`]).
 const REPORTED_TOGETHER: usize = 16;
 
+/// An outcome held this long goes back with the next run that ends, however
+/// few are held: runs that are slow, not stuck, do not hold it back longer.
+const REPORTED_WITHIN: Duration = Duration::from_millis(50);
+
 /// One target's run: the target, moved out of its entry, and its work.
 pub struct Job {
     pub id: u64,
@@ -76,8 +80,10 @@ struct Shared {
 #[derive(Default)]
 struct State {
     queue: VecDeque<Job>,
-    /// Runs done, their outcomes not yet sent to the loop.
+    /// Runs done, their outcomes not yet sent to the loop, and since when
+    /// the first of them waits.
     finished: Vec<Finished>,
+    held_since: Option<Instant>,
     /// The threads taking from the queue.
     threads: Vec<Thread>,
     next_thread: u64,
@@ -129,7 +135,7 @@ impl State {
     fn take(&mut self) -> (Option<Job>, Vec<Finished>) {
         let job = self.queue.pop_front();
         let finished = if self.queue.is_empty() {
-            std::mem::take(&mut self.finished)
+            self.held()
         } else {
             Vec::new()
         };
@@ -137,17 +143,22 @@ impl State {
     }
 
     /// A run's outcome; the outcomes to send to the loop now.
-    fn finish(&mut self, finished: Finished, urgent: bool) -> Vec<Finished> {
+    fn finish(&mut self, finished: Finished, now: Instant) -> Vec<Finished> {
+        let urgent = finished.urgent;
         self.finished.push(finished);
-        let now = urgent
+        let since = *self.held_since.get_or_insert(now);
+        let send = urgent
             || self.closed
             || self.queue.is_empty()
-            || self.finished.len() >= REPORTED_TOGETHER;
-        if now {
-            std::mem::take(&mut self.finished)
-        } else {
-            Vec::new()
-        }
+            || self.finished.len() >= REPORTED_TOGETHER
+            || now.saturating_duration_since(since) >= REPORTED_WITHIN;
+        if send { self.held() } else { Vec::new() }
+    }
+
+    /// Every outcome held, to be sent.
+    fn held(&mut self) -> Vec<Finished> {
+        self.held_since = None;
+        std::mem::take(&mut self.finished)
     }
 
     /// See [`Runs::admit_at`], with `queued` jobs waiting.
@@ -204,7 +215,7 @@ impl Runs {
         let mut state = self.shared.lock();
         self.top_up(&mut state);
         // The threads that would have sent them may all be stuck.
-        let finished = std::mem::take(&mut state.finished);
+        let finished = state.held();
         drop(state);
         self.shared.send(finished);
     }
@@ -234,20 +245,25 @@ impl Runs {
     }
 
     /// Moves the queued jobs `urgent` selects ahead of the others (an
-    /// expiry came while they waited).
-    pub fn hurry(&self, urgent: impl Fn(u64) -> bool) {
+    /// expiry came while they waited); the ids of those it found queued.
+    pub fn hurry(&self, urgent: impl Fn(u64) -> bool) -> Vec<u64> {
         let mut state = self.shared.lock();
+        let mut hurried = Vec::new();
         for job in &mut state.queue {
-            job.urgent |= urgent(job.id);
+            if urgent(job.id) {
+                job.urgent = true;
+                hurried.push(job.id);
+            }
         }
         to_front(&mut state.queue, |job| job.urgent);
+        hurried
     }
 
     /// Takes back every queued (not started) job.
     pub fn take_queued(&self) -> Vec<Job> {
         let mut state = self.shared.lock();
         let jobs = state.queue.drain(..).collect();
-        let finished = std::mem::take(&mut state.finished);
+        let finished = state.held();
         drop(state);
         self.shared.send(finished);
         jobs
@@ -255,10 +271,15 @@ impl Runs {
 
     /// Empties the queue and takes no more: threads end after the run in
     /// their hands.
+    /// The outcomes held are sent: the loop takes what has come back
+    /// before it lets the reloads finish.
     pub fn close(&self) {
         let mut state = self.shared.lock();
         state.closed = true;
         state.queue.clear();
+        let finished = state.held();
+        drop(state);
+        self.shared.send(finished);
     }
 }
 
@@ -318,9 +339,10 @@ impl Shared {
     /// thread that takes the last job sends them (that job may hang), and
     /// if every thread is stuck the loop takes them at its next admission
     /// ([`Runs::admit`], within [`STUCK_RUN`]: the loop always has one
-    /// while jobs wait). An expiry's outcome goes at once.
-    fn report(&self, finished: Finished, urgent: bool) {
-        let ready = self.lock().finish(finished, urgent);
+    /// while jobs wait). An expiry's outcome goes at once, and so does any
+    /// outcome once the first one held has waited [`REPORTED_WITHIN`].
+    fn report(&self, finished: Finished) {
+        let ready = self.lock().finish(finished, Instant::now());
         self.send(ready);
     }
 
@@ -359,15 +381,13 @@ impl Shared {
         };
         self.status.run_ended(id);
         // The outcome first: a signal that hangs holds only itself.
-        self.report(
-            Finished {
-                id,
-                target,
-                outcome,
-                reloaded,
-            },
+        self.report(Finished {
+            id,
+            target,
+            outcome,
+            reloaded,
             urgent,
-        );
+        });
         if let Some(claimed) = claimed {
             claimed.run();
         }
@@ -411,6 +431,7 @@ mod tests {
             target: target(),
             outcome: target::Outcome::Checked(crate::keypair::Outcome::Unchanged),
             reloaded: None,
+            urgent: false,
         }
     }
 
@@ -422,37 +443,53 @@ mod tests {
     /// job sends them before it runs it (it may hang there).
     #[test]
     fn outcomes_are_held_only_while_jobs_wait() {
+        let t0 = Instant::now();
         let mut state = State::default();
         state.queue.extend((0..4).map(job));
         let (first, none) = state.take();
         assert_eq!((first.map(|j| j.id), ids(&none)), (Some(0), vec![]));
         let _ = state.take();
-        assert!(ids(&state.finish(done(0), false)).is_empty());
-        assert!(ids(&state.finish(done(1), false)).is_empty());
+        assert!(ids(&state.finish(done(0), t0)).is_empty());
+        assert!(ids(&state.finish(done(1), t0)).is_empty());
         let _ = state.take();
         // The last job: the outcomes held go with it.
         let (last, held) = state.take();
         assert_eq!((last.map(|j| j.id), ids(&held)), (Some(3), vec![0, 1]));
         // Nothing waits: each outcome goes at once.
-        assert_eq!(ids(&state.finish(done(2), false)), [2]);
+        assert_eq!(ids(&state.finish(done(2), t0)), [2]);
         assert_eq!(state.take().1.len(), 0);
     }
 
     #[test]
     fn outcomes_go_by_the_batch_and_an_expiry_at_once() {
+        let t0 = Instant::now();
         let mut state = State::default();
         state.queue.extend((0..100).map(job));
         let mut sent = Vec::new();
         for id in 0..(REPORTED_TOGETHER as u64 * 2 + 1) {
-            sent.extend(ids(&state.finish(done(id), false)));
+            sent.extend(ids(&state.finish(done(id), t0)));
         }
         assert_eq!(sent.len(), REPORTED_TOGETHER * 2, "{sent:?}");
         // An expiry's outcome takes the one held with it.
-        let urgent = ids(&state.finish(done(1_000), true));
+        let expiry = Finished {
+            urgent: true,
+            ..done(1_000)
+        };
+        let urgent = ids(&state.finish(expiry, t0));
         assert_eq!(urgent, [REPORTED_TOGETHER as u64 * 2, 1_000]);
+        // Slow runs: the next one to end after REPORTED_WITHIN takes the
+        // ones held with it.
+        assert!(state.finish(done(1_001), t0).is_empty());
+        assert!(
+            state
+                .finish(done(1_002), t0 + REPORTED_WITHIN / 2)
+                .is_empty()
+        );
+        let late = ids(&state.finish(done(1_003), t0 + REPORTED_WITHIN));
+        assert_eq!(late, [1_001, 1_002, 1_003]);
         // Once closed, nothing is held.
         state.closed = true;
-        assert_eq!(ids(&state.finish(done(2_000), false)), [2_000]);
+        assert_eq!(ids(&state.finish(done(2_000), t0)), [2_000]);
     }
 
     fn threads(n: usize, running: bool, since: Instant) -> State {
