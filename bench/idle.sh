@@ -28,6 +28,7 @@ check_common_tools
 need readelf binutils || true
 build_anchorage
 build_static
+drop_page_cache "$ANCHORAGE" "$STATIC_BIN" "$BASELINE"
 make_scratch
 build_target
 WX=$(find_watchexec)

@@ -32,6 +32,7 @@ STARTS=${STARTS:-3}
 check_common_tools
 build_anchorage
 build_static
+drop_page_cache "$ANCHORAGE" "$STATIC_BIN" "$BASELINE"
 
 # Each tool needs about DIRS+1 watches; three tools may hold theirs at once
 # while a previous one exits.

@@ -63,18 +63,37 @@ build_anchorage() {
     fi
 }
 
-# build_static: unless STATIC=0, builds the binary docker/Dockerfile ships
-# (crt-static, --target <host>, in target/bench-static; minutes of LTO) and
-# sets STATIC_BIN to it; else leaves STATIC_BIN empty.
+# build_static: unless STATIC=0, builds the binary docker/Dockerfile ships,
+# with the script the Dockerfile runs (scripts/build-static: crt-static,
+# --target <host>, the start's functions laid out first; in
+# target/bench-static; minutes of LTO) and sets STATIC_BIN to it; else
+# leaves STATIC_BIN empty.
 build_static() {
     STATIC_BIN=
     [ "${STATIC:-1}" != 0 ] || return 0
     local host
     host=$(rustc -vV | awk '/^host:/ {print $2}')
-    say "building the static binary as docker/Dockerfile does (crt-static, --target $host)..."
-    (cd "$REPO" && RUSTFLAGS="-C target-feature=+crt-static" CARGO_TARGET_DIR="$REPO/target/bench-static" \
-        cargo build --release --quiet --target "$host" --bin anchorage)
-    STATIC_BIN="$REPO/target/bench-static/$host/release/anchorage"
+    say "building the static binary as docker/Dockerfile does (scripts/build-static $host)..."
+    STATIC_BIN="$REPO/target/bench-static/anchorage"
+    CARGO_TARGET_DIR="$REPO/target/bench-static" "$REPO/scripts/build-static" "$host" "$STATIC_BIN"
+}
+
+# drop_page_cache FILE...: the files' pages leave the page cache, so that
+# each binary is read the way exec reads it from disk. RSS counts the
+# binary's pages the kernel maps around each one a process runs, and how
+# many it maps depends on how the file sits in the cache: a binary just
+# written by the linker or cp measured 1 MiB more at idle than the same
+# file read back from disk.
+drop_page_cache() {
+    sync
+    python3 - "$@" <<'PY'
+import os, sys
+for path in sys.argv[1:]:
+    if path:
+        fd = os.open(path, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+PY
 }
 
 # describe_binary PATH: "<commit>[ + uncommitted src changes] (<bytes> bytes)",
