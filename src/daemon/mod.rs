@@ -701,6 +701,7 @@ impl Daemon {
             target,
             work,
             urgent,
+            next_change: entry.next_change,
             direct,
         })
     }

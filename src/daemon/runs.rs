@@ -57,6 +57,10 @@ pub struct Job {
     pub work: Work,
     /// Caused by an expiry: it goes ahead of the queue.
     pub urgent: bool,
+    /// The target's next change (unix seconds) when it was queued: a run
+    /// that starts at or after it renders the expiry, and is urgent even if
+    /// the loop has not seen the instant pass yet.
+    pub next_change: Option<i64>,
     /// The target's lone signal, sent from the run's thread once the
     /// outputs are in place, and the request it stands for.
     pub direct: Option<(Direct, Request)>,
@@ -216,7 +220,6 @@ impl Runs {
         self.top_up(&mut state);
         // The threads that would have sent them may all be stuck.
         let finished = state.held();
-        drop(state);
         self.shared.send(finished);
     }
 
@@ -264,21 +267,18 @@ impl Runs {
         let mut state = self.shared.lock();
         let jobs = state.queue.drain(..).collect();
         let finished = state.held();
-        drop(state);
         self.shared.send(finished);
         jobs
     }
 
     /// Empties the queue and takes no more: threads end after the run in
-    /// their hands.
-    /// The outcomes held are sent: the loop takes what has come back
-    /// before it lets the reloads finish.
+    /// their hands. The outcomes held are sent: the loop takes what has
+    /// come back before it lets the reloads finish.
     pub fn close(&self) {
         let mut state = self.shared.lock();
         state.closed = true;
         state.queue.clear();
         let finished = state.held();
-        drop(state);
         self.shared.send(finished);
     }
 }
@@ -309,7 +309,7 @@ impl Shared {
     /// A thread's life: the next job, until the queue is empty.
     fn work(&self, key: u64) {
         loop {
-            let (job, finished) = {
+            let job = {
                 let mut state = self.lock();
                 let (job, finished) = state.take();
                 if job.is_some() {
@@ -320,9 +320,9 @@ impl Shared {
                     // for the daemon's life.
                     state.queue.shrink_to(KEPT_ROOM);
                 }
-                (job, finished)
+                self.send(finished);
+                job
             };
-            self.send(finished);
             let Some(job) = job else {
                 return;
             };
@@ -331,7 +331,8 @@ impl Shared {
         }
     }
 
-    /// A run's outcome goes back to the loop. While jobs wait (a start, a
+    /// A run's outcome goes back to the loop (sent under the lock: the
+    /// channel never blocks). While jobs wait (a start, a
     /// rescan: a thousand runs), outcomes go back [`REPORTED_TOGETHER`] at
     /// a time: one wake-up of the loop, one status line and one reload of
     /// a shared action for all of them, not one each. They are held only
@@ -339,10 +340,14 @@ impl Shared {
     /// thread that takes the last job sends them (that job may hang), and
     /// if every thread is stuck the loop takes them at its next admission
     /// ([`Runs::admit`], within [`STUCK_RUN`]: the loop always has one
-    /// while jobs wait). An expiry's outcome goes at once, and so does any
-    /// outcome once the first one held has waited [`REPORTED_WITHIN`].
+    /// while jobs wait). An expiry's outcome goes at once, and the next run
+    /// to end after the first one held has waited [`REPORTED_WITHIN`] sends
+    /// them all.
     fn report(&self, finished: Finished) {
-        let ready = self.lock().finish(finished, Instant::now());
+        let mut state = self.lock();
+        let ready = state.finish(finished, Instant::now());
+        // Sent before the lock goes: `close` then finds every outcome
+        // either held or already on its way to the loop.
         self.send(ready);
     }
 
@@ -359,11 +364,14 @@ impl Shared {
             mut target,
             work,
             urgent,
+            next_change,
             direct,
         } = job;
         self.status.run_started(id, target.name());
         debug!(name = %target.name(), kind = ?target.kind(), ?work, "run started");
-        let outcome = target::run(&mut target, work, self.clock.now(), &self.metrics);
+        let now = self.clock.now();
+        let urgent = urgent || next_change.is_some_and(|at| at <= now);
+        let outcome = target::run(&mut target, work, now, &self.metrics);
         let (reloaded, claimed) = match (direct, super::reload_outputs(&outcome)) {
             (Some((direct, request)), Some(outputs)) => {
                 let spec = direct.spec().clone();
@@ -421,6 +429,7 @@ mod tests {
                 recheck_disk: false,
             },
             urgent: false,
+            next_change: None,
             direct: None,
         }
     }
@@ -458,6 +467,33 @@ mod tests {
         // Nothing waits: each outcome goes at once.
         assert_eq!(ids(&state.finish(done(2), t0)), [2]);
         assert_eq!(state.take().1.len(), 0);
+    }
+
+    /// An expiry the loop has not seen pass yet: the run that starts after
+    /// it renders it, and is urgent.
+    #[test]
+    fn a_run_that_starts_past_its_next_change_is_urgent() {
+        let (done, mut outcomes) = mpsc::unbounded_channel();
+        let shared = Shared {
+            state: Mutex::new(State::default()),
+            clock: Clock::System,
+            metrics: Arc::new(Metrics::new()),
+            status: Status::new().0,
+            done,
+        };
+        let now = Clock::System.now();
+        shared.run(Job {
+            next_change: Some(now - 1),
+            ..job(1)
+        });
+        shared.run(Job {
+            next_change: Some(now + 3_600),
+            ..job(2)
+        });
+        let first = outcomes.try_recv().expect("the first outcome");
+        let second = outcomes.try_recv().expect("the second outcome");
+        assert_eq!((first.id, first.urgent), (1, true));
+        assert_eq!((second.id, second.urgent), (2, false));
     }
 
     #[test]
