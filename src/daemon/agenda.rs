@@ -73,8 +73,9 @@ impl Agenda {
         due.into_iter().map(|(_, id)| id).collect()
     }
 
-    /// An entry's next change moved from `old` to `new`.
-    pub fn next_change_moved(&mut self, old: Option<i64>, new: Option<i64>) {
+    /// Sets an entry's next change (`slot`) to `new`, noting how it moved.
+    pub fn set_next_change(&mut self, slot: &mut Option<i64>, new: Option<i64>) {
+        let old = std::mem::replace(slot, new);
         let Some(earliest) = self.expiry else {
             return;
         };

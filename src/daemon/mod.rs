@@ -395,7 +395,7 @@ impl Daemon {
                     let mut queued = HashSet::new();
                     for (id, entry) in &mut self.entries {
                         if entry.next_change.is_some_and(|t| t <= now) {
-                            self.agenda.next_change_moved(entry.next_change.take(), None);
+                            self.agenda.set_next_change(&mut entry.next_change, None);
                             entry.urgent = true;
                             entry.dirty.add(Dirty::Sources(HashSet::new()));
                             self.agenda.mark(*id);
@@ -722,7 +722,7 @@ impl Daemon {
         };
         if entry.removed {
             self.tally.change(id, Some(entry.standing()), None);
-            self.agenda.next_change_moved(entry.next_change, None);
+            self.agenda.set_next_change(&mut entry.next_change, None);
             self.entries.remove(&id);
             return;
         }
@@ -733,8 +733,8 @@ impl Daemon {
         match outcome {
             Outcome::Rendered(Ok(report)) => {
                 entry.refusal = None;
-                let old = std::mem::replace(&mut entry.next_change, report.next_change);
-                self.agenda.next_change_moved(old, entry.next_change);
+                self.agenda
+                    .set_next_change(&mut entry.next_change, report.next_change);
                 if report.failed.is_empty() {
                     entry.retry = None;
                     let first = !entry.rendered;
@@ -775,16 +775,15 @@ impl Daemon {
                 }
             }
             Outcome::Rendered(Err(refusal)) => {
-                self.agenda
-                    .next_change_moved(entry.next_change.take(), None);
+                self.agenda.set_next_change(&mut entry.next_change, None);
                 entry.refusal = Some(refusal.reason());
                 // Nothing to write until the sources change.
                 entry.retry = None;
             }
             Outcome::Checked(result) => {
                 if let Target::KeyPair(pair) = &target {
-                    let old = std::mem::replace(&mut entry.next_change, pair.next_change);
-                    self.agenda.next_change_moved(old, entry.next_change);
+                    self.agenda
+                        .set_next_change(&mut entry.next_change, pair.next_change);
                     if matches!(result, keypair::Outcome::Held(_)) {
                         self.metrics.refused(&entry.name, "keypair");
                     }

@@ -219,8 +219,7 @@ impl Runs {
         let mut state = self.shared.lock();
         self.top_up(&mut state);
         // The threads that would have sent them may all be stuck.
-        let finished = state.held();
-        self.shared.send(finished);
+        self.shared.send(state.held());
     }
 
     fn top_up(&self, state: &mut MutexGuard<'_, State>) {
@@ -266,8 +265,7 @@ impl Runs {
     pub fn take_queued(&self) -> Vec<Job> {
         let mut state = self.shared.lock();
         let jobs = state.queue.drain(..).collect();
-        let finished = state.held();
-        self.shared.send(finished);
+        self.shared.send(state.held());
         jobs
     }
 
@@ -278,8 +276,7 @@ impl Runs {
         let mut state = self.shared.lock();
         state.closed = true;
         state.queue.clear();
-        let finished = state.held();
-        self.shared.send(finished);
+        self.shared.send(state.held());
     }
 }
 
