@@ -441,6 +441,10 @@ impl Watch {
             // recursive watch) has one watch: its events concern both.
             dirs.entry(w.wd).or_default().push(dir.clone());
         }
+        // Kept until the next refresh, one list per directory: most hold
+        // one item, and a push leaves room for four.
+        routes.values_mut().for_each(Vec::shrink_to_fit);
+        dirs.values_mut().for_each(Vec::shrink_to_fit);
         self.routes = Routes(Arc::new(RouteTable { routes, dirs }));
         result.map(|()| gained)
     }

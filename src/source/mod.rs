@@ -474,6 +474,14 @@ fn read_open(file: Option<File>, shown: &Path) -> Result<Option<Vec<u8>>, Source
 /// Frames a file's bytes: a SPIFFE bundle (JSON), PEM blocks, or one DER
 /// certificate.
 pub fn decode(bytes: &[u8]) -> Result<Vec<CertBlock>, SourceErrorKind> {
+    // Kept until the file changes: without the room a push leaves (four
+    // blocks for one), a thousand one-CA sources hold 170 KB less.
+    let mut blocks = frame_any(bytes)?;
+    blocks.shrink_to_fit();
+    Ok(blocks)
+}
+
+fn frame_any(bytes: &[u8]) -> Result<Vec<CertBlock>, SourceErrorKind> {
     // Before PEM: a JSON document may quote a PEM block in a string, and is
     // still JSON.
     if spiffe::looks_like_json(bytes) {
