@@ -11,7 +11,7 @@
 //! reloads: it says when a reload is due (every output holds the new
 //! content, guarantee 12), and its caller requests it.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashSet};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,7 +22,7 @@ use crate::bundle::retain::Retention;
 use crate::bundle::{self, Assembly, Bundle, DigestSet, Dropped, ParseCache, Refusal, verify};
 use crate::check::rfc3339;
 use crate::config::BundleConfig;
-use crate::output::{self, Rendered, atomic};
+use crate::output::{self, Format, Rendered, atomic};
 use crate::source::{SourceError, SourceFile};
 
 /// Past this many certificates, a render's log line counts the added and
@@ -45,10 +45,10 @@ pub struct BundleState {
     pub config: Arc<BundleConfig>,
     /// The last bundle accepted.
     pub last: Option<Arc<Bundle>>,
-    /// The bytes last published at each output path, and the bundle they
-    /// were rendered from; an output missing here is compared with the disk
-    /// before it is written.
-    published: HashMap<PathBuf, (Rendered, Arc<Bundle>)>,
+    /// What was last published at each output, in the order of
+    /// `config.outputs`; an output with `None` here is compared with the
+    /// disk before it is written.
+    published: Vec<Option<Published>>,
     /// CAs removed from the sources but still within `retain_removed`.
     pub retention: Retention,
     /// Each source's last read (`None`: to be read).
@@ -58,6 +58,26 @@ pub struct BundleState {
     /// is owed until every output holds the new content.
     owed: BTreeSet<PathBuf>,
 }
+
+/// What was last published at one output.
+#[derive(Debug, Clone)]
+struct Published {
+    /// The bundle it was rendered from. An output's bytes are a function of
+    /// its bundle's certificates and its spec alone (`output/format.rs`), so
+    /// the same certificates are the same bytes, without rendering them.
+    from: Arc<Bundle>,
+    /// The bytes, kept for a PEM file of more than [`KEEP_PEM_ABOVE`]
+    /// certificates only: the next render copies the blocks of the
+    /// certificates it still holds instead of encoding them again.
+    /// Kept for every output, they were a bundle's largest part at a
+    /// thousand bundles of one CA, and 11 MiB for a hashed directory of
+    /// 10,000.
+    bytes: Option<Rendered>,
+}
+
+/// Above this many certificates, a PEM output's bytes are kept (see
+/// [`Published::bytes`]); below, encoding them again costs microseconds.
+const KEEP_PEM_ABOVE: usize = 16;
 
 /// One render's outcome.
 #[derive(Debug)]
@@ -83,7 +103,7 @@ impl BundleState {
             retention: Retention::load(state_dir, &config.name),
             config,
             last: None,
-            published: HashMap::new(),
+            published: Vec::new(),
             cache: Vec::new(),
             parsed: ParseCache::default(),
             owed: BTreeSet::new(),
@@ -97,13 +117,16 @@ impl BundleState {
         let outputs: HashSet<&PathBuf> = config.outputs.iter().map(|o| &o.path).collect();
         // Known only if the output is the same: its format or mode changed,
         // the bytes there are not what it would write now.
-        let same: HashSet<&PathBuf> = config
+        let mut before = std::mem::take(&mut self.published);
+        before.resize(self.config.outputs.len(), None);
+        self.published = config
             .outputs
             .iter()
-            .filter(|o| self.config.outputs.contains(o))
-            .map(|o| &o.path)
+            .map(|o| {
+                let was = self.config.outputs.iter().position(|old| old == o)?;
+                before[was].take()
+            })
             .collect();
-        self.published.retain(|path, _| same.contains(path));
         self.owed.retain(|path| outputs.contains(path));
         self.cache.clear();
         self.config = config;
@@ -112,7 +135,7 @@ impl BundleState {
     /// Forgets what was published, so the next render compares with the
     /// disk again (a resync repairs an output changed behind our back).
     pub fn recheck_disk(&mut self) {
-        self.published.clear();
+        self.published.fill(None);
     }
 
     /// Reads the sources in `only` (all with `None`) afresh and the others
@@ -214,23 +237,32 @@ impl BundleState {
     ) -> (Vec<PathBuf>, Vec<(PathBuf, io::Error)>) {
         let mut changed = Vec::new();
         let mut failed = Vec::new();
-        for spec in &self.config.outputs {
-            let before = self.published.get(&spec.path);
-            let rendered = output::render_after(
-                bundle,
-                &spec.format,
-                before.map(|(rendered, from)| (&**from, rendered)),
-            );
-            let known = before.map(|(rendered, _)| rendered);
-            let result = match (known, mode) {
-                (Some(previous), _) if *previous == rendered => Ok(false),
+        self.published.resize(self.config.outputs.len(), None);
+        for (spec, published) in self.config.outputs.iter().zip(&mut self.published) {
+            if let Some(known) = published
+                .as_mut()
+                .filter(|p| p.from.same_certificates(bundle))
+            {
+                // The bytes there already: nothing to render or write. The
+                // new bundle is kept, so that the old one can go.
+                if mode == Mode::Write {
+                    known.from = bundle.clone();
+                }
+                continue;
+            }
+            let before = published
+                .as_ref()
+                .and_then(|p| Some((&*p.from, p.bytes.as_ref()?)));
+            let rendered = output::render_after(bundle, &spec.format, before);
+            let result = match (published.is_some(), mode) {
                 (_, Mode::DryRun) => atomic::check_writable(&spec.path, &rendered)
                     .map(|()| !atomic::matches(&spec.path, &rendered, spec.mode)),
-                // Known to differ: write without comparing with the disk.
-                (Some(_), Mode::Write) => {
+                // Other certificates than those published there, so other
+                // bytes: written without comparing with the disk.
+                (true, Mode::Write) => {
                     atomic::write(&spec.path, &rendered, spec.mode).map(|()| true)
                 }
-                (None, Mode::Write) => atomic::publish(&spec.path, &rendered, spec.mode),
+                (false, Mode::Write) => atomic::publish(&spec.path, &rendered, spec.mode),
             };
             match result {
                 Ok(did_change) => {
@@ -241,12 +273,16 @@ impl BundleState {
                         }
                     }
                     if mode == Mode::Write {
-                        self.published
-                            .insert(spec.path.clone(), (rendered, bundle.clone()));
+                        let keep =
+                            matches!(spec.format, Format::Pem) && bundle.len() > KEEP_PEM_ABOVE;
+                        *published = Some(Published {
+                            from: bundle.clone(),
+                            bytes: keep.then_some(rendered),
+                        });
                     }
                 }
                 Err(e) => {
-                    self.published.remove(&spec.path);
+                    *published = None;
                     failed.push((spec.path.clone(), e));
                 }
             }
@@ -450,6 +486,103 @@ mod tests {
         state.render(None, now, Mode::Write).expect("render");
         assert_eq!(mode(&output), 0o600);
         assert_eq!(std::fs::read(&output).expect("output"), pem);
+    }
+
+    /// An output's bytes are kept only where the next render reuses them,
+    /// a PEM file of many certificates. Either way, a render of the same
+    /// certificates renders and writes nothing, and a render of others
+    /// writes what a first render of them writes.
+    #[test]
+    fn published_bytes_are_kept_only_for_a_large_pem_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pem = |name: &str| {
+            let mut pem = Vec::new();
+            let der = crate::bundle::tests::ca_block(name).der;
+            crate::source::pem::encode("CERTIFICATE", &der, &mut pem);
+            pem
+        };
+        let now = 1_800_000_000;
+        for count in [1, KEEP_PEM_ABOVE + 1] {
+            let sources = dir.path().join(format!("sources-{count}"));
+            std::fs::create_dir(&sources).expect("mkdir");
+            for i in 0..count {
+                let file = sources.join(format!("ca-{i:02}.pem"));
+                std::fs::write(file, pem(&format!("CA {i} of {count}"))).expect("write");
+            }
+            let file = dir.path().join(format!("bundle-{count}.pem"));
+            let hashed = dir.path().join(format!("certs-{count}"));
+            let flags = crate::cli::Flags {
+                sources: vec![sources.display().to_string()],
+                outputs: vec![file.clone()],
+                hashed_dirs: vec![hashed.clone()],
+                ..crate::cli::Flags::default()
+            };
+            let mut config = crate::config::Config::load(&flags, false).expect("config");
+            let mut state = BundleState::new(config.bundles.remove(0), None);
+            let first = state.render(None, now, Mode::Write).expect("render");
+            assert_eq!(first.changed.len(), 2, "{count}: {:?}", first.changed);
+            let kept: Vec<bool> = state
+                .published
+                .iter()
+                .map(|p| p.as_ref().expect("published").bytes.is_some())
+                .collect();
+            assert_eq!(kept, [count > KEEP_PEM_ABOVE, false], "{count}");
+
+            // The same certificates: nothing is written, not even over a
+            // file changed behind the daemon's back (a resync repairs it).
+            std::fs::write(&file, b"changed behind its back").expect("write");
+            let again = state.render(None, now, Mode::Write).expect("render");
+            assert!(again.changed.is_empty(), "{count}: {:?}", again.changed);
+            assert_eq!(
+                std::fs::read(&file).expect("read"),
+                b"changed behind its back"
+            );
+            assert!(Arc::ptr_eq(
+                &state.published[0].as_ref().expect("published").from,
+                &again.bundle
+            ));
+
+            // Another certificate: both outputs hold what a first render of
+            // the new set writes.
+            std::fs::write(
+                sources.join("ca-new.pem"),
+                pem(&format!("New CA of {count}")),
+            )
+            .expect("write");
+            let changed = state.render(None, now, Mode::Write).expect("render");
+            assert_eq!(changed.changed.len(), 2, "{count}: {:?}", changed.changed);
+            let mut config = crate::config::Config::load(&flags, false).expect("config");
+            let fresh = dir.path().join(format!("fresh-{count}"));
+            let mut spec = config.bundles.remove(0);
+            let outputs = &mut Arc::make_mut(&mut spec).outputs;
+            outputs[0].path = fresh.join("bundle.pem");
+            outputs[1].path = fresh.join("certs");
+            std::fs::create_dir(&fresh).expect("mkdir");
+            BundleState::new(spec, None)
+                .render(None, now, Mode::Write)
+                .expect("render");
+            assert_eq!(
+                std::fs::read(&file).expect("read"),
+                std::fs::read(fresh.join("bundle.pem")).expect("read")
+            );
+            let listing = |dir: &Path| {
+                let mut files: Vec<(std::ffi::OsString, Vec<u8>)> = std::fs::read_dir(dir)
+                    .expect("read_dir")
+                    .map(|e| {
+                        let e = e.expect("entry");
+                        (e.file_name(), std::fs::read(e.path()).expect("read"))
+                    })
+                    .collect();
+                files.sort();
+                files
+            };
+            assert_eq!(listing(&hashed), listing(&fresh.join("certs")));
+            let hashes = listing(&hashed)
+                .iter()
+                .filter(|(name, _)| name.to_string_lossy().ends_with(".0"))
+                .count();
+            assert_eq!(hashes, count + 1, "{count}");
+        }
     }
 
     #[test]

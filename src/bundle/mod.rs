@@ -49,6 +49,8 @@ impl Bundle {
     pub fn new(mut anchors: Vec<Anchor>) -> Self {
         anchors.sort_by_key(|a| a.sha256);
         anchors.dedup_by(|a, b| a.sha256 == b.sha256);
+        // Kept as long as it is the last bundle: no room to spare.
+        anchors.shrink_to_fit();
         Self { anchors }
     }
 
@@ -62,6 +64,17 @@ impl Bundle {
 
     pub fn is_empty(&self) -> bool {
         self.anchors.is_empty()
+    }
+
+    /// The same certificates as `other`, in the same order: every output
+    /// renders both to the same bytes.
+    pub fn same_certificates(&self, other: &Bundle) -> bool {
+        self.len() == other.len()
+            && self
+                .anchors
+                .iter()
+                .zip(&other.anchors)
+                .all(|(a, b)| a.sha256 == b.sha256)
     }
 
     /// The earliest `not_after` of the bundle: the moment it must be
