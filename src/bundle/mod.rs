@@ -15,6 +15,7 @@ pub mod verify;
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
 
+pub(crate) use anchor::hex;
 pub use anchor::{Anchor, ParseError, sha256};
 pub use verify::VerifyError;
 

@@ -240,7 +240,7 @@ fn signals(metrics: &Metrics, bundle: &str) -> u64 {
             metrics
                 .reloads
                 .get_or_create(&crate::telemetry::metrics::ReloadLabels {
-                    bundle: bundle.to_owned(),
+                    bundle: bundle.into(),
                     action: "signal",
                     result,
                 })

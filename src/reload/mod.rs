@@ -983,7 +983,7 @@ mod tests {
                     metrics
                         .reloads
                         .get_or_create(&crate::telemetry::metrics::ReloadLabels {
-                            bundle: (*b).to_owned(),
+                            bundle: (*b).into(),
                             action: "touch",
                             result: "success",
                         })
@@ -998,7 +998,7 @@ mod tests {
             metrics
                 .reloads
                 .get_or_create(&crate::telemetry::metrics::ReloadLabels {
-                    bundle: name.to_owned(),
+                    bundle: name.into(),
                     action: "touch",
                     result: "success",
                 })
@@ -1067,7 +1067,7 @@ mod tests {
         metrics
             .reloads
             .get_or_create(&crate::telemetry::metrics::ReloadLabels {
-                bundle: name.to_owned(),
+                bundle: name.into(),
                 action: "signal",
                 result,
             })

@@ -6,12 +6,15 @@
 //! computed when encoded, never frozen at the last render: a daemon idle for
 //! a month must not report a month-old countdown.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
+use std::fmt::Write as _;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
+};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -23,25 +26,25 @@ use crate::bundle::Bundle;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BundleLabel {
-    pub bundle: String,
+    pub bundle: Name,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RenderLabels {
-    pub bundle: String,
+    pub bundle: Name,
     /// `changed`, `unchanged` or `refused`.
     pub result: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RefusalLabels {
-    pub bundle: String,
+    pub bundle: Name,
     pub reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReloadLabels {
-    pub bundle: String,
+    pub bundle: Name,
     /// `signal`, `exec`, `http` or `restart`.
     pub action: &'static str,
     /// `success` or `failure`.
@@ -55,9 +58,24 @@ pub struct ActionLabel {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CertLabels {
-    pub bundle: String,
+    pub bundle: Name,
     pub subject: String,
-    pub sha256: String,
+    pub sha256: Fingerprint,
+}
+
+/// A bundle's name in a label: one copy per name, shared by its series
+/// (a thousand bundles have seven thousand series).
+pub type Name = Arc<str>;
+
+/// A certificate's SHA-256, in a label as lowercase hex: 32 bytes held
+/// instead of a 64-character string.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct Fingerprint(pub [u8; 32]);
+
+impl EncodeLabelValue for Fingerprint {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(&crate::bundle::hex(&self.0))
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -77,21 +95,21 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 /// as last published, turned into "seconds from now" at each scrape.
 #[derive(Debug, Default)]
 pub struct EarliestExpiry {
-    not_after: Mutex<BTreeMap<String, i64>>,
+    not_after: Mutex<BTreeMap<Name, i64>>,
 }
 
 impl EarliestExpiry {
-    fn set(&self, bundle: &str, not_after: Option<i64>) {
+    fn set(&self, bundle: &Name, not_after: Option<i64>) {
         let mut map = self
             .not_after
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         match not_after {
             Some(t) => {
-                map.insert(bundle.to_owned(), t);
+                map.insert(bundle.clone(), t);
             }
             None => {
-                map.remove(bundle);
+                map.remove(&**bundle);
             }
         }
     }
@@ -110,7 +128,7 @@ impl Collector for EarliestExpiry {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let now = unix_now();
         // Copied out so encoding never holds the lock the event loop takes.
-        let snapshot: Vec<(String, i64)> = self
+        let snapshot: Vec<(Name, i64)> = self
             .not_after
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -155,6 +173,8 @@ pub struct Metrics {
     pub write_failures: Family<BundleLabel, Counter>,
     pub reloads_deferred: Family<ActionLabel, Counter>,
     pub reload_panics: Counter,
+    /// Every bundle name a label has held, each once.
+    names: Mutex<HashSet<Name>>,
 }
 
 impl Default for Metrics {
@@ -252,14 +272,26 @@ impl Metrics {
             write_failures,
             reloads_deferred,
             reload_panics,
+            names: Mutex::default(),
         }
+    }
+
+    /// `name` as the labels hold it: the copy its other series share.
+    pub fn name(&self, name: &str) -> Name {
+        let mut names = self.names.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(known) = names.get(name) {
+            return known.clone();
+        }
+        let new: Name = name.into();
+        names.insert(new.clone());
+        new
     }
 
     /// Records a render's outcome.
     pub fn rendered(&self, bundle: &str, result: &'static str) {
         self.renders
             .get_or_create(&RenderLabels {
-                bundle: bundle.to_owned(),
+                bundle: self.name(bundle),
                 result,
             })
             .inc();
@@ -269,7 +301,7 @@ impl Metrics {
         self.rendered(bundle, "refused");
         self.refusals
             .get_or_create(&RefusalLabels {
-                bundle: bundle.to_owned(),
+                bundle: self.name(bundle),
                 reason,
             })
             .inc();
@@ -278,7 +310,7 @@ impl Metrics {
     pub fn reload(&self, bundle: &str, action: &'static str, success: bool) {
         self.reloads
             .get_or_create(&ReloadLabels {
-                bundle: bundle.to_owned(),
+                bundle: self.name(bundle),
                 action,
                 result: if success { "success" } else { "failure" },
             })
@@ -288,7 +320,7 @@ impl Metrics {
     pub fn write_failed(&self, bundle: &str) {
         self.write_failures
             .get_or_create(&BundleLabel {
-                bundle: bundle.to_owned(),
+                bundle: self.name(bundle),
             })
             .inc();
     }
@@ -305,19 +337,20 @@ impl Metrics {
     /// Publishes the state of a bundle that rendered successfully; `previous`
     /// is what it replaced, whose series go away.
     pub fn bundle_state(&self, name: &str, bundle: &Bundle, previous: Option<&Bundle>, now: i64) {
+        let name = self.name(name);
         let label = BundleLabel {
-            bundle: name.to_owned(),
+            bundle: name.clone(),
         };
         self.certificates
             .get_or_create(&label)
             .set(bundle.len() as i64);
         self.last_success.get_or_create(&label).set(now);
-        self.earliest_expiry.set(name, bundle.earliest_expiry());
-        self.strict_refusals(name, bundle);
+        self.earliest_expiry.set(&name, bundle.earliest_expiry());
+        self.strict_refusals(&name, bundle);
         let labels = |a: &crate::bundle::Anchor| CertLabels {
-            bundle: name.to_owned(),
+            bundle: name.clone(),
             subject: a.subject.clone(),
-            sha256: a.fingerprint(),
+            sha256: Fingerprint(a.sha256),
         };
         // Only the series of CAs that came or went change: a swap of one
         // CA among a thousand is two series, not two thousand. Both sets
@@ -361,7 +394,7 @@ impl Metrics {
             .count();
         self.strict_refusals
             .get_or_create(&BundleLabel {
-                bundle: name.to_owned(),
+                bundle: self.name(name),
             })
             .set(refused as i64);
     }
@@ -449,8 +482,10 @@ mod tests {
         let metrics = Metrics::new();
         let now = unix_now();
         // As if rendered long ago: the value must still be "from now".
-        metrics.earliest_expiry.set("peers", Some(now + 1_000));
-        metrics.earliest_expiry.set("old", Some(now - 50));
+        metrics
+            .earliest_expiry
+            .set(&"peers".into(), Some(now + 1_000));
+        metrics.earliest_expiry.set(&"old".into(), Some(now - 50));
         let text = metrics.encode();
         let peers = sample(
             &text,
@@ -469,7 +504,7 @@ mod tests {
             Some(now + 1_000)
         );
 
-        metrics.earliest_expiry.set("old", None);
+        metrics.earliest_expiry.set(&"old".into(), None);
         assert!(!metrics.encode().contains("bundle=\"old\""));
     }
 }
