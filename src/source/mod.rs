@@ -63,6 +63,8 @@ impl Source {
             Self::Path(path) => read_path(path, &mut files)?,
             Self::Glob(pattern) => read_glob(pattern, &mut files)?,
         }
+        // Kept until the source changes (see `decode`).
+        files.shrink_to_fit();
         Ok(files)
     }
 }
