@@ -157,6 +157,60 @@ mod tests {
     use crate::bundle::Anchor;
     use crate::bundle::tests::ca_block;
 
+    /// An output's bytes are a function of its certificates, in the
+    /// bundle's order, and its spec alone: `render.rs` writes nothing when
+    /// an output's certificates are those it was last rendered from. Two
+    /// bundles parsed apart from the same certificates, found in other
+    /// files and in another order, two of them with one subject (a `.1` in
+    /// the hashed directory), render to the same bytes in every format.
+    #[test]
+    fn every_format_is_a_function_of_the_certificates_alone() {
+        let blocks = [
+            ca_block("One subject"),
+            ca_block("One subject"),
+            ca_block("Other"),
+        ];
+        let parse = |order: [usize; 3], file: &str| {
+            Bundle::new(
+                order
+                    .iter()
+                    .enumerate()
+                    .map(|(index, &b)| {
+                        Anchor::parse(&blocks[b], std::path::Path::new(file).into(), index)
+                            .expect("parse")
+                    })
+                    .collect(),
+            )
+        };
+        let one = parse([0, 1, 2], "a.pem");
+        let two = parse([2, 1, 0], "other/b.pem");
+        assert!(one.same_certificates(&two));
+        let formats = [
+            Format::Pem,
+            Format::OpensslDir,
+            Format::DerDir,
+            Format::Pkcs12 {
+                password: String::new(),
+            },
+            Format::Pkcs12 {
+                password: "secret".into(),
+            },
+            Format::Jks {
+                password: "changeit".into(),
+            },
+        ];
+        for format in &formats {
+            assert!(render(&one, format) == render(&two, format), "{format:?}");
+        }
+        let Rendered::Dir(files) = render(&one, &Format::OpensslDir) else {
+            panic!("a hashed directory is a directory");
+        };
+        assert!(
+            files.iter().any(|(name, _)| name.ends_with(".1")),
+            "{files:?}"
+        );
+    }
+
     fn anchors(names: &[&str]) -> Vec<Anchor> {
         names
             .iter()
