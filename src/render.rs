@@ -148,12 +148,22 @@ impl BundleState {
         mode: Mode,
     ) -> Result<Report, Refusal> {
         self.read(only)?;
+        // A dry run writes nothing, the retention's state file included:
+        // it works on a copy that is not tied to the file.
+        let mut detached;
+        let retention = match mode {
+            Mode::Write => &mut self.retention,
+            Mode::DryRun => {
+                detached = self.retention.detached();
+                &mut detached
+            }
+        };
         // Every source's last read, borrowed: nothing is copied.
         let files = self.cache.iter().flatten().flatten();
         let assembly = assemble(
             &self.config,
             files,
-            Some(&mut self.retention),
+            Some(retention),
             Some(&mut self.parsed),
             now,
         )?;
@@ -486,6 +496,43 @@ mod tests {
         state.render(None, now, Mode::Write).expect("render");
         assert_eq!(mode(&output), 0o600);
         assert_eq!(std::fs::read(&output).expect("output"), pem);
+    }
+
+    /// `render --dry-run` writes nothing: not the retention's state file
+    /// either, which a daemon sharing the state directory reads.
+    #[test]
+    fn a_dry_run_leaves_the_retention_state_file_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut pem = Vec::new();
+        crate::source::pem::encode(
+            "CERTIFICATE",
+            &crate::bundle::tests::ca_block("Dry").der,
+            &mut pem,
+        );
+        let source = dir.path().join("ca.pem");
+        std::fs::write(&source, &pem).expect("write");
+        let state = dir.path().join("state");
+        std::fs::create_dir(&state).expect("mkdir");
+        let flags = crate::cli::Flags {
+            sources: vec![source.display().to_string()],
+            outputs: vec![dir.path().join("out.pem")],
+            retain_removed: Some(std::time::Duration::from_secs(3600)),
+            ..crate::cli::Flags::default()
+        };
+        let mut config = crate::config::Config::load(&flags, false).expect("config");
+        let config = config.bundles.remove(0);
+        let now = 1_800_000_000;
+        let mut dry = BundleState::new(config.clone(), Some(&state));
+        let report = dry.render(None, now, Mode::DryRun).expect("render");
+        assert_eq!(report.bundle.len(), 1);
+        let files = || std::fs::read_dir(&state).expect("read_dir").count();
+        assert_eq!(files(), 0, "a dry run wrote the state directory");
+        assert!(!dir.path().join("out.pem").exists());
+
+        // The same render for real records the bundle there.
+        let mut real = BundleState::new(config, Some(&state));
+        real.render(None, now, Mode::Write).expect("render");
+        assert_eq!(files(), 1);
     }
 
     /// An output's bytes are kept only where the next render reuses them,
