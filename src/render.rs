@@ -460,6 +460,14 @@ fn summarise((items, total): (Vec<String>, usize)) -> String {
 mod tests {
     use super::*;
 
+    /// A new self-signed CA named `name`, as PEM.
+    fn ca_pem(name: &str) -> Vec<u8> {
+        let mut pem = Vec::new();
+        let der = crate::bundle::tests::ca_block(name).der;
+        crate::source::pem::encode("CERTIFICATE", &der, &mut pem);
+        pem
+    }
+
     /// What a SIGHUP changed about an output (here its mode) is applied
     /// at the next render, though the bytes are the same: the bytes last
     /// published there are forgotten, so they are compared with the disk.
@@ -467,12 +475,7 @@ mod tests {
     fn an_output_changed_by_sighup_is_not_taken_as_published() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut pem = Vec::new();
-        crate::source::pem::encode(
-            "CERTIFICATE",
-            &crate::bundle::tests::ca_block("Mode").der,
-            &mut pem,
-        );
+        let pem = ca_pem("Mode");
         let source = dir.path().join("ca.pem");
         std::fs::write(&source, &pem).expect("write");
         let output = dir.path().join("out.pem");
@@ -503,12 +506,7 @@ mod tests {
     #[test]
     fn a_dry_run_leaves_the_retention_state_file_alone() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut pem = Vec::new();
-        crate::source::pem::encode(
-            "CERTIFICATE",
-            &crate::bundle::tests::ca_block("Dry").der,
-            &mut pem,
-        );
+        let pem = ca_pem("Dry");
         let source = dir.path().join("ca.pem");
         std::fs::write(&source, &pem).expect("write");
         let state = dir.path().join("state");
@@ -542,19 +540,13 @@ mod tests {
     #[test]
     fn published_bytes_are_kept_only_for_a_large_pem_file() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let pem = |name: &str| {
-            let mut pem = Vec::new();
-            let der = crate::bundle::tests::ca_block(name).der;
-            crate::source::pem::encode("CERTIFICATE", &der, &mut pem);
-            pem
-        };
         let now = 1_800_000_000;
         for count in [1, KEEP_PEM_ABOVE + 1] {
             let sources = dir.path().join(format!("sources-{count}"));
             std::fs::create_dir(&sources).expect("mkdir");
             for i in 0..count {
                 let file = sources.join(format!("ca-{i:02}.pem"));
-                std::fs::write(file, pem(&format!("CA {i} of {count}"))).expect("write");
+                std::fs::write(file, ca_pem(&format!("CA {i} of {count}"))).expect("write");
             }
             let file = dir.path().join(format!("bundle-{count}.pem"));
             let hashed = dir.path().join(format!("certs-{count}"));
@@ -593,7 +585,7 @@ mod tests {
             // the new set writes.
             std::fs::write(
                 sources.join("ca-new.pem"),
-                pem(&format!("New CA of {count}")),
+                ca_pem(&format!("New CA of {count}")),
             )
             .expect("write");
             let changed = state.render(None, now, Mode::Write).expect("render");
