@@ -292,6 +292,14 @@ impl BundleState {
                     }
                 }
                 Err(e) => {
+                    // A step after the swap failed (a directory's fsync,
+                    // removing the old generation): the new content is live
+                    // already. Its reload is owed, or the retry, finding it
+                    // there, would see no change and the app would never be
+                    // told (guarantee 12).
+                    if mode == Mode::Write && atomic::matches(&spec.path, &rendered, spec.mode) {
+                        self.owed.insert(spec.path.clone());
+                    }
                     *published = None;
                     failed.push((spec.path.clone(), e));
                 }
@@ -499,6 +507,72 @@ mod tests {
         state.render(None, now, Mode::Write).expect("render");
         assert_eq!(mode(&output), 0o600);
         assert_eq!(std::fs::read(&output).expect("output"), pem);
+    }
+
+    /// A write that fails after its swap (here the old directory cannot be
+    /// removed: one of its files is immutable) leaves the new content live;
+    /// the retry finds it there, and the reload it is owed still goes.
+    #[test]
+    fn a_write_that_fails_after_its_swap_still_owes_its_reload() {
+        struct Mutable<'a>(&'a Path);
+        impl Drop for Mutable<'_> {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("chattr")
+                    .args(["-R", "-i"])
+                    .arg(self.0)
+                    .status();
+            }
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let _mutable = Mutable(dir.path());
+        let sources = dir.path().join("sources");
+        std::fs::create_dir(&sources).expect("mkdir");
+        std::fs::write(sources.join("a.pem"), ca_pem("Before")).expect("write");
+        let hashed = dir.path().join("out").join("certs");
+        let flags = crate::cli::Flags {
+            sources: vec![sources.display().to_string()],
+            hashed_dirs: vec![hashed.clone()],
+            ..crate::cli::Flags::default()
+        };
+        let mut config = crate::config::Config::load(&flags, false).expect("config");
+        let mut state = BundleState::new(config.bundles.remove(0), None);
+        let now = 1_800_000_000;
+        state.render(None, now, Mode::Write).expect("render");
+        let pinned = hashed.join("ca-certificates.crt");
+        let immutable = std::process::Command::new("chattr")
+            .arg("+i")
+            .arg(&pinned)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !immutable {
+            eprintln!("skipped: chattr +i needs root and a filesystem that has the flag");
+            return;
+        }
+
+        std::fs::write(sources.join("b.pem"), ca_pem("After")).expect("write");
+        let failed = state.render(None, now, Mode::Write).expect("render");
+        assert_eq!(failed.failed.len(), 1, "{:?}", failed.failed);
+        assert!(failed.reload.is_none());
+        // The new set is live: two CAs and the bundle file.
+        let hashes = || {
+            std::fs::read_dir(&hashed)
+                .expect("read_dir")
+                .filter(|e| {
+                    e.as_ref()
+                        .is_ok_and(|e| e.file_name().to_string_lossy().ends_with(".0"))
+                })
+                .count()
+        };
+        assert_eq!(hashes(), 2);
+
+        drop(_mutable);
+        let retried = state.render(None, now, Mode::Write).expect("render");
+        assert!(retried.failed.is_empty(), "{:?}", retried.failed);
+        assert_eq!(
+            retried.reload,
+            Some([hashed.clone()].into_iter().collect()),
+            "the reload owed since the swap"
+        );
     }
 
     /// `render --dry-run` writes nothing: not the retention's state file
