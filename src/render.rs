@@ -45,9 +45,9 @@ pub struct BundleState {
     pub config: Arc<BundleConfig>,
     /// The last bundle accepted.
     pub last: Option<Arc<Bundle>>,
-    /// What was last published at each output, in the order of
-    /// `config.outputs`; an output with `None` here is compared with the
-    /// disk before it is written.
+    /// What was last published at each output, one per entry of
+    /// `config.outputs` and in its order; an output with `None` here is
+    /// compared with the disk before it is written.
     published: Vec<Option<Published>>,
     /// CAs removed from the sources but still within `retain_removed`.
     pub retention: Retention,
@@ -101,9 +101,9 @@ impl BundleState {
     pub fn new(config: Arc<BundleConfig>, state_dir: Option<&Path>) -> Self {
         Self {
             retention: Retention::load(state_dir, &config.name),
+            published: vec![None; config.outputs.len()],
             config,
             last: None,
-            published: Vec::new(),
             cache: Vec::new(),
             parsed: ParseCache::default(),
             owed: BTreeSet::new(),
@@ -118,7 +118,6 @@ impl BundleState {
         // Known only if the output is the same: its format or mode changed,
         // the bytes there are not what it would write now.
         let mut before = std::mem::take(&mut self.published);
-        before.resize(self.config.outputs.len(), None);
         self.published = config
             .outputs
             .iter()
@@ -247,7 +246,6 @@ impl BundleState {
     ) -> (Vec<PathBuf>, Vec<(PathBuf, io::Error)>) {
         let mut changed = Vec::new();
         let mut failed = Vec::new();
-        self.published.resize(self.config.outputs.len(), None);
         for (spec, published) in self.config.outputs.iter().zip(&mut self.published) {
             if let Some(known) = published
                 .as_mut()

@@ -386,7 +386,7 @@ impl Metrics {
 
     /// Publishes how many CAs of `bundle` a strict verifier would refuse: an
     /// alert on it fires before an app upgrade (Python 3.13) breaks on them.
-    pub fn strict_refusals(&self, name: &str, bundle: &Bundle) {
+    fn strict_refusals(&self, name: &Name, bundle: &Bundle) {
         let refused = bundle
             .anchors()
             .iter()
@@ -394,7 +394,7 @@ impl Metrics {
             .count();
         self.strict_refusals
             .get_or_create(&BundleLabel {
-                bundle: self.name(name),
+                bundle: name.clone(),
             })
             .set(refused as i64);
     }
