@@ -35,6 +35,7 @@ pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod keypair;
+pub mod memory;
 pub mod output;
 pub mod parallel;
 pub mod reload;

@@ -236,6 +236,7 @@ fn render_command(args: RenderArgs) -> ExitCode {
 }
 
 fn run_command(args: RunArgs) -> ExitCode {
+    anchorage::memory::limit_arenas();
     let has_child = !args.child.is_empty();
     let config = match load(&args.flags, has_child) {
         Ok(config) => config,

@@ -369,7 +369,7 @@ impl Daemon {
                     // keep the start's peak mapped for good.
                     if self.trim_pending && self.tally.started() {
                         self.trim_pending = false;
-                        release_free_memory();
+                        crate::memory::release_free();
                     }
                 }
                 Some((watch, ids, result)) = self.refreshed.1.recv() => self.refreshed(watch, ids, result),
@@ -951,23 +951,6 @@ impl Daemon {
             }
         }
         self.hold_renders = false;
-    }
-}
-
-/// Hands the allocator's free pages back to the kernel. A start's peak
-/// (the configuration's parse tree, the run threads' work) is freed by the
-/// time every entry has run once, but glibc keeps the pages of its arenas
-/// mapped where free chunks lie between live ones: at 1,000 bundles, 1 to
-/// 1.7 MiB kept for the daemon's life (ARCHITECTURE.md, "The event loop").
-/// musl's allocator has no such call and is left alone.
-#[allow(unsafe_code)]
-fn release_free_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim takes no pointer and touches only the
-    // allocator's own state, under each arena's lock: any thread may call
-    // it at any time.
-    unsafe {
-        nix::libc::malloc_trim(0);
     }
 }
 
