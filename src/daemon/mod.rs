@@ -907,7 +907,7 @@ impl Daemon {
             .collect();
         let tx = self.refreshed.0.clone();
         tokio::task::spawn_blocking(move || {
-            let result = watch.set(wanted);
+            let result = watch.set(&wanted);
             let _ = tx.send((watch, ids, result));
         });
     }
