@@ -1,7 +1,8 @@
-//! What the allocator keeps (ARCHITECTURE.md, "Memory"): glibc's malloc is
-//! told, once at start, how many arenas it may make, and asked, once every
-//! target has run, to hand its free pages back. These are the crate's two
-//! `unsafe` calls; a musl build has neither and leaves its allocator alone.
+//! What the allocator keeps (ARCHITECTURE.md, "The event loop", its memory
+//! paragraph): glibc's malloc is told, once at start, how many arenas it
+//! may make, and asked, once every target has run, to hand its free pages
+//! back. These are the crate's two `unsafe` calls; a musl build has neither
+//! and leaves its allocator alone.
 
 /// Limits glibc's arenas to one per core (at least two), unless the user
 /// set a limit (`MALLOC_ARENA_MAX`, or `glibc.malloc.arena_max` in
