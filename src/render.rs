@@ -466,6 +466,12 @@ fn summarise((items, total): (Vec<String>, usize)) -> String {
 mod tests {
     use super::*;
 
+    /// The one bundle `flags` configure.
+    fn bundle_of(flags: &crate::cli::Flags) -> Arc<BundleConfig> {
+        let mut config = crate::config::Config::load(flags, false).expect("config");
+        config.bundles.remove(0)
+    }
+
     /// A new self-signed CA named `name`, as PEM.
     fn ca_pem(name: &str) -> Vec<u8> {
         let mut pem = Vec::new();
@@ -490,8 +496,7 @@ mod tests {
             outputs: vec![output.clone()],
             ..crate::cli::Flags::default()
         };
-        let mut config = crate::config::Config::load(&flags, false).expect("config");
-        let config = config.bundles.remove(0);
+        let config = bundle_of(&flags);
         let now = 1_800_000_000;
         let mut state = BundleState::new(config.clone(), None);
         state.render(None, now, Mode::Write).expect("render");
@@ -532,8 +537,7 @@ mod tests {
             hashed_dirs: vec![hashed.clone()],
             ..crate::cli::Flags::default()
         };
-        let mut config = crate::config::Config::load(&flags, false).expect("config");
-        let mut state = BundleState::new(config.bundles.remove(0), None);
+        let mut state = BundleState::new(bundle_of(&flags), None);
         let now = 1_800_000_000;
         state.render(None, now, Mode::Write).expect("render");
         let pinned = hashed.join("ca-certificates.crt");
@@ -589,8 +593,7 @@ mod tests {
             retain_removed: Some(std::time::Duration::from_secs(3600)),
             ..crate::cli::Flags::default()
         };
-        let mut config = crate::config::Config::load(&flags, false).expect("config");
-        let config = config.bundles.remove(0);
+        let config = bundle_of(&flags);
         let now = 1_800_000_000;
         let mut dry = BundleState::new(config.clone(), Some(&state));
         let report = dry.render(None, now, Mode::DryRun).expect("render");
@@ -628,8 +631,7 @@ mod tests {
                 hashed_dirs: vec![hashed.clone()],
                 ..crate::cli::Flags::default()
             };
-            let mut config = crate::config::Config::load(&flags, false).expect("config");
-            let mut state = BundleState::new(config.bundles.remove(0), None);
+            let mut state = BundleState::new(bundle_of(&flags), None);
             let first = state.render(None, now, Mode::Write).expect("render");
             assert_eq!(first.changed.len(), 2, "{count}: {:?}", first.changed);
             let kept: Vec<bool> = state
@@ -662,9 +664,8 @@ mod tests {
             .expect("write");
             let changed = state.render(None, now, Mode::Write).expect("render");
             assert_eq!(changed.changed.len(), 2, "{count}: {:?}", changed.changed);
-            let mut config = crate::config::Config::load(&flags, false).expect("config");
             let fresh = dir.path().join(format!("fresh-{count}"));
-            let mut spec = config.bundles.remove(0);
+            let mut spec = bundle_of(&flags);
             let outputs = &mut Arc::make_mut(&mut spec).outputs;
             outputs[0].path = fresh.join("bundle.pem");
             outputs[1].path = fresh.join("certs");

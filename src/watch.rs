@@ -333,7 +333,7 @@ impl Watch {
     ///
     /// `wanted` is what each bundle wants watched, by bundle index; the
     /// loop works it out from the configuration at every refresh, so it is
-    /// not kept here (at 1,000 bundles it was 288 KB held for nothing).
+    /// not kept here.
     pub fn set(&mut self, wanted: &[Vec<WatchPoint>]) -> Result<HashSet<usize>, WatchError> {
         // Directory -> (identity, the directory whose routes it follows).
         let mut desired: HashMap<PathBuf, (DirId, PathBuf)> = HashMap::new();

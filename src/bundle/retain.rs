@@ -136,7 +136,6 @@ impl Retention {
             .min()
     }
 
-    /// Records the bundle accepted and saves the state, if it has a file.
     /// The same state, not tied to its file: what it records is never
     /// saved (a dry run writes nothing).
     pub fn detached(&self) -> Self {
@@ -146,6 +145,7 @@ impl Retention {
         }
     }
 
+    /// Records the bundle accepted and saves the state, if it has a file.
     pub fn accepted(&mut self, bundle: &Bundle, now: i64, changed: bool) {
         let sha256: Vec<String> = bundle.anchors().iter().map(|a| hex(&a.sha256)).collect();
         let same = self.last_good.as_ref().is_some_and(|l| l.sha256 == sha256);
