@@ -390,10 +390,15 @@ fn build(
             }
         }
     }
+    // Not `collect()`: it would map in place and keep the list's buffer,
+    // sized for the bundles themselves (150 KB at a thousand), for the
+    // daemon's life.
+    let mut shared = Vec::with_capacity(bundles.len());
+    shared.extend(bundles.into_iter().map(Arc::new));
     Ok(Config {
         path: origin.file.map(Path::to_path_buf),
         daemon,
-        bundles: bundles.into_iter().map(Arc::new).collect(),
+        bundles: shared,
         keypairs,
     })
 }
