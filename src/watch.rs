@@ -21,6 +21,7 @@
 //! "re-read everything". This module must never block in [`Events`] and
 //! never watch a file.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::io;
@@ -143,22 +144,47 @@ fn glob_prefix(pattern: &str) -> (PathBuf, usize) {
     (prefix, rest)
 }
 
+/// One copy of each watched directory's path, shared by every map that
+/// names it: the watches, the routes, and the directories of each watch
+/// descriptor. A thousand volumes held four copies of each path before.
+#[derive(Default)]
+struct Paths(HashSet<Arc<Path>>);
+
+impl Paths {
+    /// The shared copy of `path`.
+    fn share(&mut self, path: PathBuf) -> Arc<Path> {
+        if let Some(known) = self.0.get(path.as_path()) {
+            return known.clone();
+        }
+        let shared: Arc<Path> = path.into();
+        self.0.insert(shared.clone());
+        shared
+    }
+}
+
 /// Resolves directories to their canonical path (one watch per directory,
 /// whatever symlinks name it) and their identity, memoised for one
 /// refresh: a thousand volumes under one parent cost one lookup each, not
 /// a `realpath` walk (a readlink per component) each.
-#[derive(Default)]
-struct Resolver {
+struct Resolver<'a> {
     known: HashMap<PathBuf, Option<Resolved>>,
+    paths: &'a mut Paths,
 }
 
 /// A directory's identity: device and inode.
 type DirId = (u64, u64);
 
 /// A directory's canonical path and identity.
-type Resolved = (PathBuf, DirId);
+type Resolved = (Arc<Path>, DirId);
 
-impl Resolver {
+impl<'a> Resolver<'a> {
+    fn new(paths: &'a mut Paths) -> Self {
+        Self {
+            known: HashMap::new(),
+            paths,
+        }
+    }
+
     /// `dir`'s canonical path and (device, inode), if it is a directory.
     fn directory(&mut self, dir: &Path) -> Option<Resolved> {
         if let Some(known) = self.known.get(dir) {
@@ -185,12 +211,13 @@ impl Resolver {
         } else {
             meta
         };
-        meta.is_dir().then(|| (canonical, (meta.dev(), meta.ino())))
+        meta.is_dir()
+            .then(|| (self.paths.share(canonical), (meta.dev(), meta.ino())))
     }
 
     /// The nearest existing directory at or above `dir`: the path as given,
     /// its canonical form, and its identity.
-    fn existing_ancestor(&mut self, dir: &Path) -> Option<(PathBuf, PathBuf, DirId)> {
+    fn existing_ancestor(&mut self, dir: &Path) -> Option<(PathBuf, Arc<Path>, DirId)> {
         let mut current = Some(dir);
         while let Some(d) = current {
             if let Some((canonical, id)) = self.directory(d) {
@@ -219,14 +246,14 @@ pub struct Route {
 struct Watched {
     wd: WatchDescriptor,
     id: DirId,
-    routed_at: PathBuf,
+    routed_at: Arc<Path>,
 }
 
 /// The live inotify watches, kept in step with the sources.
 pub struct Watch {
     inotify: Arc<Inotify>,
     /// Watched directory (as its events are reported) -> its watch.
-    watched: HashMap<PathBuf, Watched>,
+    watched: HashMap<Arc<Path>, Watched>,
     /// Who each directory's events concern, and which directory each
     /// watch descriptor stands for.
     routes: Routes,
@@ -335,11 +362,13 @@ impl Watch {
     /// loop works it out from the configuration at every refresh, so it is
     /// not kept here.
     pub fn set(&mut self, wanted: &[Vec<WatchPoint>]) -> Result<HashSet<usize>, WatchError> {
+        // The paths already watched keep their copy.
+        let mut paths = Paths(self.watched.keys().cloned().collect());
         // Directory -> (identity, the directory whose routes it follows).
-        let mut desired: HashMap<PathBuf, (DirId, PathBuf)> = HashMap::new();
-        let mut routes: HashMap<PathBuf, Vec<Route>> = HashMap::new();
-        let mut subtrees: Vec<(PathBuf, DirId)> = Vec::new();
-        let mut resolver = Resolver::default();
+        let mut desired: HashMap<Arc<Path>, (DirId, Arc<Path>)> = HashMap::new();
+        let mut routes: HashMap<Arc<Path>, Vec<Route>> = HashMap::new();
+        let mut subtrees: Vec<(Arc<Path>, DirId)> = Vec::new();
+        let mut resolver = Resolver::new(&mut paths);
         for (bundle, points) in wanted.iter().enumerate() {
             for point in points {
                 let Some((dir, canonical, id)) = resolver.existing_ancestor(&point.dir) else {
@@ -378,7 +407,7 @@ impl Watch {
             }
         }
         for (top, id) in subtrees {
-            subdirectories(&top, id, &mut desired);
+            subdirectories(&top, id, &mut desired, &mut paths);
         }
         let dead = std::mem::take(&mut *lock(&self.dead));
         if dead.all {
@@ -386,10 +415,14 @@ impl Watch {
         } else if !dead.wds.is_empty() {
             self.watched.retain(|_, w| !dead.wds.contains(&w.wd));
         }
-        let stale: Vec<PathBuf> = self
+        let stale: Vec<Arc<Path>> = self
             .watched
             .iter()
-            .filter(|(dir, w)| desired.get(*dir) != Some(&(w.id, w.routed_at.clone())))
+            .filter(|(dir, w)| {
+                desired
+                    .get(&***dir)
+                    .is_none_or(|(id, at)| *id != w.id || *at != w.routed_at)
+            })
             .map(|(dir, _)| dir.clone())
             .collect();
         for dir in stale {
@@ -406,7 +439,7 @@ impl Watch {
             if self.watched.contains_key(&dir) {
                 continue;
             }
-            match self.inotify.add_watch(dir.as_path(), watch_mask()) {
+            match self.inotify.add_watch(&*dir, watch_mask()) {
                 Ok(wd) => {
                     debug!(dir = %dir.display(), "watching");
                     gained.extend(
@@ -428,7 +461,7 @@ impl Watch {
                 Err(e) => debug!(error = %describe(&dir, e), "watch skipped"),
             }
         }
-        let mut dirs: HashMap<WatchDescriptor, Vec<PathBuf>> =
+        let mut dirs: HashMap<WatchDescriptor, Vec<Arc<Path>>> =
             HashMap::with_capacity(self.watched.len());
         for (dir, w) in &self.watched {
             // One directory under two names (a bind mount, a symlink in a
@@ -462,7 +495,12 @@ impl Watch {
 /// Adds every directory under `top` (symlinks followed, each directory
 /// once) to `desired`, routed at `top`: a recursive watch is one watch per
 /// directory of the subtree.
-fn subdirectories(top: &Path, id: DirId, desired: &mut HashMap<PathBuf, (DirId, PathBuf)>) {
+fn subdirectories(
+    top: &Arc<Path>,
+    id: DirId,
+    desired: &mut HashMap<Arc<Path>, (DirId, Arc<Path>)>,
+    paths: &mut Paths,
+) {
     let mut seen = HashSet::from([id]);
     let mut todo = vec![top.to_path_buf()];
     while let Some(dir) = todo.pop() {
@@ -484,8 +522,8 @@ fn subdirectories(top: &Path, id: DirId, desired: &mut HashMap<PathBuf, (DirId, 
             };
             if meta.is_dir() && seen.insert((meta.dev(), meta.ino())) {
                 desired
-                    .entry(path.clone())
-                    .or_insert(((meta.dev(), meta.ino()), top.to_path_buf()));
+                    .entry(paths.share(path.clone()))
+                    .or_insert(((meta.dev(), meta.ino()), top.clone()));
                 todo.push(path);
             }
         }
@@ -563,10 +601,10 @@ impl Events {
 #[derive(Debug, Default)]
 struct RouteTable {
     /// Directory -> the routes of its events.
-    routes: HashMap<PathBuf, Vec<Route>>,
+    routes: HashMap<Arc<Path>, Vec<Route>>,
     /// Watch descriptor -> the directory it watches, under each of its
     /// watched names.
-    dirs: HashMap<WatchDescriptor, Vec<PathBuf>>,
+    dirs: HashMap<WatchDescriptor, Vec<Arc<Path>>>,
 }
 
 /// Watched directory -> who its events concern.
@@ -593,8 +631,8 @@ impl Routes {
         let mut structural = event.mask.contains(AddWatchFlags::IN_IGNORED);
         for dir in names {
             let path = match &event.name {
-                Some(name) => dir.join(name),
-                None => dir.clone(),
+                Some(name) => Cow::Owned(dir.join(name)),
+                None => Cow::Borrowed(&**dir),
             };
             structural |= self.bundles_for(&path, new_dir, out);
         }
