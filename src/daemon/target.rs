@@ -12,7 +12,7 @@ use tracing::warn;
 use crate::bundle::{Bundle, Refusal};
 use crate::keypair::{self, KeyPairState};
 use crate::render::{self, BundleState, Mode, Report};
-use crate::telemetry::metrics::Metrics;
+use crate::telemetry::metrics::{Metrics, Rendered};
 
 /// A bundle or a key pair, with everything it carries between runs.
 #[derive(Debug)]
@@ -86,17 +86,12 @@ pub fn run(target: &mut Target, work: Work, now: i64, metrics: &Metrics) -> Outc
                         metrics.rendered(
                             &name,
                             if report.changed.is_empty() {
-                                "unchanged"
+                                Rendered::Unchanged
                             } else {
-                                "changed"
+                                Rendered::Changed
                             },
                         );
-                        metrics.bundle_state(
-                            &name,
-                            &report.bundle,
-                            report.previous.as_deref(),
-                            now,
-                        );
+                        metrics.bundle_state(&name, &report.bundle, now);
                     }
                 }
                 Err(refusal) => {

@@ -207,17 +207,7 @@ async fn a_key_pair_not_valid_yet_is_reloaded_at_its_not_before() {
     };
     let clock = Clock::starting_at(now);
     let daemon = Running::start(flags, now);
-    let reloads = || {
-        daemon
-            .metrics
-            .reloads
-            .get_or_create(&crate::telemetry::metrics::ReloadLabels {
-                bundle: "default".into(),
-                action: "touch",
-                result: "success",
-            })
-            .get()
-    };
+    let reloads = || daemon.metrics.reloads("default", "touch", true);
     // Held, with no file event to come: nothing until its notBefore...
     tokio::time::sleep(Duration::from_secs((valid_from - now - 2) as u64)).await;
     assert_eq!(reloads(), 0, "reloaded before its notBefore");
@@ -236,16 +226,7 @@ async fn a_key_pair_not_valid_yet_is_reloaded_at_its_not_before() {
 fn signals(metrics: &Metrics, bundle: &str) -> u64 {
     ["success", "failure"]
         .into_iter()
-        .map(|result| {
-            metrics
-                .reloads
-                .get_or_create(&crate::telemetry::metrics::ReloadLabels {
-                    bundle: bundle.into(),
-                    action: "signal",
-                    result,
-                })
-                .get()
-        })
+        .map(|result| metrics.reloads(bundle, "signal", result == "success"))
         .sum()
 }
 

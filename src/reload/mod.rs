@@ -979,31 +979,13 @@ mod tests {
         let runs = || {
             ["a", "b", "c", "d", "e"]
                 .iter()
-                .map(|b| {
-                    metrics
-                        .reloads
-                        .get_or_create(&crate::telemetry::metrics::ReloadLabels {
-                            bundle: (*b).into(),
-                            action: "touch",
-                            result: "success",
-                        })
-                        .get()
-                })
+                .map(|b| metrics.reloads(b, "touch", true))
                 .max()
                 .unwrap_or(0) as usize
         };
         reloader.request(&spec, named("a"));
         wait_for(|| runs() == 1).await;
-        let counted = |name: &str| {
-            metrics
-                .reloads
-                .get_or_create(&crate::telemetry::metrics::ReloadLabels {
-                    bundle: name.into(),
-                    action: "touch",
-                    result: "success",
-                })
-                .get()
-        };
+        let counted = |name: &str| metrics.reloads(name, "touch", true);
         let first = Instant::now();
         // Three changes inside the interval: held, then one run.
         for name in ["b", "c", "d"] {
@@ -1064,14 +1046,7 @@ mod tests {
     }
 
     fn signals(metrics: &Metrics, name: &str, result: &'static str) -> u64 {
-        metrics
-            .reloads
-            .get_or_create(&crate::telemetry::metrics::ReloadLabels {
-                bundle: name.into(),
-                action: "signal",
-                result,
-            })
-            .get()
+        metrics.reloads(name, "signal", result == "success")
     }
 
     /// The runtime is only entered, never driven, while a direct run is

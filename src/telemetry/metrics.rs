@@ -5,77 +5,35 @@
 //! Values that depend on "now" (seconds until the earliest CA expires) are
 //! computed when encoded, never frozen at the last render: a daemon idle for
 //! a month must not report a month-old countdown.
+//!
+//! The series labelled by bundle are kept in one entry per bundle
+//! ([`BundleSeries`]), not in prometheus-client's `Family`: a family holds
+//! a hash-table slot, a copy of its labels and an allocated counter for
+//! each series, and a thousand bundles have seven thousand series (and one
+//! `certificate_not_after_seconds` series per CA). The rest are families.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{
-    DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
+    DescriptorEncoder, EncodeLabelSet, EncodeLabelValue, EncodeMetric, LabelSetEncoder,
+    LabelValueEncoder, MetricEncoder,
 };
 use prometheus_client::metrics::MetricType;
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::bundle::Bundle;
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct BundleLabel {
-    pub bundle: Name,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RenderLabels {
-    pub bundle: Name,
-    /// `changed`, `unchanged` or `refused`.
-    pub result: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RefusalLabels {
-    pub bundle: Name,
-    pub reason: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ReloadLabels {
-    pub bundle: Name,
-    /// `signal`, `exec`, `http` or `restart`.
-    pub action: &'static str,
-    /// `success` or `failure`.
-    pub result: &'static str,
-}
+use crate::bundle::{Anchor, Bundle};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ActionLabel {
     pub action: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct CertLabels {
-    pub bundle: Name,
-    pub subject: String,
-    pub sha256: Fingerprint,
-}
-
-/// A bundle's name in a label: one copy per name, shared by its series
-/// (a thousand bundles have seven thousand series).
-pub type Name = Arc<str>;
-
-/// A certificate's SHA-256, in a label as lowercase hex: 32 bytes held
-/// instead of a 64-character string.
-#[derive(Clone, Debug, Hash, PartialEq, Eq)]
-pub struct Fingerprint(pub [u8; 32]);
-
-impl EncodeLabelValue for Fingerprint {
-    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
-        encoder.write_str(&crate::bundle::hex(&self.0))
-    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -85,68 +43,307 @@ pub struct ProbeLabels {
     pub result: &'static str,
 }
 
+/// A render's outcome, the `result` label of `renders_total`; its place
+/// in [`Rendered::ALL`] is its count's in a bundle's series.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rendered {
+    Changed,
+    Unchanged,
+    Refused,
+}
+
+impl Rendered {
+    const ALL: [Self; 3] = [Self::Changed, Self::Unchanged, Self::Refused];
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::Changed => "changed",
+            Self::Unchanged => "unchanged",
+            Self::Refused => "refused",
+        }
+    }
+}
+
 /// The content type of [`Metrics::encode`]'s output: prometheus-client's
 /// text encoder writes OpenMetrics 1.0 (counters as `# TYPE x counter` with
 /// `x_total` samples, and a closing `# EOF`), which Prometheus parses only
 /// when told it is OpenMetrics.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// `bundle_earliest_expiry_seconds`: the earliest CA notAfter of each bundle
-/// as last published, turned into "seconds from now" at each scrape.
+/// Every series labelled by bundle, one entry per bundle name. A counter
+/// appears once it has counted, as a family's would; a bundle's series
+/// stay after it leaves the configuration, as a family's would.
 #[derive(Debug, Default)]
-pub struct EarliestExpiry {
-    not_after: Mutex<BTreeMap<Name, i64>>,
+pub struct BundleSeries {
+    bundles: Mutex<BTreeMap<Box<str>, Series>>,
 }
 
-impl EarliestExpiry {
-    fn set(&self, bundle: &Name, not_after: Option<i64>) {
-        let mut map = self
-            .not_after
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        match not_after {
-            Some(t) => {
-                map.insert(bundle.clone(), t);
-            }
-            None => {
-                map.remove(&**bundle);
-            }
+/// One bundle's series.
+#[derive(Debug, Default)]
+struct Series {
+    /// `renders_total`, in the order of [`Rendered::ALL`].
+    renders: [u64; 3],
+    /// `refusals_total` by reason.
+    refusals: Vec<(&'static str, u64)>,
+    /// `reloads_total` by action and success.
+    reloads: Vec<((&'static str, bool), u64)>,
+    /// `output_write_failures_total`.
+    write_failures: u64,
+    /// What it last published: the gauges that describe it.
+    published: Option<Published>,
+}
+
+/// The last bundle a bundle published, and when: its certificates'
+/// series are worked out from it when encoded, not copied.
+#[derive(Debug)]
+struct Published {
+    /// Shared with the daemon, which holds it as the bundle's last.
+    bundle: Arc<Bundle>,
+    /// `last_success_timestamp_seconds`.
+    at: i64,
+    /// `bundle_strict_refusals`.
+    strict_refusals: usize,
+}
+
+/// A count kept under a key in a short list (a bundle's reasons, its
+/// reload actions): most lists hold one.
+fn count<K: PartialEq>(list: &mut Vec<(K, u64)>, key: K) {
+    match list.iter_mut().find(|(k, _)| *k == key) {
+        Some((_, n)) => *n += 1,
+        None => {
+            list.push((key, 1));
+            list.shrink_to_fit();
+        }
+    }
+}
+
+impl BundleSeries {
+    fn lock(&self) -> MutexGuard<'_, BTreeMap<Box<str>, Series>> {
+        self.bundles.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Changes `bundle`'s series.
+    fn update(&self, bundle: &str, change: impl FnOnce(&mut Series)) {
+        let mut bundles = self.lock();
+        match bundles.get_mut(bundle) {
+            Some(series) => change(series),
+            None => change(bundles.entry(bundle.into()).or_default()),
         }
     }
 
-    /// The earliest notAfter (unix seconds) recorded for `bundle`.
+    /// The earliest notAfter (unix seconds) of what `bundle` last
+    /// published.
     pub fn not_after(&self, bundle: &str) -> Option<i64> {
-        self.not_after
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        self.lock()
             .get(bundle)
-            .copied()
+            .and_then(|s| s.published.as_ref())
+            .and_then(|p| p.bundle.earliest_expiry())
     }
-}
 
-impl Collector for EarliestExpiry {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let now = unix_now();
-        // Copied out so encoding never holds the lock the event loop takes.
-        let snapshot: Vec<(Name, i64)> = self
-            .not_after
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .map(|(k, v)| (k.clone(), *v))
-            .collect();
-        let mut family = encoder.encode_descriptor(
-            "bundle_earliest_expiry_seconds",
-            "Seconds from now until the first CA of the last published bundle expires (negative once expired)",
-            None,
-            MetricType::Gauge,
-        )?;
-        for (bundle, not_after) in snapshot {
-            let labels = BundleLabel { bundle };
-            ConstGauge::new(not_after.saturating_sub(now))
-                .encode(family.encode_family(&labels)?)?;
+    /// Encodes one family: its descriptor, then `each` bundle's series,
+    /// under the lock (held for this family only). A family with no series
+    /// is left out, as the registry leaves out an empty one; its help ends
+    /// with a full stop, as the registry's do.
+    fn family(
+        &self,
+        encoder: &mut DescriptorEncoder,
+        (name, help, kind): (&str, &str, MetricType),
+        has: impl Fn(&Series) -> bool,
+        each: impl Fn(&str, &Series, &mut MetricEncoder<'_>) -> Result<(), std::fmt::Error>,
+    ) -> Result<(), std::fmt::Error> {
+        let bundles = self.lock();
+        if !bundles.values().any(has) {
+            return Ok(());
+        }
+        let mut family = encoder.encode_descriptor(name, help, None, kind)?;
+        for (bundle, series) in bundles.iter() {
+            each(bundle, series, &mut family)?;
         }
         Ok(())
+    }
+}
+
+/// A certificate's series labels: its bundle, subject and SHA-256 (as
+/// lowercase hex), read from the certificate when encoded.
+struct CertLabels<'a> {
+    bundle: &'a str,
+    anchor: &'a Anchor,
+}
+
+/// A certificate's SHA-256, in a label as lowercase hex.
+struct Fingerprint<'a>(&'a [u8; 32]);
+
+impl EncodeLabelValue for Fingerprint<'_> {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(&crate::bundle::hex(self.0))
+    }
+}
+
+impl EncodeLabelSet for CertLabels<'_> {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        [
+            ("bundle", self.bundle),
+            ("subject", self.anchor.subject.as_str()),
+        ]
+        .encode(encoder)?;
+        [("sha256", Fingerprint(&self.anchor.sha256))].encode(encoder)
+    }
+}
+
+fn counter(
+    value: u64,
+    family: &mut MetricEncoder<'_>,
+    labels: &impl EncodeLabelSet,
+) -> Result<(), std::fmt::Error> {
+    ConstCounter::new(value).encode(family.encode_family(labels)?)
+}
+
+fn gauge(
+    value: i64,
+    family: &mut MetricEncoder<'_>,
+    labels: &impl EncodeLabelSet,
+) -> Result<(), std::fmt::Error> {
+    ConstGauge::new(value).encode(family.encode_family(labels)?)
+}
+
+impl Collector for BundleSeries {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let encoder = &mut encoder;
+        self.family(
+            encoder,
+            ("renders", "Render passes by outcome.", MetricType::Counter),
+            |s| s.renders.iter().any(|n| *n > 0),
+            |bundle, s, family| {
+                for (result, n) in Rendered::ALL.iter().zip(s.renders) {
+                    if n > 0 {
+                        counter(n, family, &[("bundle", bundle), ("result", result.label())])?;
+                    }
+                }
+                Ok(())
+            },
+        )?;
+        self.family(
+            encoder,
+            (
+                "refusals",
+                "Bundles refused, by reason.",
+                MetricType::Counter,
+            ),
+            |s| !s.refusals.is_empty(),
+            |bundle, s, family| {
+                for (reason, n) in &s.refusals {
+                    counter(*n, family, &[("bundle", bundle), ("reason", *reason)])?;
+                }
+                Ok(())
+            },
+        )?;
+        self.family(
+            encoder,
+            (
+                "reloads",
+                "Reload attempts by action and outcome.",
+                MetricType::Counter,
+            ),
+            |s| !s.reloads.is_empty(),
+            |bundle, s, family| {
+                for ((action, success), n) in &s.reloads {
+                    let result = if *success { "success" } else { "failure" };
+                    counter(
+                        *n,
+                        family,
+                        &[("bundle", bundle), ("action", *action), ("result", result)],
+                    )?;
+                }
+                Ok(())
+            },
+        )?;
+        self.family(
+            encoder,
+            (
+                "bundle_certificates",
+                "Certificates in the last rendered bundle.",
+                MetricType::Gauge,
+            ),
+            |s| s.published.is_some(),
+            |bundle, s, family| match &s.published {
+                Some(p) => gauge(p.bundle.len() as i64, family, &[("bundle", bundle)]),
+                None => Ok(()),
+            },
+        )?;
+        self.family(
+            encoder,
+            (
+                "bundle_strict_refusals",
+                "CAs of the last rendered bundle that a strict verifier (openssl verify -x509_strict, Python 3.13) refuses.",
+                MetricType::Gauge,
+            ),
+            |s| s.published.is_some(),
+            |bundle, s, family| match &s.published {
+                Some(p) => gauge(p.strict_refusals as i64, family, &[("bundle", bundle)]),
+                None => Ok(()),
+            },
+        )?;
+        self.family(
+            encoder,
+            (
+                "certificate_not_after_seconds",
+                "notAfter of each certificate in the bundle (unix seconds).",
+                MetricType::Gauge,
+            ),
+            |s| s.published.as_ref().is_some_and(|p| !p.bundle.is_empty()),
+            |bundle, s, family| {
+                let anchors = s.published.as_ref().map_or(&[][..], |p| p.bundle.anchors());
+                for anchor in anchors {
+                    gauge(anchor.not_after, family, &CertLabels { bundle, anchor })?;
+                }
+                Ok(())
+            },
+        )?;
+        let now = unix_now();
+        let earliest = |s: &Series| {
+            s.published
+                .as_ref()
+                .and_then(|p| p.bundle.earliest_expiry())
+        };
+        self.family(
+            encoder,
+            (
+                "bundle_earliest_expiry_seconds",
+                "Seconds from now until the first CA of the last published bundle expires (negative once expired).",
+                MetricType::Gauge,
+            ),
+            |s| earliest(s).is_some(),
+            |bundle, s, family| match earliest(s) {
+                Some(t) => gauge(t.saturating_sub(now), family, &[("bundle", bundle)]),
+                None => Ok(()),
+            },
+        )?;
+        self.family(
+            encoder,
+            (
+                "last_success_timestamp_seconds",
+                "When the bundle last rendered successfully (unix seconds).",
+                MetricType::Gauge,
+            ),
+            |s| s.published.is_some(),
+            |bundle, s, family| match &s.published {
+                Some(p) => gauge(p.at, family, &[("bundle", bundle)]),
+                None => Ok(()),
+            },
+        )?;
+        self.family(
+            encoder,
+            (
+                "output_write_failures",
+                "Output writes that failed (retried with backoff).",
+                MetricType::Counter,
+            ),
+            |s| s.write_failures > 0,
+            |bundle, s, family| match s.write_failures {
+                0 => Ok(()),
+                n => counter(n, family, &[("bundle", bundle)]),
+            },
+        )
     }
 }
 
@@ -159,22 +356,13 @@ fn unix_now() -> i64 {
 /// Every metric anchorage exports.
 pub struct Metrics {
     pub registry: Registry,
-    pub renders: Family<RenderLabels, Counter>,
-    pub refusals: Family<RefusalLabels, Counter>,
-    pub reloads: Family<ReloadLabels, Counter>,
+    /// Every series labelled by bundle.
+    pub bundles: Arc<BundleSeries>,
     pub reload_duration: Family<ActionLabel, Histogram>,
-    pub certificates: Family<BundleLabel, Gauge>,
-    pub strict_refusals: Family<BundleLabel, Gauge>,
-    pub not_after: Family<CertLabels, Gauge>,
-    pub earliest_expiry: Arc<EarliestExpiry>,
-    pub last_success: Family<BundleLabel, Gauge>,
     pub watch_events: Counter,
     pub probes: Family<ProbeLabels, Counter>,
-    pub write_failures: Family<BundleLabel, Counter>,
     pub reloads_deferred: Family<ActionLabel, Counter>,
     pub reload_panics: Counter,
-    /// Every bundle name a label has held, each once.
-    names: Mutex<HashSet<Name>>,
 }
 
 impl Default for Metrics {
@@ -186,16 +374,8 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("anchorage");
-        let renders = Family::default();
-        registry.register("renders", "Render passes by outcome", renders.clone());
-        let refusals = Family::default();
-        registry.register("refusals", "Bundles refused, by reason", refusals.clone());
-        let reloads = Family::default();
-        registry.register(
-            "reloads",
-            "Reload attempts by action and outcome",
-            reloads.clone(),
-        );
+        let bundles = Arc::new(BundleSeries::default());
+        registry.register_collector(Box::new(bundles.clone()));
         let reload_duration = Family::<ActionLabel, Histogram>::new_with_constructor(|| {
             Histogram::new(exponential_buckets(0.001, 4.0, 9))
         });
@@ -203,32 +383,6 @@ impl Metrics {
             "reload_duration_seconds",
             "Time one reload attempt took",
             reload_duration.clone(),
-        );
-        let certificates = Family::default();
-        registry.register(
-            "bundle_certificates",
-            "Certificates in the last rendered bundle",
-            certificates.clone(),
-        );
-        let strict_refusals = Family::default();
-        registry.register(
-            "bundle_strict_refusals",
-            "CAs of the last rendered bundle that a strict verifier (openssl verify -x509_strict, Python 3.13) refuses",
-            strict_refusals.clone(),
-        );
-        let not_after = Family::default();
-        registry.register(
-            "certificate_not_after_seconds",
-            "notAfter of each certificate in the bundle (unix seconds)",
-            not_after.clone(),
-        );
-        let earliest_expiry = Arc::new(EarliestExpiry::default());
-        registry.register_collector(Box::new(earliest_expiry.clone()));
-        let last_success = Family::default();
-        registry.register(
-            "last_success_timestamp_seconds",
-            "When the bundle last rendered successfully (unix seconds)",
-            last_success.clone(),
         );
         let watch_events = Counter::default();
         registry.register(
@@ -238,12 +392,6 @@ impl Metrics {
         );
         let probes = Family::default();
         registry.register("probes", "Reload probes by outcome", probes.clone());
-        let write_failures = Family::default();
-        registry.register(
-            "output_write_failures",
-            "Output writes that failed (retried with backoff)",
-            write_failures.clone(),
-        );
         let reloads_deferred = Family::default();
         registry.register(
             "reloads_deferred",
@@ -258,71 +406,48 @@ impl Metrics {
         );
         Self {
             registry,
-            renders,
-            refusals,
-            reloads,
+            bundles,
             reload_duration,
-            certificates,
-            strict_refusals,
-            not_after,
-            earliest_expiry,
-            last_success,
             watch_events,
             probes,
-            write_failures,
             reloads_deferred,
             reload_panics,
-            names: Mutex::default(),
         }
-    }
-
-    /// `name` as the labels hold it: the copy its other series share.
-    pub fn name(&self, name: &str) -> Name {
-        let mut names = self.names.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(known) = names.get(name) {
-            return known.clone();
-        }
-        let new: Name = name.into();
-        names.insert(new.clone());
-        new
     }
 
     /// Records a render's outcome.
-    pub fn rendered(&self, bundle: &str, result: &'static str) {
-        self.renders
-            .get_or_create(&RenderLabels {
-                bundle: self.name(bundle),
-                result,
-            })
-            .inc();
+    pub fn rendered(&self, bundle: &str, result: Rendered) {
+        self.bundles.update(bundle, |s| {
+            s.renders[result as usize] += 1;
+        });
     }
 
     pub fn refused(&self, bundle: &str, reason: &'static str) {
-        self.rendered(bundle, "refused");
-        self.refusals
-            .get_or_create(&RefusalLabels {
-                bundle: self.name(bundle),
-                reason,
-            })
-            .inc();
+        self.bundles.update(bundle, |s| {
+            s.renders[Rendered::Refused as usize] += 1;
+            count(&mut s.refusals, reason);
+        });
     }
 
     pub fn reload(&self, bundle: &str, action: &'static str, success: bool) {
-        self.reloads
-            .get_or_create(&ReloadLabels {
-                bundle: self.name(bundle),
-                action,
-                result: if success { "success" } else { "failure" },
-            })
-            .inc();
+        self.bundles
+            .update(bundle, |s| count(&mut s.reloads, (action, success)));
+    }
+
+    /// How many reloads of `action` for `bundle` ended in `success` (or
+    /// not): `reloads_total`'s value.
+    pub fn reloads(&self, bundle: &str, action: &str, success: bool) -> u64 {
+        self.bundles.lock().get(bundle).map_or(0, |s| {
+            s.reloads
+                .iter()
+                .filter(|((a, ok), _)| *a == action && *ok == success)
+                .map(|(_, n)| *n)
+                .sum()
+        })
     }
 
     pub fn write_failed(&self, bundle: &str) {
-        self.write_failures
-            .get_or_create(&BundleLabel {
-                bundle: self.name(bundle),
-            })
-            .inc();
+        self.bundles.update(bundle, |s| s.write_failures += 1);
     }
 
     pub fn probed(&self, name: &str, success: bool) {
@@ -334,69 +459,20 @@ impl Metrics {
             .inc();
     }
 
-    /// Publishes the state of a bundle that rendered successfully; `previous`
-    /// is what it replaced, whose series go away.
-    pub fn bundle_state(&self, name: &str, bundle: &Bundle, previous: Option<&Bundle>, now: i64) {
-        let name = self.name(name);
-        let label = BundleLabel {
-            bundle: name.clone(),
-        };
-        self.certificates
-            .get_or_create(&label)
-            .set(bundle.len() as i64);
-        self.last_success.get_or_create(&label).set(now);
-        self.earliest_expiry.set(&name, bundle.earliest_expiry());
-        self.strict_refusals(&name, bundle);
-        let labels = |a: &crate::bundle::Anchor| CertLabels {
-            bundle: name.clone(),
-            subject: a.subject.clone(),
-            sha256: Fingerprint(a.sha256),
-        };
-        // Only the series of CAs that came or went change: a swap of one
-        // CA among a thousand is two series, not two thousand. Both sets
-        // are sorted by SHA-256.
-        let empty = Bundle::default();
-        let before = previous.unwrap_or(&empty).anchors();
-        let after = bundle.anchors();
-        let (mut i, mut j) = (0, 0);
-        while i < before.len() || j < after.len() {
-            let order = match (before.get(i), after.get(j)) {
-                (Some(b), Some(a)) => b.sha256.cmp(&a.sha256),
-                (Some(_), None) => std::cmp::Ordering::Less,
-                _ => std::cmp::Ordering::Greater,
-            };
-            match order {
-                std::cmp::Ordering::Less => {
-                    self.not_after.remove(&labels(&before[i]));
-                    i += 1;
-                }
-                std::cmp::Ordering::Greater => {
-                    self.not_after
-                        .get_or_create(&labels(&after[j]))
-                        .set(after[j].not_after);
-                    j += 1;
-                }
-                std::cmp::Ordering::Equal => {
-                    i += 1;
-                    j += 1;
-                }
-            }
-        }
-    }
-
-    /// Publishes how many CAs of `bundle` a strict verifier would refuse: an
-    /// alert on it fires before an app upgrade (Python 3.13) breaks on them.
-    fn strict_refusals(&self, name: &Name, bundle: &Bundle) {
-        let refused = bundle
+    /// Publishes the state of a bundle that rendered successfully at `now`:
+    /// its certificates' series are those of `bundle` from here on.
+    pub fn bundle_state(&self, name: &str, bundle: &Arc<Bundle>, now: i64) {
+        let strict_refusals = bundle
             .anchors()
             .iter()
             .filter(|a| !a.strict.is_empty())
             .count();
-        self.strict_refusals
-            .get_or_create(&BundleLabel {
-                bundle: name.clone(),
-            })
-            .set(refused as i64);
+        let published = Published {
+            bundle: bundle.clone(),
+            at: now,
+            strict_refusals,
+        };
+        self.bundles.update(name, |s| s.published = Some(published));
     }
 
     /// The Prometheus text exposition.
@@ -422,7 +498,7 @@ mod tests {
     #[test]
     fn the_encoding_is_openmetrics_as_the_content_type_says() {
         let metrics = Metrics::new();
-        metrics.rendered("peers", "changed");
+        metrics.rendered("peers", Rendered::Changed);
         let text = metrics.encode();
         assert!(CONTENT_TYPE.starts_with("application/openmetrics-text"));
         assert!(text.ends_with("# EOF\n"), "{text}");
@@ -436,12 +512,95 @@ mod tests {
         );
     }
 
+    /// Each bundle's series, under the names, labels and types of the
+    /// contract; a series appears once it has something to say.
+    #[test]
+    fn every_bundle_series_is_encoded_with_its_labels() {
+        let metrics = Metrics::new();
+        assert!(
+            !metrics.encode().contains("bundle="),
+            "no series before any render"
+        );
+        metrics.rendered("peers", Rendered::Changed);
+        metrics.rendered("peers", Rendered::Unchanged);
+        metrics.rendered("peers", Rendered::Unchanged);
+        metrics.refused("peers", "min_certs");
+        metrics.refused("peers", "min_certs");
+        metrics.refused("web", "damaged");
+        metrics.reload("peers", "signal", true);
+        metrics.reload("peers", "signal", false);
+        metrics.reload("peers", "signal", true);
+        metrics.reload("peers", "exec", true);
+        metrics.write_failed("web");
+        let ca = anchor("Series A");
+        let sha = crate::bundle::hex(&ca.sha256);
+        metrics.bundle_state(
+            "peers",
+            &Arc::new(Bundle::new(vec![ca.clone()])),
+            1_700_000_000,
+        );
+        let text = metrics.encode();
+        for line in [
+            "# HELP anchorage_renders Render passes by outcome.",
+            "# TYPE anchorage_renders counter",
+            "anchorage_renders_total{bundle=\"peers\",result=\"changed\"} 1",
+            "anchorage_renders_total{bundle=\"peers\",result=\"unchanged\"} 2",
+            "anchorage_renders_total{bundle=\"peers\",result=\"refused\"} 2",
+            "anchorage_renders_total{bundle=\"web\",result=\"refused\"} 1",
+            "# TYPE anchorage_refusals counter",
+            "anchorage_refusals_total{bundle=\"peers\",reason=\"min_certs\"} 2",
+            "anchorage_refusals_total{bundle=\"web\",reason=\"damaged\"} 1",
+            "# TYPE anchorage_reloads counter",
+            "anchorage_reloads_total{bundle=\"peers\",action=\"signal\",result=\"success\"} 2",
+            "anchorage_reloads_total{bundle=\"peers\",action=\"signal\",result=\"failure\"} 1",
+            "anchorage_reloads_total{bundle=\"peers\",action=\"exec\",result=\"success\"} 1",
+            "# TYPE anchorage_bundle_certificates gauge",
+            "anchorage_bundle_certificates{bundle=\"peers\"} 1",
+            "# TYPE anchorage_bundle_strict_refusals gauge",
+            &format!(
+                "anchorage_bundle_strict_refusals{{bundle=\"peers\"}} {}",
+                usize::from(!ca.strict.is_empty())
+            ),
+            "# TYPE anchorage_last_success_timestamp_seconds gauge",
+            "anchorage_last_success_timestamp_seconds{bundle=\"peers\"} 1700000000",
+            "# TYPE anchorage_output_write_failures counter",
+            "anchorage_output_write_failures_total{bundle=\"web\"} 1",
+            "# TYPE anchorage_certificate_not_after_seconds gauge",
+            &format!(
+                "anchorage_certificate_not_after_seconds{{bundle=\"peers\",subject=\"CN=Series A\",sha256=\"{sha}\"}} {}",
+                ca.not_after
+            ),
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line:?} missing from\n{text}"
+            );
+        }
+        assert_eq!(metrics.reloads("peers", "signal", true), 2);
+        assert_eq!(metrics.reloads("peers", "signal", false), 1);
+        assert_eq!(metrics.reloads("web", "signal", true), 0);
+        // A bundle that never published has no gauges.
+        assert!(
+            !text.contains("anchorage_bundle_certificates{bundle=\"web\""),
+            "{text}"
+        );
+    }
+
     fn anchor(name: &str) -> crate::bundle::Anchor {
+        anchor_until(name, None)
+    }
+
+    fn anchor_until(name: &str, not_after: Option<i64>) -> crate::bundle::Anchor {
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
         params
             .distinguished_name
             .push(rcgen::DnType::CommonName, name);
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        if let Some(t) = not_after {
+            params.not_before =
+                time::OffsetDateTime::from_unix_timestamp(t - 86_400).expect("time");
+            params.not_after = time::OffsetDateTime::from_unix_timestamp(t).expect("time");
+        }
         let key = rcgen::KeyPair::generate().expect("key");
         let der = params.self_signed(&key).expect("cert").der().to_vec();
         let block = crate::source::CertBlock::new(der, false);
@@ -464,16 +623,16 @@ mod tests {
             names.sort();
             names
         };
-        let first = Bundle::new(vec![a.clone(), b.clone()]);
-        metrics.bundle_state("peers", &first, None, 0);
+        let publish = |anchors: Vec<crate::bundle::Anchor>| {
+            metrics.bundle_state("peers", &Arc::new(Bundle::new(anchors)), 0);
+        };
+        publish(vec![a.clone(), b.clone()]);
         assert_eq!(series(&metrics), ["Series A", "Series B"]);
-        let second = Bundle::new(vec![b.clone(), c.clone()]);
-        metrics.bundle_state("peers", &second, Some(&first), 0);
+        publish(vec![b.clone(), c.clone()]);
         assert_eq!(series(&metrics), ["Series B", "Series C"]);
-        let third = Bundle::new(vec![a, b, c]);
-        metrics.bundle_state("peers", &third, Some(&second), 0);
+        publish(vec![a, b, c]);
         assert_eq!(series(&metrics), ["Series A", "Series B", "Series C"]);
-        metrics.bundle_state("peers", &Bundle::default(), Some(&third), 0);
+        publish(Vec::new());
         assert!(series(&metrics).is_empty());
     }
 
@@ -481,11 +640,14 @@ mod tests {
     fn earliest_expiry_counts_down_from_the_scrape_not_the_render() {
         let metrics = Metrics::new();
         let now = unix_now();
-        // As if rendered long ago: the value must still be "from now".
-        metrics
-            .earliest_expiry
-            .set(&"peers".into(), Some(now + 1_000));
-        metrics.earliest_expiry.set(&"old".into(), Some(now - 50));
+        // Rendered long ago (at 0): the value must still be "from now".
+        let soon = anchor_until("Soon", Some(now + 1_000));
+        let later = anchor_until("Later", Some(now + 5_000));
+        let publish = |name: &str, anchors: Vec<crate::bundle::Anchor>| {
+            metrics.bundle_state(name, &Arc::new(Bundle::new(anchors)), 0);
+        };
+        publish("peers", vec![later, soon]);
+        publish("old", vec![anchor_until("Old", Some(now - 50))]);
         let text = metrics.encode();
         let peers = sample(
             &text,
@@ -499,12 +661,13 @@ mod tests {
         )
         .expect("old");
         assert!((-55..=-50).contains(&old), "{text}");
-        assert_eq!(
-            metrics.earliest_expiry.not_after("peers"),
-            Some(now + 1_000)
-        );
+        assert_eq!(metrics.bundles.not_after("peers"), Some(now + 1_000));
 
-        metrics.earliest_expiry.set(&"old".into(), None);
-        assert!(!metrics.encode().contains("bundle=\"old\""));
+        publish("old", Vec::new());
+        assert!(
+            !metrics
+                .encode()
+                .contains("anchorage_bundle_earliest_expiry_seconds{bundle=\"old\""),
+        );
     }
 }
