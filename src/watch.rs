@@ -784,6 +784,40 @@ mod tests {
         }
     }
 
+    /// Each watched directory's path is one allocation, shared by the
+    /// watches, the routes and the descriptor's directories, and a refresh
+    /// keeps the copy of a directory still watched.
+    #[tokio::test]
+    async fn a_watched_directory_is_named_by_one_shared_path() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let wanted: Vec<_> = ["a", "b"]
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                let vol = dir.path().join(name);
+                std::fs::create_dir(&vol).expect("mkdir");
+                watch_points(i, &Source::Path(vol))
+            })
+            .collect();
+        let (mut watch, _events) = Watch::new().expect("inotify");
+        watch.set(&wanted).expect("watch");
+        let before: Vec<Arc<Path>> = watch.watched.keys().cloned().collect();
+        watch.set(&wanted).expect("watch again");
+        assert_eq!(watch.len(), 3, "the two volumes and their parent");
+        let table = &watch.routes.0;
+        for (path, watched) in &watch.watched {
+            assert!(
+                before.iter().any(|b| Arc::ptr_eq(b, path)),
+                "{path:?} copied again"
+            );
+            assert!(Arc::ptr_eq(&watched.routed_at, path));
+            let (routed, _) = table.routes.get_key_value(&**path).expect("routes");
+            assert!(Arc::ptr_eq(routed, path));
+            let names = table.dirs.get(&watched.wd).expect("descriptor");
+            assert!(names.iter().all(|n| Arc::ptr_eq(n, path)));
+        }
+    }
+
     #[test]
     fn a_path_is_watched_with_its_parent() {
         let points = watch_points(0, &Source::Path("/certs/ca".into()));
