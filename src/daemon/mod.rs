@@ -500,10 +500,12 @@ impl Daemon {
             .map(|t| (t.kind(), t.name().to_owned()))
             .collect();
         let tally = &mut self.tally;
+        let mut gone = Vec::new();
         self.entries.retain(|id, entry| {
             if keep.contains(&(entry.kind, entry.name.clone())) {
                 return true;
             }
+            gone.push(entry.name.clone());
             // In flight: dropped when it comes back.
             entry.removed = true;
             let in_flight = entry.target.is_none();
@@ -572,6 +574,19 @@ impl Daemon {
         self.config = config;
         self.rewatch = true;
         self.agenda.mark_everyone();
+        for name in gone {
+            self.forget_metrics(&name);
+        }
+    }
+
+    /// Drops the metrics of `name`, gone from the configuration, unless an
+    /// entry still configured bears it (a bundle and a key pair may share
+    /// a name): its gauges, an expiry counting down among them, would go
+    /// on describing a bundle nothing keeps any more.
+    fn forget_metrics(&self, name: &str) {
+        if !self.entries.values().any(|e| !e.removed && e.name == name) {
+            self.metrics.forget(name);
+        }
     }
 
     /// A watch event: the sources it concerns wait for the debounce.
@@ -723,7 +738,10 @@ impl Daemon {
         if entry.removed {
             self.tally.change(id, Some(entry.standing()), None);
             self.agenda.set_next_change(&mut entry.next_change, None);
-            self.entries.remove(&id);
+            // Its run recorded its outcome in the metrics on its way back.
+            if let Some(entry) = self.entries.remove(&id) {
+                self.forget_metrics(&entry.name);
+            }
             return;
         }
         let before = entry.standing();

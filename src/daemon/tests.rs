@@ -360,3 +360,54 @@ async fn the_status_line_counts_many_bundles_instead_of_listing_them() {
         "{after}"
     );
 }
+
+/// A bundle gone from the configuration takes its series with it: its
+/// gauges (an expiry counting down among them) would describe a bundle
+/// nothing keeps. A bundle still configured keeps its own.
+#[tokio::test]
+async fn a_bundle_removed_by_a_new_configuration_leaves_the_metrics() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let now = real_now();
+    let text = |names: &[&str]| {
+        let mut text = String::from("[daemon]\ndebounce = \"0s\"\n");
+        for name in names {
+            let source = dir.path().join(format!("{name}.pem"));
+            std::fs::write(&source, ca(name, now - 60, now + 86_400)).expect("write");
+            text.push_str(&format!(
+                "[[bundle]]\nname = \"{name}\"\nsources = [\"{}\"]\n[[bundle.output]]\npath = \"{}\"\n",
+                source.display(),
+                dir.path().join(format!("{name}.out.pem")).display()
+            ));
+        }
+        Config::from_text(&Flags::default(), Path::new("two.toml"), &text, false).expect("config")
+    };
+    let metrics = Arc::new(Metrics::new());
+    let mut daemon = Daemon::new(
+        text(&["kept", "dropped"]),
+        Arc::new(|| unreachable!("no SIGHUP here")),
+        metrics.clone(),
+        Status::new(),
+        ChildHandle::default(),
+        Clock::System,
+    )
+    .expect("daemon");
+    daemon.hold_renders = false;
+    daemon.dispatch();
+    settle_runs(&mut daemon).await;
+    let series = |bundle: &str| {
+        let label = format!("{{bundle=\"{bundle}\"}}");
+        metrics
+            .encode()
+            .lines()
+            .filter(|l| l.contains(&label) || l.contains(&format!("bundle=\"{bundle}\",")))
+            .count()
+    };
+    assert!(series("dropped") > 0, "{}", metrics.encode());
+    let kept = series("kept");
+
+    daemon.apply(text(&["kept"]));
+    daemon.dispatch();
+    settle_runs(&mut daemon).await;
+    assert_eq!(series("dropped"), 0, "{}", metrics.encode());
+    assert!(series("kept") >= kept, "{}", metrics.encode());
+}

@@ -71,8 +71,8 @@ impl Rendered {
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Every series labelled by bundle, one entry per bundle name. A counter
-/// appears once it has counted, as a family's would; a bundle's series
-/// stay after it leaves the configuration, as a family's would.
+/// appears once it has counted, as a family's would; a bundle's series go
+/// when it leaves the configuration ([`Metrics::forget`]).
 #[derive(Debug, Default)]
 pub struct BundleSeries {
     bundles: Mutex<BTreeMap<Name, Series>>,
@@ -453,6 +453,11 @@ impl Metrics {
                 .map(|(_, n)| *n)
                 .sum()
         })
+    }
+
+    /// Drops every series of `bundle`, and the bundle they held.
+    pub fn forget(&self, bundle: &str) {
+        self.bundles.lock().remove(bundle);
     }
 
     pub fn write_failed(&self, bundle: &str) {
