@@ -230,6 +230,20 @@ fn signals(metrics: &Metrics, bundle: &str) -> u64 {
         .sum()
 }
 
+/// A daemon on the system clock that no SIGHUP reaches, not yet running:
+/// the test drives its dispatch and its runs' return.
+fn quiet_daemon(config: Config, metrics: Arc<Metrics>) -> Daemon {
+    Daemon::new(
+        config,
+        Arc::new(|| unreachable!("no SIGHUP here")),
+        metrics,
+        Status::new(),
+        ChildHandle::default(),
+        Clock::System,
+    )
+    .expect("daemon")
+}
+
 /// Waits for the runs in flight to come back, and records them.
 async fn settle_runs(daemon: &mut Daemon) {
     while daemon.entries.values().any(|e| e.target.is_none()) {
@@ -266,15 +280,7 @@ async fn a_sighup_during_a_render_still_reloads_its_change() {
     };
     let config = Config::load(&flags, false).expect("config");
     let metrics = Arc::new(Metrics::new());
-    let mut daemon = Daemon::new(
-        config.clone(),
-        Arc::new(|| unreachable!("no SIGHUP here")),
-        metrics.clone(),
-        Status::new(),
-        ChildHandle::default(),
-        Clock::System,
-    )
-    .expect("daemon");
+    let mut daemon = quiet_daemon(config.clone(), metrics.clone());
     daemon.hold_renders = false;
     daemon.dispatch();
     settle_runs(&mut daemon).await;
@@ -336,15 +342,7 @@ async fn the_status_line_counts_many_bundles_instead_of_listing_them() {
     }
     let config =
         Config::from_text(&Flags::default(), Path::new("many.toml"), &text, false).expect("config");
-    let mut daemon = Daemon::new(
-        config,
-        Arc::new(|| unreachable!("no SIGHUP here")),
-        Arc::new(Metrics::new()),
-        Status::new(),
-        ChildHandle::default(),
-        Clock::System,
-    )
-    .expect("daemon");
+    let mut daemon = quiet_daemon(config, Arc::new(Metrics::new()));
     let before = daemon.summary();
     assert!(
         before.starts_with("0 bundles rendered, 0 refused, 10 not rendered; b0: not rendered; "),
@@ -382,15 +380,7 @@ async fn a_bundle_removed_by_a_new_configuration_leaves_the_metrics() {
         Config::from_text(&Flags::default(), Path::new("two.toml"), &text, false).expect("config")
     };
     let metrics = Arc::new(Metrics::new());
-    let mut daemon = Daemon::new(
-        text(&["kept", "dropped"]),
-        Arc::new(|| unreachable!("no SIGHUP here")),
-        metrics.clone(),
-        Status::new(),
-        ChildHandle::default(),
-        Clock::System,
-    )
-    .expect("daemon");
+    let mut daemon = quiet_daemon(text(&["kept", "dropped"]), metrics.clone());
     daemon.hold_renders = false;
     daemon.dispatch();
     settle_runs(&mut daemon).await;

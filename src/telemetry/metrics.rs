@@ -164,6 +164,30 @@ impl BundleSeries {
         }
         Ok(())
     }
+
+    /// A family of one series per bundle, labelled by the bundle alone:
+    /// `value` is its value, or `None` where the bundle has none (a
+    /// counter that never counted, a gauge of a bundle never published).
+    fn one_per_bundle(
+        &self,
+        encoder: &mut DescriptorEncoder,
+        descriptor: (&str, &str, MetricType),
+        value: impl Fn(&Series) -> Option<i64>,
+    ) -> Result<(), std::fmt::Error> {
+        let kind = descriptor.2;
+        self.family(
+            encoder,
+            descriptor,
+            |s| value(s).is_some(),
+            |bundle, s, family| match value(s) {
+                Some(v) if matches!(kind, MetricType::Counter) => {
+                    counter(v as u64, family, &[("bundle", bundle)])
+                }
+                Some(v) => gauge(v, family, &[("bundle", bundle)]),
+                None => Ok(()),
+            },
+        )
+    }
 }
 
 /// A certificate's series labels: its bundle, subject and SHA-256 (as
@@ -260,31 +284,23 @@ impl Collector for BundleSeries {
                 Ok(())
             },
         )?;
-        self.family(
+        self.one_per_bundle(
             encoder,
             (
                 "bundle_certificates",
                 "Certificates in the last rendered bundle.",
                 MetricType::Gauge,
             ),
-            |s| s.published.is_some(),
-            |bundle, s, family| match &s.published {
-                Some(p) => gauge(p.bundle.len() as i64, family, &[("bundle", bundle)]),
-                None => Ok(()),
-            },
+            |s| s.published.as_ref().map(|p| p.bundle.len() as i64),
         )?;
-        self.family(
+        self.one_per_bundle(
             encoder,
             (
                 "bundle_strict_refusals",
                 "CAs of the last rendered bundle that a strict verifier (openssl verify -x509_strict, Python 3.13) refuses.",
                 MetricType::Gauge,
             ),
-            |s| s.published.is_some(),
-            |bundle, s, family| match &s.published {
-                Some(p) => gauge(p.strict_refusals as i64, family, &[("bundle", bundle)]),
-                None => Ok(()),
-            },
+            |s| s.published.as_ref().map(|p| p.strict_refusals as i64),
         )?;
         // One series per CA of every bundle, the most by far (10,000 for a
         // bundle of 10,000 CAs): encoded from the bundles taken out under
@@ -309,49 +325,35 @@ impl Collector for BundleSeries {
             }
         }
         let now = unix_now();
-        let earliest = |s: &Series| {
-            s.published
-                .as_ref()
-                .and_then(|p| p.bundle.earliest_expiry())
-        };
-        self.family(
+        self.one_per_bundle(
             encoder,
             (
                 "bundle_earliest_expiry_seconds",
                 "Seconds from now until the first CA of the last published bundle expires (negative once expired).",
                 MetricType::Gauge,
             ),
-            |s| earliest(s).is_some(),
-            |bundle, s, family| match earliest(s) {
-                Some(t) => gauge(t.saturating_sub(now), family, &[("bundle", bundle)]),
-                None => Ok(()),
+            |s| {
+                let published = s.published.as_ref()?;
+                Some(published.bundle.earliest_expiry()?.saturating_sub(now))
             },
         )?;
-        self.family(
+        self.one_per_bundle(
             encoder,
             (
                 "last_success_timestamp_seconds",
                 "When the bundle last rendered successfully (unix seconds).",
                 MetricType::Gauge,
             ),
-            |s| s.published.is_some(),
-            |bundle, s, family| match &s.published {
-                Some(p) => gauge(p.at, family, &[("bundle", bundle)]),
-                None => Ok(()),
-            },
+            |s| s.published.as_ref().map(|p| p.at),
         )?;
-        self.family(
+        self.one_per_bundle(
             encoder,
             (
                 "output_write_failures",
                 "Output writes that failed (retried with backoff).",
                 MetricType::Counter,
             ),
-            |s| s.write_failures > 0,
-            |bundle, s, family| match s.write_failures {
-                0 => Ok(()),
-                n => counter(n, family, &[("bundle", bundle)]),
-            },
+            |s| (s.write_failures > 0).then_some(s.write_failures as i64),
         )
     }
 }
