@@ -574,18 +574,29 @@ impl Daemon {
         self.config = config;
         self.rewatch = true;
         self.agenda.mark_everyone();
-        for name in gone {
-            self.forget_metrics(&name);
-        }
+        self.forget_metrics(gone);
     }
 
-    /// Drops the metrics of `name`, gone from the configuration, unless an
-    /// entry still configured bears it (a bundle and a key pair may share
-    /// a name): its gauges, an expiry counting down among them, would go
-    /// on describing a bundle nothing keeps any more.
-    fn forget_metrics(&self, name: &str) {
-        if !self.entries.values().any(|e| !e.removed && e.name == name) {
-            self.metrics.forget(name);
+    /// Drops the metrics of `names`, gone from the configuration, except
+    /// those an entry still configured bears (a bundle and a key pair may
+    /// share a name): their gauges, an expiry counting down among them,
+    /// would go on describing bundles nothing keeps any more.
+    fn forget_metrics(&self, names: Vec<String>) {
+        if names.is_empty() {
+            return;
+        }
+        // One pass over the entries, not one per name: a SIGHUP may remove
+        // a thousand bundles.
+        let live: HashSet<&str> = self
+            .entries
+            .values()
+            .filter(|e| !e.removed)
+            .map(|e| e.name.as_str())
+            .collect();
+        for name in names {
+            if !live.contains(name.as_str()) {
+                self.metrics.forget(&name);
+            }
         }
     }
 
@@ -740,7 +751,7 @@ impl Daemon {
             self.agenda.set_next_change(&mut entry.next_change, None);
             // Its run recorded its outcome in the metrics on its way back.
             if let Some(entry) = self.entries.remove(&id) {
-                self.forget_metrics(&entry.name);
+                self.forget_metrics(vec![entry.name]);
             }
             return;
         }

@@ -136,7 +136,8 @@ impl BundleSeries {
 
     /// The earliest notAfter (unix seconds) of what `bundle` last
     /// published.
-    pub fn not_after(&self, bundle: &str) -> Option<i64> {
+    #[cfg(test)]
+    fn not_after(&self, bundle: &str) -> Option<i64> {
         self.lock()
             .get(bundle)
             .and_then(|s| s.published.as_ref())
