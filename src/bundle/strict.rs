@@ -96,23 +96,25 @@ impl fmt::Display for Reason {
 }
 
 /// The critical extensions OpenSSL 3 handles (`X509_supported_extension`);
-/// any other critical one fails verification.
-const HANDLED_CRITICAL: &[&str] = &[
-    "2.16.840.1.113730.1.1", // Netscape certificate type
-    "2.5.29.15",             // keyUsage
-    "2.5.29.17",             // subjectAltName
-    "2.5.29.19",             // basicConstraints
-    "2.5.29.32",             // certificatePolicies
-    "2.5.29.31",             // cRLDistributionPoints
-    "2.5.29.37",             // extKeyUsage
-    "1.3.6.1.5.5.7.1.7",     // sbgp-ipAddrBlock
-    "1.3.6.1.5.5.7.1.8",     // sbgp-autonomousSysNum
-    "1.3.6.1.5.5.7.48.1.5",  // OCSP noCheck
-    "2.5.29.36",             // policyConstraints
-    "1.3.6.1.5.5.7.1.14",    // proxyCertInfo
-    "2.5.29.30",             // nameConstraints
-    "2.5.29.33",             // policyMappings
-    "2.5.29.54",             // inhibitAnyPolicy
+/// any other critical one fails verification. Their DER content octets:
+/// compared with each critical extension's as they are, without making a
+/// dotted string of every one (a CA has two or three).
+const HANDLED_CRITICAL: &[&[u8]] = &[
+    &[0x60, 0x86, 0x48, 0x01, 0x86, 0xf8, 0x42, 0x01, 0x01], // 2.16.840.1.113730.1.1 Netscape certificate type
+    &[0x55, 0x1d, 0x0f],                                     // 2.5.29.15 keyUsage
+    &[0x55, 0x1d, 0x11],                                     // 2.5.29.17 subjectAltName
+    &[0x55, 0x1d, 0x13],                                     // 2.5.29.19 basicConstraints
+    &[0x55, 0x1d, 0x20],                                     // 2.5.29.32 certificatePolicies
+    &[0x55, 0x1d, 0x1f],                                     // 2.5.29.31 cRLDistributionPoints
+    &[0x55, 0x1d, 0x25],                                     // 2.5.29.37 extKeyUsage
+    &[0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x01, 0x07],       // 1.3.6.1.5.5.7.1.7 sbgp-ipAddrBlock
+    &[0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x01, 0x08], // 1.3.6.1.5.5.7.1.8 sbgp-autonomousSysNum
+    &[0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x30, 0x01, 0x05], // 1.3.6.1.5.5.7.48.1.5 OCSP noCheck
+    &[0x55, 0x1d, 0x24],                               // 2.5.29.36 policyConstraints
+    &[0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x01, 0x0e], // 1.3.6.1.5.5.7.1.14 proxyCertInfo
+    &[0x55, 0x1d, 0x1e],                               // 2.5.29.30 nameConstraints
+    &[0x55, 0x1d, 0x21],                               // 2.5.29.33 policyMappings
+    &[0x55, 0x1d, 0x36],                               // 2.5.29.54 inhibitAnyPolicy
 ];
 
 /// The reasons a strict verifier refuses `cert` as a CA, in the order OpenSSL
@@ -150,9 +152,8 @@ pub fn reasons(cert: &X509Certificate<'_>, is_ca: bool) -> Vec<Reason> {
         out.push(Reason::NoBasicConstraints);
     }
     for ext in cert.extensions().iter().filter(|e| e.critical) {
-        let oid = ext.oid.to_id_string();
-        if !HANDLED_CRITICAL.contains(&oid.as_str()) {
-            out.push(Reason::UnhandledCritical(oid));
+        if !HANDLED_CRITICAL.contains(&ext.oid.as_bytes()) {
+            out.push(Reason::UnhandledCritical(ext.oid.to_id_string()));
         }
     }
     if let Some((bc, critical)) = constraints {
@@ -276,6 +277,46 @@ mod tests {
             judge(&params),
             ["unhandled critical extension 1.3.6.1.4.1.99999.1"]
         );
+    }
+
+    #[test]
+    fn a_handled_critical_extension_is_no_reason() {
+        // OCSP noCheck: an OID of nine octets, not parsed by x509-parser.
+        let mut params = ca_params("No check");
+        let mut ext =
+            CustomExtension::from_oid_content(&[1, 3, 6, 1, 5, 5, 7, 48, 1, 5], vec![5, 0]);
+        ext.set_criticality(true);
+        params.custom_extensions.push(ext);
+        assert_eq!(judge(&params), Vec::<String>::new());
+    }
+
+    #[test]
+    fn the_handled_critical_extensions_are_openssls() {
+        use std::str::FromStr;
+        // X509_supported_extension's list, as OpenSSL 3 names it.
+        let dotted = [
+            "2.16.840.1.113730.1.1",
+            "2.5.29.15",
+            "2.5.29.17",
+            "2.5.29.19",
+            "2.5.29.32",
+            "2.5.29.31",
+            "2.5.29.37",
+            "1.3.6.1.5.5.7.1.7",
+            "1.3.6.1.5.5.7.1.8",
+            "1.3.6.1.5.5.7.48.1.5",
+            "2.5.29.36",
+            "1.3.6.1.5.5.7.1.14",
+            "2.5.29.30",
+            "2.5.29.33",
+            "2.5.29.54",
+        ];
+        let encoded: Vec<Vec<u8>> = dotted
+            .iter()
+            .map(|d| Oid::from_str(d).expect("an OID").as_bytes().to_vec())
+            .collect();
+        let handled: Vec<Vec<u8>> = HANDLED_CRITICAL.iter().map(|o| o.to_vec()).collect();
+        assert_eq!(handled, encoded);
     }
 
     #[test]
