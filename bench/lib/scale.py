@@ -62,6 +62,7 @@ class Row:
         self.setup = []  # ms until the watches are set
         self.ready = []  # ms until the first render is done (anchorage) / ready
         self.rss = []
+        self.cpu = []  # CPU ms (all threads, all processes) spent by the time it was ready
         self.res = None
         self.note = ""
         self.renders = "-"  # anchorage: bundle renders logged per swap
@@ -210,6 +211,7 @@ def main():
                         row.note = row.note or "did not get ready within 120 s"
                         row.failed = True
                         continue
+                    row.cpu.append(bl.proc_sample(bl.session_pids(tool.pid))["sched_ns"] / 1e6)
                     time.sleep(1.0)
                     row.rss.append(bl.rss_mib(bl.session_pids(tool.pid)))
                 if not last:
@@ -260,6 +262,7 @@ def main():
             r.label, r.watches,
             "%.0f" % bl.median(r.setup) if r.setup else "-",
             "%.0f" % bl.median(r.ready) if r.ready else "-",
+            "%.0f" % bl.median(r.cpu) if r.cpu else "-",
             "%.1f" % bl.median(r.rss) if r.rss else "-",
             bl.fmt_ms(bl.median(lat)) if lat else "-",
             bl.fmt_ms(bl.pct(lat, 99)) if lat else "-",
@@ -268,7 +271,7 @@ def main():
         ])
     # The p99 of fewer than 100 swaps is their max: swaps=200 or more
     # separates them.
-    bl.table(["run", "watches", "watches set ms", "ready ms", "RSS MiB", "swap p50 ms", "swap p99 ms",
+    bl.table(["run", "watches", "watches set ms", "ready ms", "CPU ms", "RSS MiB", "swap p50 ms", "swap p99 ms",
               "swap max ms", "missed", "premature", "extra", "renders/swap"], table_rows)
     for r in rows:
         if r.setup and len(r.setup) > 1:
@@ -283,7 +286,9 @@ def main():
     print("watches set: anchorage: its 'watching directories=N' log line; inotifywait: 'Watches "
           "established.'; watchexec (which says nothing): the first probe swap it passed on in each of "
           "the first, middle and last directory (an upper bound, probes every ~50 ms). ready: anchorage: "
-          "its last 'rendered' line of the first render; the peers render nothing at start. "
+          "its last 'rendered' line of the first render; the peers render nothing at start. CPU ms: "
+          "the run time of every thread of the tool's processes (schedstat) when it was seen ready: "
+          "on this machine's cores, ready can come no sooner than about CPU ms / cores. "
           "renders/swap: anchorage's 'rendered' log lines (one per bundle rendered) per swap, at the "
           "default log level (info).")
     print()
@@ -319,6 +324,7 @@ def main():
         for fig, get, scale in (
                 ("watches set ms", lambda r: bl.median(r.setup) if r.setup else None, 1),
                 ("ready ms", lambda r: bl.median(r.ready) if r.ready else None, 1),
+                ("CPU ms to ready", lambda r: bl.median(r.cpu) if r.cpu else None, 1),
                 ("RSS MiB", lambda r: bl.median(r.rss) if r.rss else None, 1),
                 ("swap p50 ms", lambda r: bl.median(r.res["lat"]) if r.res and r.res["lat"] else None, 1e6),
                 ("swap p99 ms", lambda r: bl.pct(r.res["lat"], 99) if r.res and r.res["lat"] else None, 1e6),
