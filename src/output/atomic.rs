@@ -330,9 +330,7 @@ fn fill_dir(dir: &Path, files: &[Entry<'_>], marker: Option<u32>) -> io::Result<
     let (acl, umask) = (inherits_default_acl(&handle), umask());
     let needs_chmod = |mode: u32| acl || umask.is_none_or(|mask| mode & mask != 0);
     let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_CLOEXEC;
-    // The marker, when there is one, is one more file.
-    let marker = marker.map(|mode| (MARKER, MARKER_TEXT, mode));
-    for (name, bytes, mode) in files.iter().copied().chain(marker) {
+    let create = |&(name, bytes, mode): &Entry<'_>| -> io::Result<()> {
         // The path is spelled out only for an error.
         let fail = |what: &str, e: io::Error| context(&dir.join(name), what, e);
         let fd = openat(&handle, name, flags, Mode::from_bits_truncate(mode))
@@ -343,7 +341,18 @@ fn fill_dir(dir: &Path, files: &[Entry<'_>], marker: Option<u32>) -> io::Result<
             file.set_permissions(Permissions::from_mode(mode))
                 .map_err(|e| fail("chmod", e))?;
         }
-    }
+        Ok(())
+    };
+    // The marker, when there is one, is one more file.
+    let marker = marker.map(|mode| (MARKER, MARKER_TEXT, mode));
+    let entries: Vec<Entry<'_>> = files.iter().copied().chain(marker).collect();
+    // A hashed directory of a whole trust store is thousands of files: they
+    // are created on all cores (the directory is not published yet, and
+    // the kernel's lock on it covers only each name's creation, not the
+    // writes). The first failure in the files' order is the one reported.
+    crate::parallel::map(&entries, create)
+        .into_iter()
+        .collect::<io::Result<()>>()?;
     // One syncfs instead of a fsync per file: thousands of certificates
     // would otherwise mean thousands of journal commits.
     nix::unistd::syncfs(&handle).map_err(|e| context(dir, "sync", e.into()))?;
@@ -656,6 +665,51 @@ mod tests {
             0o600
         );
         // Only the output itself is left in its parent.
+        assert_eq!(fs::read_dir(dir.path()).expect("list").count(), 1);
+    }
+
+    /// More files than one thread creates (see `parallel`'s batch).
+    fn many(n: usize, tag: &str) -> Vec<(String, Vec<u8>)> {
+        (0..n)
+            .map(|i| (format!("{i:08x}.0"), format!("{tag} {i}").into_bytes()))
+            .collect()
+    }
+
+    #[test]
+    fn a_large_directory_is_written_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = dir.path().join("certs");
+        let first = many(1500, "first");
+        assert!(publish(&out, &Rendered::Dir(first.clone()), 0o640).expect("publish"));
+        let mut expected = first.clone();
+        expected.sort();
+        assert_eq!(read_all(&out), expected);
+        for (name, _) in &first {
+            let mode = fs::metadata(out.join(name))
+                .expect("stat")
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o7777, 0o640, "{name}");
+        }
+        assert!(!publish(&out, &Rendered::Dir(first), 0o640).expect("publish"));
+    }
+
+    #[test]
+    fn a_file_that_cannot_be_created_fails_a_large_directory_whole() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = dir.path().join("certs");
+        let first = many(1500, "first");
+        assert!(publish(&out, &Rendered::Dir(first.clone()), 0o644).expect("publish"));
+        // A name the kernel cannot create, far into the list: the files
+        // around it are created by other threads.
+        let mut second = many(1500, "second");
+        second[1200].0 = "missing/1200.0".into();
+        let err = publish(&out, &Rendered::Dir(second), 0o644).expect_err("a file failed");
+        assert!(err.to_string().contains("missing/1200.0"), "{err}");
+        // The output is the first one, whole; nothing else is left.
+        let mut expected = first;
+        expected.sort();
+        assert_eq!(read_all(&out), expected);
         assert_eq!(fs::read_dir(dir.path()).expect("list").count(), 1);
     }
 
