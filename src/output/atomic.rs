@@ -30,7 +30,7 @@ use std::fs::{self, File, OpenOptions, Permissions};
 use std::io::{self, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use super::Rendered;
 
@@ -330,9 +330,18 @@ fn fill_dir(dir: &Path, files: &[Entry<'_>], marker: Option<u32>) -> io::Result<
     let (acl, umask) = (inherits_default_acl(&handle), umask());
     let needs_chmod = |mode: u32| acl || umask.is_none_or(|mask| mode & mask != 0);
     let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_CLOEXEC;
+    // Once a file failed, the others are not tried: a full disk fails them
+    // all, and the directory is removed anyway.
+    let failed = AtomicBool::new(false);
     let create = |&(name, bytes, mode): &Entry<'_>| -> io::Result<()> {
+        if failed.load(Ordering::Relaxed) {
+            return Ok(());
+        }
         // The path is spelled out only for an error.
-        let fail = |what: &str, e: io::Error| context(&dir.join(name), what, e);
+        let fail = |what: &str, e: io::Error| {
+            failed.store(true, Ordering::Relaxed);
+            context(&dir.join(name), what, e)
+        };
         let fd = openat(&handle, name, flags, Mode::from_bits_truncate(mode))
             .map_err(|e| fail("create", e.into()))?;
         let mut file = File::from(fd);
@@ -349,7 +358,8 @@ fn fill_dir(dir: &Path, files: &[Entry<'_>], marker: Option<u32>) -> io::Result<
     // A hashed directory of a whole trust store is thousands of files: they
     // are created on all cores (the directory is not published yet, and
     // the kernel's lock on it covers only each name's creation, not the
-    // writes). The first failure in the files' order is the one reported.
+    // writes). The first failure in the files' order is the one reported
+    // (a file skipped after a failure is no failure of its own).
     crate::parallel::map(&entries, create)
         .into_iter()
         .collect::<io::Result<()>>()?;
