@@ -32,26 +32,74 @@ pub fn map<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> 
     let chunk = items.len().div_ceil(threads);
     let f = &f;
     std::thread::scope(|scope| {
-        let parts: Vec<_> = items
+        // A part that gets no thread (a process at its limit of threads, a
+        // container at its limit of pids) is done here, in its turn: the
+        // batch is slower, never lost, and a render does not panic.
+        let parts: Vec<Part<'_, '_, T, R>> = items
             .chunks(chunk)
-            .map(|part| scope.spawn(move || part.iter().map(f).collect::<Vec<R>>()))
+            .map(
+                |part| match spawn(scope, move || part.iter().map(f).collect()) {
+                    Ok(thread) => Part::Thread(thread),
+                    Err(_) => Part::Here(part),
+                },
+            )
             .collect();
         parts
             .into_iter()
-            .flat_map(|part| {
-                part.join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            .flat_map(|part| match part {
+                Part::Thread(thread) => thread
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+                Part::Here(part) => part.iter().map(f).collect(),
             })
             .collect()
     })
 }
 
+/// One part of a batch: on a thread of its own, or left for the caller.
+enum Part<'scope, 'a, T, R> {
+    Thread(std::thread::ScopedJoinHandle<'scope, Vec<R>>),
+    Here(&'a [T]),
+}
+
+fn spawn<'scope, R: Send + 'scope>(
+    scope: &'scope std::thread::Scope<'scope, '_>,
+    work: impl FnOnce() -> Vec<R> + Send + 'scope,
+) -> std::io::Result<std::thread::ScopedJoinHandle<'scope, Vec<R>>> {
+    #[cfg(test)]
+    if tests::REFUSED.with(std::cell::Cell::get) {
+        return Err(std::io::Error::other("no thread (test)"));
+    }
+    std::thread::Builder::new().spawn_scoped(scope, work)
+}
+
 #[cfg(test)]
 mod tests {
+    use std::cell::Cell;
+
+    thread_local! {
+        /// Set by a test: every thread asked for is refused.
+        pub(super) static REFUSED: Cell<bool> = const { Cell::new(false) };
+    }
+
     #[test]
     fn keeps_the_order_of_a_large_batch() {
         let items: Vec<u32> = (0..10_000).collect();
         let doubled = super::map(&items, |i| i * 2);
         assert_eq!(doubled, items.iter().map(|i| i * 2).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_batch_without_threads_is_done_by_the_caller() {
+        let items: Vec<u32> = (0..10_000).collect();
+        REFUSED.with(|r| r.set(true));
+        let caller = std::thread::current().id();
+        let done = super::map(&items, |i| (i * 2, std::thread::current().id()));
+        REFUSED.with(|r| r.set(false));
+        assert_eq!(
+            done.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+            items.iter().map(|i| i * 2).collect::<Vec<_>>()
+        );
+        assert!(done.iter().all(|(_, id)| *id == caller));
     }
 }
