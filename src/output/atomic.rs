@@ -685,31 +685,35 @@ mod tests {
             .collect()
     }
 
+    /// Publishes 1,500 files as a new directory output with `mode`, and
+    /// checks it holds them: the output, and its files, sorted.
+    fn large_output(dir: &Path, mode: u32) -> (PathBuf, Vec<(String, Vec<u8>)>) {
+        let out = dir.join("certs");
+        let mut files = many(1500, "first");
+        assert!(publish(&out, &Rendered::Dir(files.clone()), mode).expect("publish"));
+        files.sort();
+        assert_eq!(read_all(&out), files);
+        (out, files)
+    }
+
     #[test]
     fn a_large_directory_is_written_whole() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let out = dir.path().join("certs");
-        let first = many(1500, "first");
-        assert!(publish(&out, &Rendered::Dir(first.clone()), 0o640).expect("publish"));
-        let mut expected = first.clone();
-        expected.sort();
-        assert_eq!(read_all(&out), expected);
-        for (name, _) in &first {
+        let (out, files) = large_output(dir.path(), 0o640);
+        for (name, _) in &files {
             let mode = fs::metadata(out.join(name))
                 .expect("stat")
                 .permissions()
                 .mode();
             assert_eq!(mode & 0o7777, 0o640, "{name}");
         }
-        assert!(!publish(&out, &Rendered::Dir(first), 0o640).expect("publish"));
+        assert!(!publish(&out, &Rendered::Dir(files), 0o640).expect("publish"));
     }
 
     #[test]
     fn a_file_that_cannot_be_created_fails_a_large_directory_whole() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let out = dir.path().join("certs");
-        let first = many(1500, "first");
-        assert!(publish(&out, &Rendered::Dir(first.clone()), 0o644).expect("publish"));
+        let (out, first) = large_output(dir.path(), 0o644);
         // A name the kernel cannot create, far into the list: the files
         // around it are created by other threads.
         let mut second = many(1500, "second");
@@ -717,9 +721,7 @@ mod tests {
         let err = publish(&out, &Rendered::Dir(second), 0o644).expect_err("a file failed");
         assert!(err.to_string().contains("missing/1200.0"), "{err}");
         // The output is the first one, whole; nothing else is left.
-        let mut expected = first;
-        expected.sort();
-        assert_eq!(read_all(&out), expected);
+        assert_eq!(read_all(&out), first);
         assert_eq!(fs::read_dir(dir.path()).expect("list").count(), 1);
     }
 
