@@ -352,17 +352,18 @@ fn fill_dir(dir: &Path, files: &[Entry<'_>], marker: Option<u32>) -> io::Result<
         }
         Ok(())
     };
-    // The marker, when there is one, is one more file.
-    let marker = marker.map(|mode| (MARKER, MARKER_TEXT, mode));
-    let entries: Vec<Entry<'_>> = files.iter().copied().chain(marker).collect();
     // A hashed directory of a whole trust store is thousands of files: they
     // are created on all cores (the directory is not published yet, and
     // the kernel's lock on it covers only each name's creation, not the
     // writes). The first failure in the files' order is the one reported
     // (a file skipped after a failure is no failure of its own).
-    crate::parallel::map(&entries, create)
+    crate::parallel::map(files, create)
         .into_iter()
         .collect::<io::Result<()>>()?;
+    // The marker, when there is one, is one more file, after the others.
+    if let Some(mode) = marker {
+        create(&(MARKER, MARKER_TEXT, mode))?;
+    }
     // One syncfs instead of a fsync per file: thousands of certificates
     // would otherwise mean thousands of journal commits.
     nix::unistd::syncfs(&handle).map_err(|e| context(dir, "sync", e.into()))?;
