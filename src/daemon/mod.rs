@@ -500,12 +500,10 @@ impl Daemon {
             .map(|t| (t.kind(), t.name().to_owned()))
             .collect();
         let tally = &mut self.tally;
-        let mut gone = Vec::new();
         self.entries.retain(|id, entry| {
             if keep.contains(&(entry.kind, entry.name.clone())) {
                 return true;
             }
-            gone.push(entry.name.clone());
             // In flight: dropped when it comes back.
             entry.removed = true;
             let in_flight = entry.target.is_none();
@@ -574,30 +572,21 @@ impl Daemon {
         self.config = config;
         self.rewatch = true;
         self.agenda.mark_everyone();
-        self.forget_metrics(gone);
+        self.keep_configured_metrics();
     }
 
-    /// Drops the metrics of `names`, gone from the configuration, except
-    /// those an entry still configured bears (a bundle and a key pair may
-    /// share a name): their gauges, an expiry counting down among them,
-    /// would go on describing bundles nothing keeps any more.
-    fn forget_metrics(&self, names: Vec<String>) {
-        if names.is_empty() {
-            return;
-        }
-        // One pass over the entries, not one per name: a SIGHUP may remove
-        // a thousand bundles.
-        let live: HashSet<&str> = self
-            .entries
-            .values()
-            .filter(|e| !e.removed)
-            .map(|e| e.name.as_str())
-            .collect();
-        for name in names {
-            if !live.contains(name.as_str()) {
-                self.metrics.forget(&name);
-            }
-        }
+    /// Keeps the metrics of the entries configured now alone: a bundle
+    /// gone from the configuration takes its series with it (its gauges,
+    /// an expiry counting down among them, would go on describing bundles
+    /// nothing keeps any more), except those an entry still configured
+    /// bears (a bundle and a key pair may share a name).
+    fn keep_configured_metrics(&self) {
+        self.metrics.keep_only(
+            self.entries
+                .values()
+                .filter(|e| !e.removed)
+                .map(|e| e.name.as_str()),
+        );
     }
 
     /// A watch event: the sources it concerns wait for the debounce.
@@ -749,10 +738,9 @@ impl Daemon {
         if entry.removed {
             self.tally.change(id, Some(entry.standing()), None);
             self.agenda.set_next_change(&mut entry.next_change, None);
-            // Its run recorded its outcome in the metrics on its way back.
-            if let Some(entry) = self.entries.remove(&id) {
-                self.forget_metrics(vec![entry.name]);
-            }
+            // What its run recorded on its way back started no series: its
+            // name is no longer configured.
+            self.entries.remove(&id);
             return;
         }
         let before = entry.standing();

@@ -400,4 +400,10 @@ async fn a_bundle_removed_by_a_new_configuration_leaves_the_metrics() {
     settle_runs(&mut daemon).await;
     assert_eq!(series("dropped"), 0, "{}", metrics.encode());
     assert!(series("kept") >= kept, "{}", metrics.encode());
+    // A reload of the removed bundle that ends now, on its worker, counts
+    // into no series: it would bring the bundle back for good.
+    metrics.reload("dropped", "signal", true);
+    assert_eq!(series("dropped"), 0, "{}", metrics.encode());
+    metrics.reload("kept", "signal", true);
+    assert_eq!(metrics.reloads("kept", "signal", true), 1);
 }

@@ -12,7 +12,7 @@
 //! each series, and a thousand bundles have seven thousand series (and one
 //! `certificate_not_after_seconds` series per CA). The rest are families.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -72,10 +72,21 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 
 /// Every series labelled by bundle, one entry per bundle name. A counter
 /// appears once it has counted, as a family's would; a bundle's series go
-/// when it leaves the configuration ([`Metrics::forget`]).
+/// when it leaves the configuration ([`Metrics::keep_only`]).
 #[derive(Debug, Default)]
 pub struct BundleSeries {
-    bundles: Mutex<BTreeMap<Name, Series>>,
+    bundles: Mutex<Table>,
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    series: BTreeMap<Name, Series>,
+    /// The names configured, once the daemon said which
+    /// ([`Metrics::keep_only`]): a count for any other name starts no
+    /// series. A reload finishes on its own thread, and one that ends after
+    /// its bundle left the configuration would otherwise bring the
+    /// bundle's series back for the daemon's life. `None`: every name.
+    configured: Option<HashSet<Name>>,
 }
 
 /// A bundle's name: shared, so that encoding can take it out of the lock.
@@ -121,17 +132,35 @@ fn count<K: PartialEq>(list: &mut Vec<(K, u64)>, key: K) {
 }
 
 impl BundleSeries {
-    fn lock(&self) -> MutexGuard<'_, BTreeMap<Name, Series>> {
+    fn lock(&self) -> MutexGuard<'_, Table> {
         self.bundles.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Changes `bundle`'s series.
+    /// Changes `bundle`'s series; nothing if `bundle` is not configured.
     fn update(&self, bundle: &str, change: impl FnOnce(&mut Series)) {
-        let mut bundles = self.lock();
-        match bundles.get_mut(bundle) {
+        let mut table = self.lock();
+        let Table { series, configured } = &mut *table;
+        match series.get_mut(bundle) {
             Some(series) => change(series),
-            None => change(bundles.entry(bundle.into()).or_default()),
+            None => {
+                let name = match configured {
+                    None => bundle.into(),
+                    // The configuration's copy of the name.
+                    Some(names) => match names.get(bundle) {
+                        Some(name) => name.clone(),
+                        None => return,
+                    },
+                };
+                change(series.entry(name).or_default());
+            }
         }
+    }
+
+    /// Keeps the series of `names` alone, from now on.
+    fn keep_only(&self, names: HashSet<Name>) {
+        let mut table = self.lock();
+        table.series.retain(|name, _| names.contains(name));
+        table.configured = Some(names);
     }
 
     /// The earliest notAfter (unix seconds) of what `bundle` last
@@ -139,6 +168,7 @@ impl BundleSeries {
     #[cfg(test)]
     fn not_after(&self, bundle: &str) -> Option<i64> {
         self.lock()
+            .series
             .get(bundle)
             .and_then(|s| s.published.as_ref())
             .and_then(|p| p.bundle.earliest_expiry())
@@ -155,7 +185,8 @@ impl BundleSeries {
         has: impl Fn(&Series) -> bool,
         each: impl Fn(&str, &Series, &mut MetricEncoder<'_>) -> Result<(), std::fmt::Error>,
     ) -> Result<(), std::fmt::Error> {
-        let bundles = self.lock();
+        let table = self.lock();
+        let bundles = &table.series;
         if !bundles.values().any(has) {
             return Ok(());
         }
@@ -308,6 +339,7 @@ impl Collector for BundleSeries {
         // the lock, so a render that ends meanwhile does not wait for them.
         let published: Vec<(Name, Arc<Bundle>)> = self
             .lock()
+            .series
             .iter()
             .filter_map(|(name, s)| Some((name.clone(), s.published.as_ref()?.bundle.clone())))
             .collect();
@@ -449,7 +481,7 @@ impl Metrics {
     /// How many reloads of `action` for `bundle` ended in `success` (or
     /// not): `reloads_total`'s value.
     pub fn reloads(&self, bundle: &str, action: &str, success: bool) -> u64 {
-        self.bundles.lock().get(bundle).map_or(0, |s| {
+        self.bundles.lock().series.get(bundle).map_or(0, |s| {
             s.reloads
                 .iter()
                 .filter(|((a, ok), _)| *a == action && *ok == success)
@@ -458,9 +490,13 @@ impl Metrics {
         })
     }
 
-    /// Drops every series of `bundle`, and the bundle they held.
-    pub fn forget(&self, bundle: &str) {
-        self.bundles.lock().remove(bundle);
+    /// The bundles (and key pairs) configured now: every other name's
+    /// series are dropped, with the bundles they held, and a count that
+    /// comes later for one of them (a reload that ends after its bundle
+    /// left) starts none.
+    pub fn keep_only<'a>(&self, names: impl IntoIterator<Item = &'a str>) {
+        self.bundles
+            .keep_only(names.into_iter().map(Name::from).collect());
     }
 
     pub fn write_failed(&self, bundle: &str) {
@@ -623,6 +659,32 @@ mod tests {
         let block = crate::source::CertBlock::new(der, false);
         crate::bundle::Anchor::parse(&block, std::path::Path::new("/x.pem").into(), 0)
             .expect("parse")
+    }
+
+    #[test]
+    fn only_the_names_configured_keep_or_start_series() {
+        let metrics = Metrics::new();
+        // Before the daemon says which names are configured, any counts.
+        metrics.rendered("a", Rendered::Changed);
+        metrics.rendered("b", Rendered::Changed);
+        metrics.keep_only(["a", "c"]);
+        let counted = |name: &str| {
+            metrics
+                .encode()
+                .lines()
+                .any(|l| l.contains(&format!("bundle=\"{name}\"")))
+        };
+        assert!(counted("a") && !counted("b"), "{}", metrics.encode());
+        metrics.reload("b", "signal", true);
+        metrics.refused("b", "parse");
+        metrics.write_failed("b");
+        assert!(!counted("b"), "{}", metrics.encode());
+        metrics.reload("c", "signal", false);
+        assert_eq!(metrics.reloads("c", "signal", false), 1);
+        // Configured again: it counts afresh.
+        metrics.keep_only(["a", "b", "c"]);
+        metrics.reload("b", "signal", true);
+        assert_eq!(metrics.reloads("b", "signal", true), 1);
     }
 
     #[test]
