@@ -80,6 +80,27 @@ fn context(path: &Path, what: &str, e: io::Error) -> io::Error {
     io::Error::new(e.kind(), format!("{}: {what}: {e}", path.display()))
 }
 
+/// One step of a writer that changes the disk: `op`, its error naming
+/// `path` and `what`. Every such step goes through here, so that the tests
+/// can fail each in turn and check what a failure there leaves behind.
+fn step<T>(path: &Path, what: &str, op: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+    injected(what)
+        .and_then(|()| op())
+        .map_err(|e| context(path, what, e))
+}
+
+/// An error a test asked for at this step (never outside the tests).
+#[inline]
+fn injected(what: &str) -> io::Result<()> {
+    #[cfg(test)]
+    return tests::fault::visit(what);
+    #[cfg(not(test))]
+    {
+        let _ = what;
+        Ok(())
+    }
+}
+
 fn parent_of(path: &Path) -> &Path {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
@@ -106,9 +127,7 @@ fn pid() -> u32 {
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| context(dir, "sync directory", e))
+    step(dir, "sync directory", || File::open(dir)?.sync_all())
 }
 
 /// Creates `path` (which must not exist) with exactly `bytes` and `mode`,
@@ -122,27 +141,26 @@ fn create_file(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
             .mode(0o600)
             .open(path)
     };
-    let opened = match open() {
+    let mut file = step(path, "create", || match open() {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             let parent = parent_of(path);
-            fs::create_dir_all(parent).map_err(|e| context(parent, "create directory", e))?;
+            step(parent, "create directory", || fs::create_dir_all(parent))?;
             open()
         }
         opened => opened,
-    };
-    let mut file = opened.map_err(|e| context(path, "create", e))?;
-    file.write_all(bytes)
-        .map_err(|e| context(path, "write", e))?;
-    file.set_permissions(Permissions::from_mode(mode))
-        .map_err(|e| context(path, "chmod", e))?;
-    file.sync_all().map_err(|e| context(path, "sync", e))
+    })?;
+    step(path, "write", || file.write_all(bytes))?;
+    step(path, "chmod", || {
+        file.set_permissions(Permissions::from_mode(mode))
+    })?;
+    step(path, "sync", || file.sync_all())
 }
 
 /// Publishes one file atomically.
 pub fn write_file(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
     let tmp = temp_beside(path, "tmp");
     let result = create_file(&tmp, bytes, mode)
-        .and_then(|()| fs::rename(&tmp, path).map_err(|e| context(path, "rename into place", e)));
+        .and_then(|()| step(path, "rename into place", || fs::rename(&tmp, path)));
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
@@ -166,7 +184,7 @@ pub fn write_dir(path: &Path, files: &[(String, Vec<u8>)], mode: u32) -> io::Res
         Ownership::Foreign(reason) => return Err(refusal(path, &reason)),
     }
     let parent = parent_of(path);
-    fs::create_dir_all(parent).map_err(|e| context(parent, "create directory", e))?;
+    step(parent, "create directory", || fs::create_dir_all(parent))?;
     let tmp = temp_beside(path, "new");
     if let Err(e) = fill_dir(&tmp, &entries, Some(mode)) {
         let _ = fs::remove_dir_all(&tmp);
@@ -174,19 +192,20 @@ pub fn write_dir(path: &Path, files: &[(String, Vec<u8>)], mode: u32) -> io::Res
     }
     match fs::symlink_metadata(path) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            if let Err(e) = fs::rename(&tmp, path) {
+            if let Err(e) = step(path, "rename into place", || fs::rename(&tmp, path)) {
                 let _ = fs::remove_dir_all(&tmp);
-                return Err(context(path, "rename into place", e));
+                return Err(e);
             }
         }
         Err(e) => {
             let _ = fs::remove_dir_all(&tmp);
             return Err(context(path, "stat", e));
         }
-        Ok(_) => match exchange(&tmp, path) {
+        // Not through `step`: the kernel's own EBUSY decides what follows.
+        Ok(_) => match injected("swap into place").and_then(|()| exchange(&tmp, path)) {
             // `tmp` now holds the previous output (our directory, or a
             // symlink someone placed there): remove it.
-            Ok(()) => remove_any(&tmp).map_err(|e| context(&tmp, "remove old output", e))?,
+            Ok(()) => step(&tmp, "remove old output", || remove_any(&tmp))?,
             Err(e) if e.raw_os_error() == Some(nix::libc::EBUSY) => {
                 // A mount point: publish inside it instead.
                 let _ = fs::remove_dir_all(&tmp);
@@ -318,10 +337,11 @@ fn with_mode(files: &[(String, Vec<u8>)], mode: u32) -> Vec<Entry<'_>> {
 fn fill_dir(dir: &Path, files: &[Entry<'_>], marker: Option<u32>) -> io::Result<()> {
     use nix::fcntl::{OFlag, openat};
     use nix::sys::stat::Mode;
-    fs::create_dir(dir).map_err(|e| context(dir, "create directory", e))?;
-    fs::set_permissions(dir, Permissions::from_mode(DIR_MODE))
-        .map_err(|e| context(dir, "chmod", e))?;
-    let handle = File::open(dir).map_err(|e| context(dir, "open", e))?;
+    step(dir, "create directory", || fs::create_dir(dir))?;
+    step(dir, "chmod", || {
+        fs::set_permissions(dir, Permissions::from_mode(DIR_MODE))
+    })?;
+    let handle = step(dir, "open", || File::open(dir))?;
     // Thousands of files: created relative to the directory (no path walk
     // each), given their mode at creation, and chmod'ed only where that
     // mode may not be what they got: the umask took bits from it, or the
@@ -342,12 +362,23 @@ fn fill_dir(dir: &Path, files: &[Entry<'_>], marker: Option<u32>) -> io::Result<
             failed.store(true, Ordering::Relaxed);
             context(&dir.join(name), what, e)
         };
-        let fd = openat(&handle, name, flags, Mode::from_bits_truncate(mode))
-            .map_err(|e| fail("create", e.into()))?;
+        let fd = injected("create")
+            .and_then(|()| {
+                Ok(openat(
+                    &handle,
+                    name,
+                    flags,
+                    Mode::from_bits_truncate(mode),
+                )?)
+            })
+            .map_err(|e| fail("create", e))?;
         let mut file = File::from(fd);
-        file.write_all(bytes).map_err(|e| fail("write", e))?;
+        injected("write")
+            .and_then(|()| file.write_all(bytes))
+            .map_err(|e| fail("write", e))?;
         if needs_chmod(mode) {
-            file.set_permissions(Permissions::from_mode(mode))
+            injected("chmod")
+                .and_then(|()| file.set_permissions(Permissions::from_mode(mode)))
                 .map_err(|e| fail("chmod", e))?;
         }
         Ok(())
@@ -366,8 +397,7 @@ fn fill_dir(dir: &Path, files: &[Entry<'_>], marker: Option<u32>) -> io::Result<
     }
     // One syncfs instead of a fsync per file: thousands of certificates
     // would otherwise mean thousands of journal commits.
-    nix::unistd::syncfs(&handle).map_err(|e| context(dir, "sync", e.into()))?;
-    Ok(())
+    step(dir, "sync", || Ok(nix::unistd::syncfs(&handle)?))
 }
 
 /// Whether files created in `dir` may get their mode from a default ACL:
@@ -435,7 +465,7 @@ pub fn publish_generation(dir: &Path, files: &[(&str, &[u8], u32)]) -> io::Resul
     if generation_matches(dir, files) {
         return Ok(false);
     }
-    fs::create_dir_all(dir).map_err(|e| context(dir, "create directory", e))?;
+    step(dir, "create directory", || fs::create_dir_all(dir))?;
     write_generation(dir, files)?;
     Ok(true)
 }
@@ -489,8 +519,20 @@ fn write_generation(dir: &Path, files: &[Entry<'_>]) -> io::Result<()> {
     }
     let data_tmp = dir.join(DATA_TMP);
     let _ = fs::remove_file(&data_tmp);
-    std::os::unix::fs::symlink(&name, &data_tmp).map_err(|e| context(&data_tmp, "symlink", e))?;
-    fs::rename(&data_tmp, dir.join(DATA)).map_err(|e| context(dir, "publish ..data", e))?;
+    let published = step(&data_tmp, "symlink", || {
+        std::os::unix::fs::symlink(&name, &data_tmp)
+    })
+    .and_then(|()| {
+        step(dir, "publish ..data", || {
+            fs::rename(&data_tmp, dir.join(DATA))
+        })
+    });
+    if let Err(e) = published {
+        // Never live: it goes, as a file output's temporary file does.
+        let _ = fs::remove_file(&data_tmp);
+        let _ = fs::remove_dir_all(&generation);
+        return Err(e);
+    }
 
     // Visible names: link the new ones, drop the ones that went.
     for (file, _, _) in files {
@@ -500,14 +542,15 @@ fn write_generation(dir: &Path, files: &[Entry<'_>]) -> io::Result<()> {
             continue;
         }
         let tmp = temp_beside(&link, "link");
-        std::os::unix::fs::symlink(&target, &tmp).map_err(|e| context(&tmp, "symlink", e))?;
-        fs::rename(&tmp, &link).map_err(|e| {
+        step(&tmp, "symlink", || {
+            std::os::unix::fs::symlink(&target, &tmp)
+        })?;
+        step(&link, "rename link into place", || fs::rename(&tmp, &link)).inspect_err(|_| {
             let _ = fs::remove_file(&tmp);
-            context(&link, "rename link into place", e)
         })?;
     }
     let wanted: std::collections::HashSet<&str> = files.iter().map(|(n, _, _)| *n).collect();
-    for entry in fs::read_dir(dir).map_err(|e| context(dir, "list", e))? {
+    for entry in step(dir, "list", || fs::read_dir(dir))? {
         let entry = entry.map_err(|e| context(dir, "list", e))?;
         let entry_name = entry.file_name();
         let Some(entry_name) = entry_name.to_str() else {
@@ -515,12 +558,12 @@ fn write_generation(dir: &Path, files: &[Entry<'_>]) -> io::Result<()> {
         };
         let path = entry.path();
         if entry_name.starts_with(GENERATION_PREFIX) && entry_name != name {
-            remove_any(&path).map_err(|e| context(&path, "remove old generation", e))?;
+            step(&path, "remove old generation", || remove_any(&path))?;
         } else if !entry_name.starts_with("..")
             && !wanted.contains(entry_name)
             && fs::read_link(&path).is_ok_and(|t| t.starts_with(DATA))
         {
-            fs::remove_file(&path).map_err(|e| context(&path, "remove stale link", e))?;
+            step(&path, "remove stale link", || fs::remove_file(&path))?;
         }
     }
     sync_dir(dir)
@@ -593,6 +636,204 @@ fn entries_match(path: &Path, files: &[Entry<'_>], layout: bool) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Failing a writer's steps ([`step`]) one at a time.
+    pub(super) mod fault {
+        use std::cell::{Cell, RefCell};
+        use std::io;
+
+        thread_local! {
+            /// The steps visited on this thread during [`run`], in order.
+            static VISITED: RefCell<Option<Vec<String>>> = const { RefCell::new(None) };
+            /// The visit, counted from 0, that fails.
+            static FAIL_AT: Cell<Option<usize>> = const { Cell::new(None) };
+        }
+
+        pub fn visit(what: &str) -> io::Result<()> {
+            VISITED.with_borrow_mut(|visited| {
+                let Some(visited) = visited else {
+                    return Ok(());
+                };
+                visited.push(what.to_owned());
+                if FAIL_AT.get() == Some(visited.len() - 1) {
+                    return Err(io::Error::other("injected fault"));
+                }
+                Ok(())
+            })
+        }
+
+        /// Runs `f` with the `at`-th step failing (none with `None`), and
+        /// returns what it returned and the steps it visited.
+        pub fn run<T>(at: Option<usize>, f: impl FnOnce() -> T) -> (T, Vec<String>) {
+            VISITED.set(Some(Vec::new()));
+            FAIL_AT.set(at);
+            let result = f();
+            FAIL_AT.set(None);
+            (result, VISITED.take().unwrap_or_default())
+        }
+    }
+
+    /// Fails each step of `publish` in turn, on a fresh `setup` each time,
+    /// and checks what each failure leaves: the error names the step; the
+    /// output (as `live` reads it) is whole, the previous one up to `swap`
+    /// (the step that makes the new one live) and the new one after it;
+    /// until the swap nothing is left beside it; and a publication without a fault then succeeds
+    /// and leaves `after_retry` in the output's directory.
+    fn each_step_fails_in_turn<L: PartialEq + std::fmt::Debug>(
+        setup: impl Fn(&Path) -> PathBuf,
+        publish: impl Fn(&Path) -> io::Result<bool>,
+        live: impl Fn(&Path) -> L,
+        (old, new): (L, L),
+        swap: &str,
+        after_retry: impl Fn(&Path) -> Vec<String>,
+    ) {
+        let clean = tempfile::tempdir().expect("tempdir");
+        let out = setup(clean.path());
+        let (done, steps) = fault::run(None, || publish(&out));
+        assert!(done.expect("publish"));
+        assert_eq!(live(&out), new);
+        let swap_at = steps.iter().position(|s| s == swap);
+        let swap_at = swap_at.unwrap_or_else(|| panic!("no {swap:?} among {steps:?}"));
+        for (at, what) in steps.iter().enumerate() {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let out = setup(dir.path());
+            let parent = parent_of(&out).to_path_buf();
+            // A directory made on the way lists as empty before.
+            let listing = |dir: &Path| {
+                if dir.exists() {
+                    listing(dir)
+                } else {
+                    Vec::new()
+                }
+            };
+            let before = listing(&parent);
+            let (failed, _) = fault::run(Some(at), || publish(&out));
+            let e = failed.expect_err(&format!("step {at} ({what}) did not fail"));
+            let message = e.to_string();
+            assert!(
+                message.contains(&format!(": {what}: injected fault")),
+                "step {at} ({what}): {message}"
+            );
+            if at <= swap_at {
+                assert_eq!(live(&out), old, "step {at} ({what}) failed before the swap");
+                assert_eq!(listing(&parent), before, "step {at} ({what}) left files");
+            } else {
+                assert_eq!(live(&out), new, "step {at} ({what}) failed after the swap");
+            }
+            let (retried, _) = fault::run(None, || publish(&out));
+            retried.unwrap_or_else(|e| panic!("retry after step {at} ({what}): {e}"));
+            assert_eq!(live(&out), new, "retry after step {at} ({what})");
+            // A failure after the swap has the new output live: the retry
+            // finds it there and writes nothing, and what the failure kept
+            // from going (the old set, an old generation) stays until the
+            // next change.
+            if at <= swap_at {
+                let mut expected = after_retry(&parent);
+                expected.sort();
+                assert_eq!(listing(&parent), expected, "after step {at} ({what})");
+            }
+        }
+    }
+
+    /// A file output whose writing fails at any step is the old file or
+    /// the new one, whole, and a failure before its rename leaves nothing.
+    #[test]
+    fn a_file_write_failing_at_any_step_leaves_one_whole_file() {
+        let new = Rendered::File(b"new bytes".to_vec());
+        let read = |out: &Path| fs::read(out).ok();
+        // Over a previous output.
+        each_step_fails_in_turn(
+            |dir| {
+                let out = dir.join("bundle.pem");
+                fs::write(&out, b"old bytes").expect("write");
+                out
+            },
+            |out| publish(out, &new, 0o644),
+            read,
+            (Some(b"old bytes".to_vec()), Some(b"new bytes".to_vec())),
+            "rename into place",
+            |_| vec!["bundle.pem".to_owned()],
+        );
+        // The first one, its directory made on the way.
+        each_step_fails_in_turn(
+            |dir| dir.join("made/bundle.pem"),
+            |out| publish(out, &new, 0o644),
+            read,
+            (None, Some(b"new bytes".to_vec())),
+            "rename into place",
+            |_| vec!["bundle.pem".to_owned()],
+        );
+    }
+
+    /// A directory output whose writing fails at any step is the old set or
+    /// the new one, whole: a failure before the swap leaves nothing beside
+    /// it. (One after, removing the old set, leaves the old set beside it,
+    /// under the name the error gives.)
+    #[test]
+    fn a_directory_write_failing_at_any_step_leaves_one_whole_set() {
+        let old = files(&[("aaaaaaaa.0", "old a"), ("bbbbbbbb.0", "old b")]);
+        let new = files(&[("aaaaaaaa.0", "new a"), ("cccccccc.0", "new c")]);
+        let rendered = Rendered::Dir(new.clone());
+        each_step_fails_in_turn(
+            |dir| {
+                let out = dir.join("certs");
+                write_dir(&out, &old, 0o644).expect("previous output");
+                out
+            },
+            |out| publish(out, &rendered, 0o644),
+            read_all,
+            (old.clone(), new.clone()),
+            "swap into place",
+            |_| vec!["certs".to_owned()],
+        );
+    }
+
+    /// A split pair whose writing fails at any step shows the old pair or
+    /// the new one through its links, never one file of each; what a
+    /// failure left is gone after the next publication.
+    #[test]
+    fn a_split_pair_failing_at_any_step_is_never_mixed() {
+        let pair = |n: &str| -> [(String, Vec<u8>, u32); 2] {
+            [
+                ("tls.crt".into(), format!("chain {n}").into_bytes(), 0o644),
+                ("tls.key".into(), format!("key {n}").into_bytes(), 0o600),
+            ]
+        };
+        let entries = |p: &[(String, Vec<u8>, u32); 2]| -> Vec<(String, Vec<u8>)> {
+            p.iter().map(|(n, b, _)| (n.clone(), b.clone())).collect()
+        };
+        let (old, new) = (pair("1"), pair("2"));
+        let publish_pair = |out: &Path, p: &[(String, Vec<u8>, u32); 2]| {
+            let borrowed: Vec<(&str, &[u8], u32)> = p
+                .iter()
+                .map(|(n, b, m)| (n.as_str(), b.as_slice(), *m))
+                .collect();
+            publish_generation(out, &borrowed)
+        };
+        each_step_fails_in_turn(
+            |dir| {
+                let out = dir.join("tls");
+                publish_pair(&out, &old).expect("previous pair");
+                out.join("tls.crt")
+            },
+            |crt| publish_pair(parent_of(crt), &new),
+            |crt| read_all(parent_of(crt)),
+            (entries(&old), entries(&new)),
+            "publish ..data",
+            |dir| {
+                let generation = listing(dir)
+                    .into_iter()
+                    .find(|n| n.starts_with(GENERATION_PREFIX))
+                    .expect("a generation");
+                vec![
+                    DATA.to_owned(),
+                    generation,
+                    "tls.crt".to_owned(),
+                    "tls.key".to_owned(),
+                ]
+            },
+        );
+    }
 
     fn files(pairs: &[(&str, &str)]) -> Vec<(String, Vec<u8>)> {
         pairs
