@@ -351,6 +351,7 @@ impl Daemon {
             let retry_at = self.agenda.retry_at(&self.entries);
             let held_until = self.hold_renders.then_some(watch_first);
             let admit_at = self.runs.admit_at();
+            let held = self.runs.held();
             tokio::select! {
                 biased;
                 () = &mut shutdown => {
@@ -425,6 +426,9 @@ impl Daemon {
                 // A run in flight became stuck: another thread takes the
                 // queue on.
                 () = sleep_until(admit_at) => self.runs.admit(),
+                // Outcomes held for a run still in flight: `admit_at` knows
+                // when to take them if that run hangs.
+                () = held.notified() => {}
                 () = sleep_until(resync_at) => {
                     // Compare with the disk again: repairs an output changed
                     // behind our back.

@@ -15,7 +15,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 use tracing::debug;
 
@@ -79,6 +79,8 @@ struct Shared {
     metrics: Arc<Metrics>,
     status: Arc<Status>,
     done: mpsc::UnboundedSender<Finished>,
+    /// Told when outcomes start to be held (see [`Runs::held`]).
+    held: Arc<Notify>,
 }
 
 #[derive(Default)]
@@ -134,29 +136,37 @@ impl State {
         counted < runs_at_once() && idle < queued
     }
 
-    /// The next job, and the outcomes held back (see [`Shared::report`]):
-    /// they go out with the last job taken, which may hang.
-    fn take(&mut self) -> (Option<Job>, Vec<Finished>) {
-        let job = self.queue.pop_front();
-        let finished = if self.queue.is_empty() {
-            self.held()
-        } else {
-            Vec::new()
-        };
-        (job, finished)
+    /// The next job.
+    fn take(&mut self) -> Option<Job> {
+        self.queue.pop_front()
     }
 
-    /// A run's outcome; the outcomes to send to the loop now.
-    fn finish(&mut self, finished: Finished, now: Instant) -> Vec<Finished> {
+    /// Thread `key`'s run ended with `finished`; the outcomes to send to
+    /// the loop now (see [`Shared::report`]).
+    fn finish(&mut self, key: u64, finished: Finished, now: Instant) -> Vec<Finished> {
+        // Its run has ended, under this lock: two runs that end at once
+        // must not each wait for the other.
+        self.mark(key, false);
         let urgent = finished.urgent;
         self.finished.push(finished);
         let since = *self.held_since.get_or_insert(now);
-        let send = urgent
-            || self.closed
-            || self.queue.is_empty()
-            || self.finished.len() >= REPORTED_TOGETHER
-            || now.saturating_duration_since(since) >= REPORTED_WITHIN;
-        if send { self.held() } else { Vec::new() }
+        let send = if self.queue.is_empty() {
+            // The last runs of a cycle: held while another one runs that
+            // is not stuck (it may end in a moment).
+            !self
+                .threads
+                .iter()
+                .any(|t| t.key != key && t.running && !t.stuck(now))
+        } else {
+            // Jobs wait (a start, a rescan): by the batch, or by the time.
+            self.finished.len() >= REPORTED_TOGETHER
+                || now.saturating_duration_since(since) >= REPORTED_WITHIN
+        };
+        if send || urgent || self.closed {
+            self.held()
+        } else {
+            Vec::new()
+        }
     }
 
     /// Every outcome held, to be sent.
@@ -168,7 +178,18 @@ impl State {
     /// See [`Runs::admit_at`], with `queued` jobs waiting.
     fn next_admission(&self, now: Instant, queued: usize) -> Option<Instant> {
         if queued == 0 {
-            return None;
+            // Outcomes held for the runs still in flight go when the first
+            // of those becomes stuck, if it has not ended by then.
+            if self.finished.is_empty() {
+                return None;
+            }
+            return self
+                .threads
+                .iter()
+                .filter(|t| t.running)
+                .map(|t| t.since + STUCK_RUN)
+                .min()
+                .or(Some(now));
         }
         if self.wants_thread(now, queued) {
             return Some(now);
@@ -197,8 +218,16 @@ impl Runs {
                 metrics,
                 status,
                 done,
+                held: Arc::default(),
             }),
         }
+    }
+
+    /// Told when outcomes start to be held for runs still in flight: the
+    /// loop then asks [`Runs::admit_at`] again, since one of those runs
+    /// may hang.
+    pub fn held(&self) -> Arc<Notify> {
+        self.shared.held.clone()
     }
 
     /// Queues `jobs` (the urgent ones ahead of the ordinary ones already
@@ -237,10 +266,13 @@ impl Runs {
         }
     }
 
-    /// When to look again whether a waiting job needs a thread (call
-    /// [`Runs::admit`] then): at once if it does now, else when the next
-    /// thread could become stuck. The instants are the threads' own, so
-    /// asking again does not move the answer; `None` when nothing waits.
+    /// When to look again whether a waiting job needs a thread, or whether
+    /// outcomes held wait for a run that became stuck (call
+    /// [`Runs::admit`] then): at once if a job needs a thread now, else
+    /// when the next thread could become stuck. The instants are the
+    /// threads' own, so asking again does not move the answer; `None` when
+    /// nothing waits. Ask again after [`Runs::held`] says outcomes are
+    /// held.
     pub fn admit_at(&self) -> Option<Instant> {
         let state = self.shared.lock();
         state.next_admission(Instant::now(), state.queue.len())
@@ -308,7 +340,7 @@ impl Shared {
         loop {
             let job = {
                 let mut state = self.lock();
-                let (job, finished) = state.take();
+                let job = state.take();
                 if job.is_some() {
                     state.mark(key, true);
                 } else {
@@ -317,32 +349,41 @@ impl Shared {
                     // for the daemon's life.
                     state.queue.shrink_to(KEPT_ROOM);
                 }
-                self.send(finished);
                 job
             };
             let Some(job) = job else {
                 return;
             };
-            self.run(job);
+            self.run(key, job);
             self.lock().mark(key, false);
         }
     }
 
     /// A run's outcome goes back to the loop (sent under the lock: the
-    /// channel never blocks). While jobs wait (a start, a
-    /// rescan: a thousand runs), outcomes go back [`REPORTED_TOGETHER`] at
-    /// a time: one wake-up of the loop, one status line and one reload of
-    /// a shared action for all of them, not one each. They are held only
-    /// while jobs wait, and in the shared state, not in a thread: the
-    /// thread that takes the last job sends them (that job may hang), and
-    /// if every thread is stuck the loop takes them at its next admission
-    /// ([`Runs::admit`], within [`STUCK_RUN`]: the loop always has one
-    /// while jobs wait). An expiry's outcome goes at once, and the next run
-    /// to end after the first one held has waited [`REPORTED_WITHIN`] sends
-    /// them all.
-    fn report(&self, finished: Finished) {
+    /// channel never blocks), with the others of its cycle: one wake-up of
+    /// the loop, one status line, and one run of a reload action the
+    /// bundles share for all of them (guarantee 4), not one each.
+    ///
+    /// - While jobs wait (a start, a rescan: a thousand runs), outcomes go
+    ///   back [`REPORTED_TOGETHER`] at a time, or once the first held has
+    ///   waited [`REPORTED_WITHIN`], with the next run that ends.
+    /// - The last runs' outcomes (the queue empty: two bundles that read
+    ///   one volume) wait for each other: the last of them to end sends
+    ///   them all. A run that hangs holds them until it is stuck
+    ///   ([`STUCK_RUN`]): the loop, told ([`Runs::held`]), takes them then
+    ///   ([`Runs::admit_at`], [`Runs::admit`]).
+    /// - An expiry's outcome goes at once, and so does every outcome once
+    ///   the queue is closed.
+    ///
+    /// They are held in the shared state, not in a thread, so a thread
+    /// that hangs holds none.
+    fn report(&self, key: u64, finished: Finished) {
         let mut state = self.lock();
-        let ready = state.finish(finished, Instant::now());
+        let first_held = state.finished.is_empty();
+        let ready = state.finish(key, finished, Instant::now());
+        if first_held && ready.is_empty() {
+            self.held.notify_one();
+        }
         // Sent before the lock goes: `close` then finds every outcome
         // either held or already on its way to the loop.
         self.send(ready);
@@ -354,8 +395,9 @@ impl Shared {
         }
     }
 
-    /// One job: the run, its outcome to the loop, then its lone signal.
-    fn run(&self, job: Job) {
+    /// One job on thread `key`: the run, its outcome to the loop, then its
+    /// lone signal.
+    fn run(&self, key: u64, job: Job) {
         let Job {
             id,
             mut target,
@@ -386,13 +428,16 @@ impl Shared {
         };
         self.status.run_ended(id);
         // The outcome first: a signal that hangs holds only itself.
-        self.report(Finished {
-            id,
-            target,
-            outcome,
-            reloaded,
-            urgent,
-        });
+        self.report(
+            key,
+            Finished {
+                id,
+                target,
+                outcome,
+                reloaded,
+                urgent,
+            },
+        );
         if let Some(claimed) = claimed {
             claimed.run();
         }
@@ -445,25 +490,32 @@ mod tests {
         finished.iter().map(|f| f.id).collect()
     }
 
-    /// Outcomes wait only while jobs do: the thread that takes the last
-    /// job sends them before it runs it (it may hang there).
+    /// The last runs of a cycle wait for each other: the last to end sends
+    /// every outcome, one that hangs holds them only until it is stuck, and
+    /// the loop knows when to look.
     #[test]
-    fn outcomes_are_held_only_while_jobs_wait() {
+    fn the_last_runs_of_a_cycle_go_back_together() {
         let t0 = Instant::now();
-        let mut state = State::default();
-        state.queue.extend((0..4).map(job));
-        let (first, none) = state.take();
-        assert_eq!((first.map(|j| j.id), ids(&none)), (Some(0), vec![]));
-        let _ = state.take();
-        assert!(ids(&state.finish(done(0), t0)).is_empty());
-        assert!(ids(&state.finish(done(1), t0)).is_empty());
-        let _ = state.take();
-        // The last job: the outcomes held go with it.
-        let (last, held) = state.take();
-        assert_eq!((last.map(|j| j.id), ids(&held)), (Some(3), vec![0, 1]));
-        // Nothing waits: each outcome goes at once.
-        assert_eq!(ids(&state.finish(done(2), t0)), [2]);
-        assert_eq!(state.take().1.len(), 0);
+        let mut state = threads(3, true, t0);
+        assert!(ids(&state.finish(0, done(0), t0)).is_empty());
+        assert!(ids(&state.finish(1, done(1), t0)).is_empty());
+        // Thread 2 may hang: the loop looks when it would be stuck.
+        assert_eq!(state.next_admission(t0, 0), Some(t0 + STUCK_RUN));
+        assert_eq!(ids(&state.finish(2, done(2), t0)), [0, 1, 2]);
+        assert_eq!(state.next_admission(t0, 0), None);
+        // Two runs that end together: the second does not wait for the
+        // first, which has not yet gone back to the queue.
+        let mut state = threads(2, true, t0);
+        assert!(ids(&state.finish(0, done(5), t0)).is_empty());
+        assert_eq!(ids(&state.finish(1, done(6), t0)), [5, 6]);
+        // A stuck run holds nothing back.
+        let mut state = threads(2, true, t0);
+        let late = t0 + STUCK_RUN;
+        assert_eq!(ids(&state.finish(0, done(3), late)), [3]);
+        // Nor does a thread between two jobs: the queue is empty, it ends.
+        let mut state = threads(2, false, t0);
+        state.threads[0].running = true;
+        assert_eq!(ids(&state.finish(0, done(4), t0)), [4]);
     }
 
     /// An expiry the loop has not seen pass yet: the run that starts after
@@ -477,16 +529,23 @@ mod tests {
             metrics: Arc::new(Metrics::new()),
             status: Status::new().0,
             done,
+            held: Arc::default(),
         };
         let now = Clock::System.now();
-        shared.run(Job {
-            next_change: Some(now - 1),
-            ..job(1)
-        });
-        shared.run(Job {
-            next_change: Some(now + 3_600),
-            ..job(2)
-        });
+        shared.run(
+            0,
+            Job {
+                next_change: Some(now - 1),
+                ..job(1)
+            },
+        );
+        shared.run(
+            0,
+            Job {
+                next_change: Some(now + 3_600),
+                ..job(2)
+            },
+        );
         let first = outcomes.try_recv().expect("the first outcome");
         let second = outcomes.try_recv().expect("the second outcome");
         assert_eq!((first.id, first.urgent), (1, true));
@@ -500,7 +559,7 @@ mod tests {
         state.queue.extend((0..100).map(job));
         let mut sent = Vec::new();
         for id in 0..(REPORTED_TOGETHER as u64 * 2 + 1) {
-            sent.extend(ids(&state.finish(done(id), t0)));
+            sent.extend(ids(&state.finish(0, done(id), t0)));
         }
         assert_eq!(sent.len(), REPORTED_TOGETHER * 2, "{sent:?}");
         // An expiry's outcome takes the one held with it.
@@ -508,21 +567,21 @@ mod tests {
             urgent: true,
             ..done(1_000)
         };
-        let urgent = ids(&state.finish(expiry, t0));
+        let urgent = ids(&state.finish(0, expiry, t0));
         assert_eq!(urgent, [REPORTED_TOGETHER as u64 * 2, 1_000]);
         // Slow runs: the next one to end after REPORTED_WITHIN takes the
         // ones held with it.
-        assert!(state.finish(done(1_001), t0).is_empty());
+        assert!(state.finish(0, done(1_001), t0).is_empty());
         assert!(
             state
-                .finish(done(1_002), t0 + REPORTED_WITHIN / 2)
+                .finish(0, done(1_002), t0 + REPORTED_WITHIN / 2)
                 .is_empty()
         );
-        let late = ids(&state.finish(done(1_003), t0 + REPORTED_WITHIN));
+        let late = ids(&state.finish(0, done(1_003), t0 + REPORTED_WITHIN));
         assert_eq!(late, [1_001, 1_002, 1_003]);
         // Once closed, nothing is held.
         state.closed = true;
-        assert_eq!(ids(&state.finish(done(2_000), t0)), [2_000]);
+        assert_eq!(ids(&state.finish(0, done(2_000), t0)), [2_000]);
     }
 
     fn threads(n: usize, running: bool, since: Instant) -> State {

@@ -910,3 +910,117 @@ fn many_bundles_start_on_a_few_threads() {
     }
     daemon.stop();
 }
+
+/// Guarantee 4: bundles that changed in the same cycle and name the same
+/// reload action run it once, for all of them. Two bundles read one kubelet
+/// volume and signal one app: their renders end on two threads, one a
+/// moment after the other, and the app still gets one SIGHUP per change,
+/// which names both bundles.
+#[test]
+fn bundles_changed_together_share_one_reload() {
+    let (a, b) = (Ca::new("Shared A"), Ca::new("Shared B"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut volume = Volume::new(&dir.path().join("secret"));
+    volume.write(&[("ca.crt", &pems(&[&a]))]);
+    let out = dir.path().join("out");
+    let app = App::start(dir.path(), &out.join("one.pem"));
+    let mut toml = String::from("[daemon]\ndebounce = \"0s\"\n");
+    for name in ["one", "two"] {
+        toml.push_str(&format!(
+            "[[bundle]]\nname = \"{name}\"\nsources = [\"{}\"]\n\
+             [[bundle.output]]\npath = \"{}/{name}.pem\"\n\
+             [[bundle.reload]]\nsignal = \"HUP\"\npid_file = \"{}\"\n",
+            s(&volume.dir),
+            s(&out),
+            s(&app.pid_file)
+        ));
+    }
+    let config = write(dir.path(), "anchorage.toml", toml);
+    let daemon = Daemon::start(dir.path(), &["--config", s(&config)]);
+    // At start too: one reload for both.
+    daemon.wait_log("reloaded", 1);
+    assert_eq!(app.wait_reloads(1).len(), 1);
+    for change in 1..=5 {
+        let cas: Vec<&Ca> = if change % 2 == 1 {
+            vec![&a, &b]
+        } else {
+            vec![&a]
+        };
+        volume.write(&[("ca.crt", &pems(&cas))]);
+        daemon.wait_log("reloaded", change + 1);
+        let log = daemon.log();
+        let reloaded: Vec<&str> = log.lines().filter(|l| l.contains("reloaded")).collect();
+        assert!(
+            reloaded.iter().all(|l| l.contains(r#"["one", "two"]"#)),
+            "change {change}: a reload for one bundle only:\n{log}"
+        );
+        assert_eq!(app.wait_reloads(change + 1).len(), change + 1);
+        for name in ["one", "two"] {
+            wait_output(&out.join(format!("{name}.pem")), &expected_pem(&cas));
+        }
+    }
+    assert_eq!(daemon.stop(), 0);
+    assert_eq!(app.reloads().len(), 6, "one SIGHUP per change");
+}
+
+/// Guarantee 4, a bundle and a key pair: cert-manager rotates a Secret's
+/// `ca.crt` with its `tls.crt` and `tls.key`; the bundle that reads the CA
+/// and the key pair that reads the pair signal one app, which gets one
+/// SIGHUP for both.
+#[test]
+fn a_bundle_and_a_key_pair_changed_together_share_one_reload() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut volume = Volume::new(&dir.path().join("secret"));
+    let secret = |ca: &Ca| {
+        let leaf = ca.leaf("app.example");
+        (
+            ca.pem().into_bytes(),
+            leaf.cert.pem().into_bytes(),
+            leaf.key.serialize_pem().into_bytes(),
+        )
+    };
+    let write = |volume: &mut Volume, ca: &Ca| {
+        let (ca, crt, key) = secret(ca);
+        volume.write(&[("ca.crt", &ca), ("tls.crt", &crt), ("tls.key", &key)]);
+    };
+    write(&mut volume, &Ca::new("Rotated 0"));
+    let output = dir.path().join("ca.pem");
+    let app = App::start(dir.path(), &output);
+    let toml = format!(
+        "[daemon]\ndebounce = \"0s\"\n\
+         [[bundle]]\nname = \"ca\"\nsources = [\"{secret}/ca.crt\"]\n\
+         [[bundle.output]]\npath = \"{output}\"\n\
+         [[bundle.reload]]\nsignal = \"HUP\"\npid_file = \"{pid}\"\n\
+         [[keypair]]\nname = \"server\"\ncert = \"{secret}/tls.crt\"\nkey = \"{secret}/tls.key\"\n\
+         [[keypair.reload]]\nsignal = \"HUP\"\npid_file = \"{pid}\"\n",
+        secret = s(&volume.dir),
+        output = s(&output),
+        pid = s(&app.pid_file),
+    );
+    let config = crate::support::write(dir.path(), "anchorage.toml", toml);
+    let daemon = Daemon::start(dir.path(), &["--config", s(&config)]);
+    daemon.wait_log("reloaded", 1);
+    let started = app.wait_reloads(1).len();
+    for change in 1..=3 {
+        write(&mut volume, &Ca::new(&format!("Rotated {change}")));
+        daemon.wait_log("reloaded", change + 1);
+        let log = daemon.log();
+        // The first, at start, is the bundle's alone: a key pair loaded at
+        // start owes no reload.
+        assert!(
+            log.lines()
+                .filter(|l| l.contains("reloaded"))
+                .skip(1)
+                .all(|l| l.contains(r#"["ca", "server"]"#)),
+            "change {change}: not one reload for both:\n{log}"
+        );
+        assert_eq!(app.wait_reloads(started + change).len(), started + change);
+    }
+    assert_eq!(daemon.stop(), 0);
+    assert_eq!(
+        app.reloads().len(),
+        started + 3,
+        "one SIGHUP per rotation:\n{:?}",
+        app.lines()
+    );
+}
