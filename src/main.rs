@@ -219,6 +219,10 @@ fn render_command(args: RenderArgs) -> ExitCode {
                         Request {
                             names: [bundle.name.clone()].into(),
                             outputs: outputs.clone(),
+                            // As at a daemon's start: a target that does not
+                            // exist yet (an init container's app) is skipped,
+                            // and reads the fresh output when it starts.
+                            startup: true,
                             ..Request::default()
                         },
                     );

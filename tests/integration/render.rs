@@ -698,3 +698,57 @@ fn dry_run_says_what_would_change_and_writes_nothing() {
     run_args(&["--dry-run", "--reload"]).expect_code(2);
     assert!(!marker.exists(), "a dry run reloaded");
 }
+
+/// `render --reload` in an init container: the app is not running yet. A
+/// target that does not exist (a pid file, a file to touch, an exec that
+/// says 75) is skipped with an info line, as at a daemon's start, and the
+/// render succeeds; a target that exists and fails still fails it.
+#[test]
+fn render_reload_skips_a_target_that_does_not_exist_yet() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = write(dir.path(), "ca.pem", Ca::new("Init").pem());
+    let absent = dir.path().join("absent");
+    let tempfail = write(dir.path(), "tempfail.sh", "#!/bin/sh\nexit 75\n");
+    fs::set_permissions(&tempfail, fs::Permissions::from_mode(0o755)).expect("chmod");
+    for (i, target) in [
+        vec!["--pid-file", s(&absent)],
+        vec!["--touch", s(&absent)],
+        vec!["--exec", s(&tempfail)],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let output = dir.path().join(format!("out{i}.pem"));
+        let mut args = vec![
+            "render",
+            "--source",
+            s(&src),
+            "--output",
+            s(&output),
+            "--reload",
+        ];
+        args.extend(target);
+        let out = run(&args);
+        out.expect_code(0);
+        assert!(
+            out.stderr.contains("does not exist yet"),
+            "{args:?}: {}",
+            out.stderr
+        );
+        assert!(!absent.exists(), "a touch created its file");
+    }
+    let failing = write(dir.path(), "fail.sh", "#!/bin/sh\nexit 3\n");
+    fs::set_permissions(&failing, fs::Permissions::from_mode(0o755)).expect("chmod");
+    let output = dir.path().join("failing.pem");
+    run(&[
+        "render",
+        "--source",
+        s(&src),
+        "--output",
+        s(&output),
+        "--reload",
+        "--exec",
+        s(&failing),
+    ])
+    .expect_code(1);
+}
