@@ -172,21 +172,21 @@ fn render_command(args: RenderArgs) -> ExitCode {
         }
         states.push(state);
     }
-    // Key pairs: a dry run checks every one (what `run` would accept); a
-    // render writes the split_dir of those that have one (an init
-    // container then hands the app its tls.crt and tls.key).
+    // Key pairs: each is checked (what `run` would accept; one it would hold
+    // fails the render, dry or not); a render writes the split_dir of those
+    // that have one (an init container then hands the app its tls.crt and
+    // tls.key).
     for pair in &config.keypairs {
-        if mode == Mode::Write && pair.split.is_none() {
-            continue;
-        }
         let chain_to = pair.chain_to.as_ref().and_then(|b| rendered.get(b));
-        if mode == Mode::DryRun {
+        if mode == Mode::DryRun || pair.split.is_none() {
             match keypair::inspect(pair, chain_to.map(|b| &**b), now) {
-                Ok(checked) => println!(
+                Ok(checked) if mode == Mode::DryRun => println!(
                     "valid: key pair {} ({})",
                     pair.name,
                     keypair::describe(&checked.accepted)
                 ),
+                Ok(checked) => info!(keypair = %pair.name,
+                    certificate = %keypair::describe(&checked.accepted), "key pair checked"),
                 Err(held) => {
                     say(&format!("key pair {}: held: {held}", pair.name));
                     failed = true;

@@ -752,3 +752,38 @@ fn render_reload_skips_a_target_that_does_not_exist_yet() {
     ])
     .expect_code(1);
 }
+
+/// `render` checks a key pair it has no split_dir for, as `--dry-run` and
+/// `run` do: one `run` would hold fails it (exit 1), with or without
+/// `--dry-run`.
+#[test]
+fn render_checks_every_key_pair_and_dry_run_agrees() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = Ca::new("Pair CA");
+    let src = write(dir.path(), "ca.pem", ca.pem());
+    let (crt, key) = ca.leaf("pair.example").write(dir.path(), "good");
+    let (_, other_key) = ca.leaf("other.example").write(dir.path(), "other");
+    let missing = dir.path().join("missing.key");
+    let output = dir.path().join("out.pem");
+    let render = |key: &Path, dry: bool| {
+        let mut args = vec!["render", "--source", s(&src), "--output", s(&output)];
+        args.extend(["--cert", s(&crt), "--key", s(key)]);
+        if dry {
+            args.push("--dry-run");
+        }
+        run(&args)
+    };
+    for dry in [false, true] {
+        render(&key, dry).expect_code(0);
+        for bad in [&other_key, &missing] {
+            let out = render(bad, dry);
+            out.expect_code(1);
+            assert!(
+                out.stderr.contains("key pair") && out.stderr.contains("held"),
+                "dry {dry}, {}: {}",
+                bad.display(),
+                out.stderr
+            );
+        }
+    }
+}
