@@ -377,16 +377,16 @@ fn log_policy(name: &str, assembly: &Assembly) {
 
 /// One line per render: the certificates added and removed, which outputs
 /// changed and which could not be written. A render that changed nothing
-/// is no news (a poll or resync tick): DEBUG.
+/// (or a dry run that would change nothing) is no news (a poll or resync
+/// tick): DEBUG.
 pub fn log_report(name: &str, report: &Report, mode: Mode) {
     let certificates = report.bundle.len();
-    if report.changed.is_empty() && report.failed.is_empty() && mode == Mode::Write {
-        debug!(
-            bundle = name,
-            certificates,
-            outcome = "unchanged",
-            "rendered"
-        );
+    if report.changed.is_empty() && report.failed.is_empty() {
+        let outcome = match mode {
+            Mode::Write => "unchanged",
+            Mode::DryRun => "would not change",
+        };
+        debug!(bundle = name, certificates, outcome, "rendered");
         return;
     }
     // What came and went is worked out only for a line that is written.

@@ -269,6 +269,9 @@ pub struct Daemon {
     /// Free heap pages go back to the kernel once every entry's first run
     /// has finished: set by each configuration taken, the first at start.
     trim_pending: bool,
+    /// How many directories the last refresh watched (logged at INFO when
+    /// it moves; a kubelet swap refreshes the watches and moves nothing).
+    watching: Option<usize>,
 }
 
 impl Daemon {
@@ -319,6 +322,7 @@ impl Daemon {
             refreshed: mpsc::unbounded_channel(),
             hold_renders: true,
             trim_pending: false,
+            watching: None,
         };
         daemon.apply(config);
         Ok(daemon)
@@ -945,7 +949,12 @@ impl Daemon {
         let first = self.route_ids.is_empty() && self.hold_renders;
         self.routes = watch.routes();
         self.route_ids = ids;
-        info!(directories = watch.len(), "watching");
+        let directories = watch.len();
+        if self.watching.replace(directories) == Some(directories) {
+            debug!(directories, "watching");
+        } else {
+            info!(directories, "watching");
+        }
         self.watch = WatchSlot::Idle(watch);
         match result {
             Ok(gained) if !first => {

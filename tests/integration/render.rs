@@ -689,6 +689,8 @@ fn dry_run_says_what_would_change_and_writes_nothing() {
         "{}",
         out.stdout
     );
+    // Nothing would change: no news in the log (DEBUG).
+    assert!(!out.stderr.contains("rendered"), "{}", out.stderr);
 
     // A bad source: exit 1, the output untouched.
     fs::write(&src, "-----BEGIN CERTIFICATE-----\nAAAA\n").expect("garbage");

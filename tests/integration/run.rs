@@ -1024,3 +1024,40 @@ fn a_bundle_and_a_key_pair_changed_together_share_one_reload() {
         app.lines()
     );
 }
+
+/// A file source replaced again and again refreshes the watches each time
+/// (its entry is watched by name): the count of directories watched is
+/// said at INFO once, and again only when it moves.
+#[test]
+fn watches_refreshed_without_change_are_not_news() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cas: Vec<Ca> = (0..4).map(|i| Ca::new(&format!("Refresh {i}"))).collect();
+    let source = write(&dir.path().join("src"), "ca.pem", cas[0].pem());
+    let output = dir.path().join("ca.pem");
+    let daemon = Daemon::start(
+        dir.path(),
+        &[
+            "--source",
+            s(&source),
+            "--output",
+            s(&output),
+            "--debounce",
+            "0",
+        ],
+    );
+    wait_output(&output, &expected_pem(&[&cas[0]]));
+    for (i, ca) in cas.iter().enumerate().skip(1) {
+        // Replaced by a rename, as editors and `install` do.
+        let next = write(&dir.path().join("src"), ".next", ca.pem());
+        fs::rename(&next, &source).expect("rename");
+        wait_output(&output, &expected_pem(&[ca]));
+        daemon.wait_log("DEBUG anchorage::daemon: watching", i);
+    }
+    let log = daemon.log();
+    assert_eq!(
+        log.matches("INFO anchorage::daemon: watching").count(),
+        1,
+        "{log}"
+    );
+    assert_eq!(daemon.stop(), 0);
+}
