@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{ALLOW, CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
+use hyper::header::{ACCEPT, ALLOW, CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -270,11 +270,22 @@ impl Endpoints {
         }
         match path {
             "/metrics" => {
-                let mut response = text(StatusCode::OK, self.metrics.encode());
-                response.headers_mut().insert(
-                    CONTENT_TYPE,
-                    HeaderValue::from_static(metrics::CONTENT_TYPE),
-                );
+                // OpenMetrics to a scraper that asks for it (Prometheus),
+                // Prometheus's text format to any other.
+                let open = request
+                    .headers()
+                    .get(ACCEPT)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(metrics::wants_openmetrics);
+                let (body, kind) = if open {
+                    (self.metrics.encode(), metrics::CONTENT_TYPE)
+                } else {
+                    (self.metrics.encode_text(), metrics::TEXT_CONTENT_TYPE)
+                };
+                let mut response = text(StatusCode::OK, body);
+                response
+                    .headers_mut()
+                    .insert(CONTENT_TYPE, HeaderValue::from_static(kind));
                 response
             }
             "/healthz" => {

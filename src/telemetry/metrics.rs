@@ -1,6 +1,8 @@
 //! The Prometheus metrics (README.md, "Observability"). One [`Metrics`] per
 //! process, shared by the event loop and the reload workers; `/metrics`
-//! encodes it (OpenMetrics text, see [`CONTENT_TYPE`]).
+//! encodes it as OpenMetrics for a scraper that asks for it (Prometheus
+//! does, see [`CONTENT_TYPE`]) and in Prometheus's text format for any
+//! other ([`TEXT_CONTENT_TYPE`]: curl, a script, an older scraper).
 //!
 //! Values that depend on "now" (seconds until the earliest CA expires) are
 //! computed when encoded, never frozen at the last render: a daemon idle for
@@ -69,6 +71,61 @@ impl Rendered {
 /// `x_total` samples, and a closing `# EOF`), which Prometheus parses only
 /// when told it is OpenMetrics.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The content type of [`Metrics::encode_text`]'s output: Prometheus's text
+/// format, for a scraper that does not ask for OpenMetrics.
+pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Whether a request's `Accept` header asks for OpenMetrics (Prometheus
+/// asks for it first); anything else gets Prometheus's text format.
+pub fn wants_openmetrics(accept: &str) -> bool {
+    accept.split(',').any(|range| {
+        let mut parts = range.split(';').map(str::trim);
+        // `q=0`: "not this one".
+        let refused =
+            |p: &str| p.strip_prefix("q=").and_then(|q| q.parse::<f32>().ok()) == Some(0.0);
+        parts
+            .next()
+            .is_some_and(|kind| kind.eq_ignore_ascii_case("application/openmetrics-text"))
+            && !parts.any(refused)
+    })
+}
+
+/// Prometheus's text format (0.0.4) of an OpenMetrics exposition: the same
+/// samples, a counter's family named as its samples are (`x_total`), and no
+/// `# EOF`. Histograms and gauges read the same in both.
+fn prometheus_text(open: &str) -> String {
+    let counters: HashSet<&str> = open
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(open.len() + counters.len() * 2 * "_total".len());
+    for line in open.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find_map(|prefix| Some((prefix, line.strip_prefix(prefix)?)));
+        match meta {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                out.push_str(prefix);
+                out.push_str(name);
+                if counters.contains(name) {
+                    out.push_str("_total");
+                }
+                if !tail.is_empty() {
+                    out.push(' ');
+                    out.push_str(tail);
+                }
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
 
 /// Every series labelled by bundle, one entry per bundle name. A counter
 /// appears once it has counted, as a family's would; a bundle's series go
@@ -528,7 +585,12 @@ impl Metrics {
         self.bundles.update(name, |s| s.published = Some(published));
     }
 
-    /// The Prometheus text exposition.
+    /// The exposition in Prometheus's text format (see [`TEXT_CONTENT_TYPE`]).
+    pub fn encode_text(&self) -> String {
+        prometheus_text(&self.encode())
+    }
+
+    /// The OpenMetrics exposition (see [`CONTENT_TYPE`]).
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
@@ -659,6 +721,45 @@ mod tests {
         let block = crate::source::CertBlock::new(der, false);
         crate::bundle::Anchor::parse(&block, std::path::Path::new("/x.pem").into(), 0)
             .expect("parse")
+    }
+
+    #[test]
+    fn openmetrics_goes_to_those_who_ask_and_prometheus_text_to_the_others() {
+        for accept in [
+            "application/openmetrics-text; version=1.0.0,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+            "application/openmetrics-text",
+            "text/plain, Application/OpenMetrics-Text;q=0.3",
+        ] {
+            assert!(wants_openmetrics(accept), "{accept}");
+        }
+        for accept in [
+            "*/*",
+            "text/plain",
+            "text/plain;version=0.0.4",
+            "application/openmetrics-text;q=0, text/plain",
+            "",
+        ] {
+            assert!(!wants_openmetrics(accept), "{accept}");
+        }
+        let metrics = Metrics::new();
+        metrics.rendered("a", Rendered::Changed);
+        metrics.reload("a", "signal", true);
+        let text = metrics.encode_text();
+        assert!(!text.contains("# EOF"), "{text}");
+        for family in ["renders", "reloads", "watch_events", "reload_worker_panics"] {
+            let name = format!("anchorage_{family}_total");
+            assert!(text.contains(&format!("# TYPE {name} counter\n")), "{text}");
+            assert!(text.contains(&format!("# HELP {name} ")), "{text}");
+        }
+        assert!(text.contains("anchorage_renders_total{bundle=\"a\",result=\"changed\"} 1\n"));
+        // The samples are the same; only the counters' families are renamed.
+        let samples = |t: &str| -> Vec<String> {
+            t.lines()
+                .filter(|l| !l.starts_with('#'))
+                .map(str::to_owned)
+                .collect()
+        };
+        assert_eq!(samples(&text), samples(&metrics.encode()));
     }
 
     #[test]

@@ -50,6 +50,11 @@ impl Answer {
 
 /// A tiny HTTP/1.1 GET; `Err` when nothing answers (not started yet).
 pub(crate) fn get(addr: SocketAddr, path: &str) -> Result<Answer, String> {
+    get_with(addr, path, "")
+}
+
+/// [`get`] with more header lines (each ending in CRLF).
+fn get_with(addr: SocketAddr, path: &str, headers: &str) -> Result<Answer, String> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
         .map_err(|e| format!("connect {addr}: {e}"))?;
     stream
@@ -57,7 +62,7 @@ pub(crate) fn get(addr: SocketAddr, path: &str) -> Result<Answer, String> {
         .map_err(|e| e.to_string())?;
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{headers}\r\n"
     )
     .map_err(|e| e.to_string())?;
     let mut raw = Vec::new();
@@ -129,9 +134,14 @@ impl Scrape {
     }
 }
 
-/// GETs `/metrics` and parses it; panics if the exposition is invalid.
+/// What Prometheus asks for when it scrapes.
+const PROMETHEUS_ACCEPT: &str = "Accept: application/openmetrics-text;version=1.0.0,\
+     text/plain;version=0.0.4;q=0.5,*/*;q=0.1\r\n";
+
+/// GETs `/metrics` as Prometheus does and parses it; panics if the
+/// exposition is invalid.
 fn scrape(addr: SocketAddr, scratch: &Path) -> Result<Scrape, String> {
-    let answer = get(addr, "/metrics")?;
+    let answer = get_with(addr, "/metrics", PROMETHEUS_ACCEPT)?;
     if answer.status != 200 {
         return Err(format!("/metrics: {} {}", answer.status, answer.body));
     }
@@ -311,6 +321,76 @@ fn metrics_count_renders_refusals_and_reloads() {
     assert_eq!((ready.status, ready.body.trim()), (200, "ok"));
     assert_eq!(get(addr, "/nothing").expect("404").status, 404);
     assert_eq!(daemon.stop(), 0);
+}
+
+/// A scraper that does not ask for OpenMetrics (curl, a script, an older
+/// Prometheus) gets Prometheus's text format, as PRODUCT.md says, and
+/// Prometheus's own text parser reads every family with its type.
+#[test]
+fn a_plain_scrape_gets_prometheus_text() {
+    let (dir, logs) = workdir();
+    let sources = dir.path().join("src");
+    put(&sources, "a.pem", Ca::new("Plain").pem());
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let output = dir.path().join("out/ca.pem");
+    let _daemon = Daemon::start(
+        &logs,
+        &[
+            "--source",
+            s(&sources),
+            "--output",
+            s(&output),
+            "--exec",
+            "true",
+            "--listen",
+            &addr.to_string(),
+        ],
+    );
+    // Scraped as Prometheus does until the render and its reload counted.
+    scrape_until(addr, &logs, |m| {
+        let reloaded = [BUNDLE, ("action", "exec"), ("result", "success")];
+        if m.count("anchorage_reloads_total", &reloaded) >= 1.0 {
+            Ok(())
+        } else {
+            Err("no reload counted yet".into())
+        }
+    });
+    let answer = get(addr, "/metrics").expect("/metrics");
+    assert_eq!(
+        answer.header("content-type"),
+        Some("text/plain; version=0.0.4; charset=utf-8")
+    );
+    let file = logs.join("plain.txt");
+    fs::write(&file, &answer.body).expect("write scrape");
+    let parse = r#"
+import json, sys
+from prometheus_client.parser import text_string_to_metric_families
+print(json.dumps({s.name: f.type for f in text_string_to_metric_families(open(sys.argv[1]).read())
+                  for s in f.samples}))
+"#;
+    let out = Command::new("python3")
+        .args(["-c", parse, s(&file)])
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        answer.body
+    );
+    let types: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    for (sample, kind) in [
+        (RENDERS, "counter"),
+        ("anchorage_reloads_total", "counter"),
+        ("anchorage_watch_events_total", "counter"),
+        ("anchorage_bundle_certificates", "gauge"),
+        ("anchorage_certificate_not_after_seconds", "gauge"),
+        ("anchorage_last_success_timestamp_seconds", "gauge"),
+        ("anchorage_reload_duration_seconds_count", "histogram"),
+    ] {
+        assert_eq!(types[sample], kind, "{sample}: {types}\n{}", answer.body);
+    }
+    assert!(!answer.body.contains("# EOF"), "{}", answer.body);
 }
 
 #[test]
