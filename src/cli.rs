@@ -50,21 +50,26 @@ pub struct RenderArgs {
     pub reload: bool,
     /// Read and validate everything, print per output whether it would
     /// change, write nothing and reload nothing.
-    #[arg(long, conflicts_with = "reload")]
+    #[arg(
+        long,
+        env = "ANCHORAGE_DRY_RUN",
+        value_parser = BoolishValueParser::new(),
+        conflicts_with = "reload"
+    )]
     pub dry_run: bool,
 }
 
 #[derive(Debug, Args)]
 pub struct CheckArgs {
     /// Print one JSON array with an object per certificate.
-    #[arg(long)]
+    #[arg(long, env = "ANCHORAGE_JSON", value_parser = BoolishValueParser::new())]
     pub json: bool,
     /// Exit 1 if a strict verifier (openssl verify -x509_strict, Python 3.13)
     /// would refuse a CA.
-    #[arg(long)]
+    #[arg(long, env = "ANCHORAGE_STRICT", value_parser = BoolishValueParser::new())]
     pub strict: bool,
     /// Judge expiry at this time (RFC 3339) and exit 1 if a certificate is expired then.
-    #[arg(long, value_name = "RFC3339", value_parser = parse_rfc3339)]
+    #[arg(long, env = "ANCHORAGE_AT", value_name = "RFC3339", value_parser = parse_rfc3339)]
     pub at: Option<time::OffsetDateTime>,
     /// Files, bundles or directories.
     #[arg(required = true, value_name = "PATH")]
@@ -85,7 +90,7 @@ pub struct HealthArgs {
     pub config: Option<PathBuf>,
     /// Ask /healthz (the event loop answers) instead of /readyz (every
     /// bundle rendered once).
-    #[arg(long)]
+    #[arg(long, env = "ANCHORAGE_LIVE", value_parser = BoolishValueParser::new())]
     pub live: bool,
 }
 

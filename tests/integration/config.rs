@@ -405,3 +405,55 @@ fn a_split_dir_at_another_output_is_a_configuration_error() {
         "{err}"
     );
 }
+
+/// Every flag reads `ANCHORAGE_<FLAG>`, the switches of `render`, `check`
+/// and `health` too.
+#[test]
+fn the_command_switches_read_their_variables_too() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = Ca::new("Switches");
+    let src = write(dir.path(), "ca.pem", ca.pem());
+    let output = dir.path().join("out.pem");
+    let with = |vars: &[(&str, &str)], args: &[&str]| {
+        let mut cmd = crate::support::anchorage();
+        cmd.args(args);
+        for (key, value) in vars {
+            cmd.env(key, value);
+        }
+        crate::support::Outcome::of(cmd.output().expect("run"))
+    };
+    // ANCHORAGE_DRY_RUN: nothing is written.
+    let out = with(
+        &[("ANCHORAGE_DRY_RUN", "1")],
+        &["render", "--source", s(&src), "--output", s(&output)],
+    );
+    out.expect_code(0);
+    assert!(out.stdout.contains("would change"), "{}", out.stdout);
+    assert!(!output.exists(), "a dry run wrote its output");
+    // ANCHORAGE_JSON: one JSON array.
+    let out = with(&[("ANCHORAGE_JSON", "true")], &["check", s(&src)]);
+    out.expect_code(0);
+    let json: serde_json::Value = serde_json::from_str(&out.stdout).expect("json");
+    assert_eq!(json[0]["sha256"], ca.sha256());
+    // ANCHORAGE_AT: expired then.
+    with(
+        &[("ANCHORAGE_AT", "2999-01-01T00:00:00Z")],
+        &["check", s(&src)],
+    )
+    .expect_code(1);
+    // ANCHORAGE_STRICT: a CA without keyUsage fails.
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "No key usage");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let key = rcgen::KeyPair::generate().expect("key");
+    let weak = write(
+        dir.path(),
+        "weak.pem",
+        params.self_signed(&key).expect("cert").pem(),
+    );
+    with(&[], &["check", s(&weak)]).expect_code(0);
+    with(&[("ANCHORAGE_STRICT", "1")], &["check", s(&weak)]).expect_code(1);
+    with(&[("ANCHORAGE_STRICT", "0")], &["check", s(&weak)]).expect_code(0);
+}
