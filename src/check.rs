@@ -190,10 +190,10 @@ pub fn run(
         .filter(|r| !r.strict.is_empty())
         .count();
     if strict && refused > 0 {
-        eprintln!(
-            "anchorage: {refused} CA{} would be refused by a strict verifier (openssl verify -x509_strict, Python 3.13)",
+        crate::telemetry::say(&format!(
+            "{refused} CA{} would be refused by a strict verifier (openssl verify -x509_strict, Python 3.13)",
             if refused == 1 { "" } else { "s" }
-        );
+        ));
     }
     let strict_failed = strict && refused > 0;
     Ok(

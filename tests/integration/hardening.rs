@@ -103,7 +103,20 @@ fn json_mode_is_json_to_the_last_line() {
     let dir = tempfile::tempdir().expect("tempdir");
     let garbage = write(dir.path(), "bad.pem", "-----BEGIN CERTIFICATE-----\nAAAA\n");
     let out = dir.path().join("out.pem");
+    // A CA a strict verifier refuses: no keyUsage.
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let key = rcgen::KeyPair::generate().expect("key");
+    let weak = write(
+        dir.path(),
+        "weak.pem",
+        params.self_signed(&key).expect("cert").pem(),
+    );
     let cases: Vec<(Vec<&str>, i32)> = vec![
+        (
+            vec!["check", "--log-format", "json", "--strict", s(&weak)],
+            1,
+        ),
         (
             vec![
                 "render",
