@@ -95,8 +95,21 @@ fn inspect_dir(dir: &Path, at: i64, findings: &mut Findings) {
     names.sort();
     for name in names {
         let path = content.join(&name);
-        if fs::metadata(&path).is_ok_and(|m| m.is_file()) {
-            inspect_file(&path, &dir.join(&name), false, at, findings);
+        match fs::metadata(&path) {
+            Ok(meta) if meta.is_file() => {
+                inspect_file(&path, &dir.join(&name), false, at, findings);
+            }
+            // Subdirectories are not read, as a directory source does not
+            // read them.
+            Ok(meta) if meta.is_dir() => {}
+            // A FIFO, a socket, a device: unreadable, as it fails a bundle
+            // that reads this directory.
+            Ok(_) => findings.errors.push(format!(
+                "{}: cannot read: not a regular file",
+                dir.join(&name).display()
+            )),
+            // Gone since the listing, or a dangling link: nothing to read.
+            Err(_) => {}
         }
     }
 }

@@ -274,3 +274,34 @@ fn text_output_escapes_control_characters_of_names() {
             .contains("Evil\u{1b}[31m\nanchorage")
     );
 }
+
+/// A FIFO in a directory fails a bundle that reads it ("not a regular
+/// file"); `check` of that directory says the same and exits 1, still
+/// listing the certificates it could read. A subdirectory is skipped by
+/// both.
+#[test]
+fn a_fifo_in_a_directory_is_unreadable_as_a_render_finds_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write(dir.path(), "a.pem", Ca::new("Beside the FIFO").pem());
+    std::fs::create_dir(dir.path().join("sub")).expect("mkdir");
+    let fifo = dir.path().join("pipe");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+    let out = run(&["check", "--json", s(dir.path())]);
+    out.expect_code(1);
+    assert!(
+        out.stderr
+            .contains(&format!("{}: cannot read: not a regular file", s(&fifo))),
+        "{}",
+        out.stderr
+    );
+    let reports: serde_json::Value = serde_json::from_str(&out.stdout).expect("json");
+    assert_eq!(reports.as_array().map(Vec::len), Some(1));
+    let output = dir.path().join("out.pem");
+    let render = run(&["render", "--source", s(dir.path()), "--output", s(&output)]);
+    render.expect_code(1);
+    assert!(
+        render.stderr.contains("not a regular file"),
+        "{}",
+        render.stderr
+    );
+}
