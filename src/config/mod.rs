@@ -222,19 +222,33 @@ fn build(
     let flag_reloads = flag_reloads(flags, has_child)?;
 
     let mut bundles = Vec::new();
-    let bundle_flags = !flags.sources.is_empty()
-        || !flags.outputs.is_empty()
-        || !flags.hashed_dirs.is_empty()
-        || flags.retain_removed.is_some()
-        || !flags.verify.is_empty()
-        || flags.allow_expired
-        || flags.allow_non_ca
-        || flags.min_certs.is_some();
-    if raw.bundle.len() > 1 && bundle_flags {
+    // The first bundle flag given, named in the error below.
+    let bundle_flag = [
+        (!flags.sources.is_empty(), "--source"),
+        (!flags.outputs.is_empty(), "--output"),
+        (!flags.hashed_dirs.is_empty(), "--hashed-dir"),
+        (flags.retain_removed.is_some(), "--retain-removed"),
+        (!flags.verify.is_empty(), "--verify"),
+        (flags.allow_expired, "--allow-expired"),
+        (flags.allow_non_ca, "--allow-non-ca"),
+        (flags.min_certs.is_some(), "--min-certs"),
+    ]
+    .into_iter()
+    .find_map(|(given, flag)| given.then_some(flag));
+    if let (true, Some(flag)) = (raw.bundle.len() > 1, bundle_flag) {
+        let variable = format!(
+            "ANCHORAGE_{}",
+            flag.trim_start_matches('-')
+                .replace('-', "_")
+                .to_uppercase()
+        );
         return origin.error(
             None,
-            "--source",
-            "bundle flags apply to a single bundle, but the config has several [[bundle]] tables",
+            flag,
+            format!(
+                "bundle flags apply to a single bundle, but the config has several [[bundle]] \
+                 tables (given on the command line or as {variable})"
+            ),
         );
     }
     // Where each name and output was written, for the duplicate checks.
@@ -256,7 +270,7 @@ fn build(
         .collect();
     for (i, spanned) in raw.bundle.into_iter().enumerate() {
         let span = spanned.span();
-        let overrides = if bundle_flags { Some(flags) } else { None };
+        let overrides = bundle_flag.map(|_| flags);
         bundles.push(bundle(
             i,
             spanned.into_inner(),
@@ -266,7 +280,7 @@ fn build(
             has_child,
         )?);
     }
-    if bundles.is_empty() && bundle_flags {
+    if bundles.is_empty() && bundle_flag.is_some() {
         if flags.sources.is_empty() {
             return origin.error(
                 None,

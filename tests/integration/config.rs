@@ -133,6 +133,27 @@ fn flag_overrides_the_file() {
     run(&["render", "--config", s(&config), "--min-certs", "1"]).expect_code(0);
 }
 
+/// A bundle flag over a config of several bundles is refused, naming the
+/// flag given, and its variable (set in a container's environment, it is
+/// as much a flag).
+#[test]
+fn a_bundle_flag_over_several_bundles_is_named() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write(
+        dir.path(),
+        "anchorage.toml",
+        "[[bundle]]\nname = \"a\"\nsources = [\"/a\"]\n[[bundle]]\nname = \"b\"\nsources = [\"/b\"]\n",
+    );
+    let out = run(&["render", "--config", s(&config), "--min-certs", "2"]);
+    out.expect_code(2);
+    assert!(
+        out.stderr.contains("--min-certs") && out.stderr.contains("ANCHORAGE_MIN_CERTS"),
+        "{}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("--source"), "{}", out.stderr);
+}
+
 #[test]
 fn exec_keeps_commas_on_the_command_line_and_splits_the_variable() {
     let dir = tempfile::tempdir().expect("tempdir");
