@@ -89,10 +89,32 @@ pub fn check(chain: &Chain, bundle: &Bundle, now: i64) -> Result<(), VerifyError
         )
         .map(|_| ())
     };
-    match attempt(KeyUsage::server_auth()).or_else(|_| attempt(KeyUsage::client_auth())) {
-        Ok(()) => Ok(()),
-        Err(e) => Err(fail(describe_failure(chain, e))),
-    }
+    let Err(server) = attempt(KeyUsage::server_auth()) else {
+        return Ok(());
+    };
+    let Err(client) = attempt(KeyUsage::client_auth()) else {
+        return Ok(());
+    };
+    // A usage the leaf is not for fails at its extended key usage, which
+    // says only that: the other attempt's failure says why it does not
+    // chain (a server certificate whose issuer is gone fails as a client
+    // certificate for its usage alone).
+    let error = if wrong_usage(&server) && !wrong_usage(&client) {
+        client
+    } else {
+        server
+    };
+    Err(fail(describe_failure(chain, error)))
+}
+
+/// Whether `error` is the leaf's extended key usage not allowing the usage
+/// asked for.
+#[allow(deprecated)]
+fn wrong_usage(error: &webpki::Error) -> bool {
+    matches!(
+        error,
+        webpki::Error::RequiredEkuNotFound | webpki::Error::RequiredEkuNotFoundContext(_)
+    )
 }
 
 /// Names the certificate and the issuer it needs.

@@ -120,7 +120,9 @@ fn a_corrupt_state_file_is_reported_and_treated_as_empty() {
 fn verify_refuses_a_bundle_that_would_orphan_a_peer_certificate() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (cluster_ca, new_intermediate) = (Ca::new("Cluster CA"), Ca::new("New Intermediate R11"));
-    let peer = cluster_ca.leaf("nats.cluster-b.svc");
+    // serverAuth alone: it fails as a client certificate for that reason
+    // only, and the refusal must say why it fails as a server's.
+    let peer = cluster_ca.server_leaf("nats.cluster-b.svc");
     let peer_cert = write(dir.path(), "peer.crt", peer.cert.pem());
     let mut volume = Volume::new(&dir.path().join("secret"));
     volume.write(&[("ca.pem", &pems(&[&cluster_ca]))]);
@@ -145,7 +147,9 @@ fn verify_refuses_a_bundle_that_would_orphan_a_peer_certificate() {
     daemon.wait_log("bundle refused", 1);
     let log = daemon.log();
     assert!(
-        log.contains("peer.crt") && log.contains("CN=Cluster CA"),
+        log.contains("peer.crt")
+            && log.contains("its issuer CN=Cluster CA")
+            && log.contains("is not in the new bundle"),
         "{log}"
     );
     assert_eq!(

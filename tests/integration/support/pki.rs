@@ -83,6 +83,17 @@ impl Ca {
         self.leaf_valid(dns, now - Duration::days(1), now + Duration::days(30))
     }
 
+    /// A leaf for `dns` whose extended key usage is serverAuth alone, as
+    /// public CAs and cert-manager issue them.
+    pub fn server_leaf(&self, dns: &str) -> Leaf {
+        let now = OffsetDateTime::now_utc();
+        self.leaf_with(
+            dns,
+            (now - Duration::days(1), now + Duration::days(30)),
+            vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth],
+        )
+    }
+
     /// A server leaf for `dns`, valid in exactly this window.
     pub fn leaf_valid(
         &self,
@@ -90,7 +101,17 @@ impl Ca {
         not_before: OffsetDateTime,
         not_after: OffsetDateTime,
     ) -> Leaf {
+        self.leaf_with(dns, (not_before, not_after), Vec::new())
+    }
+
+    fn leaf_with(
+        &self,
+        dns: &str,
+        (not_before, not_after): (OffsetDateTime, OffsetDateTime),
+        usages: Vec<rcgen::ExtendedKeyUsagePurpose>,
+    ) -> Leaf {
         let mut params = CertificateParams::new(vec![dns.to_owned()]).expect("params");
+        params.extended_key_usages = usages;
         params.distinguished_name.push(DnType::CommonName, dns);
         params.not_before = not_before;
         params.not_after = not_after;
