@@ -341,6 +341,18 @@ fn split_files(blocks: &[CertBlock], key: &PrivateKeyDer<'_>) -> SplitFiles {
     SplitFiles { chain, key: pem }
 }
 
+/// What a dry run says of the pair's `split_dir` with `files`: whether
+/// they would change what is live there, or why they would be refused.
+pub fn check_split(split: &SplitDir, files: &SplitFiles) -> std::io::Result<bool> {
+    atomic::check_generation(
+        &split.dir,
+        &[
+            (SPLIT_CERT, &files.chain, SPLIT_CERT_MODE),
+            (SPLIT_KEY, &files.key, split.key_mode),
+        ],
+    )
+}
+
 /// Writes the split pair unless it is already live there; returns whether
 /// it wrote.
 fn publish_split(split: &SplitDir, files: &SplitFiles) -> std::io::Result<bool> {

@@ -164,6 +164,16 @@ fn render_command(args: RenderArgs) -> ExitCode {
             Err(refusal) => {
                 error!(bundle = %bundle.name, reason = refusal.reason(), error = %refusal,
                     "bundle refused; outputs keep their previous content");
+                if mode == Mode::DryRun {
+                    for spec in &bundle.outputs {
+                        println!(
+                            "unchanged: {} ({}, bundle {}: refused)",
+                            spec.path.display(),
+                            spec.format.name(),
+                            bundle.name
+                        );
+                    }
+                }
                 if format == LogFormat::Text {
                     eprintln!("anchorage: bundle {}: refused: {refusal}", bundle.name);
                 }
@@ -180,11 +190,34 @@ fn render_command(args: RenderArgs) -> ExitCode {
         let chain_to = pair.chain_to.as_ref().and_then(|b| rendered.get(b));
         if mode == Mode::DryRun || pair.split.is_none() {
             match keypair::inspect(pair, chain_to.map(|b| &**b), now) {
-                Ok(checked) if mode == Mode::DryRun => println!(
-                    "valid: key pair {} ({})",
-                    pair.name,
-                    keypair::describe(&checked.accepted)
-                ),
+                Ok(checked) if mode == Mode::DryRun => {
+                    println!(
+                        "valid: key pair {} ({})",
+                        pair.name,
+                        keypair::describe(&checked.accepted)
+                    );
+                    // Its split_dir is an output as a bundle's are.
+                    if let (Some(split), Some(files)) = (&pair.split, &checked.split) {
+                        let verdict = match keypair::check_split(split, files) {
+                            Ok(true) => "would change",
+                            Ok(false) => "unchanged",
+                            Err(e) => {
+                                say(&format!(
+                                    "key pair {}: cannot write {}: {e}",
+                                    pair.name,
+                                    split.dir.display()
+                                ));
+                                failed = true;
+                                "would be refused"
+                            }
+                        };
+                        println!(
+                            "{verdict}: {} (split_dir, key pair {})",
+                            split.dir.display(),
+                            pair.name
+                        );
+                    }
+                }
                 Ok(checked) => info!(keypair = %pair.name,
                     certificate = %keypair::describe(&checked.accepted), "key pair checked"),
                 Err(held) => {

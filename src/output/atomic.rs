@@ -225,8 +225,20 @@ pub fn write_dir(path: &Path, files: &[(String, Vec<u8>)], mode: u32) -> io::Res
 /// never refused here.
 pub fn check_writable(path: &Path, rendered: &Rendered) -> io::Result<()> {
     let Rendered::Dir(files) = rendered else {
-        return Ok(());
+        // A file goes where a directory is, or into a directory that
+        // cannot be made or written.
+        if fs::symlink_metadata(path).is_ok_and(|m| m.is_dir()) {
+            return Err(context(
+                path,
+                "rename into place",
+                io::Error::from_raw_os_error(nix::libc::EISDIR),
+            ));
+        }
+        return creatable(parent_of(path));
     };
+    if fs::symlink_metadata(path).is_err() {
+        creatable(parent_of(path))?;
+    }
     let entries = with_mode(files, 0);
     let inside = is_symlink(&path.join(DATA));
     if !inside {
@@ -239,6 +251,56 @@ pub fn check_writable(path: &Path, rendered: &Rendered) -> io::Result<()> {
     match foreign_visible(path, &entries)? {
         Some(visible) => Err(not_ours(&visible)),
         None => Ok(()),
+    }
+}
+
+/// Why `render` could not create a file in `dir` (making `dir` first if it
+/// is missing), found without writing: the nearest existing directory at
+/// or above it is not a directory, or not one this process may write in.
+fn creatable(dir: &Path) -> io::Result<()> {
+    use nix::unistd::{AccessFlags, access};
+    let mut current = dir;
+    loop {
+        // Followed, as `create_dir_all` follows it.
+        match fs::metadata(current) {
+            Ok(meta) if meta.is_dir() => {
+                return access(current, AccessFlags::W_OK | AccessFlags::X_OK)
+                    .map_err(|e| context(current, "create", e.into()));
+            }
+            Ok(_) => {
+                return Err(context(
+                    current,
+                    "create directory",
+                    io::Error::from_raw_os_error(nix::libc::ENOTDIR),
+                ));
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => match current.parent() {
+                Some(up) if !up.as_os_str().is_empty() => current = up,
+                _ => return Ok(()),
+            },
+            Err(e) => return Err(context(current, "stat", e)),
+        }
+    }
+}
+
+/// What a dry run says of `files` (name, bytes, mode) published in
+/// kubelet's layout inside `dir` ([`publish_generation`]): whether they
+/// would change what is live there, or why they would be refused.
+pub fn check_generation(dir: &Path, files: &[(&str, &[u8], u32)]) -> io::Result<bool> {
+    match fs::symlink_metadata(dir) {
+        Ok(meta) if !meta.is_dir() => Err(context(
+            dir,
+            "create directory",
+            io::Error::from(io::ErrorKind::AlreadyExists),
+        )),
+        Ok(_) => {
+            creatable(dir)?;
+            match foreign_visible(dir, files)? {
+                Some(visible) => Err(not_ours(&visible)),
+                None => Ok(!generation_matches(dir, files)),
+            }
+        }
+        Err(_) => creatable(dir).map(|()| true),
     }
 }
 

@@ -789,3 +789,100 @@ fn render_checks_every_key_pair_and_dry_run_agrees() {
         }
     }
 }
+
+/// `render --dry-run` refuses (exit 1, "would be refused") what `render`
+/// would fail to write: a file output under a regular file or at a
+/// directory, a split_dir that is a regular file or holds files anchorage
+/// did not write. It says per split_dir whether it would change, and per
+/// output of a refused bundle that it stays unchanged.
+#[test]
+fn dry_run_finds_what_render_could_not_write() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = Ca::new("Dry paths");
+    let src = write(dir.path(), "ca.pem", ca.pem());
+    let plain = write(dir.path(), "plain", "a regular file");
+    let taken = dir.path().join("taken");
+    fs::create_dir(&taken).expect("mkdir");
+    for output in [plain.join("out.pem"), taken.clone()] {
+        for dry in [true, false] {
+            let mut args = vec!["render", "--source", s(&src), "--output", s(&output)];
+            if dry {
+                args.push("--dry-run");
+            }
+            let out = run(&args);
+            out.expect_code(1);
+            if dry {
+                assert!(out.stdout.contains("would be refused"), "{}", out.stdout);
+            }
+        }
+    }
+    // Key pairs with a split_dir.
+    let (crt, key) = ca.leaf("split.example").write(dir.path(), "leaf");
+    let foreign = dir.path().join("foreign");
+    fs::create_dir(&foreign).expect("mkdir");
+    write(&foreign, "tls.crt", "someone else's");
+    let fresh = dir.path().join("fresh");
+    for (split, code) in [(&plain, 1), (&foreign, 1), (&fresh, 0)] {
+        let args = |dry: bool| {
+            let mut v = vec!["render", "--cert", s(&crt), "--key", s(&key)];
+            v.extend(["--split-dir", s(split)]);
+            if dry {
+                v.push("--dry-run");
+            }
+            v
+        };
+        let out = run(&args(true));
+        out.expect_code(code);
+        let verdict = if code == 0 {
+            "would change"
+        } else {
+            "would be refused"
+        };
+        assert!(
+            out.stdout.contains(&format!("{verdict}: {}", s(split))),
+            "{}: {}",
+            split.display(),
+            out.stdout
+        );
+        run(&args(false)).expect_code(code);
+    }
+    assert_eq!(
+        fs::read_to_string(foreign.join("tls.crt")).expect("kept"),
+        "someone else's"
+    );
+    // Written now: unchanged.
+    let out = run(&[
+        "render",
+        "--cert",
+        s(&crt),
+        "--key",
+        s(&key),
+        "--split-dir",
+        s(&fresh),
+        "--dry-run",
+    ]);
+    out.expect_code(0);
+    assert!(
+        out.stdout.contains(&format!("unchanged: {}", s(&fresh))),
+        "{}",
+        out.stdout
+    );
+    // A refused bundle: each output unchanged, and said so.
+    let bad = write(dir.path(), "bad.pem", "-----BEGIN CERTIFICATE-----\nAAAA\n");
+    let output = dir.path().join("kept.pem");
+    let out = run(&[
+        "render",
+        "--source",
+        s(&bad),
+        "--output",
+        s(&output),
+        "--dry-run",
+    ]);
+    out.expect_code(1);
+    assert!(
+        out.stdout.contains(&format!("unchanged: {}", s(&output)))
+            && out.stdout.contains("refused"),
+        "{}",
+        out.stdout
+    );
+}
