@@ -384,6 +384,8 @@ pub struct KeyPairState {
     pub next_change: Option<i64>,
     /// Failed writes of the split directory in a row.
     pub write_failures: u32,
+    /// The last check wrote the split directory (it did not hold the pair).
+    pub split_written: bool,
 }
 
 /// What one check of a pair concluded.
@@ -406,6 +408,7 @@ impl KeyPairState {
             held: None,
             next_change: None,
             write_failures: 0,
+            split_written: false,
         }
     }
 
@@ -413,6 +416,7 @@ impl KeyPairState {
     pub fn check(&mut self, chain_to: Option<&Bundle>, now: i64) -> Outcome {
         let first = !self.initialized;
         self.initialized = true;
+        self.split_written = false;
         match inspect(&self.config, chain_to, now) {
             Ok(Checked { accepted, split }) => {
                 let same = self.accepted.as_ref().is_some_and(|a| {
@@ -428,6 +432,7 @@ impl KeyPairState {
                     match publish_split(dir, files) {
                         Ok(wrote) => {
                             self.write_failures = 0;
+                            self.split_written = wrote;
                             replaced = wrote && had_pair;
                             if wrote && same {
                                 tracing::info!(keypair = %self.config.name, split_dir = %dir.dir.display(),

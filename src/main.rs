@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use tracing::{error, info};
+use tracing::{debug, error, info};
 
 use anchorage::cli::{Cli, Command, Flags, LogFormat, RenderArgs, RunArgs};
 use anchorage::clock::Clock;
@@ -234,6 +234,9 @@ fn render_command(args: RenderArgs) -> ExitCode {
                 failed = true;
             }
             _ => match &state.accepted {
+                // The split_dir already held the pair: no news.
+                Some(accepted) if !state.split_written => debug!(keypair = %pair.name,
+                    certificate = %keypair::describe(accepted), "key pair split unchanged"),
                 Some(accepted) => info!(keypair = %pair.name,
                     certificate = %keypair::describe(accepted), "key pair split"),
                 None => failed = true,

@@ -867,6 +867,18 @@ fn dry_run_finds_what_render_could_not_write() {
         "{}",
         out.stdout
     );
+    // A render that leaves it as it was is no news at INFO.
+    let again = run(&[
+        "render",
+        "--cert",
+        s(&crt),
+        "--key",
+        s(&key),
+        "--split-dir",
+        s(&fresh),
+    ]);
+    again.expect_code(0);
+    assert!(!again.stderr.contains("key pair split"), "{}", again.stderr);
     // A refused bundle: each output unchanged, and said so.
     let bad = write(dir.path(), "bad.pem", "-----BEGIN CERTIFICATE-----\nAAAA\n");
     let output = dir.path().join("kept.pem");
