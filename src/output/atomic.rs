@@ -141,14 +141,14 @@ fn create_file(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
             .mode(0o600)
             .open(path)
     };
-    let mut file = step(path, "create", || match open() {
+    let mut file = match injected("create").and_then(|()| open()) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             let parent = parent_of(path);
             step(parent, "create directory", || fs::create_dir_all(parent))?;
-            open()
+            step(path, "create", open)?
         }
-        opened => opened,
-    })?;
+        opened => opened.map_err(|e| context(path, "create", e))?,
+    };
     step(path, "write", || file.write_all(bytes))?;
     step(path, "chmod", || {
         file.set_permissions(Permissions::from_mode(mode))
