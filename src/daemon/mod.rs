@@ -272,7 +272,47 @@ pub struct Daemon {
     /// How many directories the last refresh watched (logged at INFO when
     /// it moves; a kubelet swap refreshes the watches and moves nothing).
     watching: Option<usize>,
+    /// The reloads the start asked for, merged per action and held until
+    /// every target's first run came back (or [`STARTUP_HOLD`] after the
+    /// first was held): the start is one cycle, and a thousand bundles
+    /// that share an action reload the app once, not once per batch of
+    /// outcomes. `None` once released.
+    startup_reloads: Option<StartupReloads>,
 }
+
+/// See [`Daemon::startup_reloads`].
+#[derive(Default)]
+struct StartupReloads {
+    requests: HashMap<ReloadSpec, Request>,
+    /// When they go whatever is still running (a hung source at start).
+    until: Option<Instant>,
+}
+
+/// Asks `reloader` for `spec` to run for `request`, or holds it with the
+/// start's (see [`Daemon::startup_reloads`]); an expiry's is never held.
+fn request_reload(
+    startup: &mut Option<StartupReloads>,
+    reloader: &mut Reloader,
+    spec: &ReloadSpec,
+    request: Request,
+) {
+    match startup {
+        Some(held) if request.startup && !request.urgent => {
+            held.until
+                .get_or_insert_with(|| Instant::now() + STARTUP_HOLD);
+            held.requests
+                .entry(spec.clone())
+                .or_default()
+                .merge(request);
+        }
+        _ => reloader.request(spec, request),
+    }
+}
+
+/// How long the start's reloads wait for its slowest first runs: a run
+/// this long no longer holds the others back (as a stuck run does not
+/// hold back the queue, [`runs::STUCK_RUN`]).
+const STARTUP_HOLD: Duration = runs::STUCK_RUN;
 
 impl Daemon {
     /// Starts the watcher (nothing is watched, read or rendered until
@@ -323,6 +363,7 @@ impl Daemon {
             hold_renders: true,
             trim_pending: false,
             watching: None,
+            startup_reloads: Some(StartupReloads::default()),
         };
         daemon.apply(config);
         Ok(daemon)
@@ -356,6 +397,7 @@ impl Daemon {
             let held_until = self.hold_renders.then_some(watch_first);
             let admit_at = self.runs.admit_at();
             let held = self.runs.held();
+            let startup_until = self.startup_reloads.as_ref().and_then(|s| s.until);
             tokio::select! {
                 biased;
                 () = &mut shutdown => {
@@ -370,6 +412,9 @@ impl Daemon {
                         self.finished(finished);
                     }
                     self.report_status();
+                    if self.tally.started() {
+                        self.release_startup_reloads();
+                    }
                     // Refused bundles count: one bad source must not
                     // keep the start's peak mapped for good.
                     if self.trim_pending && self.tally.started() {
@@ -430,6 +475,7 @@ impl Daemon {
                 // A run in flight became stuck: another thread takes the
                 // queue on.
                 () = sleep_until(admit_at) => self.runs.admit(),
+                () = sleep_until(startup_until) => self.release_startup_reloads(),
                 // Outcomes held for a run still in flight: `admit_at` knows
                 // when to take them if that run hangs.
                 () = held.notified() => {}
@@ -479,6 +525,7 @@ impl Daemon {
         while let Ok(finished) = self.done.1.try_recv() {
             self.finished(finished);
         }
+        self.release_startup_reloads();
         self.watch = WatchSlot::Off;
         self.events = None;
         self.reloader.close(Some(SHUTDOWN_GRACE)).await;
@@ -786,7 +833,9 @@ impl Daemon {
                         if reloaded.as_ref() == Some(spec) {
                             continue;
                         }
-                        self.reloader.request(
+                        request_reload(
+                            &mut self.startup_reloads,
+                            &mut self.reloader,
                             spec,
                             Request {
                                 names: [entry.name.clone()].into(),
@@ -812,7 +861,19 @@ impl Daemon {
                     if matches!(result, keypair::Outcome::Held(_)) {
                         self.metrics.refused(&entry.name, "keypair");
                     }
-                    request_keypair_reloads(&mut self.reloader, pair, result, urgent);
+                    request_keypair_reloads(
+                        &mut |spec, request| {
+                            request_reload(
+                                &mut self.startup_reloads,
+                                &mut self.reloader,
+                                spec,
+                                request,
+                            );
+                        },
+                        pair,
+                        result,
+                        urgent,
+                    );
                 }
             }
         }
@@ -841,6 +902,16 @@ impl Daemon {
                     e.dirty.add(Dirty::All);
                     self.agenda.mark(*id);
                 }
+            }
+        }
+    }
+
+    /// Lets the start's reloads go, each action once for every target that
+    /// asked; from now on every request goes at once.
+    fn release_startup_reloads(&mut self) {
+        if let Some(held) = self.startup_reloads.take() {
+            for (spec, request) in held.requests {
+                self.reloader.request(&spec, request);
             }
         }
     }
@@ -1005,7 +1076,7 @@ fn reload_outputs(outcome: &Outcome) -> Option<&std::collections::BTreeSet<std::
 /// A key pair's check: a real change reloads (at start, only where a
 /// probe shows the app serving another certificate).
 fn request_keypair_reloads(
-    reloader: &mut Reloader,
+    request_reload: &mut dyn FnMut(&ReloadSpec, Request),
     pair: &KeyPairState,
     outcome: keypair::Outcome,
     urgent: bool,
@@ -1028,7 +1099,7 @@ fn request_keypair_reloads(
                 if first && !matches!(spec.probe, Some(Probe::Tls(_))) {
                     continue;
                 }
-                reloader.request(
+                request_reload(
                     spec,
                     Request {
                         names: [name.clone()].into(),

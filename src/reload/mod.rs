@@ -167,7 +167,8 @@ impl Request {
         }
     }
 
-    fn merge(&mut self, other: Request) {
+    /// Takes `other` in too: one run for both.
+    pub fn merge(&mut self, other: Request) {
         let was_empty = self.names.is_empty();
         self.names.extend(other.names);
         self.outputs.extend(other.outputs);

@@ -183,9 +183,34 @@ fn a_hung_read_stalls_only_its_bundle_and_the_daemon_still_stops() {
     let Some((hung, mut volume)) = hung_and_volume(dir.path(), "Beside One") else {
         return;
     };
+    // The healthy bundle reloads by appending a line to `reloads`.
+    let reloads = dir.path().join("reloads");
     let config = two_bundles(dir.path(), &hung.file(), &volume);
+    let mut text = fs::read_to_string(&config).expect("config");
+    text.push_str(&format!(
+        "[[bundle.reload]]\nexec = [\"sh\", \"-c\", \"echo x >> {}\"]\n",
+        s(&reloads)
+    ));
+    fs::write(&config, text).expect("config");
     let (daemon, addr) = start_listening(dir.path(), &config);
     wait_certs(&dir.path().join("out/healthy.pem"), 1);
+    // Its start's reload does not wait for the hung bundle's first run.
+    let reloaded = |count: usize| {
+        eventually(Duration::from_secs(20), || {
+            let lines = fs::read_to_string(&reloads)
+                .unwrap_or_default()
+                .lines()
+                .count();
+            if lines >= count {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{lines} reloads of the healthy bundle, want {count}"
+                ))
+            }
+        });
+    };
+    reloaded(1);
     // /readyz names the stuck bundle and how long it has run.
     let body = eventually(Duration::from_secs(20), || {
         let answer = get(addr, "/readyz")?;
@@ -203,6 +228,7 @@ fn a_hung_read_stalls_only_its_bundle_and_the_daemon_still_stops() {
         &pems(&[&Ca::new("Beside One"), &Ca::new("Beside Two")]),
     )]);
     wait_certs(&dir.path().join("out/healthy.pem"), 2);
+    reloaded(2);
     wait_status(addr, "/healthz", 200);
 
     stops_within_5s(daemon);

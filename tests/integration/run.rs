@@ -1061,3 +1061,45 @@ fn watches_refreshed_without_change_are_not_news() {
     );
     assert_eq!(daemon.stop(), 0);
 }
+
+/// The start is one cycle (guarantee 4): hundreds of bundles that share a
+/// reload action come back in batches, and the app is still reloaded once,
+/// for all of them, not once per batch.
+#[test]
+fn hundreds_of_bundles_sharing_an_action_reload_once_at_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let n = 200;
+    let pem = Ca::new("Start once").pem();
+    let out = dir.path().join("out");
+    let app = App::start(dir.path(), &out.join("b0.pem"));
+    let mut toml = String::from("[daemon]\ndebounce = \"0s\"\n");
+    for i in 0..n {
+        let source = write(&dir.path().join("src"), &format!("s{i}.pem"), &pem);
+        toml.push_str(&format!(
+            "[[bundle]]\nname = \"b{i}\"\nsources = [\"{}\"]\n\
+             [[bundle.output]]\npath = \"{}/b{i}.pem\"\n\
+             [[bundle.reload]]\nsignal = \"HUP\"\npid_file = \"{}\"\n",
+            s(&source),
+            s(&out),
+            s(&app.pid_file)
+        ));
+    }
+    let config = write(dir.path(), "anchorage.toml", toml);
+    let daemon = Daemon::start(dir.path(), &["--config", s(&config)]);
+    daemon.wait_log("reloaded", 1);
+    let log = daemon.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("reloaded"))
+        .expect("a reload line");
+    let named = (0..n)
+        .filter(|i| line.contains(&format!("\"b{i}\"")))
+        .count();
+    assert_eq!(
+        named, n,
+        "the first reload names {named} of {n} bundles:\n{line}"
+    );
+    assert_eq!(app.wait_reloads(1).len(), 1);
+    assert_eq!(daemon.stop(), 0);
+    assert_eq!(app.reloads().len(), 1, "{:?}", app.lines());
+}
