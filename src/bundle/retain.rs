@@ -171,15 +171,34 @@ impl Retention {
     }
 }
 
-/// A bundle name as a file name.
+/// A bundle name as a file name, one name to one file: letters, digits,
+/// `-`, `_` and `.` stay, any other byte is `%XX` (a `/` cannot reach a
+/// path, and `a/b` and `a_b` keep their own retained CAs).
 fn sanitize(name: &str) -> String {
-    name.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
+    use std::fmt::Write as _;
+    let mut file = String::with_capacity(name.len());
+    for byte in name.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.') {
+            file.push(char::from(byte));
+        } else {
+            let _ = write!(file, "%{byte:02X}");
+        }
+    }
+    file
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn each_bundle_name_has_a_state_file_of_its_own() {
+        use super::sanitize;
+        assert_eq!(sanitize("peers"), "peers");
+        assert_eq!(sanitize("nats.peers-2_a"), "nats.peers-2_a");
+        // Nothing reaches out of the state directory.
+        assert_eq!(sanitize("../x"), "..%2Fx");
+        let names = ["a/b", "a_b", "a%2Fb", "a b", "a\u{e9}", "a\u{e8}"];
+        let files: std::collections::HashSet<String> = names.iter().map(|n| sanitize(n)).collect();
+        assert_eq!(files.len(), names.len(), "{files:?}");
+        assert!(files.iter().all(|f| !f.contains('/')));
+    }
 }

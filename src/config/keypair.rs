@@ -98,6 +98,9 @@ pub(super) fn from_raw(
     origin: &Origin<'_>,
     has_child: bool,
 ) -> Result<KeyPairConfig, ConfigError> {
+    if let Some(name) = raw.name.as_ref().filter(|n| n.get_ref().trim().is_empty()) {
+        return origin.error(Some(name.span()), "keypair.name", "must not be empty");
+    }
     let name = raw
         .name
         .map_or_else(|| format!("keypair{index}"), Spanned::into_inner);

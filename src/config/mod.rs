@@ -467,6 +467,10 @@ fn bundle(
     origin: &Origin<'_>,
     has_child: bool,
 ) -> Result<BundleConfig, ConfigError> {
+    if let Some(name) = raw.name.as_ref().filter(|n| n.get_ref().trim().is_empty()) {
+        // It labels metrics and logs, and names the bundle's state file.
+        return origin.error(Some(name.span()), "bundle.name", "must not be empty");
+    }
     let name = raw
         .name
         .as_ref()

@@ -315,6 +315,14 @@ fn duplicate_names_carry_their_line() {
         "[[keypair]]\nname = \"k\"\ncert = \"/c\"\nkey = \"/k\"\n[[keypair]]\nname = \"k\"\ncert = \"/c2\"\nkey = \"/k2\"\n",
     );
     assert!(err.contains(":6:") && err.contains("keypair.name"), "{err}");
+    // An empty name labels nothing and names no state file.
+    let err = config_error("[[bundle]]\nname = \"\"\nsources = [\"/a\"]\n");
+    assert!(
+        err.contains(":2:") && err.contains("bundle.name") && err.contains("empty"),
+        "{err}"
+    );
+    let err = config_error("[[keypair]]\nname = \" \"\ncert = \"/c\"\nkey = \"/k\"\n");
+    assert!(err.contains(":2:") && err.contains("keypair.name"), "{err}");
 }
 
 /// A key pair comes from two files or from one credential bundle, never
