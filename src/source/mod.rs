@@ -498,6 +498,12 @@ fn frame_any(bytes: &[u8]) -> Result<Vec<CertBlock>, SourceErrorKind> {
     }
     // A DER certificate is a SEQUENCE; anything else is not ours.
     if bytes.first() == Some(&0x30) {
+        // A DER private key (PKCS#8, PKCS#1, SEC1) is skipped, as a PEM one
+        // is (guarantee 8): its SEQUENCE opens with a version INTEGER, a
+        // certificate's with the SEQUENCE of its body.
+        if rustls_pki_types::PrivateKeyDer::try_from(bytes).is_ok() {
+            return Ok(Vec::new());
+        }
         return Ok(vec![CertBlock::new(bytes.to_vec(), false)]);
     }
     Err(SourceErrorKind::NotCertificate)

@@ -57,6 +57,9 @@ pub enum FrameError {
     BadBase64 { index: usize, reason: String },
     /// A certificate block's `-----END` label does not match its `-----BEGIN`.
     MismatchedEnd { index: usize },
+    /// A certificate block's `-----END` line with no `-----BEGIN` before
+    /// it: the start of the file (or of the block) is missing.
+    Unstarted { index: usize },
 }
 
 impl std::fmt::Display for FrameError {
@@ -71,6 +74,10 @@ impl std::fmt::Display for FrameError {
             Self::MismatchedEnd { index } => {
                 write!(f, "certificate block {index} ends with a different label")
             }
+            Self::Unstarted { index } => write!(
+                f,
+                "certificate block {index} has an END line but no BEGIN line (its start is missing)"
+            ),
         }
     }
 }
@@ -95,8 +102,10 @@ pub fn looks_like_pem(bytes: &[u8]) -> bool {
 }
 
 /// Frames every PEM block in `bytes` (LF or CRLF line ends, text between
-/// blocks ignored) and decodes the certificate blocks.
+/// blocks ignored, a leading UTF-8 byte order mark too, as Windows editors
+/// write one) and decodes the certificate blocks.
 pub fn frame(bytes: &[u8]) -> Result<Framed, FrameError> {
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
     let mut framed = Framed::default();
     // The open block: its label, whether it is a certificate, and its base64.
     let mut open: Option<(&[u8], Option<bool>)> = None;
@@ -114,7 +123,14 @@ pub fn frame(bytes: &[u8]) -> Result<Framed, FrameError> {
             body.clear();
             continue;
         }
-        let Some((label, kind)) = open else { continue };
+        let Some((label, kind)) = open else {
+            // A certificate's END with no BEGIN: the text before it is not
+            // a block's start, so the certificate it ends is lost.
+            if marker(line, END).and_then(certificate_label).is_some() {
+                return Err(FrameError::Unstarted { index: cert_index });
+            }
+            continue;
+        };
         if let Some(end_label) = marker(line, END) {
             if let Some(trusted) = kind {
                 if end_label != label {
@@ -279,6 +295,40 @@ mod tests {
         text.push(b'\n');
         text.extend(block("CERTIFICATE", &[8u8; 300]));
         assert_eq!(frame(&text), Err(FrameError::Unterminated { index: 0 }));
+    }
+
+    #[test]
+    fn a_byte_order_mark_before_the_first_block_is_text() {
+        let mut text = b"\xEF\xBB\xBF".to_vec();
+        text.extend(block("CERTIFICATE", b"with a BOM"));
+        let framed = frame(&text).expect("frames");
+        assert_eq!(framed.certificates.len(), 1);
+        assert!(looks_like_pem(&text));
+    }
+
+    #[test]
+    fn an_end_line_without_its_begin_is_an_error() {
+        let first = block("CERTIFICATE", &[7u8; 300]);
+        // The first line gone (a copy that lost its start), or more.
+        for cut in [
+            first.iter().position(|b| *b == b'\n').expect("line") + 1,
+            200,
+        ] {
+            let mut text = first[cut..].to_vec();
+            text.extend(block("CERTIFICATE", &[8u8; 300]));
+            assert_eq!(
+                frame(&text),
+                Err(FrameError::Unstarted { index: 0 }),
+                "cut at {cut}"
+            );
+        }
+        // After a good block, the second one's start is missing.
+        let mut text = block("CERTIFICATE", &[8u8; 300]);
+        text.extend(&first[first.len() / 2..]);
+        assert_eq!(frame(&text), Err(FrameError::Unstarted { index: 1 }));
+        // A key's END alone is no certificate lost.
+        let framed = frame(b"junk\n-----END PRIVATE KEY-----\n").expect("frames");
+        assert_eq!(framed.certificates.len(), 0);
     }
 
     #[test]

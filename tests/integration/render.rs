@@ -110,6 +110,14 @@ fn private_keys_are_never_copied() {
     write(&src, "ca.crt", ca.pem());
     write(&src, "tls.crt", leaf.cert.pem());
     write(&src, "tls.key", leaf.key.serialize_pem());
+    // The same key as DER, and an RSA one as PKCS#1 DER.
+    write(&src, "tls.der", leaf.key.serialize_der());
+    let rsa = dir.path().join("rsa.der");
+    crate::support::sh(&format!(
+        "openssl genrsa -traditional 2048 2>/dev/null | openssl rsa -traditional -outform DER -out {} 2>/dev/null",
+        s(&rsa)
+    ));
+    fs::copy(&rsa, src.join("rsa.key")).expect("copy");
     let out_file = dir.path().join("bundle.pem");
     let out = render_pem(&src, &out_file);
     out.expect_code(0);
@@ -399,6 +407,11 @@ fn bad_inputs_keep_the_last_good_output() {
         (
             "truncated-beside-good",
             format!("{}{}", &pem[..pem.len() - 40], Ca::new("Other").pem()).into_bytes(),
+        ),
+        // A copy that lost its start: the first block has no BEGIN line.
+        (
+            "start-lost-before-good",
+            format!("{}{}", &pem[40..], Ca::new("Other").pem()).into_bytes(),
         ),
     ];
     for (class, bytes) in cases {
@@ -897,4 +910,31 @@ fn dry_run_finds_what_render_could_not_write() {
         "{}",
         out.stdout
     );
+}
+
+/// A PEM file saved with a UTF-8 byte order mark (Windows editors write
+/// one) is read as OpenSSL reads it, not skipped.
+#[test]
+fn a_byte_order_mark_does_not_hide_a_certificate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (Ca::new("BOM A"), Ca::new("BOM B"));
+    let mut bytes = b"\xEF\xBB\xBF".to_vec();
+    bytes.extend(a.pem().replace('\n', "\r\n").into_bytes());
+    let with_bom = write(dir.path(), "bom.pem", bytes);
+    let plain = write(dir.path(), "b.pem", b.pem());
+    let out_file = dir.path().join("out.pem");
+    run(&[
+        "render",
+        "--source",
+        s(&with_bom),
+        "--source",
+        s(&plain),
+        "--output",
+        s(&out_file),
+    ])
+    .expect_code(0);
+    let mut want = vec![a.sha256(), b.sha256()];
+    want.sort();
+    assert_eq!(fingerprints(&fs::read(&out_file).expect("output")), want);
+    run(&["check", s(&with_bom)]).expect_code(0);
 }
