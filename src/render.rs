@@ -320,21 +320,24 @@ pub fn assemble<'a>(
 ) -> Result<Assembly, Refusal> {
     let mut assembly = bundle::collect_cached(files, &bundle.policy, now, cache)?;
     log_policy(&bundle.name, &assembly);
-    if let (Some(retention), Some(grace)) = (retention, bundle.retain_removed) {
-        let changed = retention.apply(
+    let mut retention = retention;
+    let changed = match (retention.as_deref_mut(), bundle.retain_removed) {
+        (Some(retention), Some(grace)) => retention.apply(
             &bundle.name,
             &mut assembly,
             grace,
             now,
             bundle.policy.allow_expired,
-        );
-        bundle::check_min(&assembly, &bundle.policy)?;
-        verify_all(bundle, &assembly, now)?;
-        retention.accepted(&assembly.bundle, now, changed);
-        return Ok(assembly);
-    }
+        ),
+        _ => false,
+    };
     bundle::check_min(&assembly, &bundle.policy)?;
     verify_all(bundle, &assembly, now)?;
+    // The last-good record (in the state directory, when there is one),
+    // with or without CAs retained.
+    if let Some(retention) = retention {
+        retention.accepted(&assembly.bundle, now, changed);
+    }
     Ok(assembly)
 }
 

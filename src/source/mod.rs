@@ -707,7 +707,11 @@ mod tests {
 
     #[test]
     fn der_file_is_one_certificate() {
-        let blocks = decode(&[0x30, 0x03, 0x02, 0x01, 0x01]).expect("der");
+        // A certificate's SEQUENCE opens with the SEQUENCE of its body.
+        let blocks = decode(&[0x30, 0x05, 0x30, 0x03, 0x02, 0x01, 0x01]).expect("der");
         assert_eq!(blocks.len(), 1);
+        // A key's with its version INTEGER: skipped.
+        let blocks = decode(&[0x30, 0x03, 0x02, 0x01, 0x01]).expect("der key");
+        assert!(blocks.is_empty());
     }
 }

@@ -938,3 +938,30 @@ fn a_byte_order_mark_does_not_hide_a_certificate() {
     assert_eq!(fingerprints(&fs::read(&out_file).expect("output")), want);
     run(&["check", s(&with_bom)]).expect_code(0);
 }
+
+/// `--state-dir` holds each bundle's last-good record, retention or not,
+/// and is made if missing (nested too); a dry run writes none of it.
+#[test]
+fn the_state_dir_is_made_and_holds_the_last_good_record() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = Ca::new("Last good record");
+    let src = write(dir.path(), "ca.pem", ca.pem());
+    let state = dir.path().join("var/lib/anchorage");
+    let output = dir.path().join("out.pem");
+    let args = |dry: bool| {
+        let mut v = vec!["render", "--source", s(&src), "--output", s(&output)];
+        v.extend(["--state-dir", s(&state)]);
+        if dry {
+            v.push("--dry-run");
+        }
+        v
+    };
+    run(&args(true)).expect_code(0);
+    assert!(!state.exists(), "a dry run made the state directory");
+    run(&args(false)).expect_code(0);
+    let record: serde_json::Value = serde_json::from_str(
+        &fs::read_to_string(state.join("default.json")).expect("the bundle's state file"),
+    )
+    .expect("json");
+    assert_eq!(record["last_good"]["sha256"][0], ca.sha256(), "{record}");
+}
