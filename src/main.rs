@@ -105,7 +105,11 @@ fn block_on<F: std::future::Future>(future: F) -> F::Output {
 }
 
 fn render_command(args: RenderArgs) -> ExitCode {
-    let config = match load(&args.flags, false) {
+    // The configuration of a daemon that supervises a child (reloads that
+    // signal or restart it) is one `render` reads too: an init container
+    // renders with it, CI checks it with --dry-run. There is no child here:
+    // with --reload, such a reload is a target that does not exist yet.
+    let config = match load(&args.flags, true) {
         Ok(config) => config,
         Err(code) => return code,
     };

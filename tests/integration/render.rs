@@ -965,3 +965,32 @@ fn the_state_dir_is_made_and_holds_the_last_good_record() {
     .expect("json");
     assert_eq!(record["last_good"]["sha256"][0], ca.sha256(), "{record}");
 }
+
+/// The configuration of a daemon that supervises a child (`run -- CHILD`)
+/// is one `render` reads too: an init container renders with it, CI checks
+/// it with `--dry-run`, and with `--reload` the child, not started yet, is
+/// a target that does not exist.
+#[test]
+fn a_config_that_reloads_a_child_renders_and_dry_runs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = write(dir.path(), "ca.pem", Ca::new("Child config").pem());
+    let output = dir.path().join("out.pem");
+    let config = write(
+        dir.path(),
+        "anchorage.toml",
+        format!(
+            "[[bundle]]\nsources = [\"{}\"]\n[[bundle.output]]\npath = \"{}\"\n\
+             [[bundle.reload]]\nrestart_child = true\n\
+             [[bundle.reload]]\nsignal = \"HUP\"\nchild = true\n",
+            s(&src),
+            s(&output)
+        ),
+    );
+    let out = run(&["render", "--config", s(&config), "--dry-run"]);
+    out.expect_code(0);
+    assert!(out.stdout.contains("would change"), "{}", out.stdout);
+    let out = run(&["render", "--config", s(&config), "--reload"]);
+    out.expect_code(0);
+    assert!(out.stderr.contains("does not exist yet"), "{}", out.stderr);
+    assert!(output.exists());
+}
