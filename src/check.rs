@@ -183,11 +183,18 @@ pub fn run(
     out: &mut dyn Write,
 ) -> io::Result<i32> {
     let findings = inspect(paths, at.unwrap_or(now));
-    if json {
-        serde_json::to_writer_pretty(&mut *out, &findings.reports).map_err(io::Error::other)?;
-        writeln!(out)?;
+    let printed = if json {
+        serde_json::to_writer_pretty(&mut *out, &findings.reports)
+            .map_err(io::Error::from)
+            .and_then(|()| writeln!(out))
     } else {
-        print_text(&findings.reports, at, now, out)?;
+        print_text(&findings.reports, at, now, out)
+    };
+    match printed {
+        // The reader has gone (`check ... | head`): the exit code still
+        // says what the files hold.
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {}
+        other => other?,
     }
     for error in &findings.errors {
         crate::telemetry::say(&error.to_string());

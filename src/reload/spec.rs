@@ -323,6 +323,15 @@ pub fn build(draft: Draft, has_child: bool) -> Result<ReloadSpec, Invalid> {
             );
         }
     };
+    // A run, or a probe, given no time at all would fail every time.
+    for (field, value) in [
+        ("timeout", draft.timeout),
+        ("probe_timeout", draft.probe_timeout),
+    ] {
+        if value.is_some_and(|d| d.is_zero()) {
+            return invalid(field, draft.span, "must be longer than 0s".into());
+        }
+    }
     Ok(ReloadSpec {
         action,
         timeout: draft.timeout.unwrap_or(DEFAULT_RELOAD_TIMEOUT),

@@ -305,3 +305,23 @@ fn a_fifo_in_a_directory_is_unreadable_as_a_render_finds_it() {
         render.stderr
     );
 }
+
+/// `check ... | head -1`: the reader goes before the table is written; the
+/// exit code still says what the files hold, and no error is printed.
+#[test]
+fn a_reader_that_goes_away_is_no_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = write(dir.path(), "ca.pem", Ca::new("Piped").pem());
+    let mut child = crate::support::anchorage()
+        .args(["check", s(&path)])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    // Closed before anything can be read from it.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("Broken pipe"), "{stderr}");
+}

@@ -315,14 +315,6 @@ fn duplicate_names_carry_their_line() {
         "[[keypair]]\nname = \"k\"\ncert = \"/c\"\nkey = \"/k\"\n[[keypair]]\nname = \"k\"\ncert = \"/c2\"\nkey = \"/k2\"\n",
     );
     assert!(err.contains(":6:") && err.contains("keypair.name"), "{err}");
-    // An empty name labels nothing and names no state file.
-    let err = config_error("[[bundle]]\nname = \"\"\nsources = [\"/a\"]\n");
-    assert!(
-        err.contains(":2:") && err.contains("bundle.name") && err.contains("empty"),
-        "{err}"
-    );
-    let err = config_error("[[keypair]]\nname = \" \"\ncert = \"/c\"\nkey = \"/k\"\n");
-    assert!(err.contains(":2:") && err.contains("keypair.name"), "{err}");
 }
 
 /// A key pair comes from two files or from one credential bundle, never
@@ -485,4 +477,26 @@ fn the_command_switches_read_their_variables_too() {
     with(&[], &["check", s(&weak)]).expect_code(0);
     with(&[("ANCHORAGE_STRICT", "1")], &["check", s(&weak)]).expect_code(1);
     with(&[("ANCHORAGE_STRICT", "0")], &["check", s(&weak)]).expect_code(0);
+}
+
+/// A name that labels nothing and a reload given no time at all are
+/// configuration errors, with their line.
+#[test]
+fn empty_names_and_zero_timeouts_are_errors() {
+    // A reload given no time fails every time.
+    let err = config_error(
+        "[[bundle]]\nsources = [\"/a\"]\n[[bundle.reload]]\nexec = [\"true\"]\ntimeout = \"0s\"\n",
+    );
+    assert!(
+        err.contains("bundle.reload.timeout") && err.contains("0s"),
+        "{err}"
+    );
+    // An empty name labels nothing and names no state file.
+    let err = config_error("[[bundle]]\nname = \"\"\nsources = [\"/a\"]\n");
+    assert!(
+        err.contains(":2:") && err.contains("bundle.name") && err.contains("empty"),
+        "{err}"
+    );
+    let err = config_error("[[keypair]]\nname = \" \"\ncert = \"/c\"\nkey = \"/k\"\n");
+    assert!(err.contains(":2:") && err.contains("keypair.name"), "{err}");
 }
