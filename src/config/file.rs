@@ -46,7 +46,7 @@ pub struct RawDaemon {
     pub debounce: Option<Dur>,
     pub debounce_max: Option<Dur>,
     pub resync: Option<Dur>,
-    pub poll: Option<Dur>,
+    pub poll: Option<Spanned<Dur>>,
     pub listen: Option<Spanned<String>>,
     pub log_format: Option<LogFormat>,
     pub state_dir: Option<PathBuf>,
@@ -76,7 +76,7 @@ pub struct RawOutput {
     pub path: PathBuf,
     pub format: Option<Spanned<String>>,
     pub mode: Option<Spanned<String>>,
-    pub password: Option<String>,
+    pub password: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -268,6 +268,11 @@ fn build(
         .iter()
         .map(|k| k.get_ref().split_dir.as_ref().map(Spanned::span))
         .collect();
+    let chain_spans: Vec<Option<std::ops::Range<usize>>> = raw
+        .keypair
+        .iter()
+        .map(|k| k.get_ref().chain_to.as_ref().map(Spanned::span))
+        .collect();
     for (i, spanned) in raw.bundle.into_iter().enumerate() {
         let span = spanned.span();
         let overrides = bundle_flag.map(|_| flags);
@@ -351,7 +356,7 @@ fn build(
             && !names.contains(chain)
         {
             return origin.error(
-                None,
+                chain_spans.get(i).cloned().flatten(),
                 "keypair.chain_to",
                 format!("no bundle is named {chain:?}"),
             );
@@ -430,9 +435,18 @@ fn daemon(flags: &Flags, raw: RawDaemon, origin: &Origin<'_>) -> Result<Daemon, 
         .resync
         .or(raw.resync.map(|d| d.0))
         .unwrap_or(DEFAULT_RESYNC);
-    let poll = flags.poll.or(raw.poll.map(|d| d.0));
+    let poll_span = raw
+        .poll
+        .as_ref()
+        .map(Spanned::span)
+        .filter(|_| flags.poll.is_none());
+    let poll = flags.poll.or(raw.poll.map(|d| d.into_inner().0));
     if poll == Some(Duration::ZERO) {
-        return origin.error(None, "poll", "the poll interval must be above zero");
+        return origin.error(
+            poll_span,
+            "daemon.poll",
+            "the poll interval must be above zero",
+        );
     }
     let listen = match (flags.listen, raw.listen) {
         (Some(addr), _) => Some(addr),
@@ -487,11 +501,13 @@ fn bundle(
     }
     let mut outputs = Vec::with_capacity(raw.output.len());
     for out in raw.output {
-        let out_span = out.span();
         let out = out.into_inner();
         let format = match &out.format {
             None => Format::Pem,
-            Some(f) => match Format::parse(f.get_ref(), out.password.clone()) {
+            Some(f) => match Format::parse(
+                f.get_ref(),
+                out.password.as_ref().map(|p| p.get_ref().clone()),
+            ) {
                 Some(format) => format,
                 None => {
                     return origin.error(
@@ -511,9 +527,9 @@ fn bundle(
             Some(m) => parse_mode(m.get_ref())
                 .or_else(|e| origin.error(Some(m.span()), "bundle.output.mode", e))?,
         };
-        if out.password.is_some() && !format.has_password() {
+        if let Some(password) = out.password.as_ref().filter(|_| !format.has_password()) {
             return origin.error(
-                Some(out_span),
+                Some(password.span()),
                 "bundle.output.password",
                 format!(
                     "a password applies to pkcs12 and jks outputs, not {}",

@@ -500,3 +500,28 @@ fn empty_names_and_zero_timeouts_are_errors() {
     let err = config_error("[[keypair]]\nname = \" \"\ncert = \"/c\"\nkey = \"/k\"\n");
     assert!(err.contains(":2:") && err.contains("keypair.name"), "{err}");
 }
+
+/// Every configuration error names its line, those found after the file
+/// was read too (a chain_to naming no bundle, a zero poll, a password on a
+/// PEM output): each points at the key's own line.
+#[test]
+fn errors_found_after_reading_name_their_line() {
+    let err = config_error(
+        "[[bundle]]\nname = \"ca\"\nsources = [\"/a\"]\n[[keypair]]\ncert = \"/c\"\nkey = \"/k\"\nchain_to = \"nope\"\n",
+    );
+    assert!(
+        err.contains(":7:") && err.contains("keypair.chain_to"),
+        "{err}"
+    );
+    let err = config_error(
+        "[daemon]\ndebounce = \"1s\"\npoll = \"0s\"\n[[bundle]]\nsources = [\"/a\"]\n",
+    );
+    assert!(err.contains(":3:") && err.contains("poll"), "{err}");
+    let err = config_error(
+        "[[bundle]]\nsources = [\"/a\"]\n[[bundle.output]]\npath = \"/o.pem\"\nformat = \"pem\"\npassword = \"x\"\n",
+    );
+    assert!(
+        err.contains(":6:") && err.contains("bundle.output.password"),
+        "{err}"
+    );
+}
