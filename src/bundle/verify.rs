@@ -10,7 +10,9 @@ use webpki::{EndEntityCert, KeyUsage};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use super::Bundle;
+use crate::check::rfc3339;
 use crate::source;
+use tracing::warn;
 
 /// Why a bundle would orphan a certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,7 +78,20 @@ pub fn check(chain: &Chain, bundle: &Bundle, now: i64) -> Result<(), VerifyError
         .iter()
         .map(|d| CertificateDer::from(d.as_slice()))
         .collect();
-    let time = UnixTime::since_unix_epoch(std::time::Duration::from_secs(now.max(0) as u64));
+    // A leaf that expired (or is not valid yet) cannot chain now whatever
+    // the bundle: it is checked at its nearest valid second instead, so the
+    // guard still keeps the CA it chains to, and a rotation is not stuck
+    // behind a certificate nobody renewed.
+    let at = match leaf_validity(&chain.certs[0]) {
+        Some((not_before, not_after)) if now > not_after || now < not_before => {
+            warn!(file = %chain.path.display(), not_before = %rfc3339(not_before),
+                not_after = %rfc3339(not_after),
+                "verify certificate is not valid now; checked at its nearest valid second");
+            now.clamp(not_before, not_after)
+        }
+        _ => now,
+    };
+    let time = UnixTime::since_unix_epoch(std::time::Duration::from_secs(at.max(0) as u64));
     let attempt = |usage| {
         leaf.verify_for_usage(
             webpki::ALL_VERIFICATION_ALGS,
@@ -115,6 +130,16 @@ fn wrong_usage(error: &webpki::Error) -> bool {
         error,
         webpki::Error::RequiredEkuNotFound | webpki::Error::RequiredEkuNotFoundContext(_)
     )
+}
+
+/// A certificate's notBefore and notAfter (unix seconds).
+fn leaf_validity(der: &[u8]) -> Option<(i64, i64)> {
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    let validity = cert.validity();
+    Some((
+        validity.not_before.timestamp(),
+        validity.not_after.timestamp(),
+    ))
 }
 
 /// Names the certificate and the issuer it needs.

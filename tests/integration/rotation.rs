@@ -698,3 +698,42 @@ fn as_pid_1_orphans_are_reaped() {
     }
     assert_eq!(out.status.code(), Some(0), "a zombie was left: {stderr}");
 }
+
+/// A `verify` certificate that expired still guards the CA it chains to
+/// (checked at its last valid second, with a warning), and does not refuse
+/// every bundle: a rotation is not stuck behind a leaf nobody renewed.
+#[test]
+fn an_expired_verify_certificate_still_guards_its_ca() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ca, other) = (Ca::new("Guarded CA"), Ca::new("Other CA"));
+    let now = time::OffsetDateTime::now_utc();
+    let leaf = ca.leaf_valid(
+        "old.peer",
+        now - time::Duration::days(30),
+        now - time::Duration::days(1),
+    );
+    let peer = write(dir.path(), "peer.crt", leaf.cert.pem());
+    let output = dir.path().join("out.pem");
+    let render = |cas: &[&Ca]| {
+        let src = write(dir.path(), "src.pem", pems(cas));
+        crate::support::run(&[
+            "render",
+            "--source",
+            s(&src),
+            "--output",
+            s(&output),
+            "--verify",
+            s(&peer),
+        ])
+    };
+    let out = render(&[&ca, &other]);
+    out.expect_code(0);
+    assert!(out.stderr.contains("not valid now"), "{}", out.stderr);
+    let out = render(&[&other]);
+    out.expect_code(1);
+    assert!(
+        out.stderr.contains("is not in the new bundle"),
+        "{}",
+        out.stderr
+    );
+}
