@@ -507,6 +507,7 @@ impl Daemon {
                     match result {
                         Ok(config) => {
                             info!("SIGHUP: configuration re-read");
+                            warn_kept_settings(&self.config.daemon, &config.daemon);
                             self.apply(config);
                             resync_at = self.config.daemon.resync.map(|d| Instant::now() + d);
                             poll_at = self.config.daemon.poll.map(|d| Instant::now() + d);
@@ -1052,6 +1053,27 @@ impl Daemon {
             }
         }
         self.hold_renders = false;
+    }
+}
+
+/// Names, in a warning, the `[daemon]` settings a new configuration changes
+/// that the running daemon keeps until it restarts: the listener, the log
+/// format, polling or inotify, and (for the bundles it already runs) the
+/// state directory. The rest of the new configuration is taken.
+fn warn_kept_settings(running: &crate::config::Daemon, new: &crate::config::Daemon) {
+    let kept = [
+        ("listen", running.listen != new.listen),
+        ("log_format", running.log_format != new.log_format),
+        ("poll", running.poll.is_some() != new.poll.is_some()),
+        ("state_dir", running.state_dir != new.state_dir),
+    ];
+    for (key, changed) in kept {
+        if changed {
+            warn!(
+                key = %format!("daemon.{key}"),
+                "SIGHUP: this setting changed; the running daemon keeps its own until it restarts"
+            );
+        }
     }
 }
 
