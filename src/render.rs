@@ -95,6 +95,9 @@ pub struct Report {
     /// The next instant (unix seconds) the bundle changes by itself: an
     /// expiry, a not-before, the end of a retention.
     pub next_change: Option<i64>,
+    /// The files read through a symlink out of their source's directory,
+    /// by source: their directories are to be watched too.
+    pub links: Vec<(usize, Box<Path>)>,
 }
 
 impl BundleState {
@@ -196,7 +199,23 @@ impl BundleState {
             failed,
             reload,
             next_change,
+            links: self.links(),
         })
+    }
+
+    /// Every file of the last read that is a symlink out of its source's
+    /// directory, by source, in order.
+    fn links(&self) -> Vec<(usize, Box<Path>)> {
+        let mut links: Vec<(usize, Box<Path>)> = self
+            .cache
+            .iter()
+            .enumerate()
+            .flat_map(|(i, files)| files.iter().flatten().map(move |f| (i, f)))
+            .filter_map(|(i, f)| Some((i, f.link.clone()?)))
+            .collect();
+        links.sort();
+        links.dedup();
+        links
     }
 
     /// Reads the stale sources; the first unusable one refuses the bundle.

@@ -377,6 +377,7 @@ pub(crate) mod tests {
         SourceFile {
             path: std::path::Path::new(path).into(),
             blocks,
+            link: None,
         }
     }
 

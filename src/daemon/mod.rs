@@ -125,6 +125,9 @@ struct Entry {
     reconfigured: Option<Target>,
     /// Gone from the configuration while its run was in flight.
     removed: bool,
+    /// Files its last render read through a symlink out of their source's
+    /// directory, by source: their directories are watched for it too.
+    links: Vec<(usize, Box<std::path::Path>)>,
 }
 
 impl Entry {
@@ -144,6 +147,7 @@ impl Entry {
             retry: None,
             reconfigured: None,
             removed: false,
+            links: Vec::new(),
         }
     }
 
@@ -168,10 +172,21 @@ impl Entry {
                 .get(self.name.as_str())
                 .and_then(|i| config.bundles.get(*i))
                 .map(|b| {
+                    let links = self.links.iter().filter_map(|(i, target)| {
+                        // The target's directory, for that file alone.
+                        Some(WatchPoint {
+                            source: *i,
+                            dir: target.parent()?.to_path_buf(),
+                            recursive: false,
+                            only: Some(target.file_name()?.to_os_string()),
+                            dot_dot_unread: false,
+                        })
+                    });
                     b.sources
                         .iter()
                         .enumerate()
                         .flat_map(|(i, source)| watch_points(i, source))
+                        .chain(links)
                         .collect()
                 })
                 .unwrap_or_default(),
@@ -808,6 +823,12 @@ impl Daemon {
                 entry.refusal = None;
                 self.agenda
                     .set_next_change(&mut entry.next_change, report.next_change);
+                // A symlink to another directory came or went: watched
+                // from the next refresh.
+                if entry.links != report.links {
+                    entry.links = report.links.clone();
+                    self.rewatch = true;
+                }
                 if report.failed.is_empty() {
                     entry.retry = None;
                     let first = !entry.rendered;

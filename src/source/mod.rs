@@ -77,6 +77,20 @@ pub struct SourceFile {
     /// found in it, at every render.
     pub path: std::sync::Arc<Path>,
     pub blocks: Vec<CertBlock>,
+    /// Where it was read from, when it is a symlink to a file in another
+    /// directory than its own (`/etc/ssl/certs` into
+    /// `/usr/share/ca-certificates`): that file changes without an event in
+    /// the source's directory, so its directory is watched too.
+    pub link: Option<Box<Path>>,
+}
+
+/// Where the symlink `path` leads when the file it names lies in another
+/// directory than `home` (the canonical path of the directory the source
+/// reads); `None` for anything else. A symlink's own directory sees it
+/// replaced; only its target's sees the target rewritten.
+fn outside_target(path: &Path, home: Option<&Path>) -> Option<Box<Path>> {
+    let target = fs::canonicalize(path).ok()?;
+    (target.parent() != home).then(|| target.into_boxed_path())
 }
 
 /// A source that cannot be used; the bundle it feeds is refused.
@@ -179,7 +193,7 @@ fn read_path(path: &Path, out: &mut Vec<SourceFile>) -> Result<(), SourceError> 
         Ok(meta) if !meta.is_file() => Err(not_regular(path)),
         Ok(_) => {
             if let Some(file) = read_file(path, path)? {
-                out.push(file);
+                out.push(with_link(file, path));
             }
             Ok(())
         }
@@ -187,6 +201,17 @@ fn read_path(path: &Path, out: &mut Vec<SourceFile>) -> Result<(), SourceError> 
         Err(e) if is_absent(&e) => Ok(()),
         Err(e) => Err(unreadable(path, e)),
     }
+}
+
+/// `file`, read at `path`, with where it leads if `path` is a symlink out
+/// of its own directory (one `readlink` says whether it is one).
+fn with_link(file: SourceFile, path: &Path) -> SourceFile {
+    let link = fs::read_link(path).ok().and_then(|_| {
+        let home = path.parent().filter(|p| !p.as_os_str().is_empty());
+        let home = fs::canonicalize(home.unwrap_or(Path::new("."))).ok();
+        outside_target(path, home.as_deref())
+    });
+    SourceFile { link, ..file }
 }
 
 fn read_glob(pattern: &str, out: &mut Vec<SourceFile>) -> Result<(), SourceError> {
@@ -208,7 +233,7 @@ fn read_glob(pattern: &str, out: &mut Vec<SourceFile>) -> Result<(), SourceError
         match fs::metadata(&path) {
             Ok(meta) if meta.is_file() => {
                 if let Some(file) = read_file(&path, &path)? {
-                    out.push(file);
+                    out.push(with_link(file, &path));
                 }
             }
             Ok(meta) if meta.is_dir() => {}
@@ -304,13 +329,17 @@ fn read_entries(
             FileType::Symlink | FileType::Unknown => None,
             _ => Some(Kind::Other),
         };
-        names.push((name.to_os_string(), kind));
+        let link = entry.file_type() == FileType::Symlink;
+        names.push((name.to_os_string(), kind, link));
     }
     // Sorted, so that errors and logs come in a stable order.
     names.sort_by(|a, b| a.0.cmp(&b.0));
     let handle = listing.fd().map_err(|e| unreadable(dir, e.into()))?;
+    // The directory's own path, once, if a symlink is to be followed.
+    let home = std::sync::OnceLock::new();
+    let home = || home.get_or_init(|| fs::canonicalize(dir).ok()).as_deref();
     // What each entry holds, read in parallel for large directories.
-    let read = crate::parallel::map(&names, |(name, kind)| {
+    let read = crate::parallel::map(&names, |(name, kind, link)| {
         let shown = visible.join(name);
         let kind = match kind {
             Some(kind) => Ok(*kind),
@@ -328,7 +357,10 @@ fn read_entries(
             Ok(Kind::File) => {
                 match open_at(handle, name, &shown).and_then(|f| read_open(f, &shown)) {
                     Ok(Some(bytes)) => decode(&bytes)
-                        .map(Entry::File)
+                        .map(|blocks| {
+                            let link = link.then(|| outside_target(&dir.join(name), home()));
+                            Entry::File(blocks, link.flatten())
+                        })
                         .map_err(|kind| SourceError::new(&shown, kind)),
                     Ok(None) => Ok(Entry::Vanished),
                     Err(e) => Err(e),
@@ -341,9 +373,10 @@ fn read_entries(
     });
     for (shown, entry) in read {
         match entry? {
-            Entry::File(blocks) => out.push(SourceFile {
+            Entry::File(blocks, link) => out.push(SourceFile {
                 path: shown.into(),
                 blocks,
+                link,
             }),
             Entry::Vanished if generation => return Ok(false),
             Entry::Vanished | Entry::Other => {}
@@ -363,7 +396,9 @@ enum Kind {
 
 /// What a directory entry turned out to be.
 enum Entry {
-    File(Vec<CertBlock>),
+    /// Its blocks, and where it leads if it is a symlink out of its
+    /// directory.
+    File(Vec<CertBlock>, Option<Box<Path>>),
     Vanished,
     Other,
 }
@@ -399,6 +434,7 @@ pub fn read_file(path: &Path, shown: &Path) -> Result<Option<SourceFile>, Source
     Ok(Some(SourceFile {
         path: shown.into(),
         blocks,
+        link: None,
     }))
 }
 

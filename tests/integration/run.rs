@@ -1118,3 +1118,56 @@ fn hundreds_of_bundles_sharing_an_action_reload_once_at_start() {
     assert_eq!(daemon.stop(), 0);
     assert_eq!(app.reloads().len(), 1, "{:?}", app.lines());
 }
+
+/// A source file that is a symlink into another directory (`/etc/ssl/certs`
+/// into `/usr/share/ca-certificates`, an agent writing elsewhere) changes
+/// with no event in the source's directory: the target's directory is
+/// watched too, for a directory source and for a file source, with no
+/// resync to fall back on.
+#[test]
+fn a_symlink_out_of_the_source_directory_is_followed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cas: Vec<Ca> = (0..4).map(|i| Ca::new(&format!("Linked {i}"))).collect();
+    let ext = dir.path().join("ext");
+    let target = write(&ext, "x.pem", cas[0].pem());
+    let src = dir.path().join("src");
+    fs::create_dir_all(&src).expect("mkdir");
+    std::os::unix::fs::symlink(&target, src.join("x.pem")).expect("symlink");
+    let (by_dir, by_file) = (dir.path().join("dir.pem"), dir.path().join("file.pem"));
+    let config = write(
+        dir.path(),
+        "anchorage.toml",
+        format!(
+            "[daemon]\ndebounce = \"0s\"\nresync = \"0s\"\n\
+             [[bundle]]\nname = \"dir\"\nsources = [\"{}\"]\n[[bundle.output]]\npath = \"{}\"\n\
+             [[bundle]]\nname = \"file\"\nsources = [\"{}\"]\n[[bundle.output]]\npath = \"{}\"\n",
+            s(&src),
+            s(&by_dir),
+            s(&src.join("x.pem")),
+            s(&by_file)
+        ),
+    );
+    let daemon = Daemon::start(dir.path(), &["--config", s(&config)]);
+    let both = |ca: &Ca| {
+        for output in [&by_dir, &by_file] {
+            wait_output(output, &expected_pem(&[ca]));
+        }
+    };
+    both(&cas[0]);
+    // Replaced by a rename in its own directory, as an agent writes it.
+    let next = write(&ext, ".x.pem.new", cas[1].pem());
+    fs::rename(&next, &target).expect("rename");
+    both(&cas[1]);
+    // Rewritten in place.
+    fs::write(&target, cas[2].pem()).expect("rewrite");
+    both(&cas[2]);
+    // The link itself moved to another file elsewhere: that one is followed.
+    let other = write(&dir.path().join("elsewhere"), "y.pem", cas[3].pem());
+    let link = src.join(".x.link");
+    std::os::unix::fs::symlink(&other, &link).expect("symlink");
+    fs::rename(&link, src.join("x.pem")).expect("rename link");
+    both(&cas[3]);
+    fs::write(&other, cas[0].pem()).expect("rewrite");
+    both(&cas[0]);
+    assert_eq!(daemon.stop(), 0);
+}
