@@ -208,12 +208,27 @@ pub struct Flags {
         value_delimiter = ','
     )]
     pub verify: Vec<PathBuf>,
-    /// Keep expired certificates.
-    #[arg(long, env = "ANCHORAGE_ALLOW_EXPIRED", value_parser = BoolishValueParser::new())]
-    pub allow_expired: bool,
-    /// Keep certificates that are not CAs.
-    #[arg(long, env = "ANCHORAGE_ALLOW_NON_CA", value_parser = BoolishValueParser::new())]
-    pub allow_non_ca: bool,
+    /// Keep expired certificates (`=false`, or the variable set to false,
+    /// overrides a config file's `true`).
+    #[arg(
+        long,
+        env = "ANCHORAGE_ALLOW_EXPIRED",
+        value_parser = BoolishValueParser::new(),
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true"
+    )]
+    pub allow_expired: Option<bool>,
+    /// Keep certificates that are not CAs (`=false` as above).
+    #[arg(
+        long,
+        env = "ANCHORAGE_ALLOW_NON_CA",
+        value_parser = BoolishValueParser::new(),
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true"
+    )]
+    pub allow_non_ca: Option<bool>,
     /// Refuse a bundle with fewer certificates [default: 1].
     #[arg(long, env = "ANCHORAGE_MIN_CERTS", value_name = "N")]
     pub min_certs: Option<usize>,

@@ -229,8 +229,8 @@ fn build(
         (!flags.hashed_dirs.is_empty(), "--hashed-dir"),
         (flags.retain_removed.is_some(), "--retain-removed"),
         (!flags.verify.is_empty(), "--verify"),
-        (flags.allow_expired, "--allow-expired"),
-        (flags.allow_non_ca, "--allow-non-ca"),
+        (flags.allow_expired.is_some(), "--allow-expired"),
+        (flags.allow_non_ca.is_some(), "--allow-non-ca"),
         (flags.min_certs.is_some(), "--min-certs"),
     ]
     .into_iter()
@@ -616,8 +616,14 @@ fn apply_bundle_flags(
     if !flags.verify.is_empty() {
         config.verify = flags.verify.clone();
     }
-    config.policy.allow_expired |= flags.allow_expired;
-    config.policy.allow_non_ca |= flags.allow_non_ca;
+    // Either way: a flag (or its variable) set to false overrides the
+    // file's true, as a flag overrides any key.
+    if let Some(allow) = flags.allow_expired {
+        config.policy.allow_expired = allow;
+    }
+    if let Some(allow) = flags.allow_non_ca {
+        config.policy.allow_non_ca = allow;
+    }
     if let Some(n) = flags.min_certs {
         config.policy.min_certs = n;
     }

@@ -229,6 +229,39 @@ fn boolean_variables_accept_the_usual_spellings() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    // Set to false, the flag or its variable overrides the file's true.
+    let config = write(
+        dir.path(),
+        "anchorage.toml",
+        format!(
+            "[[bundle]]\nsources = [\"{}\"]\nallow_non_ca = true\n[[bundle.output]]\npath = \"{}\"\n",
+            s(&src),
+            s(&dir.path().join("file.pem"))
+        ),
+    );
+    run(&["render", "--config", s(&config)]).expect_code(0);
+    run(&["render", "--config", s(&config), "--allow-non-ca=false"]).expect_code(1);
+    let out = crate::support::anchorage()
+        .args(["render", "--config", s(&config)])
+        .env("ANCHORAGE_ALLOW_NON_CA", "false")
+        .output()
+        .expect("run");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The switch alone still says true.
+    run(&[
+        "render",
+        "--source",
+        s(&src),
+        "--allow-non-ca",
+        "--output",
+        s(&dir.path().join("s.pem")),
+    ])
+    .expect_code(0);
 }
 
 /// A URL's password never reaches an error (guarantee 14), whether the URL
