@@ -740,15 +740,22 @@ impl Daemon {
                         Some(Target::KeyPair(k)) => k.config.chain_to.clone(),
                         _ => None,
                     };
-                    let chain_to = chain.as_ref().and_then(|name| {
+                    let bundle = chain.as_ref().and_then(|name| {
                         self.entries
                             .values()
                             .find(|e| e.kind == Kind::Bundle && &e.name == name)
-                            .and_then(|e| e.last.clone())
                     });
+                    let chain_to = bundle.and_then(|e| e.last.clone());
                     if chain.is_some() && chain_to.is_none() {
-                        warn!(keypair = %entry.name,
-                            "held: the bundle it must chain to has not rendered yet");
+                        // At start the bundle's first render is on its way:
+                        // the pair is checked when it comes back.
+                        if bundle.is_some_and(|b| b.initial) {
+                            debug!(keypair = %entry.name,
+                                "waits for the first render of the bundle it must chain to");
+                        } else {
+                            warn!(keypair = %entry.name,
+                                "held: the bundle it must chain to has not rendered yet");
+                        }
                         if let Some(entry) = self.entries.get_mut(&id) {
                             entry.dirty = Dirty::Clean;
                         }

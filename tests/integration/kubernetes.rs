@@ -221,6 +221,12 @@ chain_to = "cluster-trust"
         "a reload at start: {:?}",
         app.lines()
     );
+    // Waiting at start for the bundle's first render is no warning.
+    assert!(
+        !daemon.log().contains("has not rendered yet"),
+        "{}",
+        daemon.log()
+    );
 
     let stop = Arc::new(AtomicBool::new(false));
     let mismatches = Arc::new(AtomicUsize::new(0));
