@@ -496,16 +496,10 @@ fn the_command_switches_read_their_variables_too() {
     )
     .expect_code(1);
     // ANCHORAGE_STRICT: a CA without keyUsage fails.
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "No key usage");
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let key = rcgen::KeyPair::generate().expect("key");
     let weak = write(
         dir.path(),
         "weak.pem",
-        params.self_signed(&key).expect("cert").pem(),
+        crate::support::pki::ca_without_key_usage("No key usage"),
     );
     with(&[], &["check", s(&weak)]).expect_code(0);
     with(&[("ANCHORAGE_STRICT", "1")], &["check", s(&weak)]).expect_code(1);

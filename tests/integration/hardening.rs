@@ -104,13 +104,10 @@ fn json_mode_is_json_to_the_last_line() {
     let garbage = write(dir.path(), "bad.pem", "-----BEGIN CERTIFICATE-----\nAAAA\n");
     let out = dir.path().join("out.pem");
     // A CA a strict verifier refuses: no keyUsage.
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let key = rcgen::KeyPair::generate().expect("key");
     let weak = write(
         dir.path(),
         "weak.pem",
-        params.self_signed(&key).expect("cert").pem(),
+        crate::support::pki::ca_without_key_usage("Weak"),
     );
     let cases: Vec<(Vec<&str>, i32)> = vec![
         (

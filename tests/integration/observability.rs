@@ -202,6 +202,22 @@ fn put(dir: &Path, name: &str, bytes: impl AsRef<[u8]>) {
 const RENDERS: &str = "anchorage_renders_total";
 const BUNDLE: (&str, &str) = ("bundle", "default");
 
+/// A daemon rendering `sources` to `output`, reloading with `exec true`,
+/// serving on a free port (and `extra` flags).
+fn start_serving(
+    logs: &Path,
+    sources: &Path,
+    output: &Path,
+    extra: &[&str],
+) -> (Daemon, SocketAddr) {
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let listen = addr.to_string();
+    let mut args = vec!["--source", s(sources), "--output", s(output)];
+    args.extend(["--exec", "true", "--listen", &listen]);
+    args.extend_from_slice(extra);
+    (Daemon::start(logs, &args), addr)
+}
+
 #[test]
 fn metrics_count_renders_refusals_and_reloads() {
     let (dir, logs) = workdir();
@@ -209,22 +225,7 @@ fn metrics_count_renders_refusals_and_reloads() {
     let (a, b) = (Ca::new("Metrics A"), Ca::new("Metrics B"));
     put(&sources, "a.pem", a.pem());
     let output = dir.path().join("out/ca.pem");
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-    let daemon = Daemon::start(
-        &logs,
-        &[
-            "--source",
-            s(&sources),
-            "--output",
-            s(&output),
-            "--exec",
-            "true",
-            "--debounce",
-            "50ms",
-            "--listen",
-            &addr.to_string(),
-        ],
-    );
+    let (daemon, addr) = start_serving(&logs, &sources, &output, &["--debounce", "50ms"]);
     let exec_ok = [BUNDLE, ("action", "exec"), ("result", "success")];
     let changed = [BUNDLE, ("result", "changed")];
 
@@ -331,21 +332,8 @@ fn a_plain_scrape_gets_prometheus_text() {
     let (dir, logs) = workdir();
     let sources = dir.path().join("src");
     put(&sources, "a.pem", Ca::new("Plain").pem());
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
     let output = dir.path().join("out/ca.pem");
-    let _daemon = Daemon::start(
-        &logs,
-        &[
-            "--source",
-            s(&sources),
-            "--output",
-            s(&output),
-            "--exec",
-            "true",
-            "--listen",
-            &addr.to_string(),
-        ],
-    );
+    let (_daemon, addr) = start_serving(&logs, &sources, &output, &[]);
     // Scraped as Prometheus does until the render and its reload counted.
     scrape_until(addr, &logs, |m| {
         let reloaded = [BUNDLE, ("action", "exec"), ("result", "success")];

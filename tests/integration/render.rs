@@ -835,16 +835,16 @@ fn dry_run_finds_what_render_could_not_write() {
     fs::create_dir(&foreign).expect("mkdir");
     write(&foreign, "tls.crt", "someone else's");
     let fresh = dir.path().join("fresh");
+    let split_render = |split: &Path, dry: bool| {
+        let mut args = vec!["render", "--cert", s(&crt), "--key", s(&key)];
+        args.extend(["--split-dir", s(split)]);
+        if dry {
+            args.push("--dry-run");
+        }
+        run(&args)
+    };
     for (split, code) in [(&plain, 1), (&foreign, 1), (&fresh, 0)] {
-        let args = |dry: bool| {
-            let mut v = vec!["render", "--cert", s(&crt), "--key", s(&key)];
-            v.extend(["--split-dir", s(split)]);
-            if dry {
-                v.push("--dry-run");
-            }
-            v
-        };
-        let out = run(&args(true));
+        let out = split_render(split, true);
         out.expect_code(code);
         let verdict = if code == 0 {
             "would change"
@@ -857,23 +857,14 @@ fn dry_run_finds_what_render_could_not_write() {
             split.display(),
             out.stdout
         );
-        run(&args(false)).expect_code(code);
+        split_render(split, false).expect_code(code);
     }
     assert_eq!(
         fs::read_to_string(foreign.join("tls.crt")).expect("kept"),
         "someone else's"
     );
     // Written now: unchanged.
-    let out = run(&[
-        "render",
-        "--cert",
-        s(&crt),
-        "--key",
-        s(&key),
-        "--split-dir",
-        s(&fresh),
-        "--dry-run",
-    ]);
+    let out = split_render(&fresh, true);
     out.expect_code(0);
     assert!(
         out.stdout.contains(&format!("unchanged: {}", s(&fresh))),
@@ -881,15 +872,7 @@ fn dry_run_finds_what_render_could_not_write() {
         out.stdout
     );
     // A render that leaves it as it was is no news at INFO.
-    let again = run(&[
-        "render",
-        "--cert",
-        s(&crt),
-        "--key",
-        s(&key),
-        "--split-dir",
-        s(&fresh),
-    ]);
+    let again = split_render(&fresh, false);
     again.expect_code(0);
     assert!(!again.stderr.contains("key pair split"), "{}", again.stderr);
     // A refused bundle: each output unchanged, and said so.

@@ -139,6 +139,16 @@ impl Leaf {
     }
 }
 
+/// A self-signed CA with no keyUsage: one a strict verifier
+/// (`openssl verify -x509_strict`) refuses.
+pub fn ca_without_key_usage(name: &str) -> String {
+    let now = OffsetDateTime::now_utc();
+    let mut params = params(name, now - Duration::days(1), now + Duration::days(30));
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let key = KeyPair::generate().expect("key");
+    params.self_signed(&key).expect("self-signed").pem()
+}
+
 /// A self-signed certificate that says it is not a CA.
 pub fn non_ca(name: &str) -> String {
     let now = OffsetDateTime::now_utc();
