@@ -725,47 +725,33 @@ fn render_reload_skips_a_target_that_does_not_exist_yet() {
     let absent = dir.path().join("absent");
     let tempfail = write(dir.path(), "tempfail.sh", "#!/bin/sh\nexit 75\n");
     fs::set_permissions(&tempfail, fs::Permissions::from_mode(0o755)).expect("chmod");
+    let render_reload = |name: &str, target: &[&str]| {
+        let output = dir.path().join(name);
+        let mut args = vec!["render", "--source", s(&src), "--output", s(&output)];
+        args.push("--reload");
+        args.extend_from_slice(target);
+        run(&args)
+    };
     for (i, target) in [
-        vec!["--pid-file", s(&absent)],
-        vec!["--touch", s(&absent)],
-        vec!["--exec", s(&tempfail)],
+        ["--pid-file", s(&absent)],
+        ["--touch", s(&absent)],
+        ["--exec", s(&tempfail)],
     ]
     .into_iter()
     .enumerate()
     {
-        let output = dir.path().join(format!("out{i}.pem"));
-        let mut args = vec![
-            "render",
-            "--source",
-            s(&src),
-            "--output",
-            s(&output),
-            "--reload",
-        ];
-        args.extend(target);
-        let out = run(&args);
+        let out = render_reload(&format!("out{i}.pem"), &target);
         out.expect_code(0);
         assert!(
             out.stderr.contains("does not exist yet"),
-            "{args:?}: {}",
+            "{target:?}: {}",
             out.stderr
         );
         assert!(!absent.exists(), "a touch created its file");
     }
     let failing = write(dir.path(), "fail.sh", "#!/bin/sh\nexit 3\n");
     fs::set_permissions(&failing, fs::Permissions::from_mode(0o755)).expect("chmod");
-    let output = dir.path().join("failing.pem");
-    run(&[
-        "render",
-        "--source",
-        s(&src),
-        "--output",
-        s(&output),
-        "--reload",
-        "--exec",
-        s(&failing),
-    ])
-    .expect_code(1);
+    render_reload("failing.pem", &["--exec", s(&failing)]).expect_code(1);
 }
 
 /// `render` checks a key pair it has no split_dir for, as `--dry-run` and
