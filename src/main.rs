@@ -11,7 +11,7 @@ use tracing::{debug, error, info};
 
 use anchorage::cli::{Cli, Command, Flags, LogFormat, RenderArgs, RunArgs};
 use anchorage::clock::Clock;
-use anchorage::config::Config;
+use anchorage::config::{Child, Config};
 use anchorage::daemon::{self, Daemon};
 use anchorage::reload::child::{ChildHandle, Supervisor};
 use anchorage::reload::{Reloader, Request};
@@ -70,8 +70,8 @@ fn json_requested() -> bool {
 }
 
 /// Loads the configuration, or says why not (exit 2).
-fn load(flags: &Flags, has_child: bool) -> Result<Config, ExitCode> {
-    Config::load(flags, has_child).map_err(|e| {
+fn load(flags: &Flags, child: Child) -> Result<Config, ExitCode> {
+    Config::load(flags, child).map_err(|e| {
         let format = flags.log_format.unwrap_or_default();
         init_logs(format);
         say(&e.to_string());
@@ -109,7 +109,7 @@ fn render_command(args: RenderArgs) -> ExitCode {
     // signal or restart it) is one `render` reads too: an init container
     // renders with it, CI checks it with --dry-run. There is no child here:
     // with --reload, such a reload is a target that does not exist yet.
-    let config = match load(&args.flags, true) {
+    let config = match load(&args.flags, Child::NotYet) {
         Ok(config) => config,
         Err(code) => return code,
     };
@@ -282,14 +282,19 @@ fn render_command(args: RenderArgs) -> ExitCode {
 fn run_command(args: RunArgs) -> ExitCode {
     anchorage::memory::limit_arenas();
     let has_child = !args.child.is_empty();
-    let config = match load(&args.flags, has_child) {
+    let child = if has_child {
+        Child::Supervised
+    } else {
+        Child::Absent
+    };
+    let config = match load(&args.flags, child) {
         Ok(config) => config,
         Err(code) => return code,
     };
     init_logs(config.daemon.log_format);
     warn_subpaths(&config);
     let flags = args.flags;
-    let reconfigure: daemon::Reconfigure = Arc::new(move || Config::load(&flags, has_child));
+    let reconfigure: daemon::Reconfigure = Arc::new(move || Config::load(&flags, child));
     block_on(async move {
         let metrics = Arc::new(Metrics::new());
         let status = Status::new();

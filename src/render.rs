@@ -490,7 +490,8 @@ mod tests {
 
     /// The one bundle `flags` configure.
     fn bundle_of(flags: &crate::cli::Flags) -> Arc<BundleConfig> {
-        let mut config = crate::config::Config::load(flags, false).expect("config");
+        let mut config =
+            crate::config::Config::load(flags, crate::config::Child::Absent).expect("config");
         config.bundles.remove(0)
     }
 

@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use anchorage::cli::Flags;
-use anchorage::config::Config;
+use anchorage::config::{Child, Config};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -20,8 +20,8 @@ fuzz_target!(|data: &[u8]| {
         config: Some(path.to_path_buf()),
         ..Flags::default()
     };
-    for has_child in [false, true] {
-        if let Err(e) = Config::from_text(&flags, path, text, has_child) {
+    for child in [Child::Absent, Child::NotYet, Child::Supervised] {
+        if let Err(e) = Config::from_text(&flags, path, text, child) {
             assert!(e.to_string().contains("/fuzz/anchorage.toml"), "{e}");
         }
     }

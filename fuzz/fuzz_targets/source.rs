@@ -21,8 +21,9 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let file = SourceFile {
-        path: PathBuf::from("fuzz.pem"),
+        path: PathBuf::from("fuzz.pem").into(),
         blocks,
+        link: None,
     };
     let policy = Policy {
         allow_expired: true,

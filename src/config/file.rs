@@ -19,14 +19,14 @@ impl Config {
         flags: &Flags,
         path: &Path,
         text: &str,
-        has_child: bool,
+        child: super::Child,
     ) -> Result<Self, ConfigError> {
         let raw = super::parse_file(path, text)?;
         let origin = Origin {
             file: Some(path),
             text,
         };
-        super::build(flags, raw, &origin, has_child)
+        super::build(flags, raw, &origin, child)
     }
 }
 
@@ -161,13 +161,18 @@ mod tests {
             &flags(path),
             path,
             "[[bundle]]\nname = \"peers\"\nsources = [\"/certs\"]\n",
-            false,
+            crate::config::Child::Absent,
         )
         .expect("valid");
         assert_eq!(config.bundles.len(), 1);
         assert_eq!(config.bundles[0].name, "peers");
-        let err = Config::from_text(&flags(path), path, "[daemon]\n\nresync = \"soon\"\n", false)
-            .expect_err("a bad duration");
+        let err = Config::from_text(
+            &flags(path),
+            path,
+            "[daemon]\n\nresync = \"soon\"\n",
+            crate::config::Child::Absent,
+        )
+        .expect_err("a bad duration");
         assert!(
             err.to_string()
                 .starts_with("/etc/anchorage/anchorage.toml:3: resync"),

@@ -129,10 +129,30 @@ impl Origin<'_> {
     }
 }
 
+/// Whether the command that reads the configuration supervises a child,
+/// which reloads may signal or restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Child {
+    /// `run` without `-- CHILD`: a reload of the child is an error.
+    Absent,
+    /// `render`: the configuration of `run -- CHILD` is read as it is
+    /// (a reload of the child finds none), and no reload of it is implied.
+    NotYet,
+    /// `run -- CHILD`: with no reload flag, the flags' bundle signals it.
+    Supervised,
+}
+
+impl Child {
+    /// Whether a reload may name the child.
+    fn allowed(self) -> bool {
+        self != Self::Absent
+    }
+}
+
 impl Config {
     /// Builds the configuration from flags (with their variables) and the
-    /// file they name. `has_child`: `run -- CHILD` was given.
-    pub fn load(flags: &Flags, has_child: bool) -> Result<Self, ConfigError> {
+    /// file they name, for a command with `child`.
+    pub fn load(flags: &Flags, child: Child) -> Result<Self, ConfigError> {
         let (raw, text) = match &flags.config {
             Some(path) => {
                 let text = read_config(path).map_err(|message| ConfigError {
@@ -156,7 +176,7 @@ impl Config {
             file: flags.config.as_deref(),
             text: &text,
         };
-        build(flags, raw, &origin, has_child)
+        build(flags, raw, &origin, child)
     }
 }
 
@@ -216,10 +236,11 @@ fn build(
     flags: &Flags,
     raw: RawFile,
     origin: &Origin<'_>,
-    has_child: bool,
+    child: Child,
 ) -> Result<Config, ConfigError> {
+    let has_child = child.allowed();
     let daemon = daemon(flags, raw.daemon.unwrap_or_default(), origin)?;
-    let flag_reloads = flag_reloads(flags, has_child)?;
+    let (flag_reloads, implied) = flag_reloads(flags, child)?;
 
     let mut bundles = Vec::new();
     // The first bundle flag given, named in the error below.
@@ -306,11 +327,13 @@ fn build(
         };
         bundles.push(bundle(0, raw, 0..0, Some(flags), origin, has_child)?);
     }
-    // Flag reload actions serve the flag-defined (or single) bundle.
-    if !flag_reloads.is_empty() {
-        if let [only] = bundles.as_mut_slice() {
-            only.reloads = flag_reloads.clone();
-        }
+    // Reload flags serve the flags' (or the single) bundle; the child a
+    // reload is only implied for serves one that names none of its own.
+    if let [only] = bundles.as_mut_slice()
+        && !flag_reloads.is_empty()
+        && (!implied || only.reloads.is_empty())
+    {
+        only.reloads = flag_reloads.clone();
     }
 
     let mut keypairs = Vec::new();
@@ -699,7 +722,10 @@ fn reload(
 
 /// The reload actions the flags describe, one draft per target, built by
 /// the same [`spec::build`] as the file's.
-fn flag_reloads(flags: &Flags, has_child: bool) -> Result<Vec<ReloadSpec>, ConfigError> {
+/// The reload actions the flags give, and whether they are only the one
+/// implied (`run -- CHILD` with no reload flag: signal the child).
+fn flag_reloads(flags: &Flags, child: Child) -> Result<(Vec<ReloadSpec>, bool), ConfigError> {
+    let has_child = child.allowed();
     let no_file = Origin {
         file: None,
         text: "",
@@ -770,14 +796,16 @@ fn flag_reloads(flags: &Flags, has_child: bool) -> Result<Vec<ReloadSpec>, Confi
             },
         ));
     }
+    let mut implied = false;
     if flags.restart_child {
         let draft = Draft {
             restart_child: true,
             ..Draft::default()
         };
         drafts.push(("--restart-child", draft));
-    } else if has_child && flags.pid_file.is_none() && flags.process.is_none() {
+    } else if child == Child::Supervised && flags.pid_file.is_none() && flags.process.is_none() {
         // A supervised child is the natural target of --signal.
+        implied = drafts.is_empty() && signal.is_none();
         drafts.push((
             "--signal",
             with_signal(Draft {
@@ -793,7 +821,7 @@ fn flag_reloads(flags: &Flags, has_child: bool) -> Result<Vec<ReloadSpec>, Confi
             "--signal needs --pid-file, --process or a child to send it to",
         );
     }
-    drafts
+    let specs = drafts
         .into_iter()
         .map(|(flag, draft)| {
             spec::build(draft, has_child).or_else(|e| {
@@ -804,5 +832,6 @@ fn flag_reloads(flags: &Flags, has_child: bool) -> Result<Vec<ReloadSpec>, Confi
                 no_file.error(None, flag, e.message)
             })
         })
-        .collect()
+        .collect::<Result<_, _>>()?;
+    Ok((specs, implied))
 }

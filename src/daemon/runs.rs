@@ -458,7 +458,7 @@ mod tests {
             outputs: vec!["/nonexistent/out.pem".into()],
             ..Flags::default()
         };
-        let config = Config::load(&flags, false).expect("config");
+        let config = Config::load(&flags, crate::config::Child::Absent).expect("config");
         Target::Bundle(Box::new(BundleState::new(config.bundles[0].clone(), None)))
     }
 

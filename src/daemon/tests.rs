@@ -11,6 +11,7 @@ use tokio::sync::oneshot;
 
 use super::*;
 use crate::cli::Flags;
+use crate::config::Child;
 
 /// A self-signed CA valid from `from` to `until` (unix seconds), as PEM.
 fn ca(name: &str, from: i64, until: i64) -> String {
@@ -39,7 +40,7 @@ struct Running {
 
 impl Running {
     fn start(flags: Flags, start: i64) -> Self {
-        let config = Config::load(&flags, false).expect("config");
+        let config = Config::load(&flags, Child::Absent).expect("config");
         let (status, pings) = Status::new();
         let metrics = Arc::new(Metrics::new());
         let daemon = Daemon::new(
@@ -278,7 +279,7 @@ async fn a_sighup_during_a_render_still_reloads_its_change() {
         debounce: Some(Duration::ZERO),
         ..Flags::default()
     };
-    let config = Config::load(&flags, false).expect("config");
+    let config = Config::load(&flags, Child::Absent).expect("config");
     let metrics = Arc::new(Metrics::new());
     let mut daemon = quiet_daemon(config.clone(), metrics.clone());
     daemon.hold_renders = false;
@@ -340,8 +341,13 @@ async fn the_status_line_counts_many_bundles_instead_of_listing_them() {
             dir.path().join(format!("out{i}.pem")).display()
         ));
     }
-    let config =
-        Config::from_text(&Flags::default(), Path::new("many.toml"), &text, false).expect("config");
+    let config = Config::from_text(
+        &Flags::default(),
+        Path::new("many.toml"),
+        &text,
+        Child::Absent,
+    )
+    .expect("config");
     let mut daemon = quiet_daemon(config, Arc::new(Metrics::new()));
     let before = daemon.summary();
     assert!(
@@ -377,7 +383,13 @@ async fn a_bundle_removed_by_a_new_configuration_leaves_the_metrics() {
                 dir.path().join(format!("{name}.out.pem")).display()
             ));
         }
-        Config::from_text(&Flags::default(), Path::new("two.toml"), &text, false).expect("config")
+        Config::from_text(
+            &Flags::default(),
+            Path::new("two.toml"),
+            &text,
+            Child::Absent,
+        )
+        .expect("config")
     };
     let metrics = Arc::new(Metrics::new());
     let mut daemon = quiet_daemon(text(&["kept", "dropped"]), metrics.clone());

@@ -1171,3 +1171,49 @@ fn a_symlink_out_of_the_source_directory_is_followed() {
     both(&cas[0]);
     assert_eq!(daemon.stop(), 0);
 }
+
+/// A configuration's one bundle keeps its own reload actions under
+/// `run --config ... -- CHILD` and `render --reload`: the child signal a
+/// bare `run -- CHILD` implies is for a bundle that names none.
+#[test]
+fn a_single_bundle_keeps_its_reloads_beside_a_child() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (Ca::new("Own reload A"), Ca::new("Own reload B"));
+    let src = write(&dir.path().join("src"), "ca.pem", a.pem());
+    let output = dir.path().join("ca.pem");
+    let marks = dir.path().join("marks");
+    let config = write(
+        dir.path(),
+        "anchorage.toml",
+        format!(
+            "[daemon]\ndebounce = \"0s\"\n[[bundle]]\nsources = [\"{}\"]\n\
+             [[bundle.output]]\npath = \"{}\"\n\
+             [[bundle.reload]]\nexec = [\"sh\", \"-c\", \"echo x >> {}\"]\n",
+            s(src.parent().expect("dir")),
+            s(&output),
+            s(&marks)
+        ),
+    );
+    let marked = || {
+        fs::read_to_string(&marks)
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    crate::support::run(&["render", "--config", s(&config), "--reload"]).expect_code(0);
+    assert_eq!(marked(), 1, "render --reload ran the bundle's own exec");
+
+    // sleep dies of a SIGHUP: the daemon would end with it.
+    let daemon = Daemon::start(dir.path(), &["--config", s(&config), "--", "sleep", "300"]);
+    daemon.wait_log("child started", 1);
+    fs::write(&src, pems(&[&a, &b])).expect("write");
+    wait_output(&output, &expected_pem(&[&a, &b]));
+    eventually(Duration::from_secs(15), || {
+        (marked() == 2)
+            .then_some(())
+            .ok_or(format!("{} exec runs", marked()))
+    });
+    assert!(!daemon.log().contains("to the child"), "{}", daemon.log());
+    // Still running until now: the child ends of the SIGTERM passed on.
+    assert_eq!(daemon.stop(), 128 + 15);
+}
