@@ -145,8 +145,12 @@ impl Retention {
         }
     }
 
-    /// Records the bundle accepted and saves the state, if it has a file.
+    /// Records the bundle accepted and saves the state, if it has a file
+    /// (without one, the record would only take memory: nothing reads it).
     pub fn accepted(&mut self, bundle: &Bundle, now: i64, changed: bool) {
+        if self.file.is_none() {
+            return;
+        }
         let sha256: Vec<String> = bundle.anchors().iter().map(|a| hex(&a.sha256)).collect();
         let same = self.last_good.as_ref().is_some_and(|l| l.sha256 == sha256);
         if same && !changed {

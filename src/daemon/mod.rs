@@ -284,6 +284,9 @@ pub struct Daemon {
     /// Free heap pages go back to the kernel once every entry's first run
     /// has finished: set by each configuration taken, the first at start.
     trim_pending: bool,
+    /// Once more, [`TRIM_AFTER_RELOADS`] after the start's reloads were let
+    /// go: a thousand bundles' merged request is freed when its run ends.
+    trim_at: Option<Instant>,
     /// How many directories the last refresh watched (logged at INFO when
     /// it moves; a kubelet swap refreshes the watches and moves nothing).
     watching: Option<usize>,
@@ -323,6 +326,11 @@ fn request_reload(
         _ => reloader.request(spec, request),
     }
 }
+
+/// How long after the start's reloads go the heap is trimmed again: a
+/// signal's run is over by then (a slower action's request is freed at its
+/// end, and its pages stay mapped: a few hundred KiB at 1,000 bundles).
+const TRIM_AFTER_RELOADS: Duration = Duration::from_millis(250);
 
 /// How long the start's reloads wait for its slowest first runs: a run
 /// this long no longer holds the others back (as a stuck run does not
@@ -377,6 +385,7 @@ impl Daemon {
             refreshed: mpsc::unbounded_channel(),
             hold_renders: true,
             trim_pending: false,
+            trim_at: None,
             watching: None,
             startup_reloads: Some(StartupReloads::default()),
         };
@@ -491,6 +500,10 @@ impl Daemon {
                 // queue on.
                 () = sleep_until(admit_at) => self.runs.admit(),
                 () = sleep_until(startup_until) => self.release_startup_reloads(),
+                () = sleep_until(self.trim_at) => {
+                    self.trim_at = None;
+                    crate::memory::release_free();
+                }
                 // Outcomes held for a run still in flight: `admit_at` knows
                 // when to take them if that run hangs.
                 () = held.notified() => {}
@@ -939,6 +952,9 @@ impl Daemon {
     /// asked; from now on every request goes at once.
     fn release_startup_reloads(&mut self) {
         if let Some(held) = self.startup_reloads.take() {
+            if !held.requests.is_empty() {
+                self.trim_at = Some(Instant::now() + TRIM_AFTER_RELOADS);
+            }
             for (spec, request) in held.requests {
                 self.reloader.request(&spec, request);
             }
