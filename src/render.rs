@@ -333,13 +333,12 @@ impl BundleState {
 pub fn assemble<'a>(
     bundle: &BundleConfig,
     files: impl IntoIterator<Item = &'a SourceFile>,
-    retention: Option<&mut Retention>,
+    mut retention: Option<&mut Retention>,
     cache: Option<&mut ParseCache>,
     now: i64,
 ) -> Result<Assembly, Refusal> {
     let mut assembly = bundle::collect_cached(files, &bundle.policy, now, cache)?;
     log_policy(&bundle.name, &assembly);
-    let mut retention = retention;
     let changed = match (retention.as_deref_mut(), bundle.retain_removed) {
         (Some(retention), Some(grace)) => retention.apply(
             &bundle.name,

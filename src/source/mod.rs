@@ -188,12 +188,13 @@ fn read_path(path: &Path, out: &mut Vec<SourceFile>) -> Result<(), SourceError> 
     if let Ok(target) = fs::read_link(path.join(KUBELET_DATA)) {
         return read_dir(path, Some(target), out);
     }
-    match fs::metadata(path) {
+    let (meta, is_link) = stat(path);
+    match meta {
         Ok(meta) if meta.is_dir() => read_dir(path, None, out),
         Ok(meta) if !meta.is_file() => Err(not_regular(path)),
         Ok(_) => {
             if let Some(file) = read_file(path, path)? {
-                out.push(with_link(file, path));
+                out.push(with_link(file, path, is_link));
             }
             Ok(())
         }
@@ -203,14 +204,25 @@ fn read_path(path: &Path, out: &mut Vec<SourceFile>) -> Result<(), SourceError> 
     }
 }
 
-/// `file`, read at `path`, with where it leads if `path` is a symlink out
-/// of its own directory (one `readlink` says whether it is one).
-fn with_link(file: SourceFile, path: &Path) -> SourceFile {
-    let link = fs::read_link(path).ok().and_then(|_| {
-        let home = path.parent().filter(|p| !p.as_os_str().is_empty());
-        let home = fs::canonicalize(home.unwrap_or(Path::new("."))).ok();
-        outside_target(path, home.as_deref())
-    });
+/// What is at `path`, followed, and whether `path` itself is a symlink:
+/// one `lstat`, and a `stat` only for a symlink, where `fs::metadata`
+/// alone would not tell.
+fn stat(path: &Path) -> (io::Result<fs::Metadata>, bool) {
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_symlink() => (fs::metadata(path), true),
+        other => (other, false),
+    }
+}
+
+/// `file`, read at `path`, with where it leads when `path` is a symlink
+/// (`is_link`) out of its own directory.
+fn with_link(file: SourceFile, path: &Path, is_link: bool) -> SourceFile {
+    if !is_link {
+        return file;
+    }
+    let home = path.parent().filter(|p| !p.as_os_str().is_empty());
+    let home = fs::canonicalize(home.unwrap_or(Path::new("."))).ok();
+    let link = outside_target(path, home.as_deref());
     SourceFile { link, ..file }
 }
 
@@ -230,10 +242,11 @@ fn read_glob(pattern: &str, out: &mut Vec<SourceFile>) -> Result<(), SourceError
             let path = e.path().to_path_buf();
             unreadable(&path, e.into())
         })?;
-        match fs::metadata(&path) {
+        let (meta, is_link) = stat(&path);
+        match meta {
             Ok(meta) if meta.is_file() => {
                 if let Some(file) = read_file(&path, &path)? {
-                    out.push(with_link(file, &path));
+                    out.push(with_link(file, &path, is_link));
                 }
             }
             Ok(meta) if meta.is_dir() => {}
