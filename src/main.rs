@@ -24,6 +24,7 @@ const INVALID_INPUT: u8 = 1;
 const USAGE: u8 = 2;
 
 fn main() -> ExitCode {
+    let started = std::time::Instant::now();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         // A usage error is one JSON line too when JSON logs were asked for.
@@ -53,6 +54,7 @@ fn main() -> ExitCode {
             args.listen.as_deref(),
             args.config.as_deref(),
             args.live,
+            started,
         )),
         Command::Render(args) => render_command(args),
         Command::Run(args) => run_command(args),

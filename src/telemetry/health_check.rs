@@ -12,15 +12,21 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-/// The whole check (connect, request, answer) ends within this.
+/// The whole check, from the process's start to its exit, ends within this.
 pub const DEADLINE: Duration = Duration::from_secs(2);
+
+/// Of [`DEADLINE`], what is left for the process before `main` (the loader)
+/// and after the answer (printing, exit): the request gives up this much
+/// sooner, so a listener that never answers is reported within the 2 s.
+const EXIT_ROOM: Duration = Duration::from_millis(50);
 
 /// The most of an answer that is read: health answers are one line.
 const MAX_ANSWER: u64 = 64 * 1024;
 
 /// Exit codes: 0 for a 200, 1 for anything else. A missing or unusable
 /// address is 1 too, not 2: Docker reserves a HEALTHCHECK's exit 2.
-pub fn run(listen: Option<&str>, config: Option<&Path>, live: bool) -> u8 {
+/// `started` is when `main` began: reading the config file counts too.
+pub fn run(listen: Option<&str>, config: Option<&Path>, live: bool, started: Instant) -> u8 {
     let addr = match address(listen, config) {
         Ok(addr) => addr,
         Err(e) => {
@@ -29,7 +35,8 @@ pub fn run(listen: Option<&str>, config: Option<&Path>, live: bool) -> u8 {
         }
     };
     let path = if live { "/healthz" } else { "/readyz" };
-    match get(addr, path, DEADLINE) {
+    let end = started + DEADLINE.saturating_sub(EXIT_ROOM);
+    match get(addr, path, end, DEADLINE) {
         Ok((200, body)) => {
             println!("http://{addr}{path}: 200 {}", first_line(&body));
             0
@@ -99,10 +106,14 @@ fn config_listen(path: &Path) -> Result<SocketAddr, String> {
         .map_err(|e| format!("{shown}: daemon.listen {text:?}: {e}"))
 }
 
-/// One `GET path` over HTTP/1.0, all of it within `deadline`: the status
-/// code and the body.
-pub fn get(addr: SocketAddr, path: &str, deadline: Duration) -> Result<(u16, String), String> {
-    let end = Instant::now() + deadline;
+/// One `GET path` over HTTP/1.0, all of it done by `end`: the status code
+/// and the body. `deadline` is the figure an error names.
+pub fn get(
+    addr: SocketAddr,
+    path: &str,
+    end: Instant,
+    deadline: Duration,
+) -> Result<(u16, String), String> {
     let left = || {
         end.checked_duration_since(Instant::now())
             .filter(|d| !d.is_zero())
@@ -170,6 +181,21 @@ fn first_line(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The 2 s count from the process's start: what went before the
+    /// request (the loader, the config file) is taken from its share.
+    #[test]
+    fn the_deadline_counts_from_the_start_not_from_the_request() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let listen = listener.local_addr().expect("addr").to_string();
+        let started = Instant::now() - Duration::from_millis(1500);
+        let asked = Instant::now();
+        assert_eq!(run(Some(&listen), None, false, started), 1);
+        // 450 ms were left; the request alone used to take the whole 2 s.
+        let took = asked.elapsed();
+        assert!(took < Duration::from_millis(1500), "{took:?}");
+        drop(listener);
+    }
 
     #[test]
     fn an_unspecified_host_means_loopback() {

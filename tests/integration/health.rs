@@ -157,8 +157,10 @@ fn a_listener_that_never_answers_fails_within_the_deadline() {
     let (out, took) = health(&["--listen", &addr.to_string()]);
     out.expect_code(1);
     assert!(out.stderr.contains("no answer within 2s"), "{}", out.stderr);
+    // The process gives up 50 ms before the 2 s, its start and exit
+    // included; how long a loaded machine takes to reap it is not its own.
     assert!(
-        took >= Duration::from_millis(1900) && took < Duration::from_secs(4),
+        took >= Duration::from_millis(1850) && took < Duration::from_secs(4),
         "{took:?}"
     );
     drop(listener);
