@@ -297,3 +297,109 @@ tls {{
         took.as_millis()
     );
 }
+
+/// NATS's own key pair, rotated in its Secret: anchorage checks the pair,
+/// signals NATS, and its TLS probe reads the client port (INFO in plain
+/// text, then TLS; `verify: true` refuses the probe's missing client
+/// certificate) to see the new certificate served. At start the probe
+/// finds the current one and no reload is sent.
+#[test]
+fn nats_serves_a_rotated_key_pair_and_the_probe_sees_it() {
+    system_binary("nats-server");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let logs = dir.path().join("logs");
+    fs::create_dir_all(&logs).expect("mkdir logs");
+    let _dump = DumpLogsOnFailure(logs.clone());
+
+    let server_ca = Ca::new("NATS Server CA");
+    let clients_ca = Ca::new("NATS Clients");
+    let pki = dir.path().join("pki");
+    let server_ca_file = write(&pki, "server-ca.pem", server_ca.pem());
+    let clients_ca_file = write(&pki, "clients-ca.pem", clients_ca.pem());
+    let client = tls::fresh_client(&pki, "client", &clients_ca, &server_ca_file);
+    let (first, second) = (server_ca.leaf("localhost"), server_ca.leaf("localhost"));
+    let mut secret = Volume::new(&dir.path().join("secret"));
+    let pair = |leaf: &crate::support::pki::Leaf| (leaf.cert.pem(), leaf.key.serialize_pem());
+    let (cert_pem, key_pem) = pair(&first);
+    secret.write(&[
+        ("tls.crt", cert_pem.as_bytes()),
+        ("tls.key", key_pem.as_bytes()),
+    ]);
+    let (cert, key) = (secret.dir.join("tls.crt"), secret.dir.join("tls.key"));
+
+    let nats_dir = dir.path().join("nats");
+    let pid_file = nats_dir.join("nats.pid");
+    let port = free_port();
+    let nats_config = write(
+        &nats_dir,
+        "nats.conf",
+        format!(
+            "listen: \"127.0.0.1:{port}\"
+pid_file: \"{pid_file}\"
+tls {{
+  cert_file: \"{cert}\"
+  key_file: \"{key}\"
+  ca_file: \"{ca}\"
+  verify: true
+  timeout: 5
+}}
+",
+            pid_file = s(&pid_file),
+            cert = s(&cert),
+            key = s(&key),
+            ca = s(&clients_ca_file),
+        ),
+    );
+    let mut nats = NatsServer::start(&nats_config, &pid_file, &logs.join("nats-server.log"));
+    let pid = nats.pid();
+    wait_accepted("a client before the rotation", port, &client);
+
+    let config = write(
+        dir.path(),
+        "anchorage.toml",
+        format!(
+            "[[keypair]]
+name = \"nats\"
+cert = \"{cert}\"
+key = \"{key}\"
+
+  [[keypair.reload]]
+  signal = \"HUP\"
+  pid_file = \"{pid_file}\"
+  probe = \"127.0.0.1:{port}\"
+  probe_timeout = \"20s\"
+",
+            cert = s(&cert),
+            key = s(&key),
+            pid_file = s(&pid_file),
+        ),
+    );
+    let daemon = Daemon::start(&logs, &["--config", s(&config), "--debounce", "0"]);
+    // The probe read NATS's port at start: it serves the pair already.
+    daemon.wait_log(
+        "the app already serves the current certificate; no reload",
+        1,
+    );
+    assert_eq!(nats.reloads(), 0, "no reload at start");
+
+    let (cert_pem, key_pem) = pair(&second);
+    secret.write(&[
+        ("tls.crt", cert_pem.as_bytes()),
+        ("tls.key", key_pem.as_bytes()),
+    ]);
+    daemon.wait_log("probe: the app took the change", 1);
+    eventually(PATIENCE, || match nats.reloads() {
+        1 => Ok(()),
+        n => Err(format!("nats-server reloaded {n} times, want 1")),
+    });
+    wait_accepted("a client after the rotation", port, &client);
+    nats.assert_running();
+    assert_eq!(nats.pid(), pid);
+    let log = daemon.log();
+    assert!(
+        !log.contains("ERROR") && !log.contains("WARN"),
+        "anchorage warned:\n{log}"
+    );
+    assert_eq!(daemon.stop(), 0);
+    assert_eq!(nats.reloads(), 1, "one reload for one rotation");
+}
