@@ -50,18 +50,10 @@ pub async fn run(
         .env_remove("WATCHDOG_PID")
         .process_group(0)
         .kill_on_drop(true);
-    let mut child = super::child::spawn_tracked(&mut command).map_err(|e| {
-        // A command that is not there (yet) is an absent target: at start
-        // it is skipped, later it is retried.
-        if e.kind() == std::io::ErrorKind::NotFound {
-            Failure::Absent(Absent::NoProgram {
-                program: program.clone(),
-                reason: e.to_string(),
-            })
-        } else {
-            Failure::Failed(format!("cannot start {program:?}: {e}"))
-        }
-    })?;
+    // A program that cannot be found is a failure, at start too: only its
+    // exit 75 says the app is not there yet (a typo must not pass as that).
+    let mut child = super::child::spawn_tracked(&mut command)
+        .map_err(|e| Failure::Failed(format!("cannot start {program:?}: {e}")))?;
     let group = child.id().map(|id| Pid::from_raw(id as i32));
     let stdout = Capture::start(child.stdout.take());
     let stderr = Capture::start(child.stderr.take());

@@ -85,11 +85,6 @@ pub enum Absent {
     Refused {
         address: String,
     },
-    /// The command cannot be found.
-    NoProgram {
-        program: String,
-        reason: String,
-    },
     /// The command exited 75 (EX_TEMPFAIL): the app is not there yet.
     NotThereYet {
         program: String,
@@ -123,7 +118,6 @@ impl std::fmt::Display for Absent {
                 write!(f, "{}: no such file (it is never created)", path.display())
             }
             Self::Refused { address } => write!(f, "{address}: connection refused"),
-            Self::NoProgram { program, reason } => write!(f, "cannot start {program:?}: {reason}"),
             Self::NotThereYet { program, said } => {
                 write!(
                     f,

@@ -717,7 +717,8 @@ fn dry_run_says_what_would_change_and_writes_nothing() {
 /// `render --reload` in an init container: the app is not running yet. A
 /// target that does not exist (a pid file, a file to touch, an exec that
 /// says 75) is skipped with an info line, as at a daemon's start, and the
-/// render succeeds; a target that exists and fails still fails it.
+/// render succeeds; a target that exists and fails still fails it, and so
+/// does an exec whose program is not there.
 #[test]
 fn render_reload_skips_a_target_that_does_not_exist_yet() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -752,6 +753,12 @@ fn render_reload_skips_a_target_that_does_not_exist_yet() {
     let failing = write(dir.path(), "fail.sh", "#!/bin/sh\nexit 3\n");
     fs::set_permissions(&failing, fs::Permissions::from_mode(0o755)).expect("chmod");
     render_reload("failing.pem", &["--exec", s(&failing)]).expect_code(1);
+    // A program that cannot be found is no app not there yet (only its exit
+    // 75 says that): a typo fails the render.
+    let missing = dir.path().join("no-such-program");
+    let out = render_reload("missing.pem", &["--exec", s(&missing)]);
+    out.expect_code(1);
+    assert!(out.stderr.contains("cannot start"), "{}", out.stderr);
 }
 
 /// `render` checks a key pair it has no split_dir for, as `--dry-run` and
