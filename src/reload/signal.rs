@@ -120,8 +120,18 @@ fn signal_pid(pid: u32, signal: Signal, pid_file: Option<&Path>) -> Result<(), F
             Failure::Failed(format!("pid {pid}: cannot open: {e}"))
         }
     })?;
+    // The pidfd pins the process: what /proc says now stays true of it.
+    let stat = process_stat(pid);
+    if stat.is_some_and(|stat| stat.exited) {
+        // A zombie (exited, not yet reaped) takes a signal and does nothing
+        // with it: the app is not running, and it was not reloaded.
+        return Err(Failure::Absent(Absent::NoProcess {
+            pid,
+            pid_file: pid_file.map(Path::to_path_buf),
+        }));
+    }
     if let Some(path) = pid_file {
-        check_not_recycled(pid, path)?;
+        check_not_recycled(pid, stat.and_then(|stat| stat.started), path)?;
     }
     let sig = rustix::process::Signal::from_named_raw(signal as i32)
         .ok_or_else(|| Failure::Failed(format!("{signal} cannot be sent")))?;
@@ -148,8 +158,8 @@ fn permission_hint(pid: u32, signal: Signal) -> String {
 
 /// Refuses a pid whose process started after the pid file was written: the
 /// file's writer is gone and the pid now belongs to someone else.
-fn check_not_recycled(pid: u32, pid_file: &Path) -> Result<(), Failure> {
-    let (Some(started), Ok(meta)) = (process_start(pid), fs::metadata(pid_file)) else {
+fn check_not_recycled(pid: u32, started: Option<i64>, pid_file: &Path) -> Result<(), Failure> {
+    let (Some(started), Ok(meta)) = (started, fs::metadata(pid_file)) else {
         // Without /proc we cannot tell; the pidfd still pins the process.
         return Ok(());
     };
@@ -162,8 +172,17 @@ fn check_not_recycled(pid: u32, pid_file: &Path) -> Result<(), Failure> {
     Ok(())
 }
 
-/// A process's start time in unix seconds, from `/proc`.
-fn process_start(pid: u32) -> Option<i64> {
+/// What `/proc/PID/stat` says of a process.
+#[derive(Clone, Copy, Debug)]
+struct ProcessStat {
+    /// A zombie or dead (state `Z` or `X`).
+    exited: bool,
+    /// Its start time, unix seconds (`None` without the boot time).
+    started: Option<i64>,
+}
+
+/// A process's state and start time, from `/proc`.
+fn process_stat(pid: u32) -> Option<ProcessStat> {
     // One read: `/proc` files report no size, and a growing buffer would
     // take five system calls for a line of 300 bytes.
     let mut stat = String::with_capacity(1024);
@@ -171,10 +190,17 @@ fn process_start(pid: u32) -> Option<i64> {
         .and_then(|mut f| f.read_to_string(&mut stat))
         .ok()?;
     // The name (field 2) may hold spaces and parentheses: count from the last ')'.
-    let after = &stat[stat.rfind(')')? + 2..];
-    let ticks: i64 = after.split_whitespace().nth(19)?.parse().ok()?;
-    let (boot, hz) = (*CLOCK)?;
-    Some(boot + ticks / hz)
+    let mut fields = stat.get(stat.rfind(')')? + 2..)?.split_whitespace();
+    let state = fields.next()?;
+    let started = fields
+        .nth(18)
+        .and_then(|ticks| ticks.parse::<i64>().ok())
+        .zip(*CLOCK)
+        .map(|(ticks, (boot, hz))| boot + ticks / hz);
+    Some(ProcessStat {
+        exited: matches!(state, "Z" | "X"),
+        started,
+    })
 }
 
 /// The boot time (unix seconds) and the clock ticks per second, which do
@@ -252,6 +278,44 @@ mod tests {
         fs::write(&pid_file, "twelve").expect("write");
         let err = send(Signal::SIGHUP, &SignalTarget::PidFile(pid_file), None).expect_err("bad");
         assert!(matches!(err, Failure::Failed(_)));
+    }
+
+    /// An app that exited and was not reaped yet (its parent is busy, or a
+    /// shell in a container that does not reap): a signal to it "succeeds"
+    /// and reloads nothing. By pid file and by name it is no process.
+    #[test]
+    fn a_zombie_is_no_process_to_reload() {
+        // A name of its own (the comm is the name it was started by), so no
+        // other process is signalled by name.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let name = format!("zombie{}", std::process::id());
+        let program = dir.path().join(&name);
+        std::os::unix::fs::symlink("/bin/true", &program).expect("symlink");
+        let mut child = std::process::Command::new(&program).spawn().expect("spawn");
+        let pid = child.id();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !process_stat(pid).expect("stat").exited {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "pid {pid} never exited"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let pid_file = dir.path().join("app.pid");
+        fs::write(&pid_file, pid.to_string()).expect("write");
+        let err = send(Signal::SIGHUP, &SignalTarget::PidFile(pid_file), None).expect_err("zombie");
+        assert!(
+            matches!(err, Failure::Absent(Absent::NoProcess { pid: p, .. }) if p == pid),
+            "{err:?}"
+        );
+        // By name: the zombie keeps its comm, and is passed over.
+        assert_eq!(find_by_name(&name), vec![pid], "the zombie is still named");
+        let named = send(Signal::SIGHUP, &SignalTarget::Process(name.clone()), None);
+        assert!(
+            matches!(&named, Err(Failure::Absent(Absent::NoProcessNamed { .. }))),
+            "{named:?}"
+        );
+        child.wait().expect("reap");
     }
 
     #[test]
