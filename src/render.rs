@@ -85,6 +85,11 @@ pub struct Report {
     pub bundle: Arc<Bundle>,
     /// What it replaced.
     pub previous: Option<Arc<Bundle>>,
+    /// Without `previous` (the first render of a daemon, or `render`), what
+    /// the first PEM output held on disk before it was replaced: the log's
+    /// added and removed are reckoned against it (a restart that drops a
+    /// CA says so).
+    pub on_disk: Option<Bundle>,
     /// Outputs written in this render (or, dry, that would be).
     pub changed: Vec<PathBuf>,
     /// Outputs that could not be written, and why; they are retried.
@@ -150,6 +155,12 @@ impl BundleState {
         mode: Mode,
     ) -> Result<Report, Refusal> {
         self.read(only)?;
+        // Read before it is replaced, only for the log line that names it.
+        let held = if self.last.is_none() && tracing::enabled!(tracing::Level::INFO) {
+            self.held_on_disk()
+        } else {
+            None
+        };
         // A dry run writes nothing, the retention's state file included:
         // it works on a copy that is not tied to the file.
         let mut detached;
@@ -192,15 +203,38 @@ impl BundleState {
         } else {
             None
         };
+        let on_disk = match held {
+            Some((path, bytes)) if previous.is_none() && !changed.is_empty() => {
+                Some(held_bundle(&path, &bytes))
+            }
+            _ => None,
+        };
         Ok(Report {
             bundle,
             previous,
+            on_disk,
             changed,
             failed,
             reload,
             next_change,
             links: self.links(),
         })
+    }
+
+    /// The bytes the first PEM output (a hashed directory's
+    /// `ca-certificates.crt`) holds now, if any: bounded and never blocking.
+    fn held_on_disk(&self) -> Option<(PathBuf, Vec<u8>)> {
+        let path = self
+            .config
+            .outputs
+            .iter()
+            .find_map(|spec| match spec.format {
+                Format::Pem => Some(spec.path.clone()),
+                Format::OpensslDir => Some(spec.path.join(output::OPENSSL_DIR_BUNDLE)),
+                _ => None,
+            })?;
+        let bytes = crate::source::read_bounded(&path, &path).ok()??;
+        Some((path, bytes))
     }
 
     /// Every file of the last read that is a symlink out of its source's
@@ -420,9 +454,21 @@ pub fn log_report(name: &str, report: &Report, mode: Mode) {
     }
 }
 
+/// The certificates of an output's old bytes, as far as they parse.
+fn held_bundle(path: &Path, bytes: &[u8]) -> Bundle {
+    let origin: Arc<Path> = path.into();
+    let anchors = crate::source::decode(bytes)
+        .unwrap_or_default()
+        .iter()
+        .enumerate()
+        .filter_map(|(i, block)| bundle::Anchor::parse(block, origin.clone(), i).ok())
+        .collect();
+    Bundle::new(anchors)
+}
+
 fn log_changes(name: &str, report: &Report, mode: Mode) {
-    let before: DigestSet = report
-        .previous
+    let previous = report.previous.as_deref().or(report.on_disk.as_ref());
+    let before: DigestSet = previous
         .iter()
         .flat_map(|b| b.anchors().iter().map(|a| a.sha256))
         .collect();
@@ -442,9 +488,7 @@ fn log_changes(name: &str, report: &Report, mode: Mode) {
     };
     let added = summarise(describe(&report.bundle, &|h| !before.contains(h)));
     let removed = summarise(
-        report
-            .previous
-            .as_ref()
+        previous
             .map(|p| describe(p, &|h| !after.contains(h)))
             .unwrap_or((Vec::new(), 0)),
     );

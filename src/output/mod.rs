@@ -12,7 +12,7 @@ mod keystore;
 
 use std::path::PathBuf;
 
-pub use format::{render, render_after};
+pub use format::{OPENSSL_DIR_BUNDLE, render, render_after};
 
 use crate::bundle::Bundle;
 

@@ -144,6 +144,31 @@ fn restart_with_the_same_output_sends_no_reload() {
     assert_eq!(setup.app.reloads().len(), 1);
 }
 
+/// A restart's first render names what changed against what the output
+/// held, not against nothing: the CA dropped while anchorage was down is
+/// removed, the one kept is not added again.
+#[test]
+fn restart_names_what_the_output_lost_and_kept() {
+    let (kept, dropped) = (Ca::new("Restart Kept"), Ca::new("Restart Dropped"));
+    let mut setup = Setup::new(&[&kept, &dropped]);
+    let first = setup.start(&["--debounce", "0"]);
+    setup.app.wait_reloads(1);
+    assert_eq!(first.stop(), 0);
+    setup.volume.write(&[("ca.crt", &pems(&[&kept]))]);
+    let second = setup.start(&["--debounce", "0"]);
+    second.wait_log("outcome=\"changed\"", 1);
+    let log = second.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("outcome=\"changed\""))
+        .expect("the render's line");
+    assert!(
+        line.contains("added=[]") && line.contains("removed=[\"CN=Restart Dropped,"),
+        "{line}"
+    );
+    assert_eq!(second.stop(), 0);
+}
+
 #[test]
 fn a_thousand_rapid_swaps_end_in_the_final_state_and_never_tear() {
     let pool: Vec<Ca> = (0..6).map(|i| Ca::new(&format!("Rapid {i}"))).collect();
