@@ -363,6 +363,9 @@ fn publish_split(split: &SplitDir, files: &SplitFiles) -> std::io::Result<bool> 
             (SPLIT_KEY, &files.key, split.key_mode),
         ],
     )
+    // Failed after the swap or not, the pair is held and written again: the
+    // retry finds it live and accepts it then.
+    .map_err(std::io::Error::from)
 }
 
 /// How long to wait before writing a split directory again after the

@@ -317,7 +317,8 @@ impl BundleState {
             let rendered = output::render_after(bundle, &spec.format, before);
             let result = match (published.is_some(), mode) {
                 (_, Mode::DryRun) => atomic::check_writable(&spec.path, &rendered)
-                    .map(|()| !atomic::matches(&spec.path, &rendered, spec.mode)),
+                    .map(|()| !atomic::matches(&spec.path, &rendered, spec.mode))
+                    .map_err(atomic::WriteError::from),
                 // Other certificates than those published there, so other
                 // bytes: written without comparing with the disk.
                 (true, Mode::Write) => {
@@ -348,11 +349,11 @@ impl BundleState {
                     // already. Its reload is owed, or the retry, finding it
                     // there, would see no change and the app would never be
                     // told (guarantee 12).
-                    if mode == Mode::Write && atomic::matches(&spec.path, &rendered, spec.mode) {
+                    if mode == Mode::Write && e.live {
                         self.owed.insert(spec.path.clone());
                     }
                     *published = None;
-                    failed.push((spec.path.clone(), e));
+                    failed.push((spec.path.clone(), e.error));
                 }
             }
         }

@@ -24,6 +24,11 @@
 //!   generation's certificate with another's key.
 //!
 //! Nothing here ever writes into the live output in place.
+//!
+//! A writer that fails says whether the new content went live before it
+//! did ([`WriteError::live`]): a step after the swap (a directory's fsync,
+//! removing the old set) can fail with the output already new, and the
+//! app must still be told (guarantee 12).
 
 use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions, Permissions};
@@ -48,9 +53,48 @@ pub const MARKER: &str = "..anchorage";
 const MARKER_TEXT: &[u8] =
     b"This directory is written by anchorage and replaced as a whole at every change.\n";
 
+/// A writer's failure: the error, naming the path and the step, and whether
+/// the new content was live when it happened.
+#[derive(Debug)]
+pub struct WriteError {
+    pub error: io::Error,
+    /// The step that failed came after the swap: the output holds the new
+    /// content, whole; only the tidying after it (an fsync, the old set's
+    /// removal) is undone.
+    pub live: bool,
+}
+
+impl WriteError {
+    /// A failure after the new output went live.
+    fn after(error: io::Error) -> Self {
+        Self { error, live: true }
+    }
+}
+
+/// A failure that left the previous output in place.
+impl From<io::Error> for WriteError {
+    fn from(error: io::Error) -> Self {
+        Self { error, live: false }
+    }
+}
+
+impl From<WriteError> for io::Error {
+    fn from(e: WriteError) -> Self {
+        e.error
+    }
+}
+
+impl std::fmt::Display for WriteError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+impl std::error::Error for WriteError {}
+
 /// Writes `rendered` at `path` unless the same bytes (and mode) are already
 /// there. Returns whether the output changed on disk.
-pub fn publish(path: &Path, rendered: &Rendered, mode: u32) -> io::Result<bool> {
+pub fn publish(path: &Path, rendered: &Rendered, mode: u32) -> Result<bool, WriteError> {
     if matches(path, rendered, mode) {
         return Ok(false);
     }
@@ -68,7 +112,7 @@ pub fn matches(path: &Path, rendered: &Rendered, mode: u32) -> bool {
 }
 
 /// Writes `rendered` at `path`, whatever is there (no comparison).
-pub fn write(path: &Path, rendered: &Rendered, mode: u32) -> io::Result<()> {
+pub fn write(path: &Path, rendered: &Rendered, mode: u32) -> Result<(), WriteError> {
     match rendered {
         Rendered::File(bytes) => write_file(path, bytes, mode),
         Rendered::Dir(files) => write_dir(path, files, mode),
@@ -157,7 +201,7 @@ fn create_file(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
 }
 
 /// Publishes one file atomically.
-pub fn write_file(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+pub fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), WriteError> {
     let tmp = temp_beside(path, "tmp");
     let result = create_file(&tmp, bytes, mode)
         .and_then(|()| step(path, "rename into place", || fs::rename(&tmp, path)));
@@ -165,11 +209,12 @@ pub fn write_file(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
         let _ = fs::remove_file(&tmp);
     }
     result?;
-    sync_dir(parent_of(path))
+    // Renamed: the new file is live.
+    sync_dir(parent_of(path)).map_err(WriteError::after)
 }
 
 /// Publishes a directory of files atomically.
-pub fn write_dir(path: &Path, files: &[(String, Vec<u8>)], mode: u32) -> io::Result<()> {
+pub fn write_dir(path: &Path, files: &[(String, Vec<u8>)], mode: u32) -> Result<(), WriteError> {
     let entries = with_mode(files, mode);
     if is_symlink(&path.join(DATA)) {
         return write_generation(path, &entries);
@@ -181,31 +226,33 @@ pub fn write_dir(path: &Path, files: &[(String, Vec<u8>)], mode: u32) -> io::Res
         Ownership::Foreign(_) if crate::source::mounts::is_mount_point(path) => {
             return write_generation(path, &entries);
         }
-        Ownership::Foreign(reason) => return Err(refusal(path, &reason)),
+        Ownership::Foreign(reason) => return Err(refusal(path, &reason).into()),
     }
     let parent = parent_of(path);
     step(parent, "create directory", || fs::create_dir_all(parent))?;
     let tmp = temp_beside(path, "new");
     if let Err(e) = fill_dir(&tmp, &entries, Some(mode)) {
         let _ = fs::remove_dir_all(&tmp);
-        return Err(e);
+        return Err(e.into());
     }
     match fs::symlink_metadata(path) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             if let Err(e) = step(path, "rename into place", || fs::rename(&tmp, path)) {
                 let _ = fs::remove_dir_all(&tmp);
-                return Err(e);
+                return Err(e.into());
             }
         }
         Err(e) => {
             let _ = fs::remove_dir_all(&tmp);
-            return Err(context(path, "stat", e));
+            return Err(context(path, "stat", e).into());
         }
         // Not through `step`: the kernel's own EBUSY decides what follows.
         Ok(_) => match injected("swap into place").and_then(|()| exchange(&tmp, path)) {
             // `tmp` now holds the previous output (our directory, or a
             // symlink someone placed there): remove it.
-            Ok(()) => step(&tmp, "remove old output", || remove_any(&tmp))?,
+            Ok(()) => {
+                step(&tmp, "remove old output", || remove_any(&tmp)).map_err(WriteError::after)?
+            }
             Err(e) if e.raw_os_error() == Some(nix::libc::EBUSY) => {
                 // A mount point: publish inside it instead.
                 let _ = fs::remove_dir_all(&tmp);
@@ -213,11 +260,12 @@ pub fn write_dir(path: &Path, files: &[(String, Vec<u8>)], mode: u32) -> io::Res
             }
             Err(e) => {
                 let _ = fs::remove_dir_all(&tmp);
-                return Err(context(path, "swap into place", e));
+                return Err(context(path, "swap into place", e).into());
             }
         },
     }
-    sync_dir(parent)
+    // In place: the new set is live.
+    sync_dir(parent).map_err(WriteError::after)
 }
 
 /// Why `rendered` would be refused at `path` (guarantee 11), found without
@@ -523,7 +571,7 @@ fn is_symlink(path: &Path) -> bool {
 ///
 /// A visible name that exists and is not a link through `..data` was not
 /// written here: it is refused, never replaced (guarantee 11).
-pub fn publish_generation(dir: &Path, files: &[(&str, &[u8], u32)]) -> io::Result<bool> {
+pub fn publish_generation(dir: &Path, files: &[(&str, &[u8], u32)]) -> Result<bool, WriteError> {
     if generation_matches(dir, files) {
         return Ok(false);
     }
@@ -560,8 +608,9 @@ fn not_ours(visible: &Path) -> io::Error {
 
 /// Publishes inside a directory that cannot itself be replaced, the way
 /// kubelet's AtomicWriter does. Refuses (and writes nothing) where a
-/// visible name is a file anchorage did not write.
-fn write_generation(dir: &Path, files: &[Entry<'_>]) -> io::Result<()> {
+/// visible name is a file anchorage did not write. The new set is live once
+/// `..data` names it and every visible name links through it.
+fn write_generation(dir: &Path, files: &[Entry<'_>]) -> Result<(), WriteError> {
     static GENERATION: AtomicU64 = AtomicU64::new(0);
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -573,11 +622,11 @@ fn write_generation(dir: &Path, files: &[Entry<'_>]) -> io::Result<()> {
     // A mount point or a split dir keeps its other files, but a visible
     // name published here must never replace a file of someone else's.
     if let Some(visible) = foreign_visible(dir, files)? {
-        return Err(not_ours(&visible));
+        return Err(not_ours(&visible).into());
     }
     if let Err(e) = fill_dir(&generation, files, None) {
         let _ = fs::remove_dir_all(&generation);
-        return Err(e);
+        return Err(e.into());
     }
     let data_tmp = dir.join(DATA_TMP);
     let _ = fs::remove_file(&data_tmp);
@@ -593,7 +642,7 @@ fn write_generation(dir: &Path, files: &[Entry<'_>]) -> io::Result<()> {
         // Never live: it goes, as a file output's temporary file does.
         let _ = fs::remove_file(&data_tmp);
         let _ = fs::remove_dir_all(&generation);
-        return Err(e);
+        return Err(e.into());
     }
 
     // Visible names: link the new ones, drop the ones that went.
@@ -611,6 +660,13 @@ fn write_generation(dir: &Path, files: &[Entry<'_>]) -> io::Result<()> {
             let _ = fs::remove_file(&tmp);
         })?;
     }
+    // Live: what fails from here leaves the new set in place.
+    tidy_generations(dir, files, &name).map_err(WriteError::after)
+}
+
+/// After a generation named `live` went live: removes the older
+/// generations and the links of names that went, and syncs the directory.
+fn tidy_generations(dir: &Path, files: &[Entry<'_>], live: &str) -> io::Result<()> {
     let wanted: std::collections::HashSet<&str> = files.iter().map(|(n, _, _)| *n).collect();
     for entry in step(dir, "list", || fs::read_dir(dir))? {
         let entry = entry.map_err(|e| context(dir, "list", e))?;
@@ -619,7 +675,7 @@ fn write_generation(dir: &Path, files: &[Entry<'_>]) -> io::Result<()> {
             continue;
         };
         let path = entry.path();
-        if entry_name.starts_with(GENERATION_PREFIX) && entry_name != name {
+        if entry_name.starts_with(GENERATION_PREFIX) && entry_name != live {
             step(&path, "remove old generation", || remove_any(&path))?;
         } else if !entry_name.starts_with("..")
             && !wanted.contains(entry_name)
@@ -743,7 +799,7 @@ mod tests {
     /// and leaves `after_retry` in the output's directory.
     fn each_step_fails_in_turn<L: PartialEq + std::fmt::Debug>(
         setup: impl Fn(&Path) -> PathBuf,
-        publish: impl Fn(&Path) -> io::Result<bool>,
+        publish: impl Fn(&Path) -> Result<bool, WriteError>,
         live: impl Fn(&Path) -> L,
         (old, new): (L, L),
         swap: &str,
@@ -776,6 +832,8 @@ mod tests {
                 message.contains(&format!(": {what}: injected fault")),
                 "step {at} ({what}): {message}"
             );
+            // The writer knows which side of the swap it failed on.
+            assert_eq!(e.live, at > swap_at, "step {at} ({what}): live");
             if at <= swap_at {
                 assert_eq!(live(&out), old, "step {at} ({what}) failed before the swap");
                 assert_eq!(listing(&parent), before, "step {at} ({what}) left files");

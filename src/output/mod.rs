@@ -87,5 +87,5 @@ pub enum Rendered {
 /// already there. Returns whether anything changed on disk.
 pub fn publish(spec: &OutputSpec, bundle: &Bundle) -> std::io::Result<bool> {
     let rendered = render(bundle, &spec.format);
-    atomic::publish(&spec.path, &rendered, spec.mode)
+    atomic::publish(&spec.path, &rendered, spec.mode).map_err(std::io::Error::from)
 }
