@@ -155,11 +155,22 @@ impl BundleState {
         mode: Mode,
     ) -> Result<Report, Refusal> {
         self.read(only)?;
-        // Read before it is replaced, only for the log line that names it.
-        let held = if self.last.is_none() && tracing::enabled!(tracing::Level::INFO) {
-            self.held_on_disk()
-        } else {
-            None
+        // What the first PEM output held, only for the log line that names
+        // what changed: a file output being written is read as it is
+        // compared (no more system calls than without); a directory's
+        // bundle file, or in a dry run, is read here, before anything is.
+        let (mut held, keep) = match self.first_pem_output() {
+            Some((path, is_file))
+                if self.last.is_none() && tracing::enabled!(tracing::Level::INFO) =>
+            {
+                if is_file && mode == Mode::Write {
+                    (None, Some(path))
+                } else {
+                    let bytes = crate::source::read_bounded(&path, &path).ok().flatten();
+                    (bytes.map(|b| (path, b)), None)
+                }
+            }
+            _ => (None, None),
         };
         // A dry run writes nothing, the retention's state file included:
         // it works on a copy that is not tied to the file.
@@ -191,7 +202,7 @@ impl BundleState {
             .filter(|t| *t > now)
             .min();
         let bundle = Arc::new(assembly.bundle);
-        let (changed, failed) = self.publish(&bundle, mode);
+        let (changed, failed) = self.publish(&bundle, mode, keep.as_deref(), &mut held);
         // `last` is what the outputs hold: it moves on only once every
         // output was written.
         let previous = self.last.clone();
@@ -221,20 +232,17 @@ impl BundleState {
         })
     }
 
-    /// The bytes the first PEM output (a hashed directory's
-    /// `ca-certificates.crt`) holds now, if any: bounded and never blocking.
-    fn held_on_disk(&self) -> Option<(PathBuf, Vec<u8>)> {
-        let path = self
-            .config
+    /// The first output that holds the bundle as PEM: a PEM file (`true`),
+    /// or a hashed directory's `ca-certificates.crt`.
+    fn first_pem_output(&self) -> Option<(PathBuf, bool)> {
+        self.config
             .outputs
             .iter()
             .find_map(|spec| match spec.format {
-                Format::Pem => Some(spec.path.clone()),
-                Format::OpensslDir => Some(spec.path.join(output::OPENSSL_DIR_BUNDLE)),
+                Format::Pem => Some((spec.path.clone(), true)),
+                Format::OpensslDir => Some((spec.path.join(output::OPENSSL_DIR_BUNDLE), false)),
                 _ => None,
-            })?;
-        let bytes = crate::source::read_bounded(&path, &path).ok()??;
-        Some((path, bytes))
+            })
     }
 
     /// Every file of the last read that is a symlink out of its source's
@@ -292,10 +300,14 @@ impl BundleState {
     }
 
     /// Publishes every output: all are tried, whatever one of them does.
+    /// Writes each output that does not hold `bundle` yet. The file output
+    /// at `keep`, if it is replaced, leaves its old bytes in `held`.
     fn publish(
         &mut self,
         bundle: &Arc<Bundle>,
         mode: Mode,
+        keep: Option<&Path>,
+        held: &mut Option<(PathBuf, Vec<u8>)>,
     ) -> (Vec<PathBuf>, Vec<(PathBuf, io::Error)>) {
         let mut changed = Vec::new();
         let mut failed = Vec::new();
@@ -323,6 +335,13 @@ impl BundleState {
                 // bytes: written without comparing with the disk.
                 (true, Mode::Write) => {
                     atomic::write(&spec.path, &rendered, spec.mode).map(|()| true)
+                }
+                (false, Mode::Write) if keep == Some(spec.path.as_path()) => {
+                    let mut old = None;
+                    let result =
+                        atomic::publish_keeping(&spec.path, &rendered, spec.mode, &mut old);
+                    *held = old.map(|bytes| (spec.path.clone(), bytes));
+                    result
                 }
                 (false, Mode::Write) => atomic::publish(&spec.path, &rendered, spec.mode),
             };

@@ -102,6 +102,27 @@ pub fn publish(path: &Path, rendered: &Rendered, mode: u32) -> Result<bool, Writ
     Ok(true)
 }
 
+/// [`publish`], and where it replaces a regular file (at most 16 MiB), the
+/// file's old bytes in `old`: read as they are compared, with no more
+/// system calls than `publish` makes.
+pub fn publish_keeping(
+    path: &Path,
+    rendered: &Rendered,
+    mode: u32,
+    old: &mut Option<Vec<u8>>,
+) -> Result<bool, WriteError> {
+    let Rendered::File(bytes) = rendered else {
+        return publish(path, rendered, mode);
+    };
+    let (same, on_disk) = compare_file(path, bytes, mode, true);
+    if same {
+        return Ok(false);
+    }
+    write_file(path, bytes, mode)?;
+    *old = on_disk;
+    Ok(true)
+}
+
 /// Whether `path` already holds `rendered` with `mode` (what a dry run
 /// compares).
 pub fn matches(path: &Path, rendered: &Rendered, mode: u32) -> bool {
@@ -689,15 +710,27 @@ fn tidy_generations(dir: &Path, files: &[Entry<'_>], live: &str) -> io::Result<(
 
 /// Whether `path` is a regular file (not a symlink) with these bytes and mode.
 fn file_matches(path: &Path, bytes: &[u8], mode: u32) -> bool {
-    match fs::symlink_metadata(path) {
-        Ok(meta)
-            if meta.is_file()
-                && meta.len() == bytes.len() as u64
-                && meta.permissions().mode() & 0o7777 == mode =>
-        {
-            fs::read(path).is_ok_and(|on_disk| on_disk == bytes)
-        }
-        _ => false,
+    compare_file(path, bytes, mode, false).0
+}
+
+/// Whether `path` is a regular file (not a symlink) with these bytes and
+/// mode, and with `keep`, the bytes it holds when they differ. It is read
+/// only when it can match, or to keep (a regular file, at most 16 MiB).
+fn compare_file(path: &Path, bytes: &[u8], mode: u32, keep: bool) -> (bool, Option<Vec<u8>>) {
+    const MAX_KEPT: u64 = 16 << 20;
+    let Ok(meta) = fs::symlink_metadata(path) else {
+        return (false, None);
+    };
+    let shaped = meta.is_file()
+        && meta.len() == bytes.len() as u64
+        && meta.permissions().mode() & 0o7777 == mode;
+    if !(shaped || keep && meta.is_file() && meta.len() <= MAX_KEPT) {
+        return (false, None);
+    }
+    match fs::read(path) {
+        Ok(on_disk) if shaped && on_disk == bytes => (true, None),
+        Ok(on_disk) => (false, keep.then_some(on_disk)),
+        Err(_) => (false, None),
     }
 }
 
@@ -1002,6 +1035,36 @@ mod tests {
                 .count(),
             1
         );
+    }
+
+    /// The old bytes of a replaced file come back; none when nothing was
+    /// replaced (the same bytes, no file, a directory in the way).
+    #[test]
+    fn publish_keeping_returns_what_it_replaced() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = dir.path().join("bundle.pem");
+        let publish_kept = |bytes: &[u8], mode| {
+            let mut old = None;
+            let changed = publish_keeping(&out, &Rendered::File(bytes.to_vec()), mode, &mut old)
+                .expect("publish");
+            (changed, old)
+        };
+        assert_eq!(publish_kept(b"one", 0o644), (true, None));
+        assert_eq!(publish_kept(b"one", 0o644), (false, None));
+        // Other bytes of another length, and the same bytes in another mode.
+        assert_eq!(
+            publish_kept(b"second", 0o644),
+            (true, Some(b"one".to_vec()))
+        );
+        assert_eq!(
+            publish_kept(b"second", 0o600),
+            (true, Some(b"second".to_vec()))
+        );
+        fs::remove_file(&out).expect("rm");
+        fs::create_dir(&out).expect("mkdir");
+        let mut old = None;
+        assert!(publish_keeping(&out, &Rendered::File(b"x".to_vec()), 0o644, &mut old).is_err());
+        assert_eq!(old, None);
     }
 
     #[test]
