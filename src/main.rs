@@ -302,22 +302,22 @@ fn run_command(args: RunArgs) -> ExitCode {
         let status = Status::new();
         let mut reports = status.0.subscribe();
         // Bound before anything is rendered: a taken port is a configuration error.
-        let server = match config.daemon.listen {
-            Some(addr) => match http::start(addr, metrics.clone(), status.0.clone()) {
-                Ok(server) => Some(server),
+        let listener =
+            match http::Listener::start(config.daemon.listen, metrics.clone(), status.0.clone()) {
+                Ok(listener) => Arc::new(std::sync::Mutex::new(listener)),
                 Err(e) => {
                     say(&e.to_string());
                     return ExitCode::from(USAGE);
                 }
-            },
-            None => None,
-        };
+            };
         let notifier = systemd::start(status.0.clone());
+        let serving = listener.clone();
         let stopped = move || {
             if let Some(notifier) = notifier {
                 notifier.stopping();
             }
-            drop(server);
+            // The last hold on it: health answers until the very end.
+            drop(serving);
         };
         let supervisor = has_child.then(|| Supervisor::new(args.child));
         let child = supervisor
@@ -325,7 +325,7 @@ fn run_command(args: RunArgs) -> ExitCode {
             .map(Supervisor::handle)
             .unwrap_or_default();
         let daemon = match Daemon::new(config, reconfigure, metrics, status, child, Clock::System) {
-            Ok(daemon) => daemon,
+            Ok(daemon) => daemon.serving(listener),
             Err(e) => {
                 error!(error = %e, "cannot start");
                 return ExitCode::from(INVALID_INPUT);

@@ -40,6 +40,7 @@ use crate::reload::child::ChildHandle;
 use crate::reload::{Probe, ReloadSpec, Reloader, Request};
 use crate::render::BundleState;
 use crate::source::Source;
+use crate::telemetry::http::Listener;
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::status::{Pings, Status};
 use crate::watch::{Change, Events, Routes, Watch, WatchError, WatchPoint, watch_points};
@@ -270,6 +271,8 @@ pub struct Daemon {
     metrics: Arc<Metrics>,
     status: Arc<Status>,
     pings: Pings,
+    /// `[daemon] listen`'s server, moved when a SIGHUP changes the address.
+    listener: Option<Arc<std::sync::Mutex<Listener>>>,
     reconfigure: Reconfigure,
     done: (
         mpsc::UnboundedSender<Finished>,
@@ -380,6 +383,7 @@ impl Daemon {
             metrics,
             status,
             pings,
+            listener: None,
             reconfigure,
             done,
             refreshed: mpsc::unbounded_channel(),
@@ -391,6 +395,12 @@ impl Daemon {
         };
         daemon.apply(config);
         Ok(daemon)
+    }
+
+    /// The listener of `[daemon] listen`, for a SIGHUP to move.
+    pub fn serving(mut self, listener: Arc<std::sync::Mutex<Listener>>) -> Self {
+        self.listener = Some(listener);
+        self
     }
 
     /// Renders once, then renders and reloads on every change until
@@ -533,8 +543,9 @@ impl Daemon {
                 }
                 Some(result) = reread_rx.recv() => {
                     match result {
-                        Ok(config) => {
+                        Ok(mut config) => {
                             info!("SIGHUP: configuration re-read");
+                            self.move_listener(&mut config.daemon);
                             warn_kept_settings(&self.config.daemon, &config.daemon);
                             self.apply(config);
                             resync_at = self.config.daemon.resync.map(|d| Instant::now() + d);
@@ -1100,13 +1111,42 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    /// A new `[daemon] listen`: the listener moves there (bound before the
+    /// old one goes). Where it cannot, the old one keeps serving, and the
+    /// running configuration keeps its address, so that the next SIGHUP
+    /// tries again.
+    fn move_listener(&self, new: &mut crate::config::Daemon) {
+        let running = self.config.daemon.listen;
+        let Some(listener) = &self.listener else {
+            return;
+        };
+        if new.listen == running {
+            return;
+        }
+        let mut listener = listener.lock().unwrap_or_else(|e| e.into_inner());
+        match listener.move_to(new.listen) {
+            Ok(()) => match listener.local_addr() {
+                Some(addr) => info!(addr = %addr, "SIGHUP: the listener moved"),
+                None => info!(
+                    "SIGHUP: no listen address any more; /metrics, /healthz and /readyz are no longer served"
+                ),
+            },
+            Err(e) => {
+                warn!(error = %e, "SIGHUP: the listener stays where it was");
+                new.listen = running;
+            }
+        }
+    }
+}
+
 /// Names, in a warning, the `[daemon]` settings a new configuration changes
-/// that the running daemon keeps until it restarts: the listener, the log
-/// format, polling or inotify, and (for the bundles it already runs) the
-/// state directory. The rest of the new configuration is taken.
+/// that the running daemon keeps until it restarts: the log format, polling
+/// or inotify, and (for the bundles it already runs) the state directory.
+/// The rest of the new configuration is taken; the listener moves
+/// ([`Daemon::move_listener`]).
 fn warn_kept_settings(running: &crate::config::Daemon, new: &crate::config::Daemon) {
     let kept = [
-        ("listen", running.listen != new.listen),
         ("log_format", running.log_format != new.log_format),
         ("poll", running.poll.is_some() != new.poll.is_some()),
         ("state_dir", running.state_dir != new.state_dir),

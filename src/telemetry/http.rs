@@ -108,6 +108,50 @@ pub fn start(addr: SocketAddr, metrics: Arc<Metrics>, status: Arc<Status>) -> io
     })
 }
 
+/// The daemon's listener, which a new configuration may move (SIGHUP): the
+/// server of the moment, if `[daemon] listen` names one.
+pub struct Listener {
+    server: Option<Server>,
+    metrics: Arc<Metrics>,
+    status: Arc<Status>,
+}
+
+impl Listener {
+    /// Serves `addr`, if any, now: a taken address is an error, as at start.
+    pub fn start(
+        addr: Option<SocketAddr>,
+        metrics: Arc<Metrics>,
+        status: Arc<Status>,
+    ) -> io::Result<Self> {
+        let server = addr
+            .map(|addr| start(addr, metrics.clone(), status.clone()))
+            .transpose()?;
+        Ok(Self {
+            server,
+            metrics,
+            status,
+        })
+    }
+
+    /// Serves `addr` (or nothing) from now on. The new address is bound
+    /// before the old one is let go: if it cannot be, the old listener keeps
+    /// serving and the error says why.
+    pub fn move_to(&mut self, addr: Option<SocketAddr>) -> io::Result<()> {
+        let fresh = addr
+            .map(|addr| start(addr, self.metrics.clone(), self.status.clone()))
+            .transpose()?;
+        if let Some(old) = std::mem::replace(&mut self.server, fresh) {
+            old.stop();
+        }
+        Ok(())
+    }
+
+    /// The bound address, if serving.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.server.as_ref().map(Server::local_addr)
+    }
+}
+
 impl Server {
     /// The bound address (the real port when `ADDR` asked for port 0).
     pub fn local_addr(&self) -> SocketAddr {

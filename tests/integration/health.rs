@@ -4,6 +4,8 @@
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::Signal;
+
 use crate::support::daemon::{Daemon, eventually};
 use crate::support::pki::Ca;
 use crate::support::{Outcome, anchorage, free_port, run, s, write};
@@ -164,4 +166,72 @@ fn a_listener_that_never_answers_fails_within_the_deadline() {
         "{took:?}"
     );
     drop(listener);
+}
+
+/// SIGHUP with another `[daemon] listen`: the listener moves there. An
+/// address that cannot be bound leaves the old one serving, and a later
+/// SIGHUP tries again; no address any more stops serving.
+#[test]
+fn a_sighup_moves_the_listener() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = write(&dir.path().join("src"), "ca.pem", Ca::new("Moving").pem());
+    let output = dir.path().join("out.pem");
+    let config_at = |listen: Option<&str>| {
+        let daemon = listen.map_or(String::new(), |l| format!("[daemon]\nlisten = \"{l}\"\n"));
+        write(
+            dir.path(),
+            "anchorage.toml",
+            format!(
+                "{daemon}[[bundle]]\nname = \"b\"\nsources = [\"{}\"]\n[[bundle.output]]\npath = \"{}\"\n",
+                s(src.parent().expect("dir")),
+                s(&output)
+            ),
+        )
+    };
+    let healthy = |listen: &str| {
+        eventually(Duration::from_secs(15), || {
+            let (out, _) = health(&["--listen", listen]);
+            (out.code == 0)
+                .then_some(())
+                .ok_or_else(|| format!("{listen} not healthy: {}", out.stderr))
+        });
+    };
+    let refused = |listen: &str| {
+        let (out, _) = health(&["--listen", listen]);
+        out.expect_code(1);
+        assert!(out.stderr.contains("cannot connect"), "{}", out.stderr);
+    };
+    let first = format!("127.0.0.1:{}", free_port());
+    let config = config_at(Some(&first));
+    let daemon = Daemon::start(dir.path(), &["--config", s(&config)]);
+    healthy(&first);
+
+    let second = format!("127.0.0.1:{}", free_port());
+    config_at(Some(&second));
+    daemon.signal(Signal::SIGHUP);
+    daemon.wait_log("the listener moved", 1);
+    healthy(&second);
+    refused(&first);
+
+    // Taken by someone else: the listener stays, said in a warning.
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
+    config_at(Some(&taken.local_addr().expect("addr").to_string()));
+    daemon.signal(Signal::SIGHUP);
+    daemon.wait_log("the listener stays where it was", 1);
+    healthy(&second);
+    // Free again: the next SIGHUP moves it there.
+    let third = taken.local_addr().expect("addr").to_string();
+    drop(taken);
+    daemon.signal(Signal::SIGHUP);
+    daemon.wait_log("the listener moved", 2);
+    healthy(&third);
+    refused(&second);
+
+    // No address: nothing served any more.
+    config_at(None);
+    daemon.signal(Signal::SIGHUP);
+    daemon.wait_log("no longer served", 1);
+    refused(&third);
+    assert!(!daemon.log().contains("keeps its own"), "{}", daemon.log());
+    assert_eq!(daemon.stop(), 0);
 }
