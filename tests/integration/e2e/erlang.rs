@@ -784,10 +784,7 @@ impl Member {
     fn new(dir: &Path, short: String, leaf: &Leaf, secret: &Path, cookie: &Path) -> Self {
         let home = dir.join(&short);
         let mut tls = Volume::new(&home.join("tls"));
-        tls.write(&[
-            ("tls.crt", leaf.cert.pem().as_bytes()),
-            ("tls.key", leaf.key.serialize_pem().as_bytes()),
-        ]);
+        tls.write_pair(leaf);
         let output = mkdir(&home, "out").join("trust.pem");
         let (crt, key) = (tls.dir.join("tls.crt"), tls.dir.join("tls.key"));
         let optfile = write(&home, "dist.conf", dist_options(&output, &crt, &key));
@@ -1225,10 +1222,7 @@ fn erlang_tls_distribution_cluster_survives_a_ca_rotation() {
     for (i, leaf) in new_leaves.iter().enumerate() {
         let before = mark(&daemons[i]);
         let changed = Instant::now();
-        members[i].tls.write(&[
-            ("tls.crt", leaf.cert.pem().as_bytes()),
-            ("tls.key", leaf.key.serialize_pem().as_bytes()),
-        ]);
+        members[i].tls.write_pair(leaf);
         wait_reloaded_after(&daemons[i], before, "dist");
         println!(
             "erlang dist: leaf of {} reissued -> node reloaded: {} ms",

@@ -137,6 +137,37 @@ fn nats_session(port: u16, config: &Arc<ClientConfig>) -> Result<(), String> {
     }
 }
 
+/// `nats.conf` in `dir`: client TLS on `port` with its key pair, trusting
+/// the clients of `ca` only (`verify: true`).
+fn nats_config(
+    dir: &Path,
+    port: u16,
+    pid_file: &Path,
+    (cert, key): (&Path, &Path),
+    ca: &Path,
+) -> PathBuf {
+    write(
+        dir,
+        "nats.conf",
+        format!(
+            "listen: \"127.0.0.1:{port}\"
+pid_file: \"{pid_file}\"
+tls {{
+  cert_file: \"{cert}\"
+  key_file: \"{key}\"
+  ca_file: \"{ca}\"
+  verify: true
+  timeout: 5
+}}
+",
+            pid_file = s(pid_file),
+            cert = s(cert),
+            key = s(key),
+            ca = s(ca),
+        ),
+    )
+}
+
 #[track_caller]
 fn wait_accepted(what: &str, port: u16, config: &Arc<ClientConfig>) {
     eventually(PATIENCE, || {
@@ -221,25 +252,12 @@ fn nats_takes_a_ca_rotation_by_sighup_without_restarting() {
     wait_bundle(&output, &[&ca_old]);
 
     let port = free_port();
-    let config = write(
+    let config = nats_config(
         &nats_dir,
-        "nats.conf",
-        format!(
-            "listen: \"127.0.0.1:{port}\"
-pid_file: \"{pid_file}\"
-tls {{
-  cert_file: \"{cert}\"
-  key_file: \"{key}\"
-  ca_file: \"{ca}\"
-  verify: true
-  timeout: 5
-}}
-",
-            pid_file = s(&pid_file),
-            cert = s(&server_cert),
-            key = s(&server_key),
-            ca = s(&output),
-        ),
+        port,
+        &pid_file,
+        (&server_cert, &server_key),
+        &output,
     );
     let mut nats = NatsServer::start(&config, &pid_file, &logs.join("nats-server.log"));
     let pid = nats.pid();
@@ -319,37 +337,13 @@ fn nats_serves_a_rotated_key_pair_and_the_probe_sees_it() {
     let client = tls::fresh_client(&pki, "client", &clients_ca, &server_ca_file);
     let (first, second) = (server_ca.leaf("localhost"), server_ca.leaf("localhost"));
     let mut secret = Volume::new(&dir.path().join("secret"));
-    let pair = |leaf: &crate::support::pki::Leaf| (leaf.cert.pem(), leaf.key.serialize_pem());
-    let (cert_pem, key_pem) = pair(&first);
-    secret.write(&[
-        ("tls.crt", cert_pem.as_bytes()),
-        ("tls.key", key_pem.as_bytes()),
-    ]);
+    secret.write_pair(&first);
     let (cert, key) = (secret.dir.join("tls.crt"), secret.dir.join("tls.key"));
 
     let nats_dir = dir.path().join("nats");
     let pid_file = nats_dir.join("nats.pid");
     let port = free_port();
-    let nats_config = write(
-        &nats_dir,
-        "nats.conf",
-        format!(
-            "listen: \"127.0.0.1:{port}\"
-pid_file: \"{pid_file}\"
-tls {{
-  cert_file: \"{cert}\"
-  key_file: \"{key}\"
-  ca_file: \"{ca}\"
-  verify: true
-  timeout: 5
-}}
-",
-            pid_file = s(&pid_file),
-            cert = s(&cert),
-            key = s(&key),
-            ca = s(&clients_ca_file),
-        ),
-    );
+    let nats_config = nats_config(&nats_dir, port, &pid_file, (&cert, &key), &clients_ca_file);
     let mut nats = NatsServer::start(&nats_config, &pid_file, &logs.join("nats-server.log"));
     let pid = nats.pid();
     wait_accepted("a client before the rotation", port, &client);
@@ -382,11 +376,7 @@ key = \"{key}\"
     );
     assert_eq!(nats.reloads(), 0, "no reload at start");
 
-    let (cert_pem, key_pem) = pair(&second);
-    secret.write(&[
-        ("tls.crt", cert_pem.as_bytes()),
-        ("tls.key", key_pem.as_bytes()),
-    ]);
+    secret.write_pair(&second);
     daemon.wait_log("probe: the app took the change", 1);
     eventually(PATIENCE, || match nats.reloads() {
         1 => Ok(()),

@@ -408,12 +408,7 @@ fn nginx_serves_its_rotated_key_pair_and_the_probe_proves_it() {
     // nginx reads it through the visible names.
     let (first, second) = (server_ca.leaf("localhost"), server_ca.leaf("localhost"));
     let mut pair = Volume::new(&dir.path().join("tls"));
-    let pair_of = |leaf: &Leaf| (leaf.cert.pem(), leaf.key.serialize_pem());
-    let (cert_pem, key_pem) = pair_of(&first);
-    pair.write(&[
-        ("tls.crt", cert_pem.as_bytes()),
-        ("tls.key", key_pem.as_bytes()),
-    ]);
+    pair.write_pair(&first);
     let (cert, key) = (pair.dir.join("tls.crt"), pair.dir.join("tls.key"));
     let port = free_port();
     let files = NginxFiles::write(
@@ -469,12 +464,8 @@ key = \"{key}\"
     assert_eq!(nginx.reloads(), 0, "a reload at start");
 
     // cert-manager reissues the pair: kubelet swaps the volume.
-    let (cert_pem, key_pem) = pair_of(&second);
     let swap = Instant::now();
-    pair.write(&[
-        ("tls.crt", cert_pem.as_bytes()),
-        ("tls.key", key_pem.as_bytes()),
-    ]);
+    pair.write_pair(&second);
     wait_log(
         &daemon,
         "key pair checked",

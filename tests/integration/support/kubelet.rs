@@ -28,6 +28,12 @@ impl Volume {
         self.write_pausing(files, Duration::ZERO);
     }
 
+    /// Publishes a cert-manager Secret's pair: `tls.crt` and `tls.key`.
+    pub fn write_pair(&mut self, leaf: &super::pki::Leaf) {
+        let (cert, key) = (leaf.cert.pem(), leaf.key.serialize_pem());
+        self.write(&[("tls.crt", cert.as_bytes()), ("tls.key", key.as_bytes())]);
+    }
+
     /// [`Volume::write`], pausing `pause` after each step, so that a
     /// watcher sees each step's events on their own.
     pub fn write_pausing(&mut self, files: &[(&str, &[u8])], pause: Duration) {
