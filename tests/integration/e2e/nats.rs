@@ -329,12 +329,11 @@ fn nats_serves_a_rotated_key_pair_and_the_probe_sees_it() {
     fs::create_dir_all(&logs).expect("mkdir logs");
     let _dump = DumpLogsOnFailure(logs.clone());
 
-    let server_ca = Ca::new("NATS Server CA");
-    let clients_ca = Ca::new("NATS Clients");
-    let pki = dir.path().join("pki");
-    let server_ca_file = write(&pki, "server-ca.pem", server_ca.pem());
-    let clients_ca_file = write(&pki, "clients-ca.pem", clients_ca.pem());
-    let client = tls::fresh_client(&pki, "client", &clients_ca, &server_ca_file);
+    let tls::MutualPki {
+        server_ca,
+        clients_ca_file,
+        client,
+    } = tls::MutualPki::new(&dir.path().join("pki"), "NATS");
     let (first, second) = (server_ca.leaf("localhost"), server_ca.leaf("localhost"));
     let mut secret = Volume::new(&dir.path().join("secret"));
     secret.write_pair(&first);

@@ -397,12 +397,11 @@ fn nginx_serves_its_rotated_key_pair_and_the_probe_proves_it() {
     fs::create_dir_all(&logs).expect("mkdir logs");
     let _dump = DumpLogsOnFailure(logs.clone());
 
-    let server_ca = Ca::new("nginx Server CA");
-    let clients_ca = Ca::new("nginx Clients CA");
-    let pki = dir.path().join("pki");
-    let server_ca_file = write(&pki, "server-ca.pem", server_ca.pem());
-    let clients_ca_file = write(&pki, "clients-ca.pem", clients_ca.pem());
-    let client = tls::fresh_client(&pki, "client", &clients_ca, &server_ca_file);
+    let tls::MutualPki {
+        server_ca,
+        clients_ca_file,
+        client,
+    } = tls::MutualPki::new(&dir.path().join("pki"), "nginx");
 
     // The server's key pair is a kubelet volume (a cert-manager Secret);
     // nginx reads it through the visible names.

@@ -95,6 +95,29 @@ pub fn fresh_client(
     Arc::new(config)
 }
 
+/// The PKI of a server with mutual TLS: its own CA, the CA of the clients
+/// it trusts (both written in `dir`), and a client of that CA.
+pub struct MutualPki {
+    pub server_ca: super::pki::Ca,
+    pub clients_ca_file: PathBuf,
+    pub client: Arc<ClientConfig>,
+}
+
+impl MutualPki {
+    pub fn new(dir: &Path, app: &str) -> Self {
+        let server_ca = super::pki::Ca::new(&format!("{app} Server CA"));
+        let clients_ca = super::pki::Ca::new(&format!("{app} Clients CA"));
+        let server_ca_file = super::write(dir, "server-ca.pem", server_ca.pem());
+        let clients_ca_file = super::write(dir, "clients-ca.pem", clients_ca.pem());
+        let client = fresh_client(dir, "client", &clients_ca, &server_ca_file);
+        Self {
+            server_ca,
+            clients_ca_file,
+            client,
+        }
+    }
+}
+
 /// A TLS server on 127.0.0.1 whose config can be swapped ("reloaded"). Each
 /// connection answers one line with "ok\n" after the handshake.
 pub struct Server {
