@@ -299,9 +299,11 @@ impl BundleState {
         }
     }
 
-    /// Publishes every output: all are tried, whatever one of them does.
-    /// Writes each output that does not hold `bundle` yet. The file output
-    /// at `keep`, if it is replaced, leaves its old bytes in `held`.
+    /// Writes each output that does not hold `bundle` yet: all are tried,
+    /// whatever one of them does, unless a directory output would be
+    /// refused (guarantee 11), which refuses them all before any is
+    /// written. The file output at `keep`, if it is replaced, leaves its
+    /// old bytes in `held`.
     fn publish(
         &mut self,
         bundle: &Arc<Bundle>,
@@ -311,7 +313,14 @@ impl BundleState {
     ) -> (Vec<PathBuf>, Vec<(PathBuf, io::Error)>) {
         let mut changed = Vec::new();
         let mut failed = Vec::new();
-        for (spec, published) in self.config.outputs.iter().zip(&mut self.published) {
+        let mut due = Vec::with_capacity(self.config.outputs.len());
+        for (i, (spec, published)) in self
+            .config
+            .outputs
+            .iter()
+            .zip(&mut self.published)
+            .enumerate()
+        {
             if let Some(known) = published
                 .as_mut()
                 .filter(|p| p.from.same_certificates(bundle))
@@ -326,7 +335,20 @@ impl BundleState {
             let before = published
                 .as_ref()
                 .and_then(|p| Some((&*p.from, p.bytes.as_ref()?)));
-            let rendered = output::render_after(bundle, &spec.format, before);
+            due.push((i, output::render_after(bundle, &spec.format, before)));
+        }
+        // One output alone is checked by its writer, before it writes.
+        if due.len() > 1 {
+            for (i, rendered) in &due {
+                let path = &self.config.outputs[*i].path;
+                if let Err(e) = atomic::check_owned(path, rendered) {
+                    failed.push((path.clone(), e));
+                    return (changed, failed);
+                }
+            }
+        }
+        for (i, rendered) in due {
+            let (spec, published) = (&self.config.outputs[i], &mut self.published[i]);
             let result = match (published.is_some(), mode) {
                 (_, Mode::DryRun) => atomic::check_writable(&spec.path, &rendered)
                     .map(|()| !atomic::matches(&spec.path, &rendered, spec.mode))

@@ -293,7 +293,7 @@ pub fn write_dir(path: &Path, files: &[(String, Vec<u8>)], mode: u32) -> Result<
 /// writing anything: what `render --dry-run` reports. A file output is
 /// never refused here.
 pub fn check_writable(path: &Path, rendered: &Rendered) -> io::Result<()> {
-    let Rendered::Dir(files) = rendered else {
+    let Rendered::Dir(_) = rendered else {
         // A file goes where a directory is, or into a directory that
         // cannot be made or written.
         if fs::symlink_metadata(path).is_ok_and(|m| m.is_dir()) {
@@ -308,6 +308,16 @@ pub fn check_writable(path: &Path, rendered: &Rendered) -> io::Result<()> {
     if fs::symlink_metadata(path).is_err() {
         creatable(parent_of(path))?;
     }
+    check_owned(path, rendered)
+}
+
+/// Why the directory output `rendered` would be refused at `path`
+/// (guarantee 11), found without writing anything. A file output is never
+/// refused here.
+pub fn check_owned(path: &Path, rendered: &Rendered) -> io::Result<()> {
+    let Rendered::Dir(files) = rendered else {
+        return Ok(());
+    };
     let entries = with_mode(files, 0);
     let inside = is_symlink(&path.join(DATA));
     if !inside {
@@ -381,10 +391,10 @@ enum Ownership {
 }
 
 /// Whether the thing at `path` is anchorage's to replace: nothing, a
-/// symlink (replaced, never followed, guarantee 1), an empty directory, a
-/// directory holding [`MARKER`], or one holding only regular files named as
-/// a directory format names them (an output of an earlier version, which
-/// wrote no marker).
+/// symlink (replaced, never followed, guarantee 1), an empty directory, or
+/// one holding only regular files named as a directory format names them,
+/// with or without [`MARKER`] (an earlier version wrote none). A name added
+/// beside anchorage's since it wrote the directory makes it foreign.
 fn ownership(path: &Path) -> io::Result<Ownership> {
     let meta = match fs::symlink_metadata(path) {
         Ok(meta) => meta,
@@ -411,12 +421,11 @@ fn ownership(path: &Path) -> io::Result<Ownership> {
     for entry in fs::read_dir(path).map_err(|e| context(path, "list", e))? {
         let entry = entry.map_err(|e| context(path, "list", e))?;
         let name = entry.file_name();
-        if name == MARKER {
-            return Ok(Ownership::Ours);
-        }
-        let legacy = name.to_str().is_some_and(super::format::is_dir_output_name)
+        // The marker says anchorage wrote the directory, not that all it
+        // holds now is anchorage's: a file someone added since is theirs.
+        let ours = (name == MARKER || name.to_str().is_some_and(super::format::is_dir_output_name))
             && entry.file_type().is_ok_and(|t| t.is_file());
-        if legacy {
+        if ours {
             continue;
         }
         match &foreign {
@@ -1084,15 +1093,15 @@ mod tests {
     fn directory_is_swapped_whole() {
         let dir = tempfile::tempdir().expect("tempdir");
         let out = dir.path().join("certs");
-        let first = files(&[("a.0", "A"), ("b.0", "B")]);
+        let first = files(&[("aaaaaaaa.0", "A"), ("bbbbbbbb.0", "B")]);
         assert!(publish(&out, &Rendered::Dir(first.clone()), 0o644).expect("publish"));
         assert_eq!(read_all(&out), first);
         assert!(!publish(&out, &Rendered::Dir(first), 0o644).expect("publish"));
-        let second = files(&[("b.0", "B2"), ("c.0", "C")]);
+        let second = files(&[("bbbbbbbb.0", "B2"), ("cccccccc.0", "C")]);
         assert!(publish(&out, &Rendered::Dir(second.clone()), 0o600).expect("publish"));
         assert_eq!(read_all(&out), second);
         assert_eq!(
-            fs::metadata(out.join("c.0"))
+            fs::metadata(out.join("cccccccc.0"))
                 .expect("stat")
                 .permissions()
                 .mode()
@@ -1157,7 +1166,7 @@ mod tests {
         fs::create_dir(&elsewhere).expect("mkdir");
         let out = dir.path().join("certs");
         std::os::unix::fs::symlink(&elsewhere, &out).expect("symlink");
-        let set = files(&[("a.0", "A")]);
+        let set = files(&[("aaaaaaaa.0", "A")]);
         assert!(publish(&out, &Rendered::Dir(set.clone()), 0o644).expect("publish"));
         assert!(!is_symlink(&out));
         assert_eq!(read_all(&out), set);
@@ -1227,13 +1236,13 @@ mod tests {
     fn generation_layout_publishes_through_data() {
         let dir = tempfile::tempdir().expect("tempdir");
         let out = dir.path();
-        let first = files(&[("a.0", "A"), ("b.0", "B")]);
+        let first = files(&[("aaaaaaaa.0", "A"), ("bbbbbbbb.0", "B")]);
         write_generation(out, &with_mode(&first, 0o644)).expect("publish");
         assert_eq!(read_all(out), first);
-        assert!(is_symlink(&out.join("a.0")));
+        assert!(is_symlink(&out.join("aaaaaaaa.0")));
         assert!(dir_matches(out, &first, 0o644));
         // Later writes keep the layout (the `..data` link exists).
-        let second = files(&[("b.0", "B2"), ("c.0", "C")]);
+        let second = files(&[("bbbbbbbb.0", "B2"), ("cccccccc.0", "C")]);
         assert!(publish(out, &Rendered::Dir(second.clone()), 0o644).expect("publish"));
         assert_eq!(read_all(out), second);
         let generations = fs::read_dir(out)
@@ -1266,7 +1275,7 @@ mod tests {
         fs::write(out.join("sub/deep"), b"deep").expect("write");
         fs::write(out.join("4042bcee.0"), b"theirs").expect("write");
         fs::write(out.join("notes.txt"), b"notes").expect("write");
-        let err = publish(&out, &Rendered::Dir(files(&[("a.0", "A")])), 0o644)
+        let err = publish(&out, &Rendered::Dir(files(&[("aaaaaaaa.0", "A")])), 0o644)
             .expect_err("a foreign directory");
         let text = err.to_string();
         assert!(text.contains(&*out.to_string_lossy()), "{text}");
@@ -1283,8 +1292,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let out = dir.path().join("certs");
         fs::write(&out, b"a file").expect("write");
-        let err =
-            write(&out, &Rendered::Dir(files(&[("a.0", "A")])), 0o644).expect_err("a regular file");
+        let err = write(&out, &Rendered::Dir(files(&[("aaaaaaaa.0", "A")])), 0o644)
+            .expect_err("a regular file");
         assert!(err.to_string().contains("regular file"), "{err}");
         assert_eq!(fs::read(&out).expect("read"), b"a file");
         assert_eq!(listing(dir.path()), ["certs"]);
@@ -1294,14 +1303,25 @@ mod tests {
     fn own_output_carries_the_marker_and_is_replaced() {
         let dir = tempfile::tempdir().expect("tempdir");
         let out = dir.path().join("certs");
-        publish(&out, &Rendered::Dir(files(&[("a.0", "A")])), 0o644).expect("publish");
-        assert_eq!(listing(&out), [MARKER, "a.0"]);
+        publish(&out, &Rendered::Dir(files(&[("aaaaaaaa.0", "A")])), 0o644).expect("publish");
+        assert_eq!(listing(&out), [MARKER, "aaaaaaaa.0"]);
         // The marker is not part of the comparison.
-        assert!(dir_matches(&out, &files(&[("a.0", "A")]), 0o644));
-        // Whatever else was put in it since, the marker says it is ours.
-        fs::write(out.join("added"), b"x").expect("write");
-        publish(&out, &Rendered::Dir(files(&[("b.0", "B")])), 0o644).expect("publish");
-        assert_eq!(listing(&out), [MARKER, "b.0"]);
+        assert!(dir_matches(&out, &files(&[("aaaaaaaa.0", "A")]), 0o644));
+        publish(&out, &Rendered::Dir(files(&[("bbbbbbbb.0", "B")])), 0o644).expect("publish");
+        assert_eq!(listing(&out), [MARKER, "bbbbbbbb.0"]);
+        // A file someone put in it since is theirs: the directory is
+        // refused and nothing in it goes (guarantee 11).
+        fs::write(out.join("notes.txt"), b"mine").expect("write");
+        fs::create_dir(out.join("sub")).expect("mkdir");
+        let err = publish(&out, &Rendered::Dir(files(&[("cccccccc.0", "C")])), 0o644)
+            .expect_err("a foreign file beside anchorage's");
+        assert!(err.to_string().contains("\"notes.txt\""), "{err}");
+        assert_eq!(listing(&out), [MARKER, "bbbbbbbb.0", "notes.txt", "sub"]);
+        // Taken away: the directory is anchorage's again.
+        fs::remove_file(out.join("notes.txt")).expect("rm");
+        fs::remove_dir(out.join("sub")).expect("rmdir");
+        publish(&out, &Rendered::Dir(files(&[("cccccccc.0", "C")])), 0o644).expect("publish");
+        assert_eq!(listing(&out), [MARKER, "cccccccc.0"]);
     }
 
     #[test]
@@ -1309,19 +1329,24 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let empty = dir.path().join("empty");
         fs::create_dir(&empty).expect("mkdir");
-        publish(&empty, &Rendered::Dir(files(&[("a.0", "A")])), 0o644).expect("empty");
+        publish(&empty, &Rendered::Dir(files(&[("aaaaaaaa.0", "A")])), 0o644).expect("empty");
         let old = dir.path().join("old");
         fs::create_dir(&old).expect("mkdir");
         fs::write(old.join("0a1b2c3d.0"), b"old").expect("write");
         fs::write(old.join("ca-certificates.crt"), b"old").expect("write");
-        publish(&old, &Rendered::Dir(files(&[("a.0", "A")])), 0o644).expect("earlier output");
-        assert_eq!(listing(&old), [MARKER, "a.0"]);
+        publish(&old, &Rendered::Dir(files(&[("aaaaaaaa.0", "A")])), 0o644)
+            .expect("earlier output");
+        assert_eq!(listing(&old), [MARKER, "aaaaaaaa.0"]);
         // The same names as symlinks were not written by anchorage.
         let linked = dir.path().join("linked");
         fs::create_dir(&linked).expect("mkdir");
         std::os::unix::fs::symlink("elsewhere", linked.join("0a1b2c3d.0")).expect("symlink");
-        publish(&linked, &Rendered::Dir(files(&[("a.0", "A")])), 0o644)
-            .expect_err("a symlink anchorage did not write");
+        publish(
+            &linked,
+            &Rendered::Dir(files(&[("aaaaaaaa.0", "A")])),
+            0o644,
+        )
+        .expect_err("a symlink anchorage did not write");
         assert_eq!(listing(&linked), ["0a1b2c3d.0"]);
     }
 
@@ -1329,15 +1354,15 @@ mod tests {
     fn generation_never_replaces_a_foreign_visible_name() {
         let dir = tempfile::tempdir().expect("tempdir");
         let out = dir.path();
-        fs::write(out.join("a.0"), b"theirs").expect("write");
+        fs::write(out.join("aaaaaaaa.0"), b"theirs").expect("write");
         fs::write(out.join("keep"), b"keep").expect("write");
-        let err = write_generation(out, &with_mode(&files(&[("a.0", "A")]), 0o644))
+        let err = write_generation(out, &with_mode(&files(&[("aaaaaaaa.0", "A")]), 0o644))
             .expect_err("collision");
-        assert!(err.to_string().contains("a.0"), "{err}");
-        assert_eq!(listing(out), ["a.0", "keep"]);
-        fs::remove_file(out.join("a.0")).expect("rm");
-        write_generation(out, &with_mode(&files(&[("a.0", "A")]), 0o644)).expect("publish");
+        assert!(err.to_string().contains("aaaaaaaa.0"), "{err}");
+        assert_eq!(listing(out), ["aaaaaaaa.0", "keep"]);
+        fs::remove_file(out.join("aaaaaaaa.0")).expect("rm");
+        write_generation(out, &with_mode(&files(&[("aaaaaaaa.0", "A")]), 0o644)).expect("publish");
         assert_eq!(fs::read(out.join("keep")).expect("read"), b"keep");
-        assert_eq!(fs::read(out.join("a.0")).expect("read"), b"A");
+        assert_eq!(fs::read(out.join("aaaaaaaa.0")).expect("read"), b"A");
     }
 }

@@ -167,6 +167,75 @@ fn directory_output_replaces_an_empty_directory_and_its_own_output() {
     assert_eq!(visible(&der), [format!("{}.der", b.sha256())]);
 }
 
+/// A directory anchorage wrote is still refused once someone puts a file
+/// of their own in it: the marker says who wrote the directory, not that
+/// everything in it now is anchorage's.
+#[test]
+fn its_own_directory_with_a_file_added_since_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (Ca::new("Added A"), Ca::new("Added B"));
+    let src = write(dir.path(), "ca.pem", a.pem());
+    let certs = dir.path().join("certs");
+    render_hashed(&src, &certs).expect_code(0);
+    write(&certs, "notes.txt", "mine\n");
+    write(&certs.join("mine"), "f", "also mine\n");
+    let before = tree(&certs);
+
+    write(dir.path(), "ca.pem", format!("{}{}", a.pem(), b.pem()));
+    let out = render_hashed(&src, &certs);
+    assert_refused(&out, &certs);
+    assert!(
+        out.stderr.contains("\"mine\" and 1 other name"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(tree(&certs), before, "the directory was changed");
+}
+
+/// A bundle with a directory output that would be refused is refused
+/// whole: its other outputs keep their previous content too.
+#[test]
+fn a_refused_directory_output_refuses_the_whole_bundle() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (Ca::new("Whole A"), Ca::new("Whole B"));
+    let src = write(dir.path(), "ca.pem", a.pem());
+    let (pem, certs) = (dir.path().join("bundle.pem"), dir.path().join("certs"));
+    let render_both = |dry: bool| {
+        let mut args = vec!["render", "--source", s(&src), "--output", s(&pem)];
+        args.extend(["--hashed-dir", s(&certs)]);
+        if dry {
+            args.push("--dry-run");
+        }
+        run(&args)
+    };
+    render_both(false).expect_code(0);
+    let before = fs::read(&pem).expect("pem");
+    write(&certs, "notes.txt", "mine\n");
+
+    write(dir.path(), "ca.pem", format!("{}{}", a.pem(), b.pem()));
+    let dry = render_both(true);
+    dry.expect_code(1);
+    assert!(
+        dry.stdout.contains(&format!("unchanged: {}", s(&pem)))
+            && dry
+                .stdout
+                .contains(&format!("would be refused: {}", s(&certs))),
+        "{}",
+        dry.stdout
+    );
+    assert_refused(&render_both(false), &certs);
+    assert_eq!(
+        fs::read(&pem).expect("pem"),
+        before,
+        "the PEM output was written"
+    );
+
+    // The directory given back: both outputs take the new set.
+    fs::remove_file(certs.join("notes.txt")).expect("rm");
+    render_both(false).expect_code(0);
+    assert_eq!(pem_certs(&fs::read(&pem).expect("pem")).len(), 2);
+}
+
 /// An earlier version wrote no marker: a directory holding only the names
 /// a directory format produces is its output, and an upgrade refuses
 /// nothing.
