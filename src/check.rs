@@ -204,10 +204,13 @@ pub fn run(
     if empty {
         crate::telemetry::say("no certificate found");
     }
+    // Only a CA counts: a certificate that is no CA (its keyUsage lacks
+    // keyCertSign, as OpenSSL reads it too) is refused as one by any
+    // verifier, strict or not; its reasons are shown, not counted.
     let refused = findings
         .reports
         .iter()
-        .filter(|r| !r.strict.is_empty())
+        .filter(|r| r.is_ca && !r.strict.is_empty())
         .count();
     if strict && refused > 0 {
         crate::telemetry::say(&format!(
@@ -349,7 +352,7 @@ fn print_text(
     let soon = numbered(&|r| expires_soon(r, when));
     let expired = numbered(&|r| r.expired);
     let pending = numbered(&|r| when < r.not_before_unix);
-    let refused = numbered(&|r| !r.strict.is_empty());
+    let refused = numbered(&|r| r.is_ca && !r.strict.is_empty());
     if !soon.is_empty()
         || !expired.is_empty()
         || !pending.is_empty()

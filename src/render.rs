@@ -27,7 +27,7 @@ use crate::source::{SourceError, SourceFile};
 
 /// Past this many certificates, a render's log line counts the added and
 /// removed ones instead of listing them.
-const LISTED: usize = 20;
+const LISTED: usize = 36;
 /// How many a summarised list shows.
 const SHOWN: usize = 5;
 
@@ -572,6 +572,19 @@ fn summarise((items, total): (Vec<String>, usize)) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// "Past a few dozen certificates" the lists are counted: three dozen
+    /// are listed whole, one more is summarised.
+    #[test]
+    fn a_few_dozen_are_listed_and_more_are_counted() {
+        let list = |n: usize| ((0..n).map(|i| format!("CA {i}")).collect(), n);
+        let whole = summarise(list(36));
+        assert!(
+            whole.contains("\"CA 35\"") && !whole.contains("more"),
+            "{whole}"
+        );
+        assert!(summarise(list(37)).ends_with("and 32 more (37 in all)"));
+    }
 
     /// The one bundle `flags` configure.
     fn bundle_of(flags: &crate::cli::Flags) -> Arc<BundleConfig> {

@@ -445,6 +445,15 @@ fn strict_flag_fails_check_and_the_table_marks_the_ca() {
         reports[1]["strict"],
         serde_json::json!(["basicConstraints not critical"])
     );
+
+    // CA:TRUE whose keyUsage lacks keyCertSign is no CA (OpenSSL agrees):
+    // its reasons are shown, and --strict, which counts CAs, passes.
+    let signless = pki.make("Signless Root", &Make::Root("ku_no_cert_sign", "6"));
+    let out = run(&["check", "--strict", "--json", s(&good), s(&signless)]);
+    out.expect_code(0);
+    let reports: serde_json::Value = serde_json::from_str(&out.stdout).expect("json");
+    assert_eq!(reports[1]["is_ca"], serde_json::json!(false));
+    assert_ne!(reports[1]["strict"], serde_json::json!([]));
 }
 
 #[test]
