@@ -238,6 +238,81 @@ fn private_key(bytes: &[u8], path: &Path) -> Result<PrivateKeyDer<'static>, Held
     Ok(key)
 }
 
+/// One DER element at the start of `der`: its tag byte, its contents and
+/// what follows it. Single-byte tags only (all that the key formats use).
+fn der_element(der: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = der.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (usize::from(first), rest)
+    } else {
+        let octets = usize::from(first & 0x7f);
+        if octets == 0 || octets > 4 || rest.len() < octets {
+            return None;
+        }
+        let len = rest[..octets]
+            .iter()
+            .fold(0usize, |n, &b| (n << 8) | usize::from(b));
+        (len, &rest[octets..])
+    };
+    (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
+}
+
+/// The elements of a DER sequence's contents, in order.
+fn der_elements(mut contents: &[u8]) -> Option<Vec<(u8, &[u8])>> {
+    let mut out = Vec::new();
+    while !contents.is_empty() {
+        let (tag, value, rest) = der_element(contents)?;
+        out.push((tag, value));
+        contents = rest;
+    }
+    Some(out)
+}
+
+const DER_SEQUENCE: u8 = 0x30;
+const DER_OCTET_STRING: u8 = 0x04;
+const DER_BIT_STRING: u8 = 0x03;
+/// `[1]`, constructed: ECPrivateKey's publicKey.
+const DER_EXPLICIT_1: u8 = 0xa1;
+
+/// The public point an EC private key carries (RFC 5915's `publicKey`,
+/// which OpenSSL and Go always write), as a BIT STRING's contents; from a
+/// PKCS#8 key or a SEC1 one. `None` for any other key.
+fn ec_public_key(der: &[u8]) -> Option<Vec<u8>> {
+    let (tag, contents, _) = der_element(der)?;
+    if tag != DER_SEQUENCE {
+        return None;
+    }
+    let fields = der_elements(contents)?;
+    // PKCS#8: version, algorithm, the ECPrivateKey in an OCTET STRING.
+    let ec = match fields.as_slice() {
+        [_, (DER_SEQUENCE, _), (DER_OCTET_STRING, inner), ..] => {
+            let (tag, contents, _) = der_element(inner)?;
+            (tag == DER_SEQUENCE).then_some(contents)?
+        }
+        _ => contents,
+    };
+    der_elements(ec)?
+        .into_iter()
+        .find(|(tag, _)| *tag == DER_EXPLICIT_1)
+        .and_then(|(_, explicit)| match der_element(explicit)? {
+            (DER_BIT_STRING, bits, _) => Some(bits.to_vec()),
+            _ => None,
+        })
+}
+
+/// The certificate's subjectPublicKey, as a BIT STRING's contents.
+fn certificate_public_key(der: &[u8]) -> Option<Vec<u8>> {
+    use x509_parser::prelude::FromDer;
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der).ok()?;
+    let key = &cert.public_key().subject_public_key;
+    // The unused-bits octet, then the bits, as the key's BIT STRING holds it.
+    let mut bits = Vec::with_capacity(key.data.len() + 1);
+    bits.push(key.unused_bits);
+    bits.extend_from_slice(&key.data);
+    Some(bits)
+}
+
 /// Checks the pair on disk at `now`; `chain_to` is the bundle it must chain
 /// to, when the config names one.
 pub fn inspect(
@@ -265,23 +340,36 @@ pub fn inspect(
         reason: e.to_string(),
     })?;
     let key = private_key(material.key_bytes(), key_path)?;
-    let signing =
-        rustls::crypto::ring::sign::any_supported_type(&key).map_err(|e| Held::NoKey {
-            path: key_path.to_path_buf(),
-            reason: Some(e.to_string()),
-        })?;
-    let chain: Vec<CertificateDer<'static>> = blocks
-        .iter()
-        .map(|b| CertificateDer::from(b.der.to_vec()))
-        .collect();
-    CertifiedKey::new(chain, signing)
-        .keys_match()
-        .map_err(|_| Held::Mismatch {
-            key: key_path.to_path_buf(),
-            cert: cert_path.to_path_buf(),
-            subject: leaf.subject.clone(),
-            half_written: matches!(config.material, KeyMaterial::Files { .. }),
-        })?;
+    let mismatch = || Held::Mismatch {
+        key: key_path.to_path_buf(),
+        cert: cert_path.to_path_buf(),
+        subject: leaf.subject.clone(),
+        half_written: matches!(config.material, KeyMaterial::Files { .. }),
+    };
+    match rustls::crypto::ring::sign::any_supported_type(&key) {
+        Ok(signing) => {
+            let chain: Vec<CertificateDer<'static>> = blocks
+                .iter()
+                .map(|b| CertificateDer::from(b.der.to_vec()))
+                .collect();
+            CertifiedKey::new(chain, signing)
+                .keys_match()
+                .map_err(|_| mismatch())?;
+        }
+        // A curve the signing library does not load (P-521, which
+        // podCertificate may issue): the key carries its public point, and
+        // the certificate must hold the same.
+        Err(e) => match ec_public_key(key.secret_der()) {
+            Some(public) if certificate_public_key(&leaf.der).as_ref() == Some(&public) => {}
+            Some(_) => return Err(mismatch()),
+            None => {
+                return Err(Held::NoKey {
+                    path: key_path.to_path_buf(),
+                    reason: Some(e.to_string()),
+                });
+            }
+        },
+    }
     if leaf.pending_at(now) {
         return Err(Held::NotYetValid {
             path: cert_path.to_path_buf(),

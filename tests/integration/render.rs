@@ -761,6 +761,57 @@ fn render_reload_skips_a_target_that_does_not_exist_yet() {
     assert!(out.stderr.contains("cannot start"), "{}", out.stderr);
 }
 
+/// A P-521 key pair (a podCertificate `keyType`), which the signing library
+/// does not load: checked by the public point the key carries, as PKCS#8
+/// and as SEC1, whole or from a credential bundle; another P-521 key is a
+/// mismatch, held.
+#[test]
+fn a_p521_key_pair_is_checked_by_its_public_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = s(dir.path());
+    let p521 = "-newkey ec -pkeyopt ec_paramgen_curve:P-521 -nodes";
+    sh(&format!(
+        "cd {d} && openssl req -x509 {p521} -keyout ca.key -out ca.pem -subj /CN=CA521 -days 10 \
+         && openssl req -new {p521} -keyout pod.key -out pod.csr -subj /CN=pod \
+         && openssl x509 -req -in pod.csr -CA ca.pem -CAkey ca.key -days 1 -out pod.pem \
+         && openssl ec -in pod.key -out pod.sec1 \
+         && openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-521 -out other.key \
+         && cat pod.key pod.pem > bundle.pem"
+    ));
+    let at = |name: &str| dir.path().join(name);
+    for key in ["pod.key", "pod.sec1"] {
+        let out = run(&["render", "--cert", s(&at("pod.pem")), "--key", s(&at(key))]);
+        out.expect_code(0);
+        assert!(
+            out.stderr.contains("key pair checked"),
+            "{key}: {}",
+            out.stderr
+        );
+    }
+    let out = run(&[
+        "render",
+        "--cert",
+        s(&at("pod.pem")),
+        "--key",
+        s(&at("other.key")),
+    ]);
+    out.expect_code(1);
+    assert!(out.stderr.contains("does not match"), "{}", out.stderr);
+    let split = at("split");
+    run(&[
+        "render",
+        "--credential-bundle",
+        s(&at("bundle.pem")),
+        "--split-dir",
+        s(&split),
+    ])
+    .expect_code(0);
+    assert_eq!(
+        fs::read(split.join("tls.crt")).expect("chain"),
+        fs::read(at("pod.pem")).expect("pem")
+    );
+}
+
 /// `render` checks a key pair it has no split_dir for, as `--dry-run` and
 /// `run` do: one `run` would hold fails it (exit 1), with or without
 /// `--dry-run`.
