@@ -165,6 +165,14 @@ fn describe_failure(chain: &Chain, error: webpki::Error) -> String {
         webpki::Error::UnknownIssuer => format!(
             "{subject} (sha256 {fingerprint}) would no longer chain: its issuer {issuer} is not in the new bundle"
         ),
+        // P-521 and RSA-PSS keys: the chain may be sound, but it cannot be
+        // checked here, and an unchecked bundle is not handed out.
+        webpki::Error::UnsupportedSignatureAlgorithmContext(_)
+        | webpki::Error::UnsupportedSignatureAlgorithmForPublicKeyContext(_) => format!(
+            "{subject} (sha256 {fingerprint}) cannot be checked against the new bundle: its chain \
+             (issuer {issuer}) is signed with an algorithm or key anchorage cannot verify (it \
+             verifies P-256, P-384, Ed25519, and RSA keys signing with PKCS#1 or PSS)"
+        ),
         other => format!(
             "{subject} (sha256 {fingerprint}) does not chain to the new bundle: {other:?} (issuer {issuer})"
         ),

@@ -812,6 +812,41 @@ fn a_p521_key_pair_is_checked_by_its_public_key() {
     );
 }
 
+/// A `verify` certificate issued by a P-521 CA: the chain cannot be
+/// checked here, and the refusal says so (not "does not chain").
+#[test]
+fn verify_under_a_ca_it_cannot_check_says_so() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = s(dir.path());
+    sh(&format!(
+        "cd {d} && mkdir src && openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-521 \
+         -nodes -keyout ca.key -out src/ca.pem -subj /CN=CA521 -days 10 \
+         && openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout leaf.key \
+         -out leaf.csr -subj /CN=leaf \
+         && printf 'basicConstraints=CA:FALSE\\nsubjectAltName=DNS:leaf\\n' > ext.cnf \
+         && openssl x509 -req -in leaf.csr -CA src/ca.pem -CAkey ca.key -days 1 -out leaf.pem \
+         -extfile ext.cnf"
+    ));
+    let at = |name: &str| dir.path().join(name);
+    let out = run(&[
+        "render",
+        "--source",
+        s(&at("src")),
+        "--output",
+        s(&at("out.pem")),
+        "--verify",
+        s(&at("leaf.pem")),
+    ]);
+    out.expect_code(1);
+    assert!(
+        out.stderr
+            .contains("cannot be checked against the new bundle"),
+        "{}",
+        out.stderr
+    );
+    assert!(!at("out.pem").exists());
+}
+
 /// `render` checks a key pair it has no split_dir for, as `--dry-run` and
 /// `run` do: one `run` would hold fails it (exit 1), with or without
 /// `--dry-run`.
