@@ -65,6 +65,8 @@ pub enum Reason {
     NoSubjectKeyIdentifier,
     /// Extensions in a certificate of this version (1 or 2).
     ExtensionsBeforeV3(u32),
+    /// An EC key whose curve is spelled out instead of named.
+    ExplicitEcParameters,
 }
 
 impl fmt::Display for Reason {
@@ -91,6 +93,7 @@ impl fmt::Display for Reason {
             Self::NoAuthorityKeyId => f.write_str("authorityKeyIdentifier without keyIdentifier"),
             Self::NoSubjectKeyIdentifier => f.write_str("no subjectKeyIdentifier"),
             Self::ExtensionsBeforeV3(v) => write!(f, "extensions in a v{v} certificate"),
+            Self::ExplicitEcParameters => f.write_str("EC key with explicit curve parameters"),
         }
     }
 }
@@ -195,6 +198,17 @@ pub fn reasons(cert: &X509Certificate<'_>, is_ca: bool) -> Vec<Reason> {
     }
     if san.is_some_and(|e| empty_san(e.value)) {
         out.push(Reason::EmptySubjectAltName);
+    }
+    // OpenSSL's check_curve: a curve given by its parameters, not its name.
+    let key = cert.public_key();
+    if key.algorithm.algorithm == x509_parser::oid_registry::OID_KEY_TYPE_EC_PUBLIC_KEY
+        && key
+            .algorithm
+            .parameters
+            .as_ref()
+            .is_some_and(|p| p.tag() == x509_parser::der_parser::asn1_rs::Tag::Sequence)
+    {
+        out.push(Reason::ExplicitEcParameters);
     }
     if cert.signature_algorithm != cert.tbs_certificate.signature {
         out.push(Reason::SignatureAlgorithmMismatch);
