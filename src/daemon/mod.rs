@@ -228,7 +228,19 @@ struct Finished {
 
 /// A watch refresh that came back: the watcher, the entry ids its bundle
 /// indices stand for, and the targets that gained a watch.
-type Refreshed = (Box<Watch>, Vec<u64>, Result<HashSet<usize>, WatchError>);
+/// What a watch refresh sends back.
+enum Refreshed {
+    /// Every directory that cannot hang is watched; those on a filesystem
+    /// whose calls can hang (NFS, FUSE) are being watched now, and may
+    /// never be (guarantee 10): the routes so far, to use meanwhile.
+    Partly {
+        routes: Routes,
+        directories: usize,
+        ids: Vec<u64>,
+        result: Result<HashSet<usize>, WatchError>,
+    },
+    Done(Box<Watch>, Vec<u64>, Result<HashSet<usize>, WatchError>),
+}
 
 /// Why the daemon could not start.
 #[derive(Debug)]
@@ -456,7 +468,16 @@ impl Daemon {
                         crate::memory::release_free();
                     }
                 }
-                Some((watch, ids, result)) = self.refreshed.1.recv() => self.refreshed(watch, ids, result),
+                Some(refreshed) = self.refreshed.1.recv() => match refreshed {
+                    Refreshed::Partly { routes, directories, ids, result } => {
+                        self.took_routes(routes, directories, ids, result);
+                    }
+                    Refreshed::Done(watch, ids, result) => {
+                        let (routes, directories) = (watch.routes(), watch.len());
+                        self.watch = WatchSlot::Idle(watch);
+                        self.took_routes(routes, directories, ids, result);
+                    }
+                },
                 change = recv_events(&mut self.events) => {
                     // Everything already queued came with it: one burst.
                     self.note(change);
@@ -1059,30 +1080,48 @@ impl Daemon {
             .collect();
         let tx = self.refreshed.0.clone();
         tokio::task::spawn_blocking(move || {
+            // A directory on NFS or FUSE can block its lookup for good: the
+            // others are watched first, and their routes sent at once.
+            let hanging = std::fs::read_to_string("/proc/self/mountinfo")
+                .map(|m| crate::source::mounts::hanging_mounts(&m))
+                .unwrap_or_default();
+            let under = |p: &WatchPoint| hanging.iter().any(|m| p.dir.starts_with(m));
+            if wanted.iter().flatten().any(under) {
+                let safe: Vec<Vec<WatchPoint>> = wanted
+                    .iter()
+                    .map(|points| points.iter().filter(|p| !under(p)).cloned().collect())
+                    .collect();
+                let result = watch.set(&safe);
+                let _ = tx.send(Refreshed::Partly {
+                    routes: watch.routes(),
+                    directories: watch.len(),
+                    ids: ids.clone(),
+                    result,
+                });
+            }
             let result = watch.set(&wanted);
-            let _ = tx.send((watch, ids, result));
+            let _ = tx.send(Refreshed::Done(watch, ids, result));
         });
     }
 
-    /// A refresh came back: its routes replace the old ones, and targets
-    /// that gained a watch are read again (what changed before the watch
-    /// existed was not seen).
-    fn refreshed(
+    /// A refresh came back (or its part that cannot hang): its routes
+    /// replace the old ones, and targets that gained a watch are read again
+    /// (what changed before the watch existed was not seen).
+    fn took_routes(
         &mut self,
-        watch: Box<Watch>,
+        routes: Routes,
+        directories: usize,
         ids: Vec<u64>,
         result: Result<HashSet<usize>, WatchError>,
     ) {
         let first = self.route_ids.is_empty() && self.hold_renders;
-        self.routes = watch.routes();
+        self.routes = routes;
         self.route_ids = ids;
-        let directories = watch.len();
         if self.watching.replace(directories) == Some(directories) {
             debug!(directories, "watching");
         } else {
             info!(directories, "watching");
         }
-        self.watch = WatchSlot::Idle(watch);
         match result {
             Ok(gained) if !first => {
                 for index in gained {

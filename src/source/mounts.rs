@@ -74,6 +74,44 @@ pub fn is_mount_point(path: &Path) -> bool {
         .any(|point| unescape(point) == real)
 }
 
+/// Filesystem types whose calls can hang for good: a network server or a
+/// FUSE daemon that stops answering.
+fn may_hang(fstype: &str) -> bool {
+    matches!(
+        fstype,
+        "nfs"
+            | "nfs4"
+            | "cifs"
+            | "smb3"
+            | "smbfs"
+            | "9p"
+            | "ceph"
+            | "glusterfs"
+            | "afs"
+            | "lustre"
+            | "gpfs"
+            | "beegfs"
+            | "fuse"
+            | "fuseblk"
+            | "virtiofs"
+    ) || fstype.starts_with("fuse.")
+}
+
+/// The mount points (from a `/proc/self/mountinfo` text) of filesystems
+/// whose calls can hang (NFS, SMB, FUSE...): a path under one may block
+/// whoever looks it up.
+pub fn hanging_mounts(mountinfo: &str) -> Vec<PathBuf> {
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            let (head, tail) = line.split_once(" - ")?;
+            let point = head.split(' ').nth(4)?;
+            let fstype = tail.split(' ').next()?;
+            may_hang(fstype).then(|| PathBuf::from(unescape(point)))
+        })
+        .collect()
+}
+
 /// mountinfo escapes space, tab, newline and backslash as octal.
 fn unescape(field: &str) -> String {
     let mut out = String::with_capacity(field.len());
@@ -185,6 +223,21 @@ mod tests {
         let plain = dir.path().join("plain");
         std::fs::create_dir(&plain).expect("mkdir");
         assert!(!is_mount_point(&plain));
+    }
+
+    #[test]
+    fn network_and_fuse_mounts_may_hang_local_ones_do_not() {
+        let mountinfo = "\
+22 1 0:21 / /proc rw,nosuid - proc proc rw
+30 1 0:26 / /run/secrets rw - tmpfs tmpfs rw
+41 1 0:40 / /mnt/nfs\\040share rw - nfs4 server:/export rw
+42 1 0:41 / /mnt/s3 rw - fuse.s3fs s3fs rw
+43 1 8:1 / / rw - ext4 /dev/sda1 rw
+";
+        assert_eq!(
+            hanging_mounts(mountinfo),
+            [PathBuf::from("/mnt/nfs share"), PathBuf::from("/mnt/s3")]
+        );
     }
 
     #[test]

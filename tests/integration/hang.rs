@@ -234,6 +234,37 @@ fn a_hung_read_stalls_only_its_bundle_and_the_daemon_still_stops() {
     stops_within_5s(daemon);
 }
 
+/// A source whose very lookup hangs from the start (a stat, a watch): the
+/// other bundles' directories are watched all the same, and their changes
+/// seen at once (not at a resync minutes later).
+#[test]
+fn a_source_whose_lookup_hangs_at_start_leaves_the_others_watched() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some((hung, mut volume)) = hung_and_volume(dir.path(), "Watched One") else {
+        return;
+    };
+    let config = two_bundles(dir.path(), &hung.stuck("ca.pem"), &volume);
+    let (daemon, addr) = start_listening(dir.path(), &config);
+    wait_certs(&dir.path().join("out/healthy.pem"), 1);
+    daemon.wait_log("watching", 1);
+    volume.write(&[(
+        "ca.crt",
+        &pems(&[&Ca::new("Watched One"), &Ca::new("Watched Two")]),
+    )]);
+    wait_certs(&dir.path().join("out/healthy.pem"), 2);
+    wait_status(addr, "/healthz", 200);
+    // SIGTERM: the daemon's part ends at once. Its threads stuck in the
+    // lookup leave only when the filesystem answers or goes: the kernel
+    // waits for a FUSE lookup uninterruptibly, even under SIGKILL.
+    let stopping = Instant::now();
+    daemon.signal(nix::sys::signal::Signal::SIGTERM);
+    daemon.wait_log("shutting down", 1);
+    let took = stopping.elapsed();
+    assert!(took < Duration::from_secs(5), "SIGTERM took {took:?}");
+    drop(hung);
+    assert_eq!(daemon.stop(), 0);
+}
+
 #[test]
 fn a_supervised_child_gets_sigterm_while_a_read_hangs() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -114,7 +114,20 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
-            let _ = child.wait();
+            // Not for ever: a thread stuck in a hung FUSE lookup keeps even a
+            // killed process from ending until the filesystem goes, which a
+            // failing test drops after this.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if !matches!(child.try_wait(), Ok(None)) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            eprintln!(
+                "anchorage (pid {}) did not end when killed; left behind",
+                child.id()
+            );
         }
     }
 }

@@ -61,6 +61,12 @@ impl HangingFs {
         self.mountpoint.join("ca.pem")
     }
 
+    /// A path whose very lookup hangs (a stat, a watch, an open): a server
+    /// that stopped answering altogether.
+    pub fn stuck(&self, name: &str) -> PathBuf {
+        self.mountpoint.join("stuck").join(name)
+    }
+
     /// Another file whose read hangs. Each reader of a hung FUSE file
     /// after the first waits for the page in the kernel, where even
     /// SIGKILL cannot reach it: readers that must stay killable read files

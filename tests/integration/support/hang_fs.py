@@ -3,7 +3,8 @@
 Usage: hang_fs.py MOUNTPOINT READY_FILE
 Serves ca.pem (and any other NAME.pem asked for by name), whose stat and
 open answer at once but whose read blocks until the filesystem is
-unmounted. Writes READY_FILE once mounted.
+unmounted; any lookup of a name under /stuck blocks too (a server that
+stopped answering even stat). Writes READY_FILE once mounted.
 """
 import errno
 import os
@@ -22,6 +23,8 @@ forever = threading.Event()
 
 class Hanging(Operations):
     def getattr(self, path, fh=None):
+        if path == "/stuck" or path.startswith("/stuck/"):
+            forever.wait()
         if path == "/":
             return dict(st_mode=stat.S_IFDIR | 0o755, st_nlink=2)
         if path.endswith(".pem") and path.count("/") == 1:
