@@ -99,10 +99,13 @@ pub fn watch_points(index: usize, source: &Source) -> Vec<WatchPoint> {
         }
     };
     let mut points = Vec::with_capacity(2);
-    if let (Some(parent), Some(name)) = (
-        dir.parent().filter(|p| !p.as_os_str().is_empty()),
-        dir.file_name(),
-    ) {
+    if let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) {
+        // A bare relative name (`ca.pem`) lies in the working directory.
+        let parent = if parent.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            parent
+        };
         points.push(WatchPoint {
             source: index,
             dir: parent.to_path_buf(),
@@ -816,6 +819,18 @@ mod tests {
             let names = table.dirs.get(&watched.wd).expect("descriptor");
             assert!(names.iter().all(|n| Arc::ptr_eq(n, path)));
         }
+    }
+
+    /// `--source ca.pem`: its directory is the working directory.
+    #[test]
+    fn a_bare_relative_name_is_watched_in_the_working_directory() {
+        let points = watch_points(0, &Source::Path("ca.pem".into()));
+        let parent = points
+            .iter()
+            .find(|p| p.only.is_some())
+            .expect("a parent point");
+        assert_eq!(parent.dir, Path::new("."));
+        assert_eq!(parent.only.as_deref(), Some(std::ffi::OsStr::new("ca.pem")));
     }
 
     #[test]

@@ -144,6 +144,34 @@ fn restart_with_the_same_output_sends_no_reload() {
     assert_eq!(setup.app.reloads().len(), 1);
 }
 
+/// `--source ca.pem`, a bare name in the working directory, is watched
+/// there: a change is rendered at once, not at the next resync.
+#[test]
+fn a_bare_relative_source_is_watched() {
+    let (a, b) = (Ca::new("Bare A"), Ca::new("Bare B"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    write(dir.path(), "ca.pem", pems(&[&a]));
+    let daemon = Daemon::start_with(
+        dir.path(),
+        &[
+            "--source",
+            "ca.pem",
+            "--output",
+            "out.pem",
+            "--debounce",
+            "0",
+        ],
+        |command| {
+            command.current_dir(dir.path());
+        },
+    );
+    let output = dir.path().join("out.pem");
+    wait_output(&output, &expected_pem(&[&a]));
+    write(dir.path(), "ca.pem", pems(&[&a, &b]));
+    wait_output(&output, &expected_pem(&[&a, &b]));
+    assert_eq!(daemon.stop(), 0);
+}
+
 /// A restart's first render names what changed against what the output
 /// held, not against nothing: the CA dropped while anchorage was down is
 /// removed, the one kept is not added again.
