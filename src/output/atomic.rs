@@ -93,13 +93,12 @@ impl std::fmt::Display for WriteError {
 impl std::error::Error for WriteError {}
 
 /// Writes `rendered` at `path` unless the same bytes (and mode) are already
-/// there. Returns whether the output changed on disk.
+/// there. Returns whether the output's bytes changed on disk: a file that
+/// holds them with another mode only is given the mode, and that is no
+/// change (guarantee 3: a reload is sent only when the bytes changed).
 pub fn publish(path: &Path, rendered: &Rendered, mode: u32) -> Result<bool, WriteError> {
-    if matches(path, rendered, mode) {
-        return Ok(false);
-    }
-    write(path, rendered, mode)?;
-    Ok(true)
+    let mut unused = None;
+    publish_keeping(path, rendered, mode, &mut unused)
 }
 
 /// [`publish`], and where it replaces a regular file (at most 16 MiB), the
@@ -112,22 +111,55 @@ pub fn publish_keeping(
     old: &mut Option<Vec<u8>>,
 ) -> Result<bool, WriteError> {
     let Rendered::File(bytes) = rendered else {
-        return publish(path, rendered, mode);
+        if dir_matches(path, rendered_files(rendered), mode) {
+            return Ok(false);
+        }
+        write(path, rendered, mode)?;
+        return Ok(true);
     };
-    let (same, on_disk) = compare_file(path, bytes, mode, true);
-    if same {
-        return Ok(false);
+    match compare_file(path, bytes, mode, true) {
+        Compared::Same => Ok(false),
+        Compared::ModeOnly => {
+            step(path, "chmod", || {
+                fs::set_permissions(path, Permissions::from_mode(mode))
+            })?;
+            Ok(false)
+        }
+        Compared::Differs(on_disk) => {
+            write_file(path, bytes, mode)?;
+            *old = on_disk;
+            Ok(true)
+        }
     }
-    write_file(path, bytes, mode)?;
-    *old = on_disk;
-    Ok(true)
 }
 
-/// Whether `path` already holds `rendered` with `mode` (what a dry run
-/// compares).
+/// A directory output's files.
+fn rendered_files(rendered: &Rendered) -> &[(String, Vec<u8>)] {
+    match rendered {
+        Rendered::Dir(files) => files,
+        Rendered::File(_) => &[],
+    }
+}
+
+/// A file output against the disk.
+#[derive(Debug, PartialEq, Eq)]
+enum Compared {
+    /// The same bytes with the same mode.
+    Same,
+    /// The same bytes with another mode.
+    ModeOnly,
+    /// Other bytes, or no regular file; with the bytes it held, if asked.
+    Differs(Option<Vec<u8>>),
+}
+
+/// Whether `path` already holds `rendered` (what a dry run compares): a
+/// file's bytes (its mode alone is set without a change, as [`publish`]
+/// does), a directory's files with `mode`.
 pub fn matches(path: &Path, rendered: &Rendered, mode: u32) -> bool {
     match rendered {
-        Rendered::File(bytes) => file_matches(path, bytes, mode),
+        Rendered::File(bytes) => {
+            !matches!(compare_file(path, bytes, mode, false), Compared::Differs(_))
+        }
         Rendered::Dir(files) => dir_matches(path, files, mode),
     }
 }
@@ -719,27 +751,32 @@ fn tidy_generations(dir: &Path, files: &[Entry<'_>], live: &str) -> io::Result<(
 
 /// Whether `path` is a regular file (not a symlink) with these bytes and mode.
 fn file_matches(path: &Path, bytes: &[u8], mode: u32) -> bool {
-    compare_file(path, bytes, mode, false).0
+    compare_file(path, bytes, mode, false) == Compared::Same
 }
 
-/// Whether `path` is a regular file (not a symlink) with these bytes and
-/// mode, and with `keep`, the bytes it holds when they differ. It is read
-/// only when it can match, or to keep (a regular file, at most 16 MiB).
-fn compare_file(path: &Path, bytes: &[u8], mode: u32, keep: bool) -> (bool, Option<Vec<u8>>) {
+/// `path` against these bytes and mode: a regular file (not a symlink)
+/// holding them, with this mode or another, or not; with `keep`, the bytes
+/// it holds when they differ. It is read only when it can match, or to
+/// keep (a regular file, at most 16 MiB).
+fn compare_file(path: &Path, bytes: &[u8], mode: u32, keep: bool) -> Compared {
     const MAX_KEPT: u64 = 16 << 20;
     let Ok(meta) = fs::symlink_metadata(path) else {
-        return (false, None);
+        return Compared::Differs(None);
     };
-    let shaped = meta.is_file()
-        && meta.len() == bytes.len() as u64
-        && meta.permissions().mode() & 0o7777 == mode;
-    if !(shaped || keep && meta.is_file() && meta.len() <= MAX_KEPT) {
-        return (false, None);
+    let sized = meta.is_file() && meta.len() == bytes.len() as u64;
+    if !(sized || keep && meta.is_file() && meta.len() <= MAX_KEPT) {
+        return Compared::Differs(None);
     }
     match fs::read(path) {
-        Ok(on_disk) if shaped && on_disk == bytes => (true, None),
-        Ok(on_disk) => (false, keep.then_some(on_disk)),
-        Err(_) => (false, None),
+        Ok(on_disk) if sized && on_disk == bytes => {
+            if meta.permissions().mode() & 0o7777 == mode {
+                Compared::Same
+            } else {
+                Compared::ModeOnly
+            }
+        }
+        Ok(on_disk) => Compared::Differs(keep.then_some(on_disk)),
+        Err(_) => Compared::Differs(None),
     }
 }
 
@@ -1035,8 +1072,17 @@ mod tests {
             std::os::unix::fs::MetadataExt::ino(&fs::metadata(&out).expect("stat")),
             inode
         );
-        // A mode change alone rewrites.
-        assert!(publish(&out, &rendered, 0o644).expect("publish"));
+        // A mode change alone is set in place: no change of the bytes, the
+        // same file (guarantee 3: no reload).
+        assert!(!publish(&out, &rendered, 0o644).expect("publish"));
+        assert_eq!(
+            fs::metadata(&out).expect("stat").permissions().mode() & 0o7777,
+            0o644
+        );
+        assert_eq!(
+            std::os::unix::fs::MetadataExt::ino(&fs::metadata(&out).expect("stat")),
+            inode
+        );
         // No temporary file is left behind.
         assert_eq!(
             fs::read_dir(out.parent().expect("parent"))
@@ -1060,13 +1106,15 @@ mod tests {
         };
         assert_eq!(publish_kept(b"one", 0o644), (true, None));
         assert_eq!(publish_kept(b"one", 0o644), (false, None));
-        // Other bytes of another length, and the same bytes in another mode.
+        // Other bytes of another length; the same bytes in another mode are
+        // no change (the mode is set in place).
         assert_eq!(
             publish_kept(b"second", 0o644),
             (true, Some(b"one".to_vec()))
         );
+        assert_eq!(publish_kept(b"second", 0o600), (false, None));
         assert_eq!(
-            publish_kept(b"second", 0o600),
+            publish_kept(b"third!", 0o600),
             (true, Some(b"second".to_vec()))
         );
         fs::remove_file(&out).expect("rm");

@@ -144,6 +144,29 @@ fn restart_with_the_same_output_sends_no_reload() {
     assert_eq!(setup.app.reloads().len(), 1);
 }
 
+/// An output whose mode alone changed while anchorage was down gets its
+/// mode back, and no reload: its bytes did not change (guarantee 3).
+#[test]
+fn restart_with_only_the_mode_changed_sends_no_reload() {
+    use std::os::unix::fs::PermissionsExt;
+    let a = Ca::new("Mode A");
+    let setup = Setup::new(&[&a]);
+    let first = setup.start(&["--debounce", "0"]);
+    setup.app.wait_reloads(1);
+    assert_eq!(first.stop(), 0);
+    fs::set_permissions(&setup.output, fs::Permissions::from_mode(0o600)).expect("chmod");
+    let second = setup.start(&["--debounce", "0"]);
+    second.wait_log("outcome=\"unchanged\"", 1);
+    let mode = fs::metadata(&setup.output)
+        .expect("stat")
+        .permissions()
+        .mode()
+        & 0o7777;
+    assert_eq!(mode, 0o644);
+    assert_eq!(second.stop(), 0);
+    assert_eq!(setup.app.reloads().len(), 1, "a reload for a mode");
+}
+
 /// `--source ca.pem`, a bare name in the working directory, is watched
 /// there: a change is rendered at once, not at the next resync.
 #[test]
