@@ -75,6 +75,12 @@ pub enum Absent {
     NoProcessNamed {
         name: String,
     },
+    /// The pid file names a process that started after it was written:
+    /// its writer is gone and the pid is someone else's now.
+    StalePid {
+        pid: u32,
+        pid_file: PathBuf,
+    },
     /// The supervised child is not running (not yet, or not any more).
     NoChild,
     /// A file to touch does not exist; it is never created.
@@ -113,6 +119,11 @@ impl std::fmt::Display for Absent {
                 Ok(())
             }
             Self::NoProcessNamed { name } => write!(f, "no process is named {name:?}"),
+            Self::StalePid { pid, pid_file } => write!(
+                f,
+                "{}: pid {pid} is stale: that process started after the pid file was written (recycled pid)",
+                pid_file.display()
+            ),
             Self::NoChild => f.write_str("the child is not running"),
             Self::NoFile { path } => {
                 write!(f, "{}: no such file (it is never created)", path.display())

@@ -164,10 +164,12 @@ fn check_not_recycled(pid: u32, started: Option<i64>, pid_file: &Path) -> Result
         return Ok(());
     };
     if started > meta.mtime() + START_SLACK_SECS {
-        return Err(Failure::Failed(format!(
-            "{}: pid {pid} is stale: that process started after the pid file was written (recycled pid)",
-            pid_file.display()
-        )));
+        // The app the file names is gone, as much as for a dead pid: at
+        // start a target not there yet, later a failure.
+        return Err(Failure::Absent(Absent::StalePid {
+            pid,
+            pid_file: pid_file.to_path_buf(),
+        }));
     }
     Ok(())
 }
@@ -338,7 +340,8 @@ mod tests {
         let err =
             send(Signal::SIGHUP, &SignalTarget::PidFile(pid_file), None).expect_err("recycled");
         assert!(
-            matches!(&err, Failure::Failed(m) if m.contains("recycled")),
+            matches!(&err, Failure::Absent(Absent::StalePid { .. }))
+                && err.to_string().contains("recycled pid"),
             "{err:?}"
         );
         child.kill().expect("kill");

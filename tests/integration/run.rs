@@ -566,7 +566,15 @@ fn pid_file_naming_a_recycled_pid_never_signals_it() {
             "0",
         ],
     );
+    // At start the app the file names is not there: skipped, as a dead
+    // pid is; after a change it is a failure, retried.
     daemon.wait_log("recycled pid", 1);
+    let log = daemon.log();
+    let start = log
+        .lines()
+        .find(|l| l.contains("recycled pid"))
+        .expect("line");
+    assert!(start.contains("does not exist yet; skipped"), "{start}");
     write(
         &dir.path().join("src"),
         "b.pem",
