@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use tracing::{debug, error, info};
+use tracing::{debug, error, info, warn};
 
 use anchorage::cli::{Cli, Command, Flags, LogFormat, RenderArgs, RunArgs};
 use anchorage::clock::Clock;
@@ -19,6 +19,10 @@ use anchorage::render::{self, BundleState, Mode};
 use anchorage::telemetry::status::Status;
 use anchorage::telemetry::{health_check, http, init_logs, metrics::Metrics, say, systemd};
 use anchorage::{check, keypair};
+
+/// How long a supervised child waits for the first renders: a source that
+/// hangs must not keep the app from starting for good.
+const CHILD_WAITS_AT_MOST: std::time::Duration = std::time::Duration::from_secs(5);
 
 const INVALID_INPUT: u8 = 1;
 const USAGE: u8 = 2;
@@ -337,11 +341,31 @@ fn run_command(args: RunArgs) -> ExitCode {
             return ExitCode::SUCCESS;
         };
         // The child starts after the first render and owns SIGTERM/SIGINT:
-        // they are forwarded to it, and anchorage ends when it does.
+        // they are forwarded to it, and anchorage ends when it does. A
+        // first render that hangs (a stuck source) holds it back only so
+        // long (guarantee 10); a SIGTERM before it starts ends anchorage.
         let (done, exited) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
-            let _ = reports.wait_for(|r| r.started).await;
-            let _ = done.send(supervisor.run().await);
+            let first_render = async {
+                let rendered = reports.wait_for(|r| r.started);
+                if tokio::time::timeout(CHILD_WAITS_AT_MOST, rendered)
+                    .await
+                    .is_err()
+                {
+                    warn!(
+                        waited = %humantime::format_duration(CHILD_WAITS_AT_MOST),
+                        "starting the child before every first render came back: a source may hang (see /readyz)"
+                    );
+                }
+            };
+            tokio::select! {
+                () = first_render => {
+                    let _ = done.send(supervisor.run().await);
+                }
+                () = shutdown_signal() => {
+                    let _ = done.send(0);
+                }
+            }
         });
         let code = Arc::new(std::sync::atomic::AtomicI32::new(1));
         let seen = code.clone();

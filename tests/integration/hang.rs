@@ -332,6 +332,65 @@ fn a_supervised_child_gets_sigterm_while_a_read_hangs() {
     assert!(took < Duration::from_secs(5), "SIGTERM took {took:?}");
 }
 
+/// A daemon supervising a child (`sh` touching `started`, then sleeping),
+/// with a bundle whose first read hangs beside a healthy one.
+fn child_beside_a_hung_read(dir: &Path) -> Option<(HangingFs, Daemon, std::path::PathBuf)> {
+    let (hung, volume) = hung_and_volume(dir, "Child Start")?;
+    let config = two_bundles(dir, &hung.file(), &volume);
+    let started = dir.join("child-started");
+    let script = format!("touch {}; exec sleep 1000", s(&started));
+    let daemon = Daemon::start(dir, &["--config", s(&config), "--", "sh", "-c", &script]);
+    wait_certs(&dir.join("out/healthy.pem"), 1);
+    Some((hung, daemon, started))
+}
+
+/// SIGTERM, the daemon's own shutdown within 5 s; then the hung filesystem
+/// goes (a thread in a hung FUSE read can hold a process's exit for
+/// seconds more, whatever it does), and the exit code.
+fn stop_beside(daemon: Daemon, hung: HangingFs) -> i32 {
+    let stopping = Instant::now();
+    daemon.signal(nix::sys::signal::Signal::SIGTERM);
+    daemon.wait_log("shutting down", 1);
+    let took = stopping.elapsed();
+    assert!(took < Duration::from_secs(5), "SIGTERM took {took:?}");
+    drop(hung);
+    daemon.stop()
+}
+
+/// A SIGTERM while the start still waits for a hung first read, before the
+/// child started: anchorage ends as it would without a child (exit 0), it
+/// is not killed.
+#[test]
+fn sigterm_before_the_child_started_ends_anchorage_cleanly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some((hung, daemon, started)) = child_beside_a_hung_read(dir.path()) else {
+        return;
+    };
+    daemon.wait_log("run started", 2);
+    assert_eq!(stop_beside(daemon, hung), 0);
+    assert!(!started.exists(), "the child started at once");
+}
+
+/// A first read that hangs does not keep the supervised child from starting
+/// for good: it starts a few seconds on, with a warning.
+#[test]
+fn a_first_read_that_hangs_does_not_keep_the_child_from_starting() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some((hung, daemon, started)) = child_beside_a_hung_read(dir.path()) else {
+        return;
+    };
+    eventually(Duration::from_secs(30), || {
+        if started.exists() {
+            Ok(())
+        } else {
+            Err("the child has not started".to_owned())
+        }
+    });
+    daemon.wait_log("starting the child before every first render came back", 1);
+    // sh exec'd sleep, which the forwarded SIGTERM ends: 128 + 15.
+    assert_eq!(stop_beside(daemon, hung), 143);
+}
+
 /// More hung reads than runs at once (2 x cores, at least 4): each holds
 /// its own thread, and once they count as stuck the bundle queued behind
 /// them gets a thread of its own and renders; every hung bundle is named
