@@ -91,11 +91,12 @@ impl Status {
         self.reports.subscribe()
     }
 
-    /// Called by the event loop after each render or check.
+    /// Called by the event loop after each render or check. `ready` is the
+    /// state now: a bundle a SIGHUP added is not ready until it rendered
+    /// once, and `/readyz` says so; the report's `ready` stays true once it
+    /// was (systemd is told READY once).
     pub fn rendered(&self, started: bool, ready: bool, summary: String) {
-        if ready {
-            self.ready.store(true, Ordering::Relaxed);
-        }
+        self.ready.store(ready, Ordering::Relaxed);
         self.reports.send_modify(|r| {
             r.cycles += 1;
             r.started |= started;

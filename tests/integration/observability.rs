@@ -421,6 +421,49 @@ fn readyz_waits_for_every_bundle_to_render_once() {
     assert_eq!(daemon.stop(), 0);
 }
 
+/// A bundle a SIGHUP adds is one that has not rendered once: /readyz is
+/// 503 naming it until it has.
+#[test]
+fn readyz_waits_for_a_bundle_a_sighup_added() {
+    let (dir, logs) = workdir();
+    let good = dir.path().join("good");
+    put(&good, "ca.pem", Ca::new("Good").pem());
+    let late = dir.path().join("late");
+    put(&late, "ca.pem", "not a certificate\n");
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let bundle = |name: &str, src: &Path| {
+        format!(
+            "[[bundle]]\nname = \"{name}\"\nsources = [\"{}\"]\n[[bundle.output]]\npath = \"{}\"\n",
+            s(src),
+            s(&dir.path().join(format!("out/{name}.pem")))
+        )
+    };
+    let daemon_section = format!("[daemon]\nlisten = \"{addr}\"\ndebounce = \"0s\"\n");
+    let config = dir.path().join("anchorage.toml");
+    fs::write(
+        &config,
+        format!("{daemon_section}{}", bundle("good", &good)),
+    )
+    .expect("config");
+    let daemon = Daemon::start(&logs, &["--config", s(&config)]);
+    wait_status(addr, "/readyz", 200);
+
+    let both = format!(
+        "{daemon_section}{}{}",
+        bundle("good", &good),
+        bundle("late", &late)
+    );
+    fs::write(&config, both).expect("config");
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    wait_status(addr, "/readyz", 503);
+    let ready = get(addr, "/readyz").expect("readyz");
+    assert!(ready.body.contains("late: refused"), "{}", ready.body);
+
+    put(&late, "ca.pem", Ca::new("Late").pem());
+    wait_status(addr, "/readyz", 200);
+    assert_eq!(daemon.stop(), 0);
+}
+
 #[test]
 fn a_taken_listen_address_is_a_configuration_error() {
     let dir = tempfile::tempdir().expect("tempdir");
