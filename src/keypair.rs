@@ -301,6 +301,13 @@ fn ec_public_key(der: &[u8]) -> Option<Vec<u8>> {
         })
 }
 
+/// The certificate's SubjectPublicKeyInfo, DER.
+fn certificate_spki(der: &[u8]) -> Option<Vec<u8>> {
+    use x509_parser::prelude::FromDer;
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der).ok()?;
+    Some(cert.public_key().raw.to_vec())
+}
+
 /// The certificate's subjectPublicKey, as a BIT STRING's contents.
 fn certificate_public_key(der: &[u8]) -> Option<Vec<u8>> {
     use x509_parser::prelude::FromDer;
@@ -347,15 +354,22 @@ pub fn inspect(
         half_written: matches!(config.material, KeyMaterial::Files { .. }),
     };
     match rustls::crypto::ring::sign::any_supported_type(&key) {
-        Ok(signing) => {
-            let chain: Vec<CertificateDer<'static>> = blocks
-                .iter()
-                .map(|b| CertificateDer::from(b.der.to_vec()))
-                .collect();
-            CertifiedKey::new(chain, signing)
-                .keys_match()
-                .map_err(|_| mismatch())?;
-        }
+        // The key's public half against the certificate's, as read by the
+        // same parser as every certificate here (a v1 leaf included, which
+        // the TLS stack's own check cannot read).
+        Ok(signing) => match signing.public_key() {
+            Some(public) if Some(public.as_ref()) == certificate_spki(&leaf.der).as_deref() => {}
+            Some(_) => return Err(mismatch()),
+            None => {
+                let chain: Vec<CertificateDer<'static>> = blocks
+                    .iter()
+                    .map(|b| CertificateDer::from(b.der.to_vec()))
+                    .collect();
+                CertifiedKey::new(chain, signing)
+                    .keys_match()
+                    .map_err(|_| mismatch())?;
+            }
+        },
         // A curve the signing library does not load (P-521, which
         // podCertificate may issue): the key carries its public point, and
         // the certificate must hold the same.

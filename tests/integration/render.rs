@@ -812,6 +812,26 @@ fn a_p521_key_pair_is_checked_by_its_public_key() {
     );
 }
 
+/// A v1 leaf (`openssl x509 -req` without extensions) and its key are a
+/// pair; another key is not.
+#[test]
+fn a_v1_leaf_and_its_key_are_a_pair() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = s(dir.path());
+    let p256 = "-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes";
+    sh(&format!(
+        "cd {d} && openssl req -x509 {p256} -keyout ca.key -out ca.pem -subj /CN=CA -days 10 \
+         && openssl req -new {p256} -keyout leaf.key -out leaf.csr -subj /CN=v1 \
+         && openssl x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -days 1 -out leaf.pem"
+    ));
+    let at = |name: &str| dir.path().join(name);
+    let pair = |key: &str| run(&["render", "--cert", s(&at("leaf.pem")), "--key", s(&at(key))]);
+    pair("leaf.key").expect_code(0);
+    let out = pair("ca.key");
+    out.expect_code(1);
+    assert!(out.stderr.contains("does not match"), "{}", out.stderr);
+}
+
 /// A `verify` certificate issued by a P-521 CA: the chain cannot be
 /// checked here, and the refusal says so (not "does not chain").
 #[test]
