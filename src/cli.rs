@@ -92,6 +92,9 @@ pub struct HealthArgs {
     /// bundle rendered once).
     #[arg(long, env = "ANCHORAGE_LIVE", value_parser = BoolishValueParser::new())]
     pub live: bool,
+    /// Log format for errors on stderr: text or json.
+    #[arg(long, env = "ANCHORAGE_LOG_FORMAT", value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
 }
 
 /// The flags shared by `run` and `render`: one bundle, no config file needed.

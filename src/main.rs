@@ -54,12 +54,15 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Health(args) => ExitCode::from(health_check::run(
-            args.listen.as_deref(),
-            args.config.as_deref(),
-            args.live,
-            started,
-        )),
+        Command::Health(args) => ExitCode::from({
+            init_logs(args.log_format.unwrap_or_default());
+            health_check::run(
+                args.listen.as_deref(),
+                args.config.as_deref(),
+                args.live,
+                started,
+            )
+        }),
         Command::Render(args) => render_command(args),
         Command::Run(args) => run_command(args),
     }

@@ -30,7 +30,7 @@ pub fn run(listen: Option<&str>, config: Option<&Path>, live: bool, started: Ins
     let addr = match address(listen, config) {
         Ok(addr) => addr,
         Err(e) => {
-            eprintln!("anchorage: health: {e}");
+            crate::telemetry::say(&format!("health: {e}"));
             return 1;
         }
     };
@@ -42,14 +42,14 @@ pub fn run(listen: Option<&str>, config: Option<&Path>, live: bool, started: Ins
             0
         }
         Ok((status, body)) => {
-            eprintln!(
-                "anchorage: health: http://{addr}{path}: {status} {}",
+            crate::telemetry::say(&format!(
+                "health: http://{addr}{path}: {status} {}",
                 first_line(&body)
-            );
+            ));
             1
         }
         Err(e) => {
-            eprintln!("anchorage: health: http://{addr}{path}: {e}");
+            crate::telemetry::say(&format!("health: http://{addr}{path}: {e}"));
             1
         }
     }

@@ -235,3 +235,32 @@ fn a_sighup_moves_the_listener() {
     assert!(!daemon.log().contains("keeps its own"), "{}", daemon.log());
     assert_eq!(daemon.stop(), 0);
 }
+
+/// `--log-format json` (or its variable): health's own error is one JSON
+/// object, as every line anchorage writes to stderr is then.
+#[test]
+fn health_errors_are_json_in_json_mode() {
+    let listen = format!("127.0.0.1:{}", free_port());
+    let json = |out: &Outcome| {
+        let line = out.stderr.lines().last().unwrap_or_default().to_owned();
+        let value: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+        assert!(
+            value["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("cannot connect"))
+        );
+    };
+    let (out, _) = health(&["--listen", &listen, "--log-format", "json"]);
+    out.expect_code(1);
+    json(&out);
+    let out = Outcome::of(
+        anchorage()
+            .args(["health", "--listen", &listen])
+            .env("ANCHORAGE_LOG_FORMAT", "json")
+            .output()
+            .expect("run"),
+    );
+    out.expect_code(1);
+    json(&out);
+}
