@@ -226,9 +226,9 @@ struct Finished {
     urgent: bool,
 }
 
-/// A watch refresh that came back: the watcher, the entry ids its bundle
-/// indices stand for, and the targets that gained a watch.
-/// What a watch refresh sends back.
+/// What a watch refresh sends back: the routes (in `Done`, with the
+/// watcher itself), the entry ids its bundle indices stand for, and the
+/// targets that gained a watch.
 enum Refreshed {
     /// Every directory that cannot hang is watched; those on a filesystem
     /// whose calls can hang (NFS, FUSE) are being watched now, and may
