@@ -18,10 +18,12 @@ use std::path::{Path, PathBuf};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 use rustls::sign::CertifiedKey;
 
+use crate::bundle::subject_hash::{TAG_BIT_STRING, TAG_OCTET_STRING, TAG_SEQUENCE, Tlv, read_tlv};
 use crate::bundle::{self, Anchor, Bundle, verify};
 use crate::config::{KeyMaterial, KeyPairConfig, SPLIT_CERT, SPLIT_CERT_MODE, SPLIT_KEY, SplitDir};
 use crate::output::atomic;
 use crate::source::{self, CertBlock};
+use x509_parser::asn1_rs::Class;
 
 /// A pair that passed every check.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -238,67 +240,51 @@ fn private_key(bytes: &[u8], path: &Path) -> Result<PrivateKeyDer<'static>, Held
     Ok(key)
 }
 
-/// One DER element at the start of `der`: its tag byte, its contents and
-/// what follows it. Single-byte tags only (all that the key formats use).
-fn der_element(der: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-    let (&tag, rest) = der.split_first()?;
-    let (&first, rest) = rest.split_first()?;
-    let (len, rest) = if first < 0x80 {
-        (usize::from(first), rest)
-    } else {
-        let octets = usize::from(first & 0x7f);
-        if octets == 0 || octets > 4 || rest.len() < octets {
-            return None;
-        }
-        let len = rest[..octets]
-            .iter()
-            .fold(0usize, |n, &b| (n << 8) | usize::from(b));
-        (len, &rest[octets..])
-    };
-    (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
-}
-
-/// The elements of a DER sequence's contents, in order.
-fn der_elements(mut contents: &[u8]) -> Option<Vec<(u8, &[u8])>> {
+/// The elements of a constructed element's contents, in order.
+fn elements(mut contents: &[u8]) -> Option<Vec<Tlv<'_>>> {
     let mut out = Vec::new();
     while !contents.is_empty() {
-        let (tag, value, rest) = der_element(contents)?;
-        out.push((tag, value));
+        let (element, rest) = read_tlv(contents).ok()?;
+        out.push(element);
         contents = rest;
     }
     Some(out)
 }
 
-const DER_SEQUENCE: u8 = 0x30;
-const DER_OCTET_STRING: u8 = 0x04;
-const DER_BIT_STRING: u8 = 0x03;
-/// `[1]`, constructed: ECPrivateKey's publicKey.
-const DER_EXPLICIT_1: u8 = 0xa1;
-
 /// The public point an EC private key carries (RFC 5915's `publicKey`,
-/// which OpenSSL and Go always write), as a BIT STRING's contents; from a
+/// which OpenSSL and Go always write), as its BIT STRING's contents; from a
 /// PKCS#8 key or a SEC1 one. `None` for any other key.
-fn ec_public_key(der: &[u8]) -> Option<Vec<u8>> {
-    let (tag, contents, _) = der_element(der)?;
-    if tag != DER_SEQUENCE {
+fn ec_public_key(der: &[u8]) -> Option<&[u8]> {
+    let (key, _) = read_tlv(der).ok()?;
+    if !key.is_universal(TAG_SEQUENCE) {
         return None;
     }
-    let fields = der_elements(contents)?;
+    let fields = elements(key.content)?;
     // PKCS#8: version, algorithm, the ECPrivateKey in an OCTET STRING.
     let ec = match fields.as_slice() {
-        [_, (DER_SEQUENCE, _), (DER_OCTET_STRING, inner), ..] => {
-            let (tag, contents, _) = der_element(inner)?;
-            (tag == DER_SEQUENCE).then_some(contents)?
+        [_, algorithm, inner, ..]
+            if algorithm.is_universal(TAG_SEQUENCE) && inner.is_universal(TAG_OCTET_STRING) =>
+        {
+            let (ec, _) = read_tlv(inner.content).ok()?;
+            ec.is_universal(TAG_SEQUENCE).then_some(ec.content)?
         }
-        _ => contents,
+        _ => key.content,
     };
-    der_elements(ec)?
+    // `[1]`, explicit: the publicKey BIT STRING.
+    let public = elements(ec)?
         .into_iter()
-        .find(|(tag, _)| *tag == DER_EXPLICIT_1)
-        .and_then(|(_, explicit)| match der_element(explicit)? {
-            (DER_BIT_STRING, bits, _) => Some(bits.to_vec()),
-            _ => None,
-        })
+        .find(|t| t.class == Class::ContextSpecific && t.tag == 1)?;
+    let (bits, _) = read_tlv(public.content).ok()?;
+    bits.is_universal(TAG_BIT_STRING).then_some(bits.content)
+}
+
+/// A SubjectPublicKeyInfo's subjectPublicKey, as its BIT STRING's contents.
+fn spki_public_key(spki: &[u8]) -> Option<&[u8]> {
+    let (info, _) = read_tlv(spki).ok()?;
+    match elements(info.content)?.as_slice() {
+        [_, bits] if bits.is_universal(TAG_BIT_STRING) => Some(bits.content),
+        _ => None,
+    }
 }
 
 /// The certificate's SubjectPublicKeyInfo, DER.
@@ -306,18 +292,6 @@ fn certificate_spki(der: &[u8]) -> Option<Vec<u8>> {
     use x509_parser::prelude::FromDer;
     let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der).ok()?;
     Some(cert.public_key().raw.to_vec())
-}
-
-/// The certificate's subjectPublicKey, as a BIT STRING's contents.
-fn certificate_public_key(der: &[u8]) -> Option<Vec<u8>> {
-    use x509_parser::prelude::FromDer;
-    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der).ok()?;
-    let key = &cert.public_key().subject_public_key;
-    // The unused-bits octet, then the bits, as the key's BIT STRING holds it.
-    let mut bits = Vec::with_capacity(key.data.len() + 1);
-    bits.push(key.unused_bits);
-    bits.extend_from_slice(&key.data);
-    Some(bits)
 }
 
 /// Checks the pair on disk at `now`; `chain_to` is the bundle it must chain
@@ -353,12 +327,13 @@ pub fn inspect(
         subject: leaf.subject.clone(),
         half_written: matches!(config.material, KeyMaterial::Files { .. }),
     };
+    // The key's public half against the certificate's, as read by the same
+    // parser as every certificate here (a v1 leaf included, which the TLS
+    // stack's own check cannot read).
+    let spki = certificate_spki(&leaf.der);
     match rustls::crypto::ring::sign::any_supported_type(&key) {
-        // The key's public half against the certificate's, as read by the
-        // same parser as every certificate here (a v1 leaf included, which
-        // the TLS stack's own check cannot read).
         Ok(signing) => match signing.public_key() {
-            Some(public) if Some(public.as_ref()) == certificate_spki(&leaf.der).as_deref() => {}
+            Some(public) if Some(public.as_ref()) == spki.as_deref() => {}
             Some(_) => return Err(mismatch()),
             None => {
                 let chain: Vec<CertificateDer<'static>> = blocks
@@ -374,7 +349,7 @@ pub fn inspect(
         // podCertificate may issue): the key carries its public point, and
         // the certificate must hold the same.
         Err(e) => match ec_public_key(key.secret_der()) {
-            Some(public) if certificate_public_key(&leaf.der).as_ref() == Some(&public) => {}
+            Some(public) if spki.as_deref().and_then(spki_public_key) == Some(public) => {}
             Some(_) => return Err(mismatch()),
             None => {
                 return Err(Held::NoKey {

@@ -29,10 +29,11 @@ const MAX_NAME_LEN: usize = 1024 * 1024;
 const MAX_STRING_NEST: usize = 5;
 
 // Universal tag numbers this module looks at.
-const TAG_BIT_STRING: u32 = 3;
+pub(crate) const TAG_BIT_STRING: u32 = 3;
+pub(crate) const TAG_OCTET_STRING: u32 = 4;
 const TAG_OID: u32 = 6;
 const TAG_UTF8_STRING: u32 = 12;
-const TAG_SEQUENCE: u32 = 16;
+pub(crate) const TAG_SEQUENCE: u32 = 16;
 const TAG_SET: u32 = 17;
 const TAG_NUMERIC_STRING: u32 = 18;
 const TAG_PRINTABLE_STRING: u32 = 19;
@@ -165,18 +166,26 @@ pub fn hash_hex(hash: u32) -> String {
     format!("{hash:08x}")
 }
 
-/// One BER/DER element, with a definite length.
-struct Tlv<'a> {
-    class: Class,
-    constructed: bool,
-    tag: u32,
-    content: &'a [u8],
+/// One BER/DER element, with a definite length (also what a key pair's
+/// check reads a private key with, `keypair.rs`).
+pub(crate) struct Tlv<'a> {
+    pub class: Class,
+    pub constructed: bool,
+    pub tag: u32,
+    pub content: &'a [u8],
     /// The whole element, identifier and length octets included.
-    raw: &'a [u8],
+    pub raw: &'a [u8],
+}
+
+impl Tlv<'_> {
+    /// A universal element with this tag number.
+    pub fn is_universal(&self, tag: u32) -> bool {
+        self.class == Class::Universal && self.tag == tag
+    }
 }
 
 /// Splits the first element off `input`.
-fn read_tlv(input: &[u8]) -> Result<(Tlv<'_>, &[u8]), NameError> {
+pub(crate) fn read_tlv(input: &[u8]) -> Result<(Tlv<'_>, &[u8]), NameError> {
     // asn1-rs's DER header parser accepts non-minimal definite lengths, as
     // OpenSSL's decoder does; it rejects indefinite ones, as x509-parser does.
     let (after_header, header) =
