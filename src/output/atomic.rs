@@ -97,27 +97,39 @@ impl std::error::Error for WriteError {}
 /// holds them with another mode only is given the mode, and that is no
 /// change (guarantee 3: a reload is sent only when the bytes changed).
 pub fn publish(path: &Path, rendered: &Rendered, mode: u32) -> Result<bool, WriteError> {
-    let mut unused = None;
-    publish_keeping(path, rendered, mode, &mut unused)
+    publish_comparing(path, rendered, mode, None)
 }
 
 /// [`publish`], and where it replaces a regular file (at most 16 MiB), the
-/// file's old bytes in `old`: read as they are compared, with no more
-/// system calls than `publish` makes.
+/// file's old bytes in `old`: read as they are compared.
 pub fn publish_keeping(
     path: &Path,
     rendered: &Rendered,
     mode: u32,
     old: &mut Option<Vec<u8>>,
 ) -> Result<bool, WriteError> {
-    let Rendered::File(bytes) = rendered else {
-        if dir_matches(path, rendered_files(rendered), mode) {
-            return Ok(false);
+    publish_comparing(path, rendered, mode, Some(old))
+}
+
+/// [`publish`]; with `old`, a replaced file's old bytes are kept there
+/// (without, a file whose size differs is not read at all).
+fn publish_comparing(
+    path: &Path,
+    rendered: &Rendered,
+    mode: u32,
+    old: Option<&mut Option<Vec<u8>>>,
+) -> Result<bool, WriteError> {
+    let bytes = match rendered {
+        Rendered::Dir(files) => {
+            if dir_matches(path, files, mode) {
+                return Ok(false);
+            }
+            write(path, rendered, mode)?;
+            return Ok(true);
         }
-        write(path, rendered, mode)?;
-        return Ok(true);
+        Rendered::File(bytes) => bytes,
     };
-    match compare_file(path, bytes, mode, true) {
+    match compare_file(path, bytes, mode, old.is_some()) {
         Compared::Same => Ok(false),
         Compared::ModeOnly => {
             step(path, "chmod", || {
@@ -127,17 +139,11 @@ pub fn publish_keeping(
         }
         Compared::Differs(on_disk) => {
             write_file(path, bytes, mode)?;
-            *old = on_disk;
+            if let Some(old) = old {
+                *old = on_disk;
+            }
             Ok(true)
         }
-    }
-}
-
-/// A directory output's files.
-fn rendered_files(rendered: &Rendered) -> &[(String, Vec<u8>)] {
-    match rendered {
-        Rendered::Dir(files) => files,
-        Rendered::File(_) => &[],
     }
 }
 
