@@ -421,28 +421,27 @@ fn split_files(blocks: &[CertBlock], key: &PrivateKeyDer<'_>) -> SplitFiles {
 /// What a dry run says of the pair's `split_dir` with `files`: whether
 /// they would change what is live there, or why they would be refused.
 pub fn check_split(split: &SplitDir, files: &SplitFiles) -> std::io::Result<bool> {
-    atomic::check_generation(
-        &split.dir,
-        &[
-            (SPLIT_CERT, &files.chain, SPLIT_CERT_MODE),
-            (SPLIT_KEY, &files.key, split.key_mode),
-        ],
-    )
+    atomic::check_generation(&split.dir, &split_entries(split, files))
+}
+
+/// The two files of a split directory: the chain, and the key at its mode.
+fn split_entries<'a>(
+    split: &SplitDir,
+    files: &'a SplitFiles,
+) -> [(&'static str, &'a [u8], u32); 2] {
+    [
+        (SPLIT_CERT, &files.chain, SPLIT_CERT_MODE),
+        (SPLIT_KEY, &files.key, split.key_mode),
+    ]
 }
 
 /// Writes the split pair unless it is already live there; returns whether
 /// it wrote.
 fn publish_split(split: &SplitDir, files: &SplitFiles) -> std::io::Result<bool> {
-    atomic::publish_generation(
-        &split.dir,
-        &[
-            (SPLIT_CERT, &files.chain, SPLIT_CERT_MODE),
-            (SPLIT_KEY, &files.key, split.key_mode),
-        ],
-    )
-    // Failed after the swap or not, the pair is held and written again: the
-    // retry finds it live and accepts it then.
-    .map_err(std::io::Error::from)
+    atomic::publish_generation(&split.dir, &split_entries(split, files))
+        // Failed after the swap or not, the pair is held and written again:
+        // the retry finds it live and accepts it then.
+        .map_err(std::io::Error::from)
 }
 
 /// How long to wait before writing a split directory again after the
