@@ -194,7 +194,7 @@ fn read_path(path: &Path, out: &mut Vec<SourceFile>) -> Result<(), SourceError> 
         Ok(meta) if !meta.is_file() => Err(not_regular(path)),
         Ok(_) => {
             if let Some(file) = read_file(path, path)? {
-                out.push(with_link(file, path, is_link));
+                out.push(with_link(file, path, is_link, &mut Homes::new()));
             }
             Ok(())
         }
@@ -214,14 +214,21 @@ fn stat(path: &Path) -> (io::Result<fs::Metadata>, bool) {
     }
 }
 
+/// Directories and their real paths, resolved once each: a glob's matches
+/// (`/etc/ssl/certs/*.pem`, all symlinks) mostly share one.
+type Homes = std::collections::HashMap<PathBuf, Option<PathBuf>>;
+
 /// `file`, read at `path`, with where it leads when `path` is a symlink
 /// (`is_link`) out of its own directory.
-fn with_link(file: SourceFile, path: &Path, is_link: bool) -> SourceFile {
+fn with_link(file: SourceFile, path: &Path, is_link: bool, homes: &mut Homes) -> SourceFile {
     if !is_link {
         return file;
     }
-    let home = path.parent().filter(|p| !p.as_os_str().is_empty());
-    let home = fs::canonicalize(home.unwrap_or(Path::new("."))).ok();
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+    let parent = parent.unwrap_or(Path::new("."));
+    let home = homes
+        .entry(parent.to_path_buf())
+        .or_insert_with(|| fs::canonicalize(parent).ok());
     let link = outside_target(path, home.as_deref());
     SourceFile { link, ..file }
 }
@@ -237,6 +244,7 @@ fn read_glob(pattern: &str, out: &mut Vec<SourceFile>) -> Result<(), SourceError
             io::Error::new(io::ErrorKind::InvalidInput, e.to_string()),
         )
     })?;
+    let mut homes = Homes::new();
     for entry in paths {
         let path = entry.map_err(|e| {
             let path = e.path().to_path_buf();
@@ -246,7 +254,7 @@ fn read_glob(pattern: &str, out: &mut Vec<SourceFile>) -> Result<(), SourceError
         match meta {
             Ok(meta) if meta.is_file() => {
                 if let Some(file) = read_file(&path, &path)? {
-                    out.push(with_link(file, &path, is_link));
+                    out.push(with_link(file, &path, is_link, &mut homes));
                 }
             }
             Ok(meta) if meta.is_dir() => {}
