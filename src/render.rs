@@ -156,21 +156,25 @@ impl BundleState {
     ) -> Result<Report, Refusal> {
         self.read(only)?;
         // What the first PEM output held, only for the log line that names
-        // what changed: a file output being written is read as it is
-        // compared (no more system calls than without); a directory's
-        // bundle file, or in a dry run, is read here, before anything is.
-        let (mut held, keep) = match self.first_pem_output() {
-            Some((path, is_file))
-                if self.last.is_none() && tracing::enabled!(tracing::Level::INFO) =>
-            {
-                if is_file && mode == Mode::Write {
-                    (None, Some(path))
-                } else {
-                    let bytes = crate::source::read_bounded(&path, &path).ok().flatten();
-                    (bytes.map(|b| (path, b)), None)
-                }
+        // what changed (a first render has no `previous`). A file output
+        // being written is read as it is compared; a hashed directory's
+        // bundle file, which goes with its directory, before; in a dry run,
+        // which replaces nothing, only once something would change.
+        let first_render = self.last.is_none() && tracing::enabled!(tracing::Level::INFO);
+        let first_pem = if first_render {
+            self.first_pem_output()
+        } else {
+            None
+        };
+        let mut held = match &first_pem {
+            Some((path, false)) if mode == Mode::Write => {
+                crate::source::read_bounded(path, path).ok().flatten()
             }
-            _ => (None, None),
+            _ => None,
+        };
+        let keep = match &first_pem {
+            Some((path, true)) if mode == Mode::Write => Some(path.as_path()),
+            _ => None,
         };
         // A dry run writes nothing, the retention's state file included:
         // it works on a copy that is not tied to the file.
@@ -202,7 +206,7 @@ impl BundleState {
             .filter(|t| *t > now)
             .min();
         let bundle = Arc::new(assembly.bundle);
-        let (changed, failed) = self.publish(&bundle, mode, keep.as_deref(), &mut held);
+        let (changed, failed) = self.publish(&bundle, mode, keep, &mut held);
         // `last` is what the outputs hold: it moves on only once every
         // output was written.
         let previous = self.last.clone();
@@ -214,9 +218,12 @@ impl BundleState {
         } else {
             None
         };
-        let on_disk = match held {
-            Some((path, bytes)) if previous.is_none() && !changed.is_empty() => {
-                Some(held_bundle(&path, &bytes))
+        let on_disk = match &first_pem {
+            Some((path, _)) if previous.is_none() && !changed.is_empty() => {
+                if mode == Mode::DryRun {
+                    held = crate::source::read_bounded(path, path).ok().flatten();
+                }
+                held.map(|bytes| held_bundle(path, &bytes))
             }
             _ => None,
         };
@@ -309,7 +316,7 @@ impl BundleState {
         bundle: &Arc<Bundle>,
         mode: Mode,
         keep: Option<&Path>,
-        held: &mut Option<(PathBuf, Vec<u8>)>,
+        held: &mut Option<Vec<u8>>,
     ) -> (Vec<PathBuf>, Vec<(PathBuf, io::Error)>) {
         let mut changed = Vec::new();
         let mut failed = Vec::new();
@@ -359,11 +366,7 @@ impl BundleState {
                     atomic::write(&spec.path, &rendered, spec.mode).map(|()| true)
                 }
                 (false, Mode::Write) if keep == Some(spec.path.as_path()) => {
-                    let mut old = None;
-                    let result =
-                        atomic::publish_keeping(&spec.path, &rendered, spec.mode, &mut old);
-                    *held = old.map(|bytes| (spec.path.clone(), bytes));
-                    result
+                    atomic::publish_keeping(&spec.path, &rendered, spec.mode, held)
                 }
                 (false, Mode::Write) => atomic::publish(&spec.path, &rendered, spec.mode),
             };
