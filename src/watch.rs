@@ -85,6 +85,27 @@ pub struct WatchPoint {
     pub dot_dot_unread: bool,
 }
 
+impl WatchPoint {
+    /// `path` alone, seen from its directory (which sees it replaced,
+    /// deleted or created); a bare relative name (`ca.pem`) lies in the
+    /// working directory.
+    pub fn entry(source: usize, path: &Path) -> Option<Self> {
+        let (parent, name) = (path.parent()?, path.file_name()?);
+        let parent = if parent.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            parent
+        };
+        Some(Self {
+            source,
+            dir: parent.to_path_buf(),
+            recursive: false,
+            only: Some(name.to_os_string()),
+            dot_dot_unread: false,
+        })
+    }
+}
+
 /// The directories whose changes can change what `source` reads: the path
 /// itself (when it is a directory) and its parent, which sees it replaced,
 /// deleted or created (and nothing else of the parent counts); for a glob,
@@ -99,21 +120,7 @@ pub fn watch_points(index: usize, source: &Source) -> Vec<WatchPoint> {
         }
     };
     let mut points = Vec::with_capacity(2);
-    if let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) {
-        // A bare relative name (`ca.pem`) lies in the working directory.
-        let parent = if parent.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            parent
-        };
-        points.push(WatchPoint {
-            source: index,
-            dir: parent.to_path_buf(),
-            recursive: false,
-            only: Some(name.to_os_string()),
-            dot_dot_unread: false,
-        });
-    }
+    points.extend(WatchPoint::entry(index, &dir));
     points.insert(
         0,
         WatchPoint {

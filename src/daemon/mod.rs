@@ -173,16 +173,11 @@ impl Entry {
                 .get(self.name.as_str())
                 .and_then(|i| config.bundles.get(*i))
                 .map(|b| {
-                    let links = self.links.iter().filter_map(|(i, target)| {
-                        // The target's directory, for that file alone.
-                        Some(WatchPoint {
-                            source: *i,
-                            dir: target.parent()?.to_path_buf(),
-                            recursive: false,
-                            only: Some(target.file_name()?.to_os_string()),
-                            dot_dot_unread: false,
-                        })
-                    });
+                    // The target's directory, for that file alone.
+                    let links = self
+                        .links
+                        .iter()
+                        .filter_map(|(i, target)| WatchPoint::entry(*i, target));
                     b.sources
                         .iter()
                         .enumerate()
