@@ -58,9 +58,10 @@ pub type Reconfigure = Arc<dyn Fn() -> Result<Config, ConfigError> + Send + Sync
 /// daemon within 5 s (guarantee 10).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
-/// How long the first render waits for the watches to be set: what changes
-/// after the watch is set is seen, so reading first would read twice. A
-/// watch set-up that hangs (a stuck filesystem) does not hold renders back.
+/// How long renders wait for the watches of a configuration just taken (at
+/// start, after a SIGHUP) to be set: what changes after the watch is set is
+/// seen, so reading first would read twice. A watch set-up that hangs (a
+/// stuck filesystem) does not hold renders back.
 const WATCH_FIRST: Duration = Duration::from_secs(1);
 
 /// A failed write is retried after this, doubling up to [`MAX_RETRY`].
@@ -222,8 +223,9 @@ struct Finished {
 }
 
 /// What a watch refresh sends back: the routes (in `Done`, with the
-/// watcher itself), the entry ids its bundle indices stand for, and the
-/// targets that gained a watch.
+/// watcher itself), the entry ids its bundle indices stand for, the
+/// configuration it watched for (`Daemon::generation` when it started),
+/// and the targets that gained a watch.
 enum Refreshed {
     /// Every directory that cannot hang is watched; those on a filesystem
     /// whose calls can hang (NFS, FUSE) are being watched now, and may
@@ -232,9 +234,15 @@ enum Refreshed {
         routes: Routes,
         directories: usize,
         ids: Vec<u64>,
+        generation: u64,
         result: Result<HashSet<usize>, WatchError>,
     },
-    Done(Box<Watch>, Vec<u64>, Result<HashSet<usize>, WatchError>),
+    Done {
+        watch: Box<Watch>,
+        ids: Vec<u64>,
+        generation: u64,
+        result: Result<HashSet<usize>, WatchError>,
+    },
 }
 
 /// Why the daemon could not start.
@@ -289,8 +297,13 @@ pub struct Daemon {
         mpsc::UnboundedSender<Refreshed>,
         mpsc::UnboundedReceiver<Refreshed>,
     ),
-    /// Held until the watches are set (or [`WATCH_FIRST`] passed).
-    hold_renders: bool,
+    /// Renders are held until the watches of the configuration just taken
+    /// are set, at most until this instant ([`WATCH_FIRST`] after it was
+    /// taken): at start, and after a SIGHUP.
+    hold: Option<Instant>,
+    /// Counts the configurations taken: a refresh that comes back names
+    /// the one it watched for, and only that one's lets renders go.
+    generation: u64,
     /// Free heap pages go back to the kernel once every entry's first run
     /// has finished: set by each configuration taken, the first at start.
     trim_pending: bool,
@@ -394,7 +407,8 @@ impl Daemon {
             reconfigure,
             done,
             refreshed: mpsc::unbounded_channel(),
-            hold_renders: true,
+            hold: None,
+            generation: 0,
             trim_pending: false,
             trim_at: None,
             watching: None,
@@ -418,11 +432,10 @@ impl Daemon {
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         let (reread_tx, mut reread_rx) = mpsc::unbounded_channel();
 
+        // Counted from here: the configuration was taken before the runtime
+        // started.
+        self.hold_for_watches();
         self.start_rewatch();
-        let watch_first = Instant::now() + WATCH_FIRST;
-        if matches!(self.watch, WatchSlot::Off) {
-            self.hold_renders = false;
-        }
         self.dispatch();
 
         let mut wall = self.clock.timer();
@@ -435,7 +448,6 @@ impl Daemon {
             });
             let expiry_at = self.agenda.expiry_at(&self.entries);
             let retry_at = self.agenda.retry_at(&self.entries);
-            let held_until = self.hold_renders.then_some(watch_first);
             let admit_at = self.runs.admit_at();
             let held = self.runs.held();
             let startup_until = self.startup_reloads.as_ref().and_then(|s| s.until);
@@ -464,13 +476,13 @@ impl Daemon {
                     }
                 }
                 Some(refreshed) = self.refreshed.1.recv() => match refreshed {
-                    Refreshed::Partly { routes, directories, ids, result } => {
-                        self.took_routes(routes, directories, ids, result);
+                    Refreshed::Partly { routes, directories, ids, generation, result } => {
+                        self.took_routes(routes, directories, ids, generation, result);
                     }
-                    Refreshed::Done(watch, ids, result) => {
+                    Refreshed::Done { watch, ids, generation, result } => {
                         let (routes, directories) = (watch.routes(), watch.len());
                         self.watch = WatchSlot::Idle(watch);
-                        self.took_routes(routes, directories, ids, result);
+                        self.took_routes(routes, directories, ids, generation, result);
                     }
                 },
                 change = recv_events(&mut self.events) => {
@@ -521,7 +533,7 @@ impl Daemon {
                         }
                     }
                 }
-                () = sleep_until(held_until) => self.hold_renders = false,
+                () = sleep_until(self.hold) => self.hold = None,
                 // A run in flight became stuck: another thread takes the
                 // queue on.
                 () = sleep_until(admit_at) => self.runs.admit(),
@@ -682,8 +694,19 @@ impl Daemon {
         self.reloader.retain(&specs);
         self.config = config;
         self.rewatch = true;
+        self.generation += 1;
+        self.hold_for_watches();
         self.agenda.mark_everyone();
         self.keep_configured_metrics();
+    }
+
+    /// Holds renders until the refresh of the configuration taken sets its
+    /// watches (or [`WATCH_FIRST`] passed): what changes once a watch is
+    /// set is seen, so a target read before its watch would be read twice.
+    fn hold_for_watches(&mut self) {
+        if !matches!(self.watch, WatchSlot::Off) {
+            self.hold = Some(Instant::now() + WATCH_FIRST);
+        }
     }
 
     /// Keeps the metrics of the entries configured now alone: a bundle
@@ -751,7 +774,7 @@ impl Daemon {
     /// running. Bundles first: a key pair may chain to one that is about to
     /// change.
     fn dispatch(&mut self) {
-        if self.hold_renders {
+        if self.hold.is_some() {
             return;
         }
         let due = self.agenda.due(&self.entries);
@@ -1074,6 +1097,7 @@ impl Daemon {
             .map(|e| e.watch_points(&self.config, &bundles))
             .collect();
         let tx = self.refreshed.0.clone();
+        let generation = self.generation;
         tokio::task::spawn_blocking(move || {
             // A directory on NFS or FUSE can block its lookup for good: the
             // others are watched first, and their routes sent at once.
@@ -1091,25 +1115,36 @@ impl Daemon {
                     routes: watch.routes(),
                     directories: watch.len(),
                     ids: ids.clone(),
+                    generation,
                     result,
                 });
             }
             let result = watch.set(&wanted);
-            let _ = tx.send(Refreshed::Done(watch, ids, result));
+            let _ = tx.send(Refreshed::Done {
+                watch,
+                ids,
+                generation,
+                result,
+            });
         });
     }
 
     /// A refresh came back (or its part that cannot hang): its routes
     /// replace the old ones, and targets that gained a watch are read again
-    /// (what changed before the watch existed was not seen).
+    /// (what changed before the watch existed was not seen), unless it is
+    /// the refresh the configuration's held renders wait for: it lets them
+    /// go, and none was read before.
     fn took_routes(
         &mut self,
         routes: Routes,
         directories: usize,
         ids: Vec<u64>,
+        generation: u64,
         result: Result<HashSet<usize>, WatchError>,
     ) {
-        let first = self.route_ids.is_empty() && self.hold_renders;
+        // The configuration's renders were held for these watches: nothing
+        // of it was read before them, so nothing needs reading again.
+        let first = self.hold.is_some() && generation == self.generation;
         self.routes = routes;
         self.route_ids = ids;
         if self.watching.replace(directories) == Some(directories) {
@@ -1141,7 +1176,9 @@ impl Daemon {
                 self.agenda.mark_everyone();
             }
         }
-        self.hold_renders = false;
+        if first {
+            self.hold = None;
+        }
     }
 }
 

@@ -282,7 +282,7 @@ async fn a_sighup_during_a_render_still_reloads_its_change() {
     let config = Config::load(&flags, Child::Absent).expect("config");
     let metrics = Arc::new(Metrics::new());
     let mut daemon = quiet_daemon(config.clone(), metrics.clone());
-    daemon.hold_renders = false;
+    daemon.hold = None;
     daemon.dispatch();
     settle_runs(&mut daemon).await;
     wait_until(|| signals(&metrics, "default") == 1).await;
@@ -302,6 +302,8 @@ async fn a_sighup_during_a_render_still_reloads_its_change() {
         *signal = nix::sys::signal::Signal::SIGWINCH;
     }
     daemon.apply(fresh);
+    // No loop here to set the new configuration's watches.
+    daemon.hold = None;
     // As the loop does after every event: a run still queued went back to
     // its entry with the new configuration, and starts again.
     daemon.dispatch();
@@ -355,7 +357,7 @@ async fn the_status_line_counts_many_bundles_instead_of_listing_them() {
         "{before}"
     );
     assert!(before.ends_with("; ..."), "{before}");
-    daemon.hold_renders = false;
+    daemon.hold = None;
     daemon.dispatch();
     settle_runs(&mut daemon).await;
     let after = daemon.summary();
@@ -393,7 +395,7 @@ async fn a_bundle_removed_by_a_new_configuration_leaves_the_metrics() {
     };
     let metrics = Arc::new(Metrics::new());
     let mut daemon = quiet_daemon(text(&["kept", "dropped"]), metrics.clone());
-    daemon.hold_renders = false;
+    daemon.hold = None;
     daemon.dispatch();
     settle_runs(&mut daemon).await;
     let series = |bundle: &str| {

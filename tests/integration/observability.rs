@@ -458,9 +458,37 @@ fn readyz_waits_for_a_bundle_a_sighup_added() {
     wait_status(addr, "/readyz", 503);
     let ready = get(addr, "/readyz").expect("readyz");
     assert!(ready.body.contains("late: refused"), "{}", ready.body);
+    daemon.wait_log("directories=3", 1);
 
     put(&late, "ca.pem", Ca::new("Late").pem());
     wait_status(addr, "/readyz", 200);
+
+    // One SIGHUP, one first read of the bundle it added: its refusal is
+    // logged and counted once (the watch set for it is no second change).
+    // Its render of the fixed source came after every earlier run of it.
+    let scrape = scrape(addr, &logs).expect("scrape");
+    let late_bundle = ("bundle", "late");
+    assert_eq!(
+        scrape.count(RENDERS, &[late_bundle, ("result", "refused")]),
+        1.0,
+        "{}",
+        scrape.text
+    );
+    assert_eq!(
+        scrape.count(
+            "anchorage_refusals_total",
+            &[late_bundle, ("reason", "not_certificate")]
+        ),
+        1.0,
+        "{}",
+        scrape.text
+    );
+    let log = daemon.log();
+    let refusals = log
+        .lines()
+        .filter(|l| l.contains("bundle refused") && l.contains("bundle=late"))
+        .count();
+    assert_eq!(refusals, 1, "{log}");
     assert_eq!(daemon.stop(), 0);
 }
 
