@@ -6,13 +6,17 @@
 # them): time from process start until the watches are set and the first
 # render is done, RSS after start, and the latency of a kubelet swap in one
 # of the 1,000 directories (median of SWAPS); then, as the floor of (b), the
-# same file work done by a C loop. Prints figures; asserts nothing.
+# same file work done by a C loop on one thread, the whole start (watches,
+# then that work on every core) done by it, and the configuration's parse
+# (benches/config.rs). Prints figures; asserts nothing.
 #
 #   bench/scale.sh
 #   DIRS=1000 SWAPS=20 STARTS=3 bench/scale.sh
 #   BASELINE=/path/to/older/anchorage bench/scale.sh
 #                                      # adds "anchorage (baseline)" rows, same
 #                                      # settings, and the ratios current/baseline
+#   CONFIG_BENCH=0 bench/scale.sh      # without the configuration's figures
+#                                      # (benches/config.rs, built for them)
 #   STATIC=0 bench/scale.sh            # without the rows of the static build
 #                                      # (docker/Dockerfile's: crt-static, in
 #                                      # target/bench-static; minutes of LTO)
@@ -80,6 +84,24 @@ if cc=$(command -v cc || command -v gcc) && "$cc" -O2 -o "$SCRATCH_SHM/fsfloor" 
     rm -rf "$SCRATCH_SHM/floor-out"
     printf '%s\n' "${floors[@]}" | sort -n | awk -v n="$DIRS" '{ v[NR] = $1 } END {
         printf "floor: the file work of starting %s one-volume bundles, one thread (each volume read through ..data; each output a temporary file written, fsynced, renamed, its directory fsynced): median %.1f ms, least %.1f ms (5 runs)\n", n, v[3], v[1] }'
+    # The whole start of (b) with nothing of anchorage's own: the watches,
+    # then that file work on as many threads as cores (fsfloor start).
+    cores=$(nproc)
+    starts=()
+    for _ in 1 2 3 4 5; do
+        rm -rf "$SCRATCH_SHM/floor-out"
+        mkdir "$SCRATCH_SHM/floor-out"
+        starts+=("$("$SCRATCH_SHM/fsfloor" start "$SCRATCH_SHM/vols" "$SCRATCH_SHM/floor-out" "$cores")")
+    done
+    rm -rf "$SCRATCH_SHM/floor-out"
+    printf '%s\n' "${starts[@]}" | sort -n -k2 | awk -v n="$DIRS" -v t="$cores" '{ w[NR] = $1; v[NR] = $2 } END {
+        printf "floor: the whole start of %s one-volume bundles (%s watches, then that file work on %s threads): watches set in %.1f ms, all done in %.1f ms median, %.1f least (5 runs)\n", n, n + 1, t, w[3], v[3], v[1] }'
 else
-    say "note: no C compiler (apt-get install -y gcc): the file-work floor line is skipped"
+    say "note: no C compiler (apt-get install -y gcc): the file-work floor lines are skipped"
+fi
+
+# The configuration's part of (b)'s start: the same 1,000-bundle file parsed
+# by the TOML crate alone and by anchorage (benches/config.rs).
+if [ "${CONFIG_BENCH:-1}" != 0 ]; then
+    BUNDLES=$DIRS cargo bench --quiet --manifest-path "$REPO/Cargo.toml" --bench config 2>/dev/null
 fi
