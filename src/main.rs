@@ -34,7 +34,17 @@ fn main() -> ExitCode {
         // A usage error is one JSON line too when JSON logs were asked for.
         Err(e) if e.use_stderr() && json_requested() => {
             init_logs(LogFormat::Json);
-            error!("{}", e.render().to_string().trim());
+            let message = e.render().to_string();
+            error!("{}", naming_the_variable(&e, &message).trim());
+            return ExitCode::from(USAGE);
+        }
+        Err(e) if e.use_stderr() => {
+            let message = e.render().to_string();
+            let named = naming_the_variable(&e, &message);
+            if named == message {
+                e.exit()
+            }
+            eprint!("{named}");
             return ExitCode::from(USAGE);
         }
         Err(e) => e.exit(),
@@ -76,6 +86,35 @@ fn json_requested() -> bool {
         .any(|w| w[0] == "--log-format" && w[1] == "json")
         || args.iter().any(|a| a == "--log-format=json")
         || std::env::var("ANCHORAGE_LOG_FORMAT").is_ok_and(|v| v == "json")
+}
+
+/// `message` (clap's `e`, rendered) with the variable named after the flag
+/// when the bad value came from it (`ANCHORAGE_DEBOUNCE=abc` is reported
+/// as `'--debounce <DURATION>' (from ANCHORAGE_DEBOUNCE)`): the flag was
+/// never typed.
+fn naming_the_variable(e: &clap::Error, message: &str) -> String {
+    use clap::CommandFactory;
+    use clap::error::{ContextKind, ContextValue};
+    let Some(ContextValue::String(invalid)) = e.get(ContextKind::InvalidArg) else {
+        return message.to_owned();
+    };
+    let flag = invalid.split(' ').next().unwrap_or_default();
+    let command = Cli::command();
+    let variable = command
+        .get_subcommands()
+        .flat_map(|c| c.get_arguments())
+        .find(|a| a.get_long().is_some_and(|long| flag == format!("--{long}")))
+        .and_then(|a| a.get_env())
+        .and_then(|v| v.to_str());
+    let typed = std::env::args().any(|a| a == flag || a.starts_with(&format!("{flag}=")));
+    match variable {
+        Some(variable) if !typed && std::env::var_os(variable).is_some() => message.replacen(
+            &format!("'{invalid}'"),
+            &format!("'{invalid}' (from {variable})"),
+            1,
+        ),
+        _ => message.to_owned(),
+    }
 }
 
 /// Loads the configuration, or says why not (exit 2).

@@ -154,6 +154,39 @@ fn a_bundle_flag_over_several_bundles_is_named() {
     assert!(!out.stderr.contains("--source"), "{}", out.stderr);
 }
 
+/// A bad value from a variable is reported with the variable's name: the
+/// flag it stands for was never typed. A typed flag is reported as typed.
+#[test]
+fn a_bad_value_from_a_variable_names_the_variable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = write(dir.path(), "ca.pem", Ca::new("Variable").pem());
+    let out_path = dir.path().join("out.pem");
+    let args = ["render", "--source", s(&src), "--output", s(&out_path)];
+    let out = crate::support::anchorage()
+        .args(args)
+        .env("ANCHORAGE_DEBOUNCE", "soon")
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("'soon'") && stderr.contains("(from ANCHORAGE_DEBOUNCE)"),
+        "{stderr}"
+    );
+    assert!(!out_path.exists());
+
+    let out = crate::support::anchorage()
+        .args(args)
+        .args(["--debounce", "later"])
+        .env("ANCHORAGE_DEBOUNCE", "soon")
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("'later'"), "{stderr}");
+    assert!(!stderr.contains("ANCHORAGE_DEBOUNCE"), "{stderr}");
+}
+
 #[test]
 fn exec_keeps_commas_on_the_command_line_and_splits_the_variable() {
     let dir = tempfile::tempdir().expect("tempdir");
