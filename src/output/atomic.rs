@@ -275,8 +275,10 @@ pub fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), WriteError
 /// Publishes a directory of files atomically.
 pub fn write_dir(path: &Path, files: &[(String, Vec<u8>)], mode: u32) -> Result<(), WriteError> {
     let entries = with_mode(files, mode);
-    if is_symlink(&path.join(DATA)) {
-        return write_generation(path, &entries);
+    match data_link(path)? {
+        Some(Link::Ours) => return write_generation(path, &entries),
+        Some(Link::Foreign) => return Err(refusal(path, FOREIGN_DATA).into()),
+        None => {}
     }
     // Decided before anything is written: a refusal leaves no trace.
     match ownership(path)? {
@@ -357,11 +359,19 @@ pub fn check_owned(path: &Path, rendered: &Rendered) -> io::Result<()> {
         return Ok(());
     };
     let entries = with_mode(files, 0);
-    let inside = is_symlink(&path.join(DATA));
+    let inside = match data_link(path)? {
+        Some(Link::Ours) => true,
+        Some(Link::Foreign) => return Err(refusal(path, FOREIGN_DATA)),
+        None => false,
+    };
     if !inside {
+        let mount_point = || crate::source::mounts::is_mount_point(path);
         match ownership(path)? {
-            Ownership::Ours => return Ok(()),
-            Ownership::Foreign(_) if crate::source::mounts::is_mount_point(path) => {}
+            // A mount point cannot be swapped: it is published inside,
+            // where its visible names must not be someone else's files.
+            Ownership::Ours if !mount_point() => return Ok(()),
+            Ownership::Ours => {}
+            Ownership::Foreign(_) if mount_point() => {}
             Ownership::Foreign(reason) => return Err(refusal(path, &reason)),
         }
     }
@@ -629,8 +639,45 @@ fn exchange(new: &Path, live: &Path) -> io::Result<()> {
     fs::rename(&aside, new)
 }
 
-fn is_symlink(path: &Path) -> bool {
-    fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink())
+/// Whether `dir` holds a generation anchorage published through `..data`.
+fn published_inside(dir: &Path) -> bool {
+    matches!(data_link(dir), Ok(Some(Link::Ours)))
+}
+
+/// Whose a directory's `..data` is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Link {
+    /// A link to a generation anchorage published.
+    Ours,
+    /// Anything else: kubelet's, a user's own AtomicWriter-style layout, a
+    /// file. Publishing through it would orphan their files and links.
+    Foreign,
+}
+
+/// Why a directory whose `..data` is someone else's is refused.
+const FOREIGN_DATA: &str = "its ..data was not written by anchorage (a kubelet volume, or a \
+                            directory published the same way)";
+
+/// `dir`'s `..data`: `None` when there is none (or `dir` is no directory).
+fn data_link(dir: &Path) -> io::Result<Option<Link>> {
+    let data = dir.join(DATA);
+    match fs::read_link(&data) {
+        Ok(target) => Ok(Some(
+            if target
+                .to_str()
+                .is_some_and(|t| t.starts_with(GENERATION_PREFIX) && !t.contains('/'))
+            {
+                Link::Ours
+            } else {
+                Link::Foreign
+            },
+        )),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) if e.raw_os_error() == Some(nix::libc::ENOTDIR) => Ok(None),
+        // There, and no link.
+        Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => Ok(Some(Link::Foreign)),
+        Err(e) => Err(context(&data, "read", e)),
+    }
 }
 
 /// Publishes `files` (name, bytes, mode) inside `dir` in kubelet's layout,
@@ -688,7 +735,13 @@ fn write_generation(dir: &Path, files: &[Entry<'_>]) -> Result<(), WriteError> {
     let name = format!("{GENERATION_PREFIX}{stamp}_{}_{n}", pid());
     let generation = dir.join(&name);
     // A mount point or a split dir keeps its other files, but a visible
-    // name published here must never replace a file of someone else's.
+    // name published here must never replace a file of someone else's, nor
+    // `..data` a generation of someone else's.
+    let before = match data_link(dir)? {
+        Some(Link::Foreign) => return Err(not_ours(&dir.join(DATA)).into()),
+        Some(Link::Ours) => live_names(dir),
+        None => Vec::new(),
+    };
     if let Some(visible) = foreign_visible(dir, files)? {
         return Err(not_ours(&visible).into());
     }
@@ -729,12 +782,31 @@ fn write_generation(dir: &Path, files: &[Entry<'_>]) -> Result<(), WriteError> {
         })?;
     }
     // Live: what fails from here leaves the new set in place.
-    tidy_generations(dir, files, &name).map_err(WriteError::after)
+    tidy_generations(dir, files, &before, &name).map_err(WriteError::after)
+}
+
+/// The names of the generation `dir`'s `..data` names (one anchorage
+/// published): the visible links it may own.
+fn live_names(dir: &Path) -> Vec<String> {
+    fs::read_dir(dir.join(DATA))
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// After a generation named `live` went live: removes the older
-/// generations and the links of names that went, and syncs the directory.
-fn tidy_generations(dir: &Path, files: &[Entry<'_>], live: &str) -> io::Result<()> {
+/// generations and the links of names that went (those the generation
+/// before held: a link someone else made through `..data` stays), and
+/// syncs the directory.
+fn tidy_generations(
+    dir: &Path,
+    files: &[Entry<'_>],
+    before: &[String],
+    live: &str,
+) -> io::Result<()> {
     let wanted: std::collections::HashSet<&str> = files.iter().map(|(n, _, _)| *n).collect();
     for entry in step(dir, "list", || fs::read_dir(dir))? {
         let entry = entry.map_err(|e| context(dir, "list", e))?;
@@ -747,7 +819,8 @@ fn tidy_generations(dir: &Path, files: &[Entry<'_>], live: &str) -> io::Result<(
             step(&path, "remove old generation", || remove_any(&path))?;
         } else if !entry_name.starts_with("..")
             && !wanted.contains(entry_name)
-            && fs::read_link(&path).is_ok_and(|t| t.starts_with(DATA))
+            && before.iter().any(|b| b == entry_name)
+            && fs::read_link(&path).is_ok_and(|t| t == Path::new(DATA).join(entry_name))
         {
             step(&path, "remove stale link", || fs::remove_file(&path))?;
         }
@@ -788,13 +861,13 @@ fn compare_file(path: &Path, bytes: &[u8], mode: u32, keep: bool) -> Compared {
 
 /// Whether the directory output at `path` holds exactly these files.
 fn dir_matches(path: &Path, files: &[(String, Vec<u8>)], mode: u32) -> bool {
-    let layout = is_symlink(&path.join(DATA));
+    let layout = published_inside(path);
     entries_match(path, &with_mode(files, mode), layout)
 }
 
 /// Whether `dir` is in kubelet's layout with exactly these files live.
 fn generation_matches(dir: &Path, files: &[Entry<'_>]) -> bool {
-    is_symlink(&dir.join(DATA)) && entries_match(dir, files, true)
+    published_inside(dir) && entries_match(dir, files, true)
 }
 
 /// Whether the directory at `path` holds exactly these files (through
@@ -839,6 +912,10 @@ fn entries_match(path: &Path, files: &[Entry<'_>], layout: bool) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn is_symlink(path: &Path) -> bool {
+        fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink())
+    }
 
     /// Failing a writer's steps ([`step`]) one at a time.
     pub(super) mod fault {

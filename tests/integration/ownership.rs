@@ -13,8 +13,9 @@ use crate::support::daemon::{Daemon, eventually};
 use crate::support::pki::{Ca, sha256_hex};
 use crate::support::{Outcome, free_port, in_mount_namespace, pem_certs, run, s, write};
 
-/// Every path under `root` (not following symlinks) with its bytes, or
-/// `None` for a directory: a snapshot to compare before and after.
+/// Every path under `root` (not following symlinks) with its bytes (a
+/// symlink's target), or `None` for a directory: a snapshot to compare
+/// before and after.
 fn tree(root: &Path) -> BTreeMap<PathBuf, Option<Vec<u8>>> {
     let mut out = BTreeMap::new();
     let mut stack = vec![root.to_path_buf()];
@@ -25,6 +26,9 @@ fn tree(root: &Path) -> BTreeMap<PathBuf, Option<Vec<u8>>> {
             if meta.is_dir() {
                 stack.push(path.clone());
                 out.insert(path, None);
+            } else if meta.file_type().is_symlink() {
+                let target = fs::read_link(&path).expect("read link");
+                out.insert(path, Some(format!("-> {}", target.display()).into_bytes()));
             } else {
                 out.insert(path.clone(), Some(fs::read(&path).expect("read")));
             }
@@ -279,11 +283,15 @@ fn mount_point_keeps_foreign_files_and_refuses_to_replace_one() {
     let script = format!(
         "mount -t tmpfs none {m} || exit 77
          echo keep > {m}/keep.txt
+         ln -s ..data/theirs.txt {m}/theirs.txt
          {bin} render --source {a} --hashed-dir {m} || exit 1
          test -L {m}/..data && test -L {m}/ca-certificates.crt || exit 2
          test \"$(cat {m}/keep.txt)\" = keep || exit 3
+         test -L {m}/theirs.txt || exit 10
          umount {m} && mount -t tmpfs none {m} || exit 4
          echo theirs > {m}/ca-certificates.crt
+         {bin} render --dry-run --source {a} --hashed-dir {m} >/dev/null 2>&1
+         test $? = 1 || exit 9
          {bin} render --source {a} --hashed-dir {m} 2>{m}/../err && exit 5
          grep -q 'not written by anchorage' {m}/../err || exit 6
          test \"$(cat {m}/ca-certificates.crt)\" = theirs || exit 7
@@ -448,4 +456,82 @@ fn dry_run_reports_the_refusal() {
         out.stdout
     );
     assert_eq!(fs::read_dir(&empty).expect("list").count(), 0);
+}
+
+/// Someone else's directory in kubelet's layout (a Secret or ConfigMap
+/// volume, a hand-made AtomicWriter directory): its `..data`, its
+/// generation and the visible links through it.
+fn foreign_published_dir(dir: &Path) {
+    write(
+        &dir.join("..2026_01_01_00_00_00.1"),
+        "config.yaml",
+        "theirs\n",
+    );
+    std::os::unix::fs::symlink("..2026_01_01_00_00_00.1", dir.join("..data")).expect("symlink");
+    std::os::unix::fs::symlink("..data/config.yaml", dir.join("config.yaml")).expect("symlink");
+}
+
+/// A `..data` anchorage did not write is no sign the directory is its own:
+/// publishing through it would orphan the owner's generation and delete
+/// their links. A directory output, a dry run and a key pair's split
+/// directory all refuse it, and nothing there changes.
+#[test]
+fn a_directory_published_by_someone_else_through_data_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = write(dir.path(), "ca.pem", Ca::new("Ours").pem());
+    let certs = dir.path().join("certs");
+    foreign_published_dir(&certs);
+    let before = tree(&certs);
+    let link = || fs::read_link(certs.join("..data")).expect("..data");
+    let theirs = link();
+
+    let out = render_hashed(&src, &certs);
+    assert_refused(&out, &certs);
+    assert!(out.stderr.contains("..data"), "{}", out.stderr);
+    assert_eq!(tree(&certs), before);
+    assert_eq!(link(), theirs);
+
+    let out = run(&[
+        "render",
+        "--dry-run",
+        "--source",
+        s(&src),
+        "--hashed-dir",
+        s(&certs),
+    ]);
+    assert_refused(&out, &certs);
+    assert_eq!(tree(&certs), before);
+
+    // A `..data` that is a plain file is someone else's too.
+    let plain = dir.path().join("plain");
+    write(&plain, "..data", "not a link\n");
+    let before_plain = tree(&plain);
+    assert_refused(&render_hashed(&src, &plain), &plain);
+    assert_eq!(tree(&plain), before_plain);
+
+    let ca = Ca::new("Pod CA");
+    let leaf = ca.leaf("pod.example");
+    let bundle = write(
+        dir.path(),
+        "credentialbundle.pem",
+        crate::support::kubelet::credential_bundle(&leaf, &[]),
+    );
+    let split = dir.path().join("tls");
+    foreign_published_dir(&split);
+    let before_split = tree(&split);
+    let out = run(&[
+        "render",
+        "--credential-bundle",
+        s(&bundle),
+        "--split-dir",
+        s(&split),
+    ]);
+    out.expect_code(1);
+    assert!(
+        out.stderr.contains(&format!("{}/..data", s(&split)))
+            && out.stderr.contains("not written by anchorage"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(tree(&split), before_split);
 }
