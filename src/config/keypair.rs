@@ -241,13 +241,20 @@ pub(super) fn from_flags(
 /// A split directory must not be where the pair is read from: anchorage
 /// would watch its own writes, and a kubelet volume is not its to write.
 fn check_split(name: &str, material: &KeyMaterial, split: &SplitDir) -> Result<(), String> {
+    if split.dir.as_os_str().is_empty() {
+        return Err(format!(
+            "key pair {name:?}: split_dir is empty; name a directory"
+        ));
+    }
     let sources = match material {
         KeyMaterial::Files { cert, key } => vec![cert, key],
         KeyMaterial::CredentialBundle(bundle) => vec![bundle],
     };
+    let cwd = std::env::current_dir().ok();
+    let cwd = cwd.as_deref();
     for source in sources {
         let parent = source.parent().unwrap_or(Path::new(""));
-        let (dir, parent) = (normal(&split.dir), normal(parent));
+        let (dir, parent) = (super::normal(&split.dir, cwd), super::normal(parent, cwd));
         if dir == parent || source.starts_with(&split.dir) {
             return Err(format!(
                 "key pair {name:?}: split_dir {} is where {} is read from; write the split pair elsewhere (an emptyDir the app mounts)",
@@ -257,11 +264,4 @@ fn check_split(name: &str, material: &KeyMaterial, split: &SplitDir) -> Result<(
         }
     }
     Ok(())
-}
-
-/// `path` without `.` components or a trailing slash, for comparison.
-fn normal(path: &Path) -> PathBuf {
-    path.components()
-        .filter(|c| !matches!(c, std::path::Component::CurDir))
-        .collect()
 }

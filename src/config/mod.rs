@@ -387,12 +387,14 @@ fn build(
     }
     // Two outputs at one path: the last render would win and the other
     // bundle's CAs would vanish without a word.
+    // However spelled (`./x.pem`, `x.pem`, its absolute path).
+    let cwd = std::env::current_dir().ok();
     let mut paths: std::collections::HashMap<PathBuf, String> = std::collections::HashMap::new();
     for (b, bundle) in bundles.iter().enumerate() {
         for (o, out) in bundle.outputs.iter().enumerate() {
             let span = output_spans.get(b).and_then(|s| s.get(o)).cloned();
             let owner = format!("bundle {:?}", bundle.name);
-            if let Some(first) = paths.insert(out.path.clone(), owner.clone()) {
+            if let Some(first) = paths.insert(normal(&out.path, cwd.as_deref()), owner.clone()) {
                 let key = if span.is_some() {
                     "bundle.output.path"
                 } else {
@@ -415,7 +417,7 @@ fn build(
         let span = keypair_split_spans.get(k).cloned().flatten();
         let owner = format!("key pair {:?}", pair.name);
         for path in [split.dir.clone(), split.cert(), split.key()] {
-            if let Some(first) = paths.insert(path.clone(), owner.clone()) {
+            if let Some(first) = paths.insert(normal(&path, cwd.as_deref()), owner.clone()) {
                 let key = if span.is_some() {
                     "keypair.split_dir"
                 } else {
@@ -443,6 +445,29 @@ fn build(
         bundles: shared,
         keypairs,
     })
+}
+
+/// `path` as the outputs' duplicate check compares it: absolute (from the
+/// working directory `cwd`, where a relative output is written), without
+/// `.` components or a trailing slash, `..` taken back a component (spelled
+/// `dir/../x`, `x` is meant, whatever `dir` links to).
+fn normal(path: &Path, cwd: Option<&Path>) -> PathBuf {
+    use std::path::Component;
+    let absolute = match cwd {
+        Some(cwd) if path.is_relative() => cwd.join(path),
+        _ => path.to_path_buf(),
+    };
+    let mut out = PathBuf::new();
+    for component in absolute.components() {
+        match component {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 fn daemon(flags: &Flags, raw: RawDaemon, origin: &Origin<'_>) -> Result<Daemon, ConfigError> {
@@ -524,6 +549,13 @@ fn bundle(
     }
     let mut outputs = Vec::with_capacity(raw.output.len());
     for out in raw.output {
+        if out.get_ref().path.as_os_str().is_empty() {
+            return origin.error(
+                Some(out.span()),
+                "bundle.output.path",
+                "an output path is empty; name a file or a directory",
+            );
+        }
         let out = out.into_inner();
         let format = match &out.format {
             None => Format::Pem,

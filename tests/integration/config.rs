@@ -1,7 +1,7 @@
 //! Configuration errors: exit 2, naming the file, the line and the key.
 
 use crate::support::pki::Ca;
-use crate::support::{run, s, write};
+use crate::support::{Outcome, run, s, write};
 
 fn config_error(toml: &str) -> String {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -369,6 +369,53 @@ fn two_outputs_at_one_path_are_a_configuration_error() {
     ]);
     out.expect_code(2);
     assert!(out.stderr.contains("/o/ca"), "{}", out.stderr);
+}
+
+/// However an output's path is spelled (`./x.pem`, `sub/../x.pem`, its
+/// absolute path), it is one path; and an empty one is no path.
+#[test]
+fn two_outputs_at_one_path_spelled_differently_are_a_configuration_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let absolute = dir.path().join("x.pem");
+    let in_dir = |args: &[&str]| {
+        Outcome::of(
+            crate::support::anchorage()
+                .current_dir(dir.path())
+                .args(args)
+                .output()
+                .expect("run"),
+        )
+    };
+    for other in ["./x.pem", "sub/../x.pem", s(&absolute)] {
+        let config = write(
+            dir.path(),
+            "anchorage.toml",
+            format!(
+                "[[bundle]]\nname = \"a\"\nsources = [\"/x\"]\n[[bundle.output]]\npath = \"x.pem\"\n\n\
+                 [[bundle]]\nname = \"b\"\nsources = [\"/y\"]\n[[bundle.output]]\npath = \"{other}\"\n"
+            ),
+        );
+        let out = in_dir(&["render", "--config", s(&config)]);
+        out.expect_code(2);
+        assert!(
+            out.stderr.contains(":10:") && out.stderr.contains("already an output of bundle \"a\""),
+            "{other}: {}",
+            out.stderr
+        );
+    }
+    let out = in_dir(&[
+        "render", "--source", "/x", "--output", "z.pem", "--output", "./z.pem",
+    ]);
+    out.expect_code(2);
+    assert!(out.stderr.contains("already an output"), "{}", out.stderr);
+
+    let err = config_error(
+        "[[bundle]]\nname = \"e\"\nsources = [\"/x\"]\n[[bundle.output]]\npath = \"\"\n",
+    );
+    assert!(
+        err.contains(":4:") && err.contains("bundle.output.path") && err.contains("empty"),
+        "{err}"
+    );
 }
 
 #[test]
