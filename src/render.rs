@@ -194,7 +194,20 @@ impl BundleState {
             Some(retention),
             Some(&mut self.parsed),
             now,
-        )?;
+        )
+        .map_err(|mut refusal| {
+            if let Refusal::TooFew { empty, .. } = &mut refusal {
+                empty.extend(
+                    self.config
+                        .sources
+                        .iter()
+                        .zip(&self.cache)
+                        .filter(|(_, read)| read.as_ref().is_some_and(Vec::is_empty))
+                        .map(|(source, _)| source.display()),
+                );
+            }
+            refusal
+        })?;
         let retention_ends = self
             .config
             .retain_removed

@@ -125,6 +125,10 @@ pub enum Refusal {
     TooFew {
         found: usize,
         min: usize,
+        /// The configured sources that held no file at all (a mistyped
+        /// path, a dangling link, an empty directory), as written: the
+        /// likeliest reason, named.
+        empty: Vec<String>,
     },
     /// A `verify` certificate would no longer chain.
     Verify(VerifyError),
@@ -147,10 +151,16 @@ impl std::fmt::Display for Refusal {
         match self {
             Self::Source(e) => e.fmt(f),
             Self::Parse(e) => e.fmt(f),
-            Self::TooFew { found, min } => write!(
-                f,
-                "{found} usable certificate(s), fewer than min_certs = {min}"
-            ),
+            Self::TooFew { found, min, empty } => {
+                write!(
+                    f,
+                    "{found} usable certificate(s), fewer than min_certs = {min}"
+                )?;
+                if !empty.is_empty() {
+                    write!(f, "; no file at {}", empty.join(", "))?;
+                }
+                Ok(())
+            }
             Self::Verify(e) => e.fmt(f),
         }
     }
@@ -181,6 +191,7 @@ pub fn check_min(assembly: &Assembly, policy: &Policy) -> Result<(), Refusal> {
         return Err(Refusal::TooFew {
             found: assembly.bundle.len(),
             min: policy.min_certs,
+            empty: Vec::new(),
         });
     }
     Ok(())

@@ -483,6 +483,45 @@ fn min_certs_refuses_a_small_bundle() {
     assert!(out.stderr.contains("min_certs"), "{}", out.stderr);
 }
 
+/// A source that holds no file at all (a mistyped path, an empty
+/// directory) is named in the refusal it leads to; one that gave
+/// certificates is not.
+#[test]
+fn a_source_with_no_file_is_named_when_too_few_remain() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = write(dir.path(), "ca.pem", Ca::new("Alone").pem());
+    let typo = dir.path().join("ca.pen");
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).expect("mkdir");
+    let out_file = dir.path().join("bundle.pem");
+    let out = run(&[
+        "render",
+        "--source",
+        s(&src),
+        "--source",
+        s(&typo),
+        "--source",
+        s(&empty),
+        "--output",
+        s(&out_file),
+        "--min-certs",
+        "2",
+    ]);
+    out.expect_code(1);
+    assert!(
+        out.stderr
+            .contains(&format!("no file at {}, {}", s(&typo), s(&empty))),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        !out.stderr.contains(&format!("{},", s(&src))),
+        "{}",
+        out.stderr
+    );
+    assert!(!out_file.exists());
+}
+
 #[test]
 fn sources_come_from_environment_lists_and_globs() {
     let dir = tempfile::tempdir().expect("tempdir");
