@@ -299,6 +299,20 @@ fn read_dir(
                 return Ok(());
             }
             Ok(true) => continue,
+            // `..data` still names a generation that is not there: no swap
+            // under way (kubelet swaps before it removes), a dangling link.
+            Ok(false)
+                if fs::read_link(&data).is_ok_and(|now| dir.join(now) == generation)
+                    && fs::symlink_metadata(&generation).is_err_and(|e| is_absent(&e)) =>
+            {
+                return Err(unreadable(
+                    &data,
+                    io::Error::other(format!(
+                        "it names {}, which does not exist",
+                        generation.display()
+                    )),
+                ));
+            }
             // The generation was removed under us: a newer one is live.
             Ok(false) => continue,
             Err(e) => return Err(e),
@@ -606,6 +620,24 @@ mod tests {
                 .is_empty()
         );
         assert!(Source::Path(link).read().expect("read").is_empty());
+    }
+
+    /// A volume whose `..data` names a generation that is not there is
+    /// unreadable, and says so: nothing is changing.
+    #[test]
+    fn a_dangling_data_link_is_named_as_such() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::os::unix::fs::symlink("..2026_01_01_00_00_00.1", dir.path().join(KUBELET_DATA))
+            .expect("symlink");
+        let err = Source::Path(dir.path().to_path_buf())
+            .read()
+            .expect_err("a dangling ..data");
+        let text = err.to_string();
+        assert!(
+            text.contains("..data")
+                && text.contains("..2026_01_01_00_00_00.1, which does not exist"),
+            "{text}"
+        );
     }
 
     #[test]
