@@ -226,14 +226,19 @@ impl<'a> Resolver<'a> {
     }
 
     /// The nearest existing directory at or above `dir`: the path as given,
-    /// its canonical form, and its identity.
+    /// its canonical form, and its identity. Above a relative path (`sub`
+    /// of `sub/ca.pem`) is the working directory, `.`.
     fn existing_ancestor(&mut self, dir: &Path) -> Option<(PathBuf, Arc<Path>, DirId)> {
         let mut current = Some(dir);
         while let Some(d) = current {
             if let Some((canonical, id)) = self.directory(d) {
                 return Some((d.to_path_buf(), canonical, id));
             }
-            current = d.parent().filter(|p| !p.as_os_str().is_empty());
+            current = match d.parent() {
+                Some(p) if !p.as_os_str().is_empty() => Some(p),
+                Some(_) if d != Path::new(".") => Some(Path::new(".")),
+                _ => None,
+            };
         }
         None
     }
@@ -395,6 +400,7 @@ impl Watch {
                         .dir
                         .strip_prefix(&dir)
                         .ok()
+                        .or_else(|| (dir == Path::new(".")).then_some(point.dir.as_path()))
                         .and_then(|rest| rest.components().next())
                         .map(|c| c.as_os_str().to_os_string())
                 };

@@ -168,10 +168,17 @@ fn restart_with_only_the_mode_changed_sends_no_reload() {
 }
 
 /// `--source ca.pem`, a bare name in the working directory, is watched
-/// there: a change is rendered at once, not at the next resync.
+/// there: a change is rendered at once, not at the next resync. So is
+/// `sub/c.pem` while `sub` does not exist (its creation is seen from the
+/// working directory), and after `sub` is removed and made again.
 #[test]
 fn a_bare_relative_source_is_watched() {
-    let (a, b) = (Ca::new("Bare A"), Ca::new("Bare B"));
+    let (a, b, c, d) = (
+        Ca::new("Bare A"),
+        Ca::new("Bare B"),
+        Ca::new("Bare C"),
+        Ca::new("Bare D"),
+    );
     let dir = tempfile::tempdir().expect("tempdir");
     write(dir.path(), "ca.pem", pems(&[&a]));
     let daemon = Daemon::start_with(
@@ -179,6 +186,8 @@ fn a_bare_relative_source_is_watched() {
         &[
             "--source",
             "ca.pem",
+            "--source",
+            "sub/c.pem",
             "--output",
             "out.pem",
             "--debounce",
@@ -192,6 +201,16 @@ fn a_bare_relative_source_is_watched() {
     wait_output(&output, &expected_pem(&[&a]));
     write(dir.path(), "ca.pem", pems(&[&a, &b]));
     wait_output(&output, &expected_pem(&[&a, &b]));
+
+    let sub = dir.path().join("sub");
+    fs::create_dir(&sub).expect("mkdir sub");
+    write(&sub, "c.pem", pems(&[&c]));
+    wait_output(&output, &expected_pem(&[&a, &b, &c]));
+    fs::remove_dir_all(&sub).expect("rm sub");
+    wait_output(&output, &expected_pem(&[&a, &b]));
+    fs::create_dir(&sub).expect("mkdir sub again");
+    write(&sub, "c.pem", pems(&[&d]));
+    wait_output(&output, &expected_pem(&[&a, &b, &d]));
     assert_eq!(daemon.stop(), 0);
 }
 
