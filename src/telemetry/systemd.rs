@@ -246,7 +246,12 @@ impl Worker {
     fn report(&self, report: &Report, ready_sent: &mut bool) {
         // A newline would start another KEY=VALUE line.
         let summary = report.summary.replace('\n', " ");
-        if report.ready && !*ready_sent {
+        // Started, not ready: once every bundle and key pair has been
+        // through its first render, refused ones too. A bad file at boot
+        // must not have systemd time the start out and kill the daemon
+        // that would render it once fixed; STATUS names what was refused
+        // (and /readyz stays 503 for it).
+        if report.started && !*ready_sent {
             *ready_sent = true;
             self.socket.send(&format!("READY=1\nSTATUS={summary}\n"));
         } else {

@@ -667,6 +667,40 @@ fn systemd_hears_ready_status_watchdog_and_stopping() {
     assert_eq!(later, 0, "a watchdog ping after STOPPING=1");
 }
 
+/// A bundle refused at start still completes the start: READY=1 comes
+/// once it was tried, its STATUS says it was refused (a Type=notify unit
+/// is not killed for a bad file at boot), and /readyz names it.
+#[test]
+fn systemd_hears_ready_when_a_bundle_is_refused_at_start() {
+    let (dir, logs) = workdir();
+    let source = write(&dir.path().join("src"), "ca.pem", "not a certificate\n");
+    let output = dir.path().join("out/ca.pem");
+    let notify = NotifySocket::bind(logs.join("notify.sock"), output.clone());
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let daemon = Daemon::start_with(
+        &logs,
+        &[
+            "--source",
+            s(&source),
+            "--output",
+            s(&output),
+            "--listen",
+            &addr.to_string(),
+        ],
+        |c| notify.setup(c),
+    );
+    let ready = notify.wait_line("READY=1", 1);
+    assert!(!output.exists());
+    assert!(
+        ready[0].1.contains("STATUS=default: refused"),
+        "{:?}",
+        ready[0]
+    );
+    let answer = wait_status(addr, "/readyz", 503);
+    assert!(answer.body.contains("default: refused"), "{}", answer.body);
+    assert_eq!(daemon.stop(), 0);
+}
+
 /// Idle connections held open (and reopened when the server drops them,
 /// as an attacker would) and clients sending a byte a second, while
 /// probes and scrapes come: every one is answered.
