@@ -11,7 +11,7 @@ use tracing::{debug, error, info, warn};
 
 use anchorage::cli::{Cli, Command, Flags, LogFormat, RenderArgs, RunArgs};
 use anchorage::clock::Clock;
-use anchorage::config::{Child, Config};
+use anchorage::config::{self, Child, Config};
 use anchorage::daemon::{self, Daemon};
 use anchorage::reload::child::{ChildHandle, Supervisor};
 use anchorage::reload::{Reloader, Request};
@@ -120,7 +120,10 @@ fn naming_the_variable(e: &clap::Error, message: &str) -> String {
 /// Loads the configuration, or says why not (exit 2).
 fn load(flags: &Flags, child: Child) -> Result<Config, ExitCode> {
     Config::load(flags, child).map_err(|e| {
-        let format = flags.log_format.unwrap_or_default();
+        let format = flags
+            .log_format
+            .or_else(|| flags.config.as_deref().and_then(config::file_log_format))
+            .unwrap_or_default();
         init_logs(format);
         say(&e.to_string());
         ExitCode::from(USAGE)

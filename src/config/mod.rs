@@ -210,6 +210,22 @@ pub fn read_config(path: &Path) -> Result<String, String> {
     Ok(text)
 }
 
+/// The `[daemon] log_format` of the file at `path`, for a configuration
+/// error found in it: the error is logged as the file asks, whatever else
+/// in it is wrong (`None` where the file cannot be read or is no TOML).
+pub fn file_log_format(path: &Path) -> Option<LogFormat> {
+    #[derive(serde::Deserialize)]
+    struct Peek {
+        daemon: Option<PeekDaemon>,
+    }
+    #[derive(serde::Deserialize)]
+    struct PeekDaemon {
+        log_format: Option<LogFormat>,
+    }
+    let text = read_config(path).ok()?;
+    toml::from_str::<Peek>(&text).ok()?.daemon?.log_format
+}
+
 fn parse_file(path: &Path, text: &str) -> Result<RawFile, ConfigError> {
     toml::from_str(text).map_err(|e| {
         let origin = Origin {

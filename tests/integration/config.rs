@@ -120,6 +120,37 @@ allow_non_ca = false
     serde_json::from_str::<serde_json::Value>(first).expect("json log line");
 }
 
+/// A configuration error in a file that asks for JSON logs is one JSON
+/// object too, naming the file, the line and the key; a flag still wins.
+#[test]
+fn a_configuration_error_is_logged_as_the_file_asks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write(
+        dir.path(),
+        "anchorage.toml",
+        "[daemon]\nlog_format = \"json\"\n[[bundle]]\nname = \"x\"\nsources = []\n",
+    );
+    for command in ["render", "run"] {
+        let out = run(&[command, "--config", s(&config)]);
+        out.expect_code(2);
+        let lines: Vec<&str> = out.stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "{}", out.stderr);
+        let line: serde_json::Value = serde_json::from_str(lines[0]).expect("a JSON line");
+        let message = line["fields"]["message"].as_str().expect("message");
+        assert!(
+            message.contains("anchorage.toml:3") && message.contains("bundle.sources"),
+            "{message}"
+        );
+    }
+    let out = run(&["render", "--config", s(&config), "--log-format", "text"]);
+    out.expect_code(2);
+    assert!(
+        serde_json::from_str::<serde_json::Value>(out.stderr.trim()).is_err(),
+        "{}",
+        out.stderr
+    );
+}
+
 #[test]
 fn flag_overrides_the_file() {
     let dir = tempfile::tempdir().expect("tempdir");
