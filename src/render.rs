@@ -555,11 +555,15 @@ fn log_changes(name: &str, report: &Report, mode: Mode) {
         .iter()
         .map(|p| p.display().to_string())
         .collect();
-    let outcome = match (mode, report.changed.is_empty()) {
-        (Mode::DryRun, true) => "would not change",
-        (Mode::DryRun, false) => "would change",
-        (Mode::Write, true) => "unchanged",
-        (Mode::Write, false) => "changed",
+    // An output that could not be written is no unchanged one: the bundle
+    // is not live there (the warning below says why), and is tried again.
+    let outcome = match (mode, report.changed.is_empty(), report.failed.is_empty()) {
+        (Mode::DryRun, true, _) => "would not change",
+        (Mode::DryRun, false, _) => "would change",
+        (Mode::Write, true, true) => "unchanged",
+        (Mode::Write, false, true) => "changed",
+        (Mode::Write, true, false) => "not written",
+        (Mode::Write, false, false) => "partly written",
     };
     info!(
         bundle = name,

@@ -359,6 +359,13 @@ fn daemon_refuses_a_foreign_directory_and_goes_on() {
     );
     daemon.wait_log("refusing to replace", 1);
     assert!(daemon.log().contains(s(&certs)), "{}", daemon.log());
+    // Its render line says it was not written, not that nothing changed.
+    let log = daemon.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains(" rendered ") && l.contains("Daemon A"))
+        .unwrap_or_else(|| panic!("no render line:\n{log}"));
+    assert!(line.contains("outcome=\"not written\""), "{line}");
     eventually(Duration::from_secs(15), || {
         let text = metrics(addr)?;
         text.lines()
