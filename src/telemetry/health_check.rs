@@ -92,9 +92,20 @@ fn config_listen(path: &Path) -> Result<SocketAddr, String> {
     let shown = path.display();
     // Bounded, and never blocking on a FIFO or a device.
     let text = crate::config::read_config(path).map_err(|e| format!("{shown}: {e}"))?;
-    let table: toml::Table = text
-        .parse()
-        .map_err(|e: toml::de::Error| format!("{shown}: {}", e.message()))?;
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+        // Where, as the configuration's own errors say it.
+        match e.span() {
+            Some(span) => {
+                let line = text.as_bytes()[..span.start.min(text.len())]
+                    .iter()
+                    .filter(|b| **b == b'\n')
+                    .count()
+                    + 1;
+                format!("{shown}:{line}: {}", e.message())
+            }
+            None => format!("{shown}: {}", e.message()),
+        }
+    })?;
     let listen = table
         .get("daemon")
         .and_then(|d| d.get("listen"))
@@ -237,5 +248,14 @@ mod tests {
         assert!(err.contains("no [daemon] listen"), "{err}");
         assert!(address(None, None).is_err());
         assert!(address(Some("localhost"), None).is_err());
+    }
+
+    #[test]
+    fn a_config_that_is_no_toml_is_named_with_its_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = dir.path().join("a.toml");
+        std::fs::write(&config, "[daemon]\nlisten = \"127.0.0.1:1\"\n[bundle\n").expect("write");
+        let err = address(None, Some(&config)).expect_err("no TOML");
+        assert!(err.contains(&format!("{}:3: ", config.display())), "{err}");
     }
 }
