@@ -572,6 +572,8 @@ impl Daemon {
                 Some(result) = reread_rx.recv() => {
                     match result {
                         Ok(mut config) => {
+                            // From this line on, in the format it asks for.
+                            crate::telemetry::set_log_format(config.daemon.log_format);
                             info!("SIGHUP: configuration re-read");
                             self.move_listener(&mut config.daemon);
                             warn_kept_settings(&self.config.daemon, &config.daemon);
@@ -1218,7 +1220,6 @@ impl Daemon {
 /// ([`Daemon::move_listener`]).
 fn warn_kept_settings(running: &crate::config::Daemon, new: &crate::config::Daemon) {
     let kept = [
-        ("log_format", running.log_format != new.log_format),
         ("poll", running.poll.is_some() != new.poll.is_some()),
         ("state_dir", running.state_dir != new.state_dir),
     ];

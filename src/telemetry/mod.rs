@@ -6,24 +6,66 @@ pub mod metrics;
 pub mod status;
 pub mod systemd;
 
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 
+use tracing::{Event, Subscriber};
 use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::fmt::format::{Format, Full, Json, Writer};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
 use crate::cli::LogFormat;
 
-/// The format chosen at start, for [`say`].
-static FORMAT: OnceLock<LogFormat> = OnceLock::new();
+/// The format in use: chosen at start, changed by a SIGHUP that changes
+/// `[daemon] log_format` ([`set_log_format`]).
+static JSON: AtomicBool = AtomicBool::new(false);
+
+/// Every line from now on is in `format`.
+pub fn set_log_format(format: LogFormat) {
+    JSON.store(format == LogFormat::Json, Ordering::Relaxed);
+}
+
+fn log_format() -> LogFormat {
+    if JSON.load(Ordering::Relaxed) {
+        LogFormat::Json
+    } else {
+        LogFormat::Text
+    }
+}
 
 /// A command's last word on stderr: `anchorage: MESSAGE` for people, or an
 /// ERROR line like every other in JSON mode (every stderr line is then
 /// one JSON object).
 pub fn say(message: &str) {
-    match FORMAT.get().copied().unwrap_or_default() {
+    match log_format() {
         LogFormat::Text => eprintln!("anchorage: {message}"),
         LogFormat::Json => tracing::error!("{message}"),
+    }
+}
+
+/// Each line as text or as JSON, as [`set_log_format`] last said.
+struct Switch {
+    text: Format<Full>,
+    json: Format<Json>,
+}
+
+impl<S, N> FormatEvent<S, N> for Switch
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'w> FormatFields<'w> + 'static,
+{
+    fn format_event(
+        &self,
+        context: &FmtContext<'_, S, N>,
+        writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> std::fmt::Result {
+        match log_format() {
+            LogFormat::Text => self.text.format_event(context, writer, event),
+            LogFormat::Json => self.json.format_event(context, writer, event),
+        }
     }
 }
 
@@ -37,19 +79,22 @@ pub fn say(message: &str) {
 /// the regex engine's code, touched once at start, stayed resident for
 /// the daemon's whole life (span and field filters are not needed here).
 pub fn init_logs(format: LogFormat) {
-    let _ = FORMAT.set(format);
+    set_log_format(format);
     let value = std::env::var("RUST_LOG").ok();
     let parsed = value.as_deref().and_then(log_filter);
     let unread = value.filter(|v| parsed.is_none() && !v.trim().is_empty());
     let filter = parsed.unwrap_or_else(|| Targets::new().with_default(LevelFilter::INFO));
-    let builder = tracing_subscriber::fmt()
+    let _ = tracing_subscriber::fmt()
         .with_max_level(LevelFilter::TRACE)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Text => builder.finish().with(filter).try_init(),
-        LogFormat::Json => builder.json().finish().with(filter).try_init(),
-    };
+        .with_writer(std::io::stderr)
+        .event_format(Switch {
+            text: Format::default(),
+            json: Format::default().json(),
+        })
+        .finish()
+        .with(filter)
+        .try_init();
     if let Some(value) = unread {
         tracing::warn!(
             value,

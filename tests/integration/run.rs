@@ -772,8 +772,7 @@ fn sighup_rereads_the_config_and_keeps_it_when_invalid() {
     wait_output(&two, &expected_pem(&[&a]));
     assert!(!daemon.log().contains("keeps its own"), "{}", daemon.log());
 
-    // A [daemon] setting the running daemon keeps: taken with a warning
-    // that names it, the rest of the file applied.
+    // log_format is taken: from the re-read on, every line is JSON.
     let three = dir.path().join("three.pem");
     let json = format!(
         "[daemon]\nlog_format = \"json\"\n{}",
@@ -782,9 +781,29 @@ fn sighup_rereads_the_config_and_keeps_it_when_invalid() {
     fs::write(&config, json).expect("write");
     daemon.signal(Signal::SIGHUP);
     wait_output(&three, &expected_pem(&[&a]));
+    daemon.wait_log("\"message\":\"SIGHUP: configuration re-read\"", 1);
+    let log = daemon.log();
+    assert!(!log.contains("daemon.log_format"), "{log}");
+    let from = log.find("{\"timestamp\"").expect("a JSON line");
+    for line in log[from..].lines() {
+        serde_json::from_str::<serde_json::Value>(line)
+            .unwrap_or_else(|e| panic!("not one JSON object ({e}): {line}"));
+    }
+
+    // A [daemon] setting the running daemon keeps: taken with a warning
+    // that names it, the rest of the file applied.
+    let four = dir.path().join("four.pem");
+    let state = format!(
+        "[daemon]\nlog_format = \"json\"\nstate_dir = \"{}\"\n{}",
+        s(&dir.path().join("state")),
+        config_for(&[&one, &two, &three, &four])
+    );
+    fs::write(&config, state).expect("write");
+    daemon.signal(Signal::SIGHUP);
+    wait_output(&four, &expected_pem(&[&a]));
     daemon.wait_log("keeps its own until it restarts", 1);
     assert!(
-        daemon.log().contains("daemon.log_format"),
+        daemon.log().contains("daemon.state_dir"),
         "{}",
         daemon.log()
     );
