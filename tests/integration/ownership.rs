@@ -51,6 +51,17 @@ fn render_hashed(source: &Path, out: &Path) -> Outcome {
     run(&["render", "--source", s(source), "--hashed-dir", s(out)])
 }
 
+fn dry_run_hashed(source: &Path, out: &Path) -> Outcome {
+    run(&[
+        "render",
+        "--dry-run",
+        "--source",
+        s(source),
+        "--hashed-dir",
+        s(out),
+    ])
+}
+
 fn render_der(dir: &Path, source: &Path, out: &Path) -> Outcome {
     let config = write(
         dir,
@@ -429,14 +440,7 @@ fn dry_run_reports_the_refusal() {
     let certs = dir.path().join("certs");
     foreign_trust_dir(&certs);
     let before = tree(&certs);
-    let out = run(&[
-        "render",
-        "--dry-run",
-        "--source",
-        s(&src),
-        "--hashed-dir",
-        s(&certs),
-    ]);
+    let out = dry_run_hashed(&src, &certs);
     assert_refused(&out, &certs);
     assert!(
         out.stdout
@@ -448,14 +452,7 @@ fn dry_run_reports_the_refusal() {
 
     let empty = dir.path().join("empty");
     fs::create_dir(&empty).expect("mkdir");
-    let out = run(&[
-        "render",
-        "--dry-run",
-        "--source",
-        s(&src),
-        "--hashed-dir",
-        s(&empty),
-    ]);
+    let out = dry_run_hashed(&src, &empty);
     out.expect_code(0);
     assert!(
         out.stdout.contains(&format!("would change: {}", s(&empty))),
@@ -498,14 +495,7 @@ fn a_directory_published_by_someone_else_through_data_is_refused() {
     assert_eq!(tree(&certs), before);
     assert_eq!(link(), theirs);
 
-    let out = run(&[
-        "render",
-        "--dry-run",
-        "--source",
-        s(&src),
-        "--hashed-dir",
-        s(&certs),
-    ]);
+    let out = dry_run_hashed(&src, &certs);
     assert_refused(&out, &certs);
     assert_eq!(tree(&certs), before);
 
