@@ -7,8 +7,8 @@
 //! (guarantee 4). A failed attempt is logged, counted, and retried with
 //! exponential backoff capped at a minute (or `retries` times), and a newer
 //! request supersedes the retries. `min_interval` holds a run back until
-//! that long after the previous one (an urgent request, an expiry, is never
-//! held). A worker that panics is restarted with its request re-queued.
+//! that long after the previous one, a retry's too (an urgent request, an
+//! expiry, is never held). A worker that panics is restarted with its request re-queued.
 //!
 //! Workers never block the event loop: anything that can block (a signal's
 //! `/proc` scan, a pid file) runs on the blocking pool. [`Reloader::close`]
@@ -602,8 +602,6 @@ async fn worker(spec: ReloadSpec, slot: Arc<Slot>, shared: Shared) {
                     if retry_wait(&slot, &mut closing, Instant::now() + backoff).await {
                         attempt = 0;
                     }
-                    // The retry is not held back by min_interval.
-                    last_run = None;
                 }
             }
         }
@@ -691,7 +689,9 @@ fn record(
                     "reload failed; no retries left");
                 return Next::Done;
             }
-            let backoff = backoff(attempt);
+            // A retry is a run too: min_interval keeps it that far from the
+            // attempt that failed.
+            let backoff = backoff(attempt).max(spec.min_interval.unwrap_or_default());
             warn!(bundles = ?bundles, action = %action, attempt, outcome = "failure", error = %failure,
                 retry_in = %humantime::format_duration(backoff), "reload failed; will retry");
             Next::Retry(backoff)
@@ -966,6 +966,33 @@ mod tests {
         .expect("the re-queued reload ran");
         task.abort();
         assert_eq!(metrics.reload_panics.get(), 1);
+    }
+
+    /// A retry is a run: it too comes `min_interval` after the run that
+    /// failed, not at the backoff's half second.
+    #[tokio::test(start_paused = true)]
+    async fn min_interval_keeps_a_retry_that_far_from_the_run_that_failed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Missing: the first run fails.
+        let file = dir.path().join("dynamic.yml");
+        let spec = ReloadSpec {
+            action: ReloadAction::Touch(file.clone()),
+            min_interval: Some(Duration::from_secs(60)),
+            ..exec("true")
+        };
+        let metrics = Arc::new(Metrics::new());
+        let mut reloader = Reloader::new(metrics.clone(), ChildHandle::default());
+        reloader.request(&spec, named("a"));
+        wait_for(|| metrics.reloads("a", "touch", false) == 1).await;
+        let failed = Instant::now();
+        std::fs::write(&file, "").expect("write");
+        wait_for(|| metrics.reloads("a", "touch", true) == 1).await;
+        assert!(
+            failed.elapsed() >= Duration::from_secs(59),
+            "retried after {:?}",
+            failed.elapsed()
+        );
+        assert_eq!(metrics.reloads("a", "touch", false), 1);
     }
 
     #[tokio::test(start_paused = true)]
