@@ -578,9 +578,10 @@ async fn worker(spec: ReloadSpec, slot: Arc<Slot>, shared: Shared) {
             };
             attempt += 1;
             last_run = Some(Instant::now());
-            if pending.only_if_stale && already_serving(&spec, &pending).await {
-                info!(names = ?pending.names, action = %spec.action,
-                    "the app already serves the current certificate; no reload");
+            if pending.only_if_stale
+                && let Some(why) = no_reload_needed(&spec, &pending).await
+            {
+                info!(names = ?pending.names, action = %spec.action, "{why}; no reload");
                 slot.done(None);
                 break;
             }
@@ -822,21 +823,27 @@ async fn prove(spec: &ReloadSpec, request: &Request, metrics: &Metrics) -> Resul
     }
 }
 
-/// Whether the app already serves the expected certificate (a key pair at
-/// start): only a TLS probe can tell.
-async fn already_serving(spec: &ReloadSpec, request: &Request) -> bool {
+/// Why a key pair's reload at start is not needed (`None`: it is), for
+/// its log line: the probe sees the app serve the current certificate, or
+/// nothing answers it yet (the app loads the current pair when it starts),
+/// or there is no probe to say otherwise.
+async fn no_reload_needed(spec: &ReloadSpec, request: &Request) -> Option<String> {
     let (Some(Probe::Tls(addr)), Some(expect)) = (&spec.probe, &request.expect) else {
-        return true;
+        return Some("no probe shows the app serving another certificate".into());
     };
     let (addr, expect) = (addr.clone(), expect.clone());
     tokio::task::spawn_blocking(move || match probe::served_certificate(&addr) {
-        Ok(served) => served == expect,
-        // Not up yet: it loads the current pair when it starts.
-        Err(Failure::Absent(_)) => true,
-        Err(Failure::Failed(_)) => false,
+        Ok(served) if served == expect => {
+            Some("the app already serves the current certificate".into())
+        }
+        Ok(_) => None,
+        Err(Failure::Absent(why)) => Some(format!(
+            "nothing answers the probe yet ({why}): the app loads the current pair when it starts"
+        )),
+        Err(Failure::Failed(_)) => None,
     })
     .await
-    .unwrap_or(false)
+    .unwrap_or(None)
 }
 
 async fn attempt_once(

@@ -527,6 +527,33 @@ fn at_start_a_key_pair_reloads_only_if_the_app_serves_another_certificate() {
     again.wait_log("already serves the current certificate", 1);
 }
 
+/// Nothing answers the probe at start: no reload (the app loads the
+/// current pair when it starts), and the log says so, not that the app
+/// serves the current certificate.
+#[test]
+fn at_start_a_probe_that_nothing_answers_is_named_as_such() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = Ca::new("Start CA");
+    let (cert, key) = write_pair(&dir.path().join("tls"), &ca.leaf("localhost"));
+    let closed = format!("127.0.0.1:{}", crate::support::free_port());
+    let config = probe_config(
+        dir.path(),
+        &cert,
+        &key,
+        "http://127.0.0.1:1/reload",
+        &closed,
+    );
+    let daemon = Daemon::start(dir.path(), &["--config", s(&config)]);
+    daemon.wait_log("nothing answers the probe yet", 1);
+    let log = daemon.log();
+    assert!(log.contains("no reload"), "{log}");
+    assert!(
+        !log.contains("already serves the current certificate"),
+        "{log}"
+    );
+    assert!(!log.contains("reload failed"), "{log}");
+}
+
 /// An old-CA node and a new-CA node keep a mutual-TLS connection, and open
 /// new ones, through a whole rotation driven by kubelet-style swaps: no
 /// failed handshake, no lost message.
