@@ -385,6 +385,9 @@ fn read_entries(
             }),
         };
         let entry = match kind {
+            // A kubelet generation's subdirectory (a projected item's
+            // path `signers/a.pem`) is part of that one generation.
+            Ok(Kind::Dir) if generation && !link => Ok(Entry::Dir),
             Ok(Kind::Dir) => Ok(Entry::Other),
             // A FIFO, socket or device fails the bundle, as any unreadable
             // file does; it is never opened.
@@ -413,6 +416,12 @@ fn read_entries(
                 blocks,
                 link,
             }),
+            Entry::Dir => {
+                let name = shown.file_name().unwrap_or_default();
+                if !read_entries(&dir.join(name), &shown, out, true)? {
+                    return Ok(false);
+                }
+            }
             Entry::Vanished if generation => return Ok(false),
             Entry::Vanished | Entry::Other => {}
         }
@@ -431,6 +440,8 @@ enum Kind {
 
 /// What a directory entry turned out to be.
 enum Entry {
+    /// A directory of a kubelet generation: read too.
+    Dir,
     /// Its blocks, and where it leads if it is a symlink out of its
     /// directory.
     File(Vec<CertBlock>, Option<Box<Path>>),
@@ -708,6 +719,40 @@ mod tests {
         let files = Source::Path(dir.path().to_path_buf()).read().expect("read");
         assert_eq!(files.len(), 1);
         assert_eq!(*files[0].path, *dir.path().join("ca.crt"));
+    }
+
+    /// A projected volume's item with a path in a subdirectory
+    /// (`signers/a.pem`) is in the generation: read, named as kubelet's
+    /// visible link shows it. A plain directory's subdirectory is not a
+    /// source file.
+    #[test]
+    fn a_kubelet_generation_is_read_with_its_subdirectories() {
+        let block = b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
+        let dir = tempfile::tempdir().expect("tempdir");
+        let generation = dir.path().join("..2026_11_22_10_00_00.1");
+        fs::create_dir_all(generation.join("signers/deep")).expect("mkdir");
+        write(&generation.join("top.pem"), block);
+        write(&generation.join("signers/deep/a.pem"), block);
+        std::os::unix::fs::symlink("..2026_11_22_10_00_00.1", dir.path().join("..data"))
+            .expect("symlink");
+        let files = Source::Path(dir.path().to_path_buf()).read().expect("read");
+        let names: Vec<&Path> = files.iter().map(|f| &*f.path).collect();
+        assert_eq!(
+            names,
+            [
+                dir.path().join("signers/deep/a.pem"),
+                dir.path().join("top.pem")
+            ]
+        );
+
+        let plain = tempfile::tempdir().expect("tempdir");
+        fs::create_dir(plain.path().join("sub")).expect("mkdir");
+        write(&plain.path().join("top.pem"), block);
+        write(&plain.path().join("sub/a.pem"), block);
+        let files = Source::Path(plain.path().to_path_buf())
+            .read()
+            .expect("read");
+        assert_eq!(files.len(), 1);
     }
 
     #[test]
