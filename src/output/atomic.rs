@@ -275,19 +275,9 @@ pub fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), WriteError
 /// Publishes a directory of files atomically.
 pub fn write_dir(path: &Path, files: &[(String, Vec<u8>)], mode: u32) -> Result<(), WriteError> {
     let entries = with_mode(files, mode);
-    match data_link(path)? {
-        Some(Link::Ours) => return write_generation(path, &entries),
-        Some(Link::Foreign) => return Err(refusal(path, FOREIGN_DATA).into()),
-        None => {}
-    }
     // Decided before anything is written: a refusal leaves no trace.
-    match ownership(path)? {
-        Ownership::Ours => {}
-        // Its other files stay; ours go in through `..data` beside them.
-        Ownership::Foreign(_) if crate::source::mounts::is_mount_point(path) => {
-            return write_generation(path, &entries);
-        }
-        Ownership::Foreign(reason) => return Err(refusal(path, &reason).into()),
+    if place(path)? == Place::Inside {
+        return write_generation(path, &entries);
     }
     let parent = parent_of(path);
     step(parent, "create directory", || fs::create_dir_all(parent))?;
@@ -358,24 +348,13 @@ pub fn check_owned(path: &Path, rendered: &Rendered) -> io::Result<()> {
     let Rendered::Dir(files) = rendered else {
         return Ok(());
     };
-    let entries = with_mode(files, 0);
-    let inside = match data_link(path)? {
-        Some(Link::Ours) => true,
-        Some(Link::Foreign) => return Err(refusal(path, FOREIGN_DATA)),
-        None => false,
-    };
-    if !inside {
-        let mount_point = || crate::source::mounts::is_mount_point(path);
-        match ownership(path)? {
-            // A mount point cannot be swapped: it is published inside,
-            // where its visible names must not be someone else's files.
-            Ownership::Ours if !mount_point() => return Ok(()),
-            Ownership::Ours => {}
-            Ownership::Foreign(_) if mount_point() => {}
-            Ownership::Foreign(reason) => return Err(refusal(path, &reason)),
-        }
+    // A directory to swap that turns out to be a mount point (the writer
+    // learns it from the swap's EBUSY) is published inside too, where its
+    // visible names must not be someone else's files.
+    if place(path)? == Place::Swap && !crate::source::mounts::is_mount_point(path) {
+        return Ok(());
     }
-    match foreign_visible(path, &entries)? {
+    match foreign_visible(path, &with_mode(files, 0))? {
         Some(visible) => Err(not_ours(&visible)),
         None => Ok(()),
     }
@@ -637,6 +616,33 @@ fn exchange(new: &Path, live: &Path) -> io::Result<()> {
         return Err(e);
     }
     fs::rename(&aside, new)
+}
+
+/// How a directory output is published at its path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Place {
+    /// A new directory swapped in whole (or moved into place).
+    Swap,
+    /// A generation published inside it through `..data`, its other files
+    /// kept: a mount point, or a directory anchorage already publishes so.
+    Inside,
+}
+
+/// Where the directory output at `path` goes, or why it is refused
+/// (guarantee 11), found without writing anything: the writer and the
+/// checks before a write ([`check_owned`]) decide alike.
+fn place(path: &Path) -> io::Result<Place> {
+    match data_link(path)? {
+        Some(Link::Ours) => return Ok(Place::Inside),
+        Some(Link::Foreign) => return Err(refusal(path, FOREIGN_DATA)),
+        None => {}
+    }
+    match ownership(path)? {
+        Ownership::Ours => Ok(Place::Swap),
+        // Its other files stay; ours go in through `..data` beside them.
+        Ownership::Foreign(_) if crate::source::mounts::is_mount_point(path) => Ok(Place::Inside),
+        Ownership::Foreign(reason) => Err(refusal(path, &reason)),
+    }
 }
 
 /// Whether `dir` holds a generation anchorage published through `..data`.
