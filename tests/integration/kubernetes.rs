@@ -141,9 +141,7 @@ fn bundle_reloads(path: &Path) -> usize {
 #[test]
 fn a_pod_certificate_rotates_daily_and_every_reload_finds_a_matching_pair() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let logs = dir.path().join("logs");
-    fs::create_dir_all(&logs).expect("mkdir");
-    let _dump = crate::support::DumpLogsOnFailure(logs.clone());
+    let (logs, _dump) = crate::support::DumpLogsOnFailure::logs_in(dir.path());
     let (ca1, ca2, rogue) = (
         Ca::new("Cluster Signer 2026"),
         Ca::new("Cluster Signer 2027"),

@@ -158,9 +158,7 @@ fn caddy_takes_a_client_ca_rotation_and_a_new_key_pair_by_a_forced_caddy_reload(
 fn an_empty_post_to_caddys_load_endpoint_stops_it_serving() {
     system_binary("caddy");
     let dir = tempfile::tempdir().expect("tempdir");
-    let logs = dir.path().join("logs");
-    std::fs::create_dir_all(&logs).expect("mkdir logs");
-    let _dump = DumpLogsOnFailure(logs.clone());
+    let (logs, _dump) = DumpLogsOnFailure::logs_in(dir.path());
     let home = dir.path().join("caddy");
     let server_ca = Ca::new("caddy Server CA");
     let (cert, key) = server_ca

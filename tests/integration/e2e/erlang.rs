@@ -784,9 +784,8 @@ impl Member {
     fn new(dir: &Path, short: String, leaf: &Leaf, secret: &Path, cookie: &Path) -> Self {
         let home = dir.join(&short);
         let mut tls = Volume::new(&home.join("tls"));
-        tls.write_pair(leaf);
+        let (crt, key) = tls.write_pair(leaf);
         let output = mkdir(&home, "out").join("trust.pem");
-        let (crt, key) = (tls.dir.join("tls.crt"), tls.dir.join("tls.key"));
         let optfile = write(&home, "dist.conf", dist_options(&output, &crt, &key));
         let name = format!("{short}@localhost");
         let exec = format!(

@@ -214,9 +214,7 @@ fn wait_bundle(path: &Path, want: &[&Ca]) {
 fn nats_takes_a_ca_rotation_by_sighup_without_restarting() {
     system_binary("nats-server");
     let dir = tempfile::tempdir().expect("tempdir");
-    let logs = dir.path().join("logs");
-    fs::create_dir_all(&logs).expect("mkdir logs");
-    let _dump = DumpLogsOnFailure(logs.clone());
+    let (logs, _dump) = DumpLogsOnFailure::logs_in(dir.path());
 
     let (ca_old, ca_new) = (Ca::new("NATS Clients Old"), Ca::new("NATS Clients New"));
     let server_ca = Ca::new("NATS Server CA");
@@ -325,9 +323,7 @@ fn nats_takes_a_ca_rotation_by_sighup_without_restarting() {
 fn nats_serves_a_rotated_key_pair_and_the_probe_sees_it() {
     system_binary("nats-server");
     let dir = tempfile::tempdir().expect("tempdir");
-    let logs = dir.path().join("logs");
-    fs::create_dir_all(&logs).expect("mkdir logs");
-    let _dump = DumpLogsOnFailure(logs.clone());
+    let (logs, _dump) = DumpLogsOnFailure::logs_in(dir.path());
 
     let tls::MutualPki {
         server_ca,
@@ -336,8 +332,7 @@ fn nats_serves_a_rotated_key_pair_and_the_probe_sees_it() {
     } = tls::MutualPki::new(&dir.path().join("pki"), "NATS");
     let (first, second) = (server_ca.leaf("localhost"), server_ca.leaf("localhost"));
     let mut secret = Volume::new(&dir.path().join("secret"));
-    secret.write_pair(&first);
-    let (cert, key) = (secret.dir.join("tls.crt"), secret.dir.join("tls.key"));
+    let (cert, key) = secret.write_pair(&first);
 
     let nats_dir = dir.path().join("nats");
     let pid_file = nats_dir.join("nats.pid");

@@ -294,9 +294,7 @@ fn wait_log(daemon: &Daemon, needle: &str, count: usize, what: &str) {
 fn nginx_takes_a_client_ca_rotation_by_sighup_to_its_master() {
     system_binary("nginx");
     let dir = tempfile::tempdir().expect("tempdir");
-    let logs = dir.path().join("logs");
-    fs::create_dir_all(&logs).expect("mkdir logs");
-    let _dump = DumpLogsOnFailure(logs.clone());
+    let (logs, _dump) = DumpLogsOnFailure::logs_in(dir.path());
 
     let (ca_old, ca_new) = (Ca::new("nginx Clients Old"), Ca::new("nginx Clients New"));
     let server_ca = Ca::new("nginx Server CA");
@@ -393,9 +391,7 @@ fn nginx_takes_a_client_ca_rotation_by_sighup_to_its_master() {
 fn nginx_serves_its_rotated_key_pair_and_the_probe_proves_it() {
     system_binary("nginx");
     let dir = tempfile::tempdir().expect("tempdir");
-    let logs = dir.path().join("logs");
-    fs::create_dir_all(&logs).expect("mkdir logs");
-    let _dump = DumpLogsOnFailure(logs.clone());
+    let (logs, _dump) = DumpLogsOnFailure::logs_in(dir.path());
 
     let tls::MutualPki {
         server_ca,
@@ -407,8 +403,7 @@ fn nginx_serves_its_rotated_key_pair_and_the_probe_proves_it() {
     // nginx reads it through the visible names.
     let (first, second) = (server_ca.leaf("localhost"), server_ca.leaf("localhost"));
     let mut pair = Volume::new(&dir.path().join("tls"));
-    pair.write_pair(&first);
-    let (cert, key) = (pair.dir.join("tls.crt"), pair.dir.join("tls.key"));
+    let (cert, key) = pair.write_pair(&first);
     let port = free_port();
     let files = NginxFiles::write(
         &dir.path().join("nginx"),
@@ -547,9 +542,7 @@ fn nginx_serves_a_split_pod_certificate_and_the_probe_proves_each_rotation() {
     use crate::support::kubelet::credential_bundle;
     system_binary("nginx");
     let dir = tempfile::tempdir().expect("tempdir");
-    let logs = dir.path().join("logs");
-    fs::create_dir_all(&logs).expect("mkdir logs");
-    let _dump = DumpLogsOnFailure(logs.clone());
+    let (logs, _dump) = DumpLogsOnFailure::logs_in(dir.path());
 
     // The pod's signer and the clients' CA; pod certificates for a day.
     let signer = Ca::new("nginx Pod Signer");

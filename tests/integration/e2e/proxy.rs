@@ -186,9 +186,7 @@ impl Rotation {
     /// with no reload action, has rendered the bundle.
     pub fn new(name: &'static str, key_name: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let logs = dir.path().join("logs");
-        fs::create_dir_all(&logs).expect("mkdir logs");
-        let dump = DumpLogsOnFailure(logs.clone());
+        let (logs, dump) = DumpLogsOnFailure::logs_in(dir.path());
         let (ca_old, ca_new) = (
             Ca::new(&format!("{name} Clients Old")),
             Ca::new(&format!("{name} Clients New")),

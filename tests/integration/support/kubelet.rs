@@ -28,10 +28,12 @@ impl Volume {
         self.write_pausing(files, Duration::ZERO);
     }
 
-    /// Publishes a cert-manager Secret's pair: `tls.crt` and `tls.key`.
-    pub fn write_pair(&mut self, leaf: &super::pki::Leaf) {
+    /// Publishes a cert-manager Secret's pair: `tls.crt` and `tls.key`;
+    /// returns their visible paths.
+    pub fn write_pair(&mut self, leaf: &super::pki::Leaf) -> (PathBuf, PathBuf) {
         let (cert, key) = (leaf.cert.pem(), leaf.key.serialize_pem());
         self.write(&[("tls.crt", cert.as_bytes()), ("tls.key", key.as_bytes())]);
+        (self.dir.join("tls.crt"), self.dir.join("tls.key"))
     }
 
     /// [`Volume::write`], pausing `pause` after each step, so that a

@@ -150,6 +150,16 @@ pub fn system_binary(name: &str) -> PathBuf {
 /// while panicking).
 pub struct DumpLogsOnFailure(pub PathBuf);
 
+impl DumpLogsOnFailure {
+    /// `dir/logs`, made, with the guard that prints it if the test fails:
+    /// the end-to-end tests' preamble.
+    pub fn logs_in(dir: &Path) -> (PathBuf, Self) {
+        let logs = dir.join("logs");
+        std::fs::create_dir_all(&logs).expect("mkdir logs");
+        (logs.clone(), Self(logs))
+    }
+}
+
 impl Drop for DumpLogsOnFailure {
     fn drop(&mut self) {
         if !std::thread::panicking() {
